@@ -1,0 +1,1 @@
+"""Continuous-control pipeline: Gaussian policies on Minari offline datasets."""

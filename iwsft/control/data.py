@@ -1,0 +1,169 @@
+"""Minari offline datasets -> padded episode arrays for the shared update step.
+
+Episodes are kept whole (iw-SFT weights whole trajectories): arrays [N, T_max, ...] padded at the
+end with a step mask, plus per-episode return and length. `flat()` gives the CORL-style flat view
+(one row per step, with episode index, timestep and episode return).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from iwsft.errors import UserError
+
+
+@dataclasses.dataclass
+class Episodes:
+  """Host-side episodes of one dataset.
+
+  observations: [N, T, O] float32 (s_t for t < length, zeros after)
+  actions:      [N, T, A] float32
+  mask:         [N, T]    float32, 1 for the first `length` steps
+  returns:      [N]       float64, undiscounted episode return
+  lengths:      [N]       int64
+  episode_ids:  [N]       int64, Minari episode ids
+  """
+
+  observations: np.ndarray
+  actions: np.ndarray
+  mask: np.ndarray
+  returns: np.ndarray
+  lengths: np.ndarray
+  episode_ids: np.ndarray
+
+  @property
+  def num_episodes(self) -> int:
+    return len(self.returns)
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.lengths.sum())
+
+  def select(self, idx: np.ndarray) -> "Episodes":
+    """The episodes at integer indices idx, re-padded to their own longest length."""
+    idx = np.asarray(idx)
+    t = int(self.lengths[idx].max()) if len(idx) else 1
+    return Episodes(self.observations[idx, :t], self.actions[idx, :t], self.mask[idx, :t],
+                    self.returns[idx], self.lengths[idx], self.episode_ids[idx])
+
+  def flat(self) -> dict[str, np.ndarray]:
+    """One row per real step: observations [S, O], actions [S, A], episode_index, timestep, episode_return [S]."""
+    n, t = self.mask.shape
+    keep = self.mask.astype(bool)
+    ep = np.broadcast_to(np.arange(n)[:, None], (n, t))
+    ts = np.broadcast_to(np.arange(t)[None, :], (n, t))
+    return {
+        "observations": self.observations[keep],
+        "actions": self.actions[keep],
+        "episode_index": ep[keep],
+        "timestep": ts[keep],
+        "episode_return": np.broadcast_to(self.returns[:, None], (n, t))[keep],
+    }
+
+  def observation_stats(self) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std [O] of observations over real steps."""
+    obs = self.observations[self.mask.astype(bool)].astype(np.float64)
+    return obs.mean(axis=0).astype(np.float32), obs.std(axis=0).astype(np.float32)
+
+  def device_data(self, weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The dict layout of iwsft.train: observations, actions, mask, weight [N] (default 1)."""
+    w = np.ones(self.num_episodes, np.float32) if weight is None else weight.astype(np.float32)
+    return {"observations": self.observations, "actions": self.actions, "mask": self.mask, "weight": w}
+
+
+def datasets_path() -> str:
+  return os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+
+
+def load_dataset(dataset_id: str, download: bool = False):
+  """The MinariDataset for an id; downloads it only when asked; a UserError lists local ids."""
+  import minari
+
+  local = sorted(minari.list_local_datasets())
+  if dataset_id not in local:
+    if not download:
+      shown = ", ".join(local) if local else "none"
+      raise UserError(f"dataset {dataset_id!r} is not in {datasets_path()} (local ids: {shown}); "
+                      "build it with experiments/make_datasets.py or pass --download")
+    try:
+      minari.download_dataset(dataset_id)
+    except Exception as e:  # network errors, unknown remote ids
+      raise UserError(f"could not download {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+  try:
+    return minari.load_dataset(dataset_id)
+  except Exception as e:
+    raise UserError(f"could not read dataset {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def episodes_from_minari(dataset) -> Episodes:
+  """Reads every episode of a MinariDataset into padded arrays, checking shapes and values."""
+  import gymnasium as gym
+
+  name = dataset.spec.dataset_id
+  if dataset.total_episodes == 0:
+    raise UserError(f"dataset {name!r} has no episodes")
+  if not isinstance(dataset.action_space, gym.spaces.Box):
+    raise UserError(f"dataset {name!r}: only continuous (Box) action spaces are supported")
+  if not isinstance(dataset.observation_space, gym.spaces.Box):
+    raise UserError(f"dataset {name!r}: only flat (Box) observation spaces are supported")
+  act_dim = int(np.prod(dataset.action_space.shape))
+  obs_dim = int(np.prod(dataset.observation_space.shape))
+  eps = list(dataset.iterate_episodes())
+  lengths = np.array([len(e.actions) for e in eps], np.int64)
+  if lengths.sum() == 0:
+    raise UserError(f"dataset {name!r} has no steps")
+  n, t = len(eps), int(lengths.max())
+  obs = np.zeros((n, t, obs_dim), np.float32)
+  act = np.zeros((n, t, act_dim), np.float32)
+  mask = np.zeros((n, t), np.float32)
+  rets = np.zeros(n, np.float64)
+  for i, e in enumerate(eps):
+    k = lengths[i]
+    o = np.asarray(e.observations, np.float64).reshape(k + 1, -1)
+    a = np.asarray(e.actions, np.float64).reshape(k, -1) if k else np.zeros((0, act_dim))
+    r = np.asarray(e.rewards, np.float64).reshape(-1)
+    if o.shape[1] != obs_dim:
+      raise UserError(f"dataset {name!r}, episode {e.id}: observations have {o.shape[1]} dims, space says {obs_dim}")
+    if a.shape[1] != act_dim:
+      raise UserError(f"dataset {name!r}, episode {e.id}: actions have {a.shape[1]} dims, space says {act_dim}")
+    for what, x in (("observations", o), ("actions", a), ("rewards", r)):
+      if not np.all(np.isfinite(x)):
+        raise UserError(f"dataset {name!r}, episode {e.id}: {what} contain NaN or inf")
+    obs[i, :k], act[i, :k], mask[i, :k] = o[:k], a, 1.0
+    rets[i] = r.sum()
+  ids = np.array([e.id for e in eps], np.int64)
+  return Episodes(obs, act, mask, rets, lengths, ids)
+
+
+def check_matches_env(episodes: Episodes, env_action_space, env_observation_space, name: str) -> None:
+  """Raises a UserError when the data's action/observation sizes differ from the environment's."""
+  a = int(np.prod(env_action_space.shape))
+  o = int(np.prod(env_observation_space.shape))
+  if episodes.actions.shape[-1] != a:
+    raise UserError(f"dataset {name!r}: actions have {episodes.actions.shape[-1]} dims, the environment takes {a}")
+  if episodes.observations.shape[-1] != o:
+    raise UserError(f"dataset {name!r}: observations have {episodes.observations.shape[-1]} dims, the environment gives {o}")
+
+
+def split_episodes(episodes: Episodes, val_fraction: float, seed: int) -> tuple[Episodes, Episodes | None]:
+  """Random split by episode into (train, validation); validation is None when val_fraction is 0."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+  n = episodes.num_episodes
+  n_val = int(round(val_fraction * n))
+  if n_val == 0:
+    return episodes, None
+  if n - n_val < 1:
+    raise UserError(f"val_fraction {val_fraction} leaves no training episodes out of {n}")
+  perm = np.random.default_rng(seed).permutation(n)
+  return episodes.select(np.sort(perm[n_val:])), episodes.select(np.sort(perm[:n_val]))
+
+
+def reference_scores(dataset) -> tuple[float | None, float | None]:
+  """(ref_min_score, ref_max_score) from the dataset's metadata, None where missing."""
+  meta = dataset.storage.metadata
+  lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
+  return (None if lo is None else float(lo)), (None if hi is None else float(hi))

@@ -1,0 +1,49 @@
+"""Figures written by the experiment scripts (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def learning_curve(rows: list[dict], path: str, title: str) -> None:
+  """Evaluation score (normalised ×100, else raw return) and training loss against update step.
+
+  rows: the metrics.jsonl rows; stages are drawn one after another on a shared step axis.
+  """
+  stages = []
+  for r in rows:
+    if r["stage"] not in stages:
+      stages.append(r["stage"])
+  offsets, total = {}, 0
+  for s in stages:
+    offsets[s] = total
+    total += max((r["step"] for r in rows if r["stage"] == s), default=0)
+  evals = [r for r in rows if r["kind"] == "eval" and r.get("return_mean") is not None]
+  use_norm = bool(evals) and all(r.get("normalised_score") is not None for r in evals)
+  key, label = ("normalised_score", "normalised score ×100") if use_norm else ("return_mean", "return")
+  fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for s in stages:
+    ev = [r for r in evals if r["stage"] == s]
+    if ev:
+      x = [offsets[s] + r["step"] for r in ev]
+      y = [r[key] for r in ev]
+      std = [r.get("normalised_score_std" if use_norm else "return_std") or 0.0 for r in ev]
+      ax_score.plot(x, y, marker="o", label=s)
+      ax_score.fill_between(x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)], alpha=0.2)
+    tr = [r for r in rows if r["kind"] == "train" and r["stage"] == s]
+    ax_loss.plot([offsets[s] + r["step"] for r in tr], [r["loss"] for r in tr], label=s)
+  for s in stages[1:]:
+    for ax in (ax_score, ax_loss):
+      ax.axvline(offsets[s], color="grey", lw=0.8, ls="--")
+  ax_score.set(xlabel="update step", ylabel=label, title="evaluation (mean ± std over episodes)")
+  ax_loss.set(xlabel="update step", ylabel="loss", title="training loss")
+  for ax in (ax_score, ax_loss):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,210 @@
+"""The one update step both pipelines use, sharded data-parallel over a `jax.sharding.Mesh`.
+
+A pipeline supplies only `logprob_fn(params, batch) -> [B, T]` (per-step log-probs of its model);
+everything else (the objective, the optimiser, the auxiliary policy q, the frozen reference π_ref,
+in-graph sampling and multi-step dispatch) lives here, once.
+
+Batches are dicts of arrays with a leading batch axis B: at least
+  "mask":   [B, T] float  real steps / completion tokens
+  "weight": [B]    float  per-sequence data weight (0 marks padding rows)
+plus whatever `logprob_fn` reads (observations, actions, tokens...). The batch is split over the
+mesh's "data" axis; parameters and optimiser state are replicated; XLA inserts the gradient
+all-reduce. Device-resident datasets have the same layout with N sequences in place of B.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from iwsft.errors import UserError
+from iwsft.objectives import ObjectiveConfig, iw_sft_loss
+
+Params = Any
+Batch = dict[str, jax.Array]
+LogProbFn = Callable[[Params, Batch], jax.Array]
+DATA_AXIS = "data"
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training; a pytree, so it is jitted, sharded and saved whole.
+
+  params:     the policy π_θ being trained.
+  q_params:   the auxiliary policy q of iw-SFT, an exponential moving average of params.
+  ref_params: the frozen reference π_ref (the data's policy, or its stand-in).
+  opt_state:  optax state for params.
+  step:       number of updates applied (int32 scalar).
+  key:        raw uint32 PRNG key [2] for in-graph sampling (raw so checkpoints stay plain arrays).
+  """
+
+  params: Params
+  q_params: Params
+  ref_params: Params
+  opt_state: optax.OptState
+  step: jax.Array
+  key: jax.Array
+
+
+def prng_key(seed: int) -> jax.Array:
+  """A raw uint32[2] key, the form TrainState and checkpoints hold."""
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int,
+               ref_params: Params | None = None) -> TrainState:
+  """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref)."""
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  return TrainState(
+      params=params,
+      q_params=copy(params),
+      ref_params=copy(params if ref_params is None else ref_params),
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      key=prng_key(seed),
+  )
+
+
+def make_update(logprob_fn: LogProbFn, optimizer: optax.GradientTransformation,
+                objective: ObjectiveConfig, q_decay: float = 0.9,
+                track_bounds: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
+
+  q_decay: q ← q_decay · q + (1 − q_decay) · θ after every step; 0 makes q the current policy
+    itself (detached), as in the authors' language code, and saves a forward pass.
+  track_bounds: also compute the SFT/iw-SFT bound estimates when not importance weighting (costs
+    the π_ref and q forward passes that weighting needs anyway).
+  """
+  if not 0.0 <= q_decay < 1.0:
+    raise UserError(f"q_decay must be in [0, 1), got {q_decay}")
+  need_aux = objective.uses_weights or track_bounds
+
+  def loss_fn(params, state: TrainState, batch: Batch):
+    logp = logprob_fn(params, batch)
+    logp_q = logp_ref = None
+    if need_aux:
+      logp_ref = jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
+      if q_decay == 0.0:
+        logp_q = jax.lax.stop_gradient(logp)
+      else:
+        logp_q = jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
+    return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective)
+
+  def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    q_params = optax.incremental_update(params, state.q_params, step_size=1.0 - q_decay)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    state = state.replace(params=params, q_params=q_params, opt_state=opt_state,
+                          step=state.step + 1)
+    return state, metrics
+
+  return update
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _split_leaves(data: Batch) -> tuple[int, int]:
+  n, t = data["mask"].shape
+  return n, t
+
+
+def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+  """Draws batch_size sequences i.i.d. with probability ∝ exp(logits[i]); every leaf [N, ...] -> [B, ...]."""
+  idx = jax.random.categorical(key, logits, shape=(batch_size,))
+  return jax.tree.map(lambda x: x[idx], data)
+
+
+def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+  """Draws batch_size single steps: a sequence ∝ exp(logits) · length, then a step uniformly in it.
+
+  Per-step leaves ([N, T, ...], recognised by sharing the mask's [N, T]) become [B, 1, ...];
+  per-sequence leaves ([N, ...]) become [B, ...]. The result is a batch of length-1 sequences,
+  so the same objective applies (the step-level batch of BC).
+  """
+  n, t = _split_leaves(data)
+  lengths = data["mask"].sum(axis=1)
+  k_seq, k_step = jax.random.split(key)
+  seq_logits = logits + jnp.log(jnp.maximum(lengths, 1e-30))
+  idx = jax.random.categorical(k_seq, seq_logits, shape=(batch_size,))
+  # Real steps of a sequence are its first `length` positions (padding is at the end).
+  pos = jnp.floor(jax.random.uniform(k_step, (batch_size,)) * lengths[idx]).astype(jnp.int32)
+  pos = jnp.minimum(pos, t - 1)
+
+  def take(x):
+    if x.ndim >= 2 and x.shape[:2] == (n, t):
+      return x[idx, pos][:, None]
+    return x[idx]
+
+  return jax.tree.map(take, data)
+
+
+# ----------------------------------------------------------------------------- mesh and jit
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over the first num_devices devices (all by default) with axis "data"."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise UserError(f"asked for {num_devices} devices, {len(devices)} available")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the "data" axis, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size < 1 or batch_size % n:
+    raise UserError(f"batch_size {batch_size} must be a positive multiple of the {n} devices")
+
+
+def jit_update(update, mesh: Mesh):
+  """`update(state, batch)` jitted: state replicated (donated), batch split on the data axis."""
+  return jax.jit(update, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_level: bool = False):
+  """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
+
+  Batches are sampled inside the graph from device-resident `data` (replicated) with the state's
+  key, so there is no host round trip per step. metrics come back stacked, each [num_steps].
+  """
+  check_batch_size(batch_size, mesh)
+  sampler = sample_steps if step_level else sample_sequences
+  shard = batch_sharded(mesh)
+
+  def train_steps(state: TrainState, data: Batch, logits: jax.Array):
+    def body(state, _):
+      key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+      batch = sampler(sub, data, logits, batch_size)
+      batch = jax.lax.with_sharding_constraint(batch, shard)
+      state, metrics = update(state.replace(key=jax.random.key_data(key)), batch)
+      return state, metrics
+
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+  rep = replicated(mesh)
+  return jax.jit(train_steps, in_shardings=(rep, rep, rep), out_shardings=(rep, rep),
+                 donate_argnums=0)
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Places a host pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
