@@ -58,8 +58,13 @@ def prng_key(seed: int) -> jax.Array:
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, seed: int,
                ref_params: Params | None = None) -> TrainState:
-  """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref)."""
+  """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
+
+  Every array is copied, so the jitted steps may donate the state's buffers without deleting the
+  caller's arrays.
+  """
   copy = lambda t: jax.tree.map(jnp.array, t)
+  params = copy(params)
   return TrainState(
       params=params,
       q_params=copy(params),

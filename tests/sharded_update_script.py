@@ -1,0 +1,54 @@
+"""Run in a subprocess with N forced CPU devices: a few sharded updates, parameters saved to npz.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_update_script.py OUT.npz
+"""
+
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from iwsft import train
+from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
+from iwsft.control.trainer import StageConfig, make_optimizer
+from iwsft.objectives import ObjectiveConfig
+
+
+def main(out):
+  rng = np.random.default_rng(0)
+  n, t, o, a = 24, 9, 5, 3
+  lengths = rng.integers(1, t + 1, n)
+  data = {
+      "observations": rng.normal(size=(n, t, o)).astype(np.float32),
+      "actions": rng.uniform(-1, 1, (n, t, a)).astype(np.float32),
+      "mask": (np.arange(t)[None] < lengths[:, None]).astype(np.float32),
+      "weight": np.ones(n, np.float32),
+  }
+  graphdef, params, consts = split_policy(GaussianPolicy(o, a, PolicyConfig(hidden=(32, 32)), rngs=nnx.Rngs(0)))
+  logprob = make_logprob_fn(graphdef, consts)
+  opt = make_optimizer(StageConfig(steps=10, batch_size=16, learning_rate=1e-3))
+  update = train.make_update(logprob, opt, ObjectiveConfig("sequence", temperature=10.0), q_decay=0.9)
+  mesh = train.make_mesh()
+  # 1) explicit global batches through the jitted, sharded update(state, batch).
+  ref = jax.tree.map(lambda x: x + 0.01, params)
+  state = train.put_replicated(train.init_state(params, opt, 0, ref), mesh)
+  step = train.jit_update(update, mesh)
+  for i in range(4):
+    idx = np.random.default_rng(i).integers(0, n, 16)
+    state, metrics = step(state, {k: v[idx] for k, v in data.items()})
+  # 2) in-graph sampling, several steps per dispatch.
+  state2 = train.put_replicated(train.init_state(params, opt, 1, ref), mesh)
+  steps = train.make_train_steps(update, mesh, batch_size=16, num_steps=4)
+  logits = np.zeros(n, np.float32)
+  state2, metrics2 = steps(state2, train.put_replicated(data, mesh), train.put_replicated(logits, mesh))
+  leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
+  leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})
+  leaves.update({f"q{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.q_params))})
+  leaves["loss"] = np.asarray(metrics2["loss"])
+  leaves["devices"] = np.array(len(jax.devices()))
+  np.savez(out, **leaves)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

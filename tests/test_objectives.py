@@ -1,0 +1,166 @@
+"""Objectives against independent numpy computations on hand-made batches."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iwsft import objectives as obj
+from iwsft.objectives import ObjectiveConfig
+
+RNG = np.random.default_rng(0)
+
+
+def batch(b=6, t=7):
+  lengths = np.array([7, 3, 5, 1, 7, 2][:b])
+  mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+  logp = RNG.normal(-1.0, 0.5, (b, t)).astype(np.float32)
+  lq = RNG.normal(-1.0, 0.5, (b, t)).astype(np.float32)
+  lref = RNG.normal(-1.0, 0.5, (b, t)).astype(np.float32)
+  return logp, lq, lref, mask, lengths
+
+
+def np_seq_weights(lq, lref, mask, temp, lo, hi, self_norm, valid):
+  """The authors' episode weight, computed directly: exp(temp * mean_t(lq - lref)), clipped."""
+  w = []
+  for i in range(len(mask)):
+    k = int(mask[i].sum())
+    r = (lq[i, :k] - lref[i, :k]).sum() / k
+    w.append(min(max(np.exp(temp * np.float64(r)), lo), hi) if valid[i] else 0.0)
+  w = np.array(w)
+  if self_norm:
+    w = w * valid.sum() / w.sum()
+  return w
+
+
+@pytest.mark.parametrize("self_norm", [True, False])
+@pytest.mark.parametrize("temp,hi", [(1.0, 1000.0), (10.0, 3.0), (10.0, 1000.0)])
+def test_sequence_weights_match_numpy(self_norm, temp, hi):
+  _, lq, lref, mask, _ = batch()
+  valid = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  cfg = ObjectiveConfig("sequence", temperature=temp, w_max=hi, self_normalise=self_norm)
+  w, diag = obj.sequence_weights(jnp.asarray(lq), jnp.asarray(lref), jnp.asarray(mask), jnp.asarray(valid), cfg)
+  expected = np_seq_weights(lq, lref, mask, temp, 0.0, hi, self_norm, valid)
+  np.testing.assert_allclose(np.asarray(w), expected, rtol=2e-5)
+  raw = np_seq_weights(lq, lref, mask, temp, 0.0, np.inf, False, valid)
+  np.testing.assert_allclose(float(diag["iw/clip_fraction"]), np.sum((raw > hi) & (valid > 0)) / valid.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(diag["iw/ess_fraction"]), expected.sum() ** 2 / (expected ** 2).sum() / valid.sum(), rtol=1e-5)
+
+
+def test_weights_clip_both_ends():
+  lq = np.array([[5.0], [-5.0], [0.1]], np.float32)
+  lref = np.zeros_like(lq)
+  mask = np.ones_like(lq)
+  cfg = ObjectiveConfig("sequence", temperature=1.0, w_min=0.5, w_max=2.0, self_normalise=False)
+  w, diag = obj.sequence_weights(lq, lref, mask, jnp.ones(3), cfg)
+  np.testing.assert_allclose(np.asarray(w), [2.0, 0.5, np.exp(0.1)], rtol=1e-6)
+  np.testing.assert_allclose(float(diag["iw/clip_fraction"]), 2 / 3, rtol=1e-6)
+
+
+def test_self_normalised_weights_have_mean_one_and_survive_huge_ratios():
+  lq = np.array([[300.0], [299.0], [0.0]], np.float32)  # exp(3000) overflows float64 as well
+  lref = np.zeros_like(lq)
+  cfg = ObjectiveConfig("sequence", temperature=10.0, w_max=1e30, self_normalise=True)
+  w, _ = obj.sequence_weights(lq, lref, np.ones_like(lq), jnp.ones(3), cfg)
+  chex.assert_tree_all_finite(w)
+  np.testing.assert_allclose(float(jnp.mean(w)), 1.0, rtol=1e-5)
+
+
+def test_step_weights_match_numpy():
+  _, lq, lref, mask, _ = batch()
+  cfg = ObjectiveConfig("step", temperature=10.0, step_w_min=0.0, step_w_max=2.0)
+  w, _ = obj.step_weights(lq, lref, mask, cfg)
+  expected = np.clip(np.exp(10.0 * (lq.astype(np.float64) - lref)), 0.0, 2.0) * mask
+  np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-5, atol=1e-30)
+
+
+def np_loss(logp, mask, seq_w, step_w, length_normalise):
+  per = []
+  for i in range(len(mask)):
+    k = int(mask[i].sum())
+    s = (logp[i, :k] * (1.0 if step_w is None else step_w[i, :k])).sum()
+    per.append(s / k if length_normalise else s)
+  per = np.array(per)
+  return -(seq_w * per).sum() / (seq_w > 0).sum()
+
+
+@pytest.mark.parametrize("length_normalise", [True, False])
+def test_weighted_nll_matches_numpy(length_normalise):
+  logp, lq, lref, mask, _ = batch()
+  seq_w = np.array([0.5, 2.0, 1.0, 0.0, 1.5, 1.0], np.float32)
+  step_w = RNG.uniform(0, 2, logp.shape).astype(np.float32)
+  cfg = ObjectiveConfig(length_normalise=length_normalise)
+  for sw in (None, step_w):
+    got = obj.weighted_nll(logp, mask, seq_w, sw, cfg)
+    np.testing.assert_allclose(float(got), np_loss(logp, mask, seq_w, sw, length_normalise), rtol=1e-5)
+
+
+def test_token_mean_reduction_matches_numpy():
+  logp, _, _, mask, _ = batch()
+  seq_w = np.array([0.5, 2.0, 1.0, 0.0, 1.5, 1.0], np.float32)
+  cfg = ObjectiveConfig(reduction="token_mean")
+  got = obj.weighted_nll(logp, mask, seq_w, None, cfg)
+  tokens = mask[seq_w > 0].sum()
+  np.testing.assert_allclose(float(got), -(seq_w[:, None] * mask * logp).sum() / tokens, rtol=1e-5)
+
+
+def test_iw_sft_equals_sft_when_q_is_reference():
+  logp, _, lref, mask, _ = batch()
+  weight = np.ones(len(mask), np.float32)
+  sft, _ = obj.iw_sft_loss(logp, None, None, mask, weight, ObjectiveConfig("none"))
+  for mode in ("sequence", "step"):
+    cfg = ObjectiveConfig(mode, temperature=10.0, step_w_min=0.0, step_w_max=2.0)
+    iw, m = obj.iw_sft_loss(logp, lref, lref, mask, weight, cfg)
+    np.testing.assert_allclose(float(iw), float(sft), rtol=1e-6)
+    np.testing.assert_allclose(float(m["iw/max_weight"]), 1.0, rtol=1e-6)
+
+
+def test_gradient_is_the_weighted_bc_gradient():
+  """d loss / d logp[i,t] = -w_i mask[i,t] / (len_i · n): the weights carry no gradient."""
+  logp, lq, lref, mask, lengths = batch()
+  weight = np.ones(len(mask), np.float32)
+  cfg = ObjectiveConfig("sequence", temperature=10.0, w_max=1000.0, self_normalise=True)
+  grad = jax.grad(lambda lp: obj.iw_sft_loss(lp, lq, lref, mask, weight, cfg)[0])(jnp.asarray(logp))
+  w = np_seq_weights(lq, lref, mask, 10.0, 0.0, 1000.0, True, weight)
+  expected = -w[:, None] * mask / lengths[:, None] / len(mask)
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=2e-5, atol=1e-7)
+
+
+def test_gradient_does_not_flow_through_q_when_q_is_the_policy():
+  logp, _, lref, mask, _ = batch()
+  weight = np.ones(len(mask), np.float32)
+  cfg = ObjectiveConfig("sequence", temperature=1.0)
+  f = lambda lp: obj.iw_sft_loss(lp, jax.lax.stop_gradient(lp), lref, mask, weight, cfg)[0]
+  w, _ = obj.sequence_weights(logp, lref, mask, weight, cfg)
+  g_manual = jax.grad(lambda lp: obj.weighted_nll(lp, mask, w, None, cfg))(jnp.asarray(logp))
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(logp))), np.asarray(g_manual), rtol=1e-6)
+
+
+def test_bound_estimates_match_numpy_and_iw_bound_is_tight_at_q_equals_theta():
+  logp, _, lref, mask, lengths = batch()
+  reward = np.ones(len(mask), np.float32)
+  cfg = ObjectiveConfig()
+  b = obj.bound_estimates(logp, logp, lref, mask, reward, cfg)
+  l_t = (logp * mask).sum(1) / lengths
+  l_r = (lref * mask).sum(1) / lengths
+  np.testing.assert_allclose(float(b["bound/sft"]), np.mean(1 + l_t - l_r), rtol=1e-5)
+  # q = π_θ: the iw bound equals E[p_θ/π_ref], the objective itself; x >= 1 + log x makes it >= the SFT bound.
+  np.testing.assert_allclose(float(b["bound/iw_sft"]), np.mean(np.exp(l_t - l_r)), rtol=1e-5)
+  assert float(b["bound/iw_sft"]) >= float(b["bound/sft"])
+
+
+def test_padding_rows_do_not_count():
+  logp, lq, lref, mask, _ = batch()
+  weight = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  cfg = ObjectiveConfig("sequence", temperature=10.0)
+  full, _ = obj.iw_sft_loss(logp, lq, lref, mask, weight, cfg)
+  part, _ = obj.iw_sft_loss(logp[:5], lq[:5], lref[:5], mask[:5], weight[:5], cfg)
+  np.testing.assert_allclose(float(full), float(part), rtol=1e-6)
+
+
+def test_config_rejects_bad_settings():
+  for kwargs in ({"importance_weighting": "x"}, {"w_min": 2.0, "w_max": 1.0}, {"temperature": 0.0},
+                 {"reduction": "sum"}, {"step_w_min": -1.0}):
+    with pytest.raises(ValueError):
+      ObjectiveConfig(**kwargs)

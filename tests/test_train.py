@@ -1,0 +1,139 @@
+"""The shared update step: policy maths, q's moving average, sampling, and device-count invariance."""
+
+import math
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from iwsft import train
+from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
+from iwsft.objectives import ObjectiveConfig
+
+
+def small_policy(state_dependent_std=False, seed=0):
+  return GaussianPolicy(4, 2, PolicyConfig(hidden=(16, 16), state_dependent_std=state_dependent_std),
+                        rngs=nnx.Rngs(seed))
+
+
+def test_log_prob_is_the_diagonal_normal_density():
+  pol = small_policy()
+  pol.set_normalisation(np.zeros(4), np.ones(4), np.array([-2.0, -1.0]), np.array([2.0, 3.0]))
+  obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  act = np.random.default_rng(1).uniform(-1, 1, (5, 2)).astype(np.float32)
+  mean, log_std = pol(obs)
+  mean, std = np.asarray(mean, np.float64), np.exp(np.asarray(log_std, np.float64))
+  a = (act - np.array([0.0, 1.0])) / np.array([2.0, 2.0])
+  expected = np.sum(-0.5 * ((a - mean) / std) ** 2 - np.log(std) - 0.5 * math.log(2 * math.pi), -1)
+  np.testing.assert_allclose(np.asarray(pol.log_prob(obs, act)), expected, rtol=1e-5)
+  mode = np.asarray(pol.mode(obs))
+  assert np.all(mode >= [-2, -1]) and np.all(mode <= [2, 3])
+
+
+@pytest.mark.parametrize("sd", [False, True])
+def test_log_std_is_clipped(sd):
+  pol = small_policy(sd)
+  if sd:
+    pol.log_std_head.bias[...] = jnp.full((2,), 50.0)
+  else:
+    pol.log_std[...] = jnp.array([50.0, -50.0])
+  _, log_std = pol(jnp.ones((3, 4)))
+  assert float(log_std.max()) <= 2.0 and float(log_std.min()) >= -5.0
+
+
+def _setup(q_decay, weighting="sequence"):
+  graphdef, params, consts = split_policy(small_policy())
+  logprob = make_logprob_fn(graphdef, consts)
+  opt = optax.sgd(0.1)
+  update = train.make_update(logprob, opt, ObjectiveConfig(weighting, temperature=1.0), q_decay)
+  rng = np.random.default_rng(0)
+  batch = {"observations": rng.normal(size=(8, 5, 4)).astype(np.float32),
+           "actions": rng.uniform(-1, 1, (8, 5, 2)).astype(np.float32),
+           "mask": np.ones((8, 5), np.float32), "weight": np.ones(8, np.float32)}
+  return params, opt, update, batch, logprob
+
+
+def test_q_is_an_exponential_moving_average_of_the_policy():
+  params, opt, update, batch, _ = _setup(q_decay=0.9)
+  state = train.init_state(params, opt, 0)
+  q0 = state.q_params
+  state, _ = jax.jit(update)(state, batch)
+  expected = jax.tree.map(lambda q, p: 0.9 * q + 0.1 * p, q0, state.params)
+  chex.assert_trees_all_close(state.q_params, expected, rtol=1e-6)
+  assert int(state.step) == 1
+
+
+def test_iw_update_equals_sft_update_when_q_and_ref_are_the_start_policy():
+  """At step 0, q = π_ref = θ: weights are 1 and iw-SFT's step is SFT's step."""
+  params, opt, update_iw, batch, logprob = _setup(q_decay=0.9)
+  update_sft = train.make_update(logprob, opt, ObjectiveConfig("none"), 0.9)
+  s_iw, m = jax.jit(update_iw)(train.init_state(params, opt, 0), batch)
+  s_sft, _ = jax.jit(update_sft)(train.init_state(params, opt, 0), batch)
+  chex.assert_trees_all_close(s_iw.params, s_sft.params, rtol=1e-6)
+  np.testing.assert_allclose(float(m["iw/max_weight"]), 1.0, rtol=1e-6)
+
+
+def test_sgd_step_follows_the_weighted_bc_gradient():
+  """θ' = θ − lr · ∇θ(−Σ_i w_i ℓ_i / n) with w computed independently from q and π_ref."""
+  params, opt, update, batch, logprob = _setup(q_decay=0.5)
+  ref = jax.tree.map(lambda x: x + 0.05, params)
+  state = train.init_state(params, opt, 0, ref)
+  state = state.replace(q_params=jax.tree.map(lambda x: x - 0.05, params))
+  lq = np.asarray(logprob(state.q_params, batch), np.float64).mean(1)
+  lr_ = np.asarray(logprob(ref, batch), np.float64).mean(1)
+  w = np.exp(lq - lr_)
+  w = w / w.mean()
+
+  def bc_loss(p):
+    return -jnp.mean(jnp.asarray(w, jnp.float32) * logprob(p, batch).mean(1))
+
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(bc_loss)(params))
+  new, _ = jax.jit(update)(state, batch)
+  chex.assert_trees_all_close(new.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_sequences_follows_logits():
+  data = {"mask": np.ones((4, 3), np.float32), "weight": np.arange(4, dtype=np.float32)}
+  logits = jnp.log(jnp.array([0.0, 1.0, 3.0, 0.0]))
+  b = train.sample_sequences(jax.random.key(0), data, logits, 4000)
+  counts = np.bincount(np.asarray(b["weight"]).astype(int), minlength=4)
+  assert counts[0] == 0 and counts[3] == 0
+  np.testing.assert_allclose(counts[2] / counts[1], 3.0, rtol=0.15)
+
+
+def test_sample_steps_only_draws_real_steps_uniformly():
+  n, t = 3, 4
+  mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
+  step_id = np.arange(n * t, dtype=np.float32).reshape(n, t)
+  data = {"mask": mask, "weight": np.ones(n, np.float32), "id": step_id}
+  b = train.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000)
+  chex.assert_shape(b["id"], (7000, 1))
+  chex.assert_shape(b["weight"], (7000,))
+  ids = np.asarray(b["id"]).ravel().astype(int)
+  assert set(ids) == set(np.flatnonzero(mask.ravel()))  # never a padding step
+  counts = np.bincount(ids, minlength=n * t)[mask.ravel() > 0]
+  np.testing.assert_allclose(counts / counts.sum(), 1 / 7, atol=0.02)  # uniform over the 7 real steps
+
+
+def _run_script(devices, out):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  script = os.path.join(os.path.dirname(__file__), "sharded_update_script.py")
+  subprocess.run([sys.executable, script, str(out)], env=env, check=True, capture_output=True)
+  return np.load(out)
+
+
+def test_update_is_the_same_on_1_and_8_devices(tmp_path):
+  one = _run_script(1, tmp_path / "one.npz")
+  eight = _run_script(8, tmp_path / "eight.npz")
+  assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+  keys = [k for k in one.files if k != "devices"]
+  assert any(k.startswith("a") for k in keys) and any(k.startswith("b") for k in keys)
+  for k in keys:
+    np.testing.assert_allclose(eight[k], one[k], atol=1e-5, rtol=1e-5, err_msg=k)
