@@ -1,0 +1,59 @@
+"""Test datasets, built once per session in a temporary Minari directory (no network).
+
+Every test process (and every subprocess it starts) sees MINARI_DATASETS_PATH pointing there.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+_ROOT = tempfile.mkdtemp(prefix="iwsft-minari-")
+os.environ["MINARI_DATASETS_PATH"] = _ROOT
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ENV = "InvertedPendulum-v5"
+HORIZON = 100  # short episodes keep the tests fast; a competent controller scores HORIZON
+
+EXPERT = "iwsft/pendulum-test/expert-v0"
+MIXED = "iwsft/pendulum-test/mixed-v0"
+NAN = "iwsft/pendulum-test/nan-v0"
+WRONG_ACTION = "iwsft/pendulum-test/wrong-action-v0"
+EMPTY = "iwsft/pendulum-test/empty-v0"
+
+
+def biased_controller(bias):
+  """The competent controller plus a constant push: it loses the pole within a few dozen steps."""
+  from iwsft.control.collect import pendulum_controller
+
+  good = pendulum_controller(0.5)
+  return lambda obs, rng: np.clip(good(obs, rng) + bias, -3.0, 3.0)
+
+
+@pytest.fixture(scope="session")
+def datasets():
+  import gymnasium as gym
+  import minari
+  from minari.data_collector import EpisodeBuffer
+
+  from iwsft.control.collect import collect_dataset, pendulum_controller
+
+  if EXPERT not in minari.list_local_datasets():
+    collect_dataset(EXPERT, ENV, [(pendulum_controller(0.5), 12)], seed=0, ref_min_score=5.0,
+                    ref_max_score=float(HORIZON), max_episode_steps=HORIZON)
+    # Two behaviour qualities: 10 competent episodes among 30 of a biased controller.
+    collect_dataset(MIXED, ENV, [(biased_controller(2.5), 15), (pendulum_controller(0.5), 10),
+                                 (biased_controller(2.5), 15)], seed=100, ref_min_score=5.0,
+                    ref_max_score=float(HORIZON), max_episode_steps=HORIZON)
+    box4 = gym.spaces.Box(-np.inf, np.inf, (4,))
+    nan = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.zeros((3, 1)),
+                        rewards=[1.0, np.nan, 1.0], terminations=[False, False, True], truncations=[False] * 3)
+    minari.create_dataset_from_buffers(NAN, [nan], env=ENV, observation_space=box4,
+                                       action_space=gym.spaces.Box(-3, 3, (1,)))
+    wrong = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.zeros((3, 2)),
+                          rewards=[1.0] * 3, terminations=[False, False, True], truncations=[False] * 3)
+    minari.create_dataset_from_buffers(WRONG_ACTION, [wrong], env=ENV, observation_space=box4,
+                                       action_space=gym.spaces.Box(-1, 1, (2,)))
+    minari.create_dataset_from_buffers(EMPTY, [], env=ENV)
+  return _ROOT

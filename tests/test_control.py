@@ -1,0 +1,137 @@
+"""Control pipeline end to end: data loading, filtering, the CLI, and bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "experiments", "control.py")
+TINY = ["--hidden=32,32", "--reference_steps=200", "--reference_batch_size=8", "--steps=40",
+        "--batch_size=8", "--warmup_steps=5", "--eval_every=0", "--eval_episodes=3",
+        "--final_eval_episodes=5", "--steps_per_dispatch=20"]
+
+
+def cli(*args):
+  return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(os.environ), timeout=600)
+
+
+def test_episodes_read_back_exactly(datasets):
+  import minari
+
+  from iwsft.control.data import episodes_from_minari, load_dataset
+
+  ds = load_dataset(MIXED)
+  eps = episodes_from_minari(ds)
+  assert eps.num_episodes == 40
+  raw = list(minari.load_dataset(MIXED).iterate_episodes())
+  for i in (0, 17, 39):
+    k = len(raw[i].actions)
+    assert eps.lengths[i] == k and eps.mask[i].sum() == k and not eps.mask[i, k:].any()
+    np.testing.assert_allclose(eps.observations[i, :k], raw[i].observations[:k], rtol=1e-6)
+    np.testing.assert_allclose(eps.actions[i, :k], raw[i].actions, rtol=1e-6)
+    np.testing.assert_allclose(eps.returns[i], raw[i].rewards.sum())
+  flat = eps.flat()
+  assert len(flat["observations"]) == eps.num_steps == ds.total_steps
+  np.testing.assert_allclose(flat["episode_return"][flat["episode_index"] == 3], eps.returns[3])
+
+
+def test_filtered_bc_keeps_exactly_the_competent_episodes(datasets):
+  from iwsft.control.config import get_config
+  from iwsft.control.data import episodes_from_minari, load_dataset
+  from iwsft.control.trainer import curation_for
+
+  eps = episodes_from_minari(load_dataset(MIXED))
+  competent = np.zeros(40, bool)
+  competent[15:25] = True  # recording order: 15 biased, 10 competent, 15 biased
+  assert eps.returns[competent].min() == HORIZON > eps.returns[~competent].max()
+  cfg = get_config()
+  cfg.percentiles = ""
+  cfg.top_fraction = 0.25
+  logits, _ = curation_for("filtered_bc", eps, cfg)
+  np.testing.assert_array_equal(np.isfinite(logits), competent)
+
+
+def test_cli_writes_a_valid_result(datasets, tmp_path):
+  work = tmp_path / "run"
+  r = cli(f"--dataset={MIXED}", "--method=iw_sft", "--percentiles=", "--top_fraction=0.25",
+          f"--workdir={work}", *TINY)
+  assert r.returncode == 0, r.stderr[-2000:]
+  result = json.loads((work / "result.json").read_text())
+  assert result["method"] == "iw_sft" and result["dataset"] == MIXED and result["seed"] == 0
+  assert result["curated_episodes"] == 10 and result["eval_episodes"] == 5
+  assert 0 <= result["return_mean"] <= HORIZON
+  np.testing.assert_allclose(result["normalised_score"], 100 * (result["return_mean"] - 5) / (HORIZON - 5), rtol=1e-6)
+  assert result["config"]["steps"] == 40 and result["wall_time_s"] > 0
+  rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "iw_sft"]
+  assert [r["step"] for r in train_rows] == [20, 40]
+  for r in train_rows:
+    assert np.isfinite(r["loss"]) and 0 < r["iw/ess_fraction"] <= 1 and "bound/iw_sft" in r
+  assert rows[-1]["stage"] == "final"
+  assert (work / "curve.png").stat().st_size > 10_000
+  assert (work / "reference" / "reference.json").exists()
+
+
+def test_bc_on_competent_data_beats_a_random_policy(datasets, tmp_path):
+  import gymnasium as gym
+
+  from iwsft.control.config import get_config
+  from iwsft.control.evaluate import run_episodes
+  from iwsft.control.run import run_control
+
+  cfg = get_config()
+  cfg.update(dataset=EXPERT, method="bc", hidden="64,64", eval_every=0, eval_episodes=5,
+             final_eval_episodes=10, steps_per_dispatch=100)
+  cfg.reference.update(steps=600, batch_size=8)
+  result = run_control(cfg, str(tmp_path / "bc"), quiet=True)
+  spec = dataclasses.replace(gym.spec("InvertedPendulum-v5"), max_episode_steps=HORIZON)
+  space = gym.make(spec).action_space
+  rng = np.random.default_rng(0)
+  random_returns = run_episodes(lambda o: rng.uniform(space.low, space.high, (len(o), 1)), spec, 10, seed=0)
+  assert random_returns.mean() < 20
+  assert result["return_mean"] >= 0.9 * HORIZON > 3 * random_returns.mean()
+
+
+BAD = [
+    ([f"--dataset=iwsft/nowhere/none-v0"], "not in"),
+    ([f"--dataset={NAN}"], "NaN"),
+    ([f"--dataset={WRONG_ACTION}"], "actions have 2 dims"),
+    ([f"--dataset={EMPTY}"], "no episodes"),
+    ([f"--dataset={MIXED}", "--top_fraction=0", "--percentiles="], "top_fraction"),
+    ([f"--dataset={MIXED}", "--top_fraction=1.5", "--percentiles="], "top_fraction"),
+    ([f"--dataset={MIXED}", "--method=ppo"], "method"),
+    ([f"--dataset={MIXED}", "--stepz=3"], "stepz"),
+    ([f"--dataset={MIXED}", "--batch_size=0"], "batch_size"),
+    ([f"--dataset={MIXED}", "--hidden=a,b"], "hidden"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_leaves_workdir_alone(datasets, tmp_path, args, needle):
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "metrics.jsonl").write_text("keep me\n")
+  r = cli(f"--workdir={work}", *TINY, *args)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert len(lines) == 1 and needle in lines[0], r.stderr
+  assert "Traceback" not in r.stderr
+  assert sorted(os.listdir(work)) == ["metrics.jsonl"]
+  assert (work / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_finished_run_is_not_overwritten(datasets, tmp_path):
+  work = tmp_path / "done"
+  work.mkdir()
+  (work / "result.json").write_text("{}")
+  r = cli(f"--dataset={MIXED}", f"--workdir={work}", *TINY)
+  assert r.returncode == 2 and "--overwrite" in r.stderr
+  assert (work / "result.json").read_text() == "{}"
