@@ -66,3 +66,43 @@ def collect_dataset(dataset_id: str, env_id: str, parts: Sequence[tuple[Behaviou
                                description=description or None, **meta)
   env.close()
   return dataset
+
+
+def biased_pendulum_controller(bias: float, noise_std: float = 0.5) -> Behaviour:
+  """The competent controller plus a constant push `bias`: the behaviour-quality knob.
+
+  On InvertedPendulum-v5 (1000 steps): bias 0 keeps the pole up (return 1000), bias 1.0 returns
+  about 230 ± 130, bias 2.5 drops the pole within a few steps. The push has a fixed sign, so
+  cloning a mixture inherits its average push: curation has something to fix.
+  """
+  good = pendulum_controller(noise_std)
+  return lambda obs, rng: np.clip(good(obs, rng) + bias, -3.0, 3.0)
+
+
+# Episodes per kind for each profile of the scripted pendulum family.
+PENDULUM_PROFILES = {
+    "small": {"random": 50, "medium": 40, "expert": 15, "medium-replay": 200},
+    "full": {"random": 500, "medium": 1000, "expert": 1000, "medium-replay": 2000},
+}
+PENDULUM_KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
+
+
+def pendulum_parts(kind: str, profile: str, action_space) -> list[tuple[Behaviour, int]]:
+  """D4RL's recipe with a scripted learner whose push shrinks as it "trains".
+
+  random: uniform actions; medium: push 1.0 (about a quarter of the expert's return); expert: no
+  push; medium-replay: one episode per push on a schedule from 3.0 down to 1.0 (a learner's replay
+  buffer up to medium); medium-expert: the medium and expert episodes together.
+  """
+  n = PENDULUM_PROFILES[profile]
+  if kind == "random":
+    return [(random_behaviour(action_space), n["random"])]
+  if kind == "medium":
+    return [(biased_pendulum_controller(1.0), n["medium"])]
+  if kind == "expert":
+    return [(biased_pendulum_controller(0.0), n["expert"])]
+  if kind == "medium-replay":
+    return [(biased_pendulum_controller(b), 1) for b in np.linspace(3.0, 1.0, n["medium-replay"])]
+  if kind == "medium-expert":
+    return pendulum_parts("medium", profile, action_space) + pendulum_parts("expert", profile, action_space)
+  raise ValueError(f"unknown kind {kind!r}")

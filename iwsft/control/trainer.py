@@ -163,6 +163,8 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
     return fns[n]
 
   done, t0 = 0, time.time()
+  if evaluate_fn is not None and eval_every > 0:
+    log({"kind": "eval", "stage": name, "step": 0, "time_s": 0.0, **evaluate_fn(state.params)})
   with tqdm(total=stage.steps, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
     while done < stage.steps:
       n = min(chunk, stage.steps - done)

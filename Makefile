@@ -1,0 +1,30 @@
+# One virtual environment (.venv) for everything; `make demo` and `make test` install it when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
+
+.PHONY: install demo datasets test test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## the README's main job: small datasets, then BC / filtered BC / iw-SFT
+	$(PY) experiments/demo.py --workdir=runs/demo --overwrite
+
+datasets: install  ## the small profile of every dataset kind
+	$(PY) experiments/make_datasets.py --profile=small
+
+test: install  ## the default test suite (what CI runs)
+	$(PY) -m pytest -n 2 -q
+
+test-slow: install  ## only the tests marked slow
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .minari *.egg-info

@@ -1,0 +1,32 @@
+"""Build D4RL-style Minari datasets locally (no internet): random, medium, medium-replay, expert,
+medium-expert, each with ref_min_score (random) and ref_max_score (expert) for normalised scores.
+
+  python experiments/make_datasets.py --env=pendulum --profile=small
+
+Ids: iwsft/<env>-small/<kind>-v0 for the small profile, iwsft/<env>/<kind>-v0 for full. Existing
+datasets are reused unless --force; the same --seed gives the same data. Behaviour policies of the
+`pendulum` family are a scripted controller with a quality knob (iwsft.control.collect).
+"""
+
+from absl import flags
+
+from iwsft import cli
+from iwsft.control import collect
+from iwsft.control.datasets import ENVS, build, table
+
+flags.DEFINE_enum("env", "pendulum", list(ENVS), "environment family")
+flags.DEFINE_enum("profile", "small", list(collect.PENDULUM_PROFILES), "dataset sizes")
+flags.DEFINE_list("kinds", list(collect.PENDULUM_KINDS), "which kinds to build")
+flags.DEFINE_integer("seed", 0, "data seed")
+flags.DEFINE_bool("force", False, "rebuild datasets that exist")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  F = flags.FLAGS
+  print(table(build(F.env, F.profile, F.kinds, F.seed, F.force)))
+
+
+if __name__ == "__main__":
+  cli.run(main)
