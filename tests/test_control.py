@@ -78,6 +78,22 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
   assert rows[-1]["stage"] == "final"
   assert (work / "curve.png").stat().st_size > 10_000
   assert (work / "reference" / "reference.json").exists()
+  from iwsft.control.data import episodes_from_minari, load_dataset
+  from iwsft.control.policy import PolicyConfig, load_policy
+
+  policy = load_policy(str(work / "policy"), 4, 1, PolicyConfig(hidden=(32, 32)))
+  mean, _ = episodes_from_minari(load_dataset(MIXED)).observation_stats()
+  np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), mean, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
+
+
+@pytest.mark.parametrize("method,extra", [("iw_sft_q", "--quality_mode=weight"), ("sft_q", "--weighting=step")])
+def test_quality_methods_run(datasets, tmp_path, method, extra):
+  work = tmp_path / method
+  r = cli(f"--dataset={MIXED}", f"--method={method}", extra, f"--workdir={work}", *TINY)
+  assert r.returncode == 0, r.stderr[-2000:]
+  result = json.loads((work / "result.json").read_text())
+  assert result["method"] == method and np.isfinite(result["return_mean"])
 
 
 def test_bc_on_competent_data_beats_a_random_policy(datasets, tmp_path):

@@ -117,3 +117,13 @@ def make_act_fn(graphdef, constants):
     return nnx.merge(graphdef, params, constants).mode(obs.astype(jnp.float32))
 
   return act
+
+
+def load_policy(path: str, obs_dim: int, act_dim: int, cfg: PolicyConfig = PolicyConfig()):
+  """A saved policy directory (params/ and constants/, as run.py writes) -> GaussianPolicy."""
+  from iwsft import checkpoint
+
+  graphdef, params, constants = split_policy(GaussianPolicy(obs_dim, act_dim, cfg, rngs=nnx.Rngs(0)))
+  params = checkpoint.restore_state(f"{path}/params", params)
+  constants = checkpoint.restore_state(f"{path}/constants", constants)
+  return nnx.merge(graphdef, params, constants)

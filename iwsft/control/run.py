@@ -5,8 +5,9 @@ Writes to the workdir:
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
   result.json     method, dataset, seed, config, final normalised score and raw return, wall time
   curve.png       learning curve
-  reference/      π_ref's parameters (orbax) and reference.json, reused by later runs that share
-                  the same --reference_dir, dataset and reference settings
+  policy/         the final policy: params and constants (observation/action normalisation), orbax
+  reference/      π_ref the same way, plus reference.json; reused by later runs that share the
+                  same --reference_dir, dataset and reference settings
 """
 
 from __future__ import annotations
@@ -94,24 +95,27 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
     rows.append(row)
     log(row)
 
-  act = make_act_fn(graphdef, constants)
-
   def eval_fn(n, seed_offset):
+    act = make_act_fn(graphdef, constants)
     return lambda p: evaluate(lambda o: act(p, o), env_spec, n, cfg.seed + seed_offset, ref_min, ref_max)
 
-  common = dict(graphdef=graphdef, constants=constants, mesh=mesh, eval_every=cfg.eval_every,
+  def common():
+    return dict(graphdef=graphdef, constants=constants, mesh=mesh, eval_every=cfg.eval_every,
                 steps_per_dispatch=cfg.steps_per_dispatch, log=log_row, val_episodes=val_eps)
+
   try:
     if ref_saved is not None:
       ref_params = checkpoint.restore_state(os.path.join(reference_dir, "params"), params)
+      constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
       if not quiet:
         print(f"reference policy loaded from {reference_dir}")
     else:
       ref_params = trainer.train_stage(
           name="reference", params=params, ref_params=None, episodes=train_eps, logits=ref_logits,
           weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
-          q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common)
+          q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common())
       checkpoint.save_state(os.path.join(reference_dir, "params"), ref_params)
+      checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
       cli.write_json(ref_json, {"key": _reference_key(cfg)})
 
     if fin_stage is None:
@@ -121,7 +125,9 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
           name=cfg.method, params=ref_params, ref_params=ref_params, episodes=train_eps,
           logits=logits, weight=weight, stage=fin_stage, objective=objective,
           q_decay=cfg.q_decay, seed=cfg.seed + 1, evaluate_fn=eval_fn(cfg.eval_episodes, 1000),
-          track_bounds=True, **common)
+          track_bounds=True, **common())
+    checkpoint.save_state(os.path.join(workdir, "policy", "params"), final_params)
+    checkpoint.save_state(os.path.join(workdir, "policy", "constants"), constants)
     final = eval_fn(cfg.final_eval_episodes, 10_000)(final_params)
     log_row({"kind": "eval", "stage": "final", "step": fin_stage.steps if fin_stage else ref_stage.steps, **final})
   finally:
