@@ -14,6 +14,7 @@ all-reduce. Device-resident datasets have the same layout with N sequences in pl
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import flax.struct
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from iwsft.errors import UserError
 from iwsft.objectives import ObjectiveConfig, iw_sft_loss
@@ -213,3 +215,52 @@ def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_l
 def put_replicated(tree, mesh: Mesh):
   """Places a host pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str, steps: int,
+        batch_size: int, step_level: bool = False, steps_per_dispatch: int = 100,
+        eval_every: int = 0, on_eval: Callable[[Params], dict] | None = None,
+        log: Callable[[dict], None] = lambda row: None, postfix_key: str | None = None) -> TrainState:
+  """The training loop both pipelines share: `steps` updates in jitted chunks, with a progress bar.
+
+  data/logits: host arrays (the sampling pool and its logits), placed on the mesh once.
+  log receives one "train" row per chunk (metrics averaged over the chunk) and one "eval" row at
+  step 0, every eval_every updates and at the end, with what on_eval(params) returns.
+  A non-finite loss stops training with FloatingPointError naming the step.
+  """
+  state = put_replicated(state, mesh)
+  data = put_replicated(data, mesh)
+  logits = put_replicated(jnp.asarray(logits, jnp.float32), mesh)
+  chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else steps))
+  compiled = {}
+  done, t0 = 0, time.time()
+
+  def evaluate(step):
+    row = {"kind": "eval", "stage": name, "step": step, "time_s": round(time.time() - t0, 3)}
+    row.update(on_eval(state.params))
+    log(row)
+    return row
+
+  if on_eval is not None and eval_every > 0:
+    evaluate(0)
+  with tqdm(total=steps, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
+    while done < steps:
+      n = min(chunk, steps - done)
+      if eval_every > 0:
+        n = min(n, eval_every - done % eval_every)
+      if n not in compiled:
+        compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level)
+      state, metrics = compiled[n](state, data, logits)
+      metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+      done += n
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
+      log({"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3), **metrics})
+      bar.update(n)
+      postfix = {"loss": f"{metrics['loss']:.3f}"}
+      if on_eval is not None and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+        row = evaluate(done)
+        if postfix_key and row.get(postfix_key) is not None:
+          postfix[postfix_key] = f"{row[postfix_key]:.3g}"
+      bar.set_postfix(postfix)
+  return state

@@ -11,7 +11,7 @@ from flax import nnx
 
 from iwsft import train
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
-from iwsft.control.trainer import StageConfig, make_optimizer
+from iwsft.optim import StageConfig, make_optimizer
 from iwsft.objectives import ObjectiveConfig
 
 

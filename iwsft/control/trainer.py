@@ -6,64 +6,19 @@ the graph) and one transfer of the stacked metrics; evaluation runs every `eval_
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from iwsft import curation, train
+from iwsft.optim import StageConfig, make_optimizer  # noqa: F401  (re-exported)
 from iwsft.control.data import Episodes
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
 from iwsft.errors import UserError
 from iwsft.objectives import ObjectiveConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
-  """One training stage: steps, batch and optimiser."""
-
-  steps: int
-  batch_size: int
-  learning_rate: float
-  batch_level: str = "episode"
-  warmup_steps: int = 0
-  schedule: str = "constant"
-  weight_decay: float = 0.0
-
-  def __post_init__(self):
-    if self.steps < 1:
-      raise UserError(f"steps must be >= 1, got {self.steps}")
-    if self.batch_size < 1:
-      raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-    if not self.learning_rate > 0:
-      raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
-    if self.batch_level not in ("episode", "step"):
-      raise UserError(f"batch_level must be 'episode' or 'step', got {self.batch_level!r}")
-    if self.schedule not in ("constant", "cosine"):
-      raise UserError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-    if not 0 <= self.warmup_steps < self.steps:
-      raise UserError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-
-
-def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
-  """Adam(W) with optional linear warm-up and cosine decay to 0 (the authors' fine-tuning schedule)."""
-  if stage.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, stage.learning_rate, stage.warmup_steps,
-                                            stage.steps, end_value=0.0)
-  elif stage.warmup_steps:
-    lr = optax.join_schedules([optax.linear_schedule(0.0, stage.learning_rate, stage.warmup_steps),
-                               optax.constant_schedule(stage.learning_rate)], [stage.warmup_steps])
-  else:
-    lr = stage.learning_rate
-  if stage.weight_decay:
-    return optax.adamw(lr, weight_decay=stage.weight_decay)
-  return optax.adam(lr)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -145,48 +100,21 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
   optimizer = make_optimizer(stage)
   update = train.make_update(logprob_fn, optimizer, objective, q_decay, track_bounds)
   state = train.init_state(params, optimizer, seed, ref_params)
-  state = train.put_replicated(state, mesh)
-  data = train.put_replicated(episodes.device_data(weight), mesh)
-  logits_dev = train.put_replicated(jnp.asarray(logits), mesh)
-  val_data = None
+  val_nll = None
   if val_episodes is not None:
     val_data = train.put_replicated(val_episodes.device_data(), mesh)
-    val_nll = sequence_nll_fn(logprob_fn)
+    nll_fn = sequence_nll_fn(logprob_fn)
+    val_nll = lambda p: {"val_nll": float(nll_fn(p, val_data))}
 
-  chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else stage.steps))
-  fns = {}
-  step_level = stage.batch_level == "step"
+  def on_eval(p):
+    row = {} if val_nll is None else val_nll(p)
+    if evaluate_fn is not None:
+      row.update(evaluate_fn(p))
+    return row
 
-  def steps_fn(n):
-    if n not in fns:
-      fns[n] = train.make_train_steps(update, mesh, stage.batch_size, n, step_level)
-    return fns[n]
-
-  done, t0 = 0, time.time()
-  if evaluate_fn is not None and eval_every > 0:
-    log({"kind": "eval", "stage": name, "step": 0, "time_s": 0.0, **evaluate_fn(state.params)})
-  with tqdm(total=stage.steps, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
-    while done < stage.steps:
-      n = min(chunk, stage.steps - done)
-      if eval_every > 0:
-        n = min(n, eval_every - done % eval_every)
-      state, metrics = steps_fn(n)(state, data, logits_dev)
-      metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-      done += n
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
-      row = {"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3), **metrics}
-      log(row)
-      bar.update(n)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-      at_eval = eval_every > 0 and done % eval_every == 0
-      if (at_eval or done == stage.steps) and (evaluate_fn or val_data is not None):
-        ev = {"kind": "eval", "stage": name, "step": done, "time_s": round(time.time() - t0, 3)}
-        if val_data is not None:
-          ev["val_nll"] = float(val_nll(state.params, val_data))
-        if evaluate_fn is not None and (at_eval or done == stage.steps):
-          ev.update(evaluate_fn(state.params))
-        log(ev)
-        if ev.get("normalised_score") is not None:
-          bar.set_postfix(loss=f"{metrics['loss']:.3f}", score=f"{ev['normalised_score']:.1f}")
+  state = train.fit(update, state, episodes.device_data(weight), logits, mesh=mesh, name=name,
+                    steps=stage.steps, batch_size=stage.batch_size,
+                    step_level=stage.batch_level == "step", steps_per_dispatch=steps_per_dispatch,
+                    eval_every=eval_every, on_eval=on_eval if (evaluate_fn or val_nll) else None,
+                    log=log, postfix_key="normalised_score")
   return jax.device_get(state.params)

@@ -1,0 +1,77 @@
+"""A verifiable task: multi-digit addition with worked column steps.
+
+  prompt:     "347+285="
+  completion: "7+5+0=12 4+8+1=13 3+2+1=06 >632"
+
+Each step adds one column (right to left) with the incoming carry and writes a two-digit sum; the
+answer after '>' is read off the steps. Noisy demonstrations make a wrong column sum with
+probability `error_rate` per step; the error propagates through the carry and the answer, so a
+noisy demonstration is self-consistent but wrong: curation by the verifier has something to find.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_STEP = re.compile(r"^(\d)\+(\d)\+(\d)=(\d\d)$")
+
+
+def make_problems(n: int, digits: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+  """n pairs of operands with exactly `digits` digits each."""
+  lo, hi = 10 ** (digits - 1), 10 ** digits
+  return [(int(a), int(b)) for a, b in rng.integers(lo, hi, (n, 2))]
+
+
+def prompt_text(a: int, b: int) -> str:
+  return f"{a}+{b}="
+
+
+def worked_solution(a: int, b: int, digits: int, error_rate: float = 0.0,
+                    rng: np.random.Generator | None = None) -> str:
+  """The completion for a + b; each column sum is wrong with probability error_rate."""
+  da, db = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
+  steps, answer, carry = [], [], 0
+  for i in range(digits):
+    s = int(da[i]) + int(db[i]) + carry
+    if error_rate and rng.random() < error_rate:
+      s = (s + int(rng.integers(1, 10))) % 20
+    steps.append(f"{da[i]}+{db[i]}+{carry}={s:02d}")
+    answer.append(str(s % 10))
+    carry = s // 10
+  total = int(str(carry) + "".join(reversed(answer)))
+  return " ".join(steps) + f" >{total}"
+
+
+def parse_prompt(prompt: str) -> tuple[int, int] | None:
+  m = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+  return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def verify(prompt: str, completion: str) -> tuple[float, float]:
+  """-> (correct ∈ {0, 1}, partial-credit score ∈ [0, 1]).
+
+  correct: the answer after '>' equals the true sum. score: the fraction of the digits+1 checks
+  passed: each column step names the right digits, the right incoming carry and their sum, and
+  the final answer is right. A completion that does not parse scores 0.
+  """
+  ab = parse_prompt(prompt)
+  if ab is None:
+    return 0.0, 0.0
+  a, b = ab
+  digits = max(len(str(a)), len(str(b)))
+  if ">" not in completion:
+    return 0.0, 0.0
+  body, _, answer = completion.rpartition(">")
+  correct = float(answer.strip() == str(a + b))
+  steps = body.split()
+  da, db = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
+  good, carry = 0, 0
+  for i in range(digits):
+    m = _STEP.match(steps[i]) if i < len(steps) else None
+    true = int(da[i]) + int(db[i]) + carry
+    if m and (m.group(1), m.group(2), int(m.group(3))) == (da[i], db[i], carry) and int(m.group(4)) == true:
+      good += 1
+    carry = true // 10
+  return correct, (good + correct) / (digits + 1)
