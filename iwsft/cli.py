@@ -49,7 +49,7 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"workdir {path} exists and is not a directory")
-  if os.path.exists(os.path.join(path, marker)) and not overwrite:
+  if marker and os.path.exists(os.path.join(path, marker)) and not overwrite:
     raise UserError(f"workdir {path} already holds a finished run ({marker}); pass --overwrite or choose another --workdir")
   try:
     os.makedirs(path, exist_ok=True)

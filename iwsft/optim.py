@@ -20,6 +20,7 @@ class StageConfig:
   warmup_steps: int = 0
   schedule: str = "constant"
   weight_decay: float = 0.0
+  adam_b2: float = 0.999
 
   def __post_init__(self):
     if self.steps < 1:
@@ -47,5 +48,5 @@ def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
   else:
     lr = stage.learning_rate
   if stage.weight_decay:
-    return optax.adamw(lr, weight_decay=stage.weight_decay)
-  return optax.adam(lr)
+    return optax.adamw(lr, b2=stage.adam_b2, weight_decay=stage.weight_decay)
+  return optax.adam(lr, b2=stage.adam_b2)

@@ -4,9 +4,13 @@
   completion: "7+5+0=12 4+8+1=13 3+2+1=06 >632"
 
 Each step adds one column (right to left) with the incoming carry and writes a two-digit sum; the
-answer after '>' is read off the steps. Noisy demonstrations make a wrong column sum with
-probability `error_rate` per step; the error propagates through the carry and the answer, so a
-noisy demonstration is self-consistent but wrong: curation by the verifier has something to find.
+answer after '>' is read off the steps. Noisy demonstrations make two kinds of mistakes, each
+propagating through the carry and the answer (a noisy demonstration is self-consistent but wrong):
+  - systematic: with probability `carry_error_rate` a column with an incoming carry of 1 is
+    written as if the carry were 0 ("forgets the carry"); above 0.5 this is the demonstrator's
+    most likely behaviour, so even greedy decoding of a model cloned from it gets carries wrong;
+  - random: with probability `error_rate` a column sum is off by a random amount.
+Curation by the verifier keeps the demonstrations that do it right.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ def prompt_text(a: int, b: int) -> str:
 
 
 def worked_solution(a: int, b: int, digits: int, error_rate: float = 0.0,
-                    rng: np.random.Generator | None = None) -> str:
-  """The completion for a + b; each column sum is wrong with probability error_rate."""
+                    rng: np.random.Generator | None = None, carry_error_rate: float = 0.0) -> str:
+  """The completion for a + b, with the demonstrator's mistakes (see the module docstring)."""
   da, db = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
   steps, answer, carry = [], [], 0
   for i in range(digits):
+    if carry and carry_error_rate and rng.random() < carry_error_rate:
+      carry = 0
     s = int(da[i]) + int(db[i]) + carry
     if error_rate and rng.random() < error_rate:
       s = (s + int(rng.integers(1, 10))) % 20

@@ -1,0 +1,270 @@
+"""The language pipeline's stages; each writes its artefacts to the workdir and is skipped when they
+exist (unless overwrite), so any stage can be rerun alone:
+
+  base      train π_ref on noisy demonstrations          base/params, base/info.json
+  sample    k completions per training prompt from π_ref  samples.jsonl (prompt, completion, score, correct)
+  curate    verified-correct samples / all with scores    curated.jsonl, scored.jsonl
+  finetune  SFT, iw-SFT, SFT(Q) from π_ref                <method>/params, <method>/info.json
+  evaluate  pass@1 (greedy and sampled) on held-out problems   result.json, table.md
+
+Every stage uses the shared objective, update step and loop (iwsft.objectives, iwsft.train).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from iwsft import checkpoint, cli, curation, train
+from iwsft.errors import UserError
+from iwsft.lm import data as lm_data
+from iwsft.lm import task
+from iwsft.lm.config import LM_METHODS, STAGES
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, param_count
+from iwsft.lm.sampling import sample_grouped
+from iwsft.lm.tokenizer import decode
+from iwsft.objectives import ObjectiveConfig
+from iwsft.optim import StageConfig, make_optimizer
+
+
+def _split(text: str, allowed, what: str) -> list[str]:
+  items = [x.strip() for x in text.split(",") if x.strip()]
+  bad = [x for x in items if x not in allowed]
+  if bad or not items:
+    raise UserError(f"{what} must be a comma-separated subset of {', '.join(allowed)}, got {text!r}")
+  return items
+
+
+def model_config(cfg) -> LMConfig:
+  try:
+    return LMConfig(**cfg.model.to_dict())
+  except (ValueError, TypeError) as e:
+    raise UserError(f"bad model settings: {e}") from None
+
+
+def _stage(c, cfg) -> StageConfig:
+  return StageConfig(steps=c.steps, batch_size=c.batch_size, learning_rate=c.learning_rate,
+                     warmup_steps=c.warmup_steps, schedule="cosine", weight_decay=cfg.weight_decay,
+                     adam_b2=cfg.adam_b2)
+
+
+def objective_for(method: str, cfg) -> ObjectiveConfig:
+  weighting = cfg.weighting if method == "iw_sft" else "none"
+  try:
+    return ObjectiveConfig(weighting, temperature=cfg.temperature, w_min=cfg.w_min, w_max=cfg.w_max,
+                           self_normalise=cfg.self_normalise, step_w_min=cfg.step_w_min,
+                           step_w_max=cfg.step_w_max, reduction="token_mean")
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def _problems(cfg, n: int, stream: int, exclude: set | None = None) -> list[tuple[int, int]]:
+  """Problems of one stream (demos 1, sampling 2, evaluation 3) of this seed, none in `exclude`."""
+  rng = np.random.default_rng([cfg.seed, stream])
+  out: list[tuple[int, int]] = []
+  while len(out) < n:
+    for p in task.make_problems(n, cfg.task.digits, rng):
+      if (exclude is None or p not in exclude) and len(out) < n:
+        out.append(p)
+  return out
+
+
+def _tokens_per_s(rows: list[dict], tokens_per_step: int) -> float | None:
+  """Training throughput from the loop's rows, leaving out the first chunk (compilation)."""
+  tr = [r for r in rows if r["kind"] == "train"]
+  if len(tr) < 2:
+    return None
+  return (tr[-1]["step"] - tr[0]["step"]) * tokens_per_step / max(tr[-1]["time_s"] - tr[0]["time_s"], 1e-9)
+
+
+class LMRun:
+  """Holds what the stages share: config, model definition, mesh, workdir and the metrics log."""
+
+  def __init__(self, cfg, workdir: str, overwrite: bool, quiet: bool):
+    self.cfg, self.overwrite, self.quiet = cfg, overwrite, quiet
+    self.stages = _split(cfg.stages, STAGES, "stages")
+    self.methods = _split(cfg.methods, LM_METHODS, "methods")
+    self.mcfg = model_config(cfg)
+    for c in (cfg.base, cfg.finetune):
+      _stage(c, cfg)
+    for m in self.methods:
+      objective_for(m, cfg)
+    if not 0.0 <= cfg.q_decay < 1.0:
+      raise UserError(f"q_decay must be in [0, 1), got {cfg.q_decay}")
+    if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
+      raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
+    self.max_new = self.mcfg.max_len - len(lm_data.prompt_tokens(task.prompt_text(1, 1))) - 2 * cfg.task.digits + 2
+    self.user_records = None
+    if cfg.data:
+      self.user_records = lm_data.read_jsonl(cfg.data)
+      lm_data.encode_records(self.user_records, self.mcfg.max_len, cfg.data)
+      if "sft_q" in self.methods and any(r.score is None for r in self.user_records):
+        raise UserError(f"{cfg.data}: sft_q needs a 'score' on every record")
+    self.mesh = train.make_mesh(cfg.num_devices or None)
+    for c in (cfg.base, cfg.finetune):
+      train.check_batch_size(c.batch_size, self.mesh)
+    self.workdir = cli.prepare_workdir(workdir, overwrite=True, marker="")
+    self.graphdef, self.init_params = nnx.split(Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed)))
+    self.log = cli.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"), mode="a")
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def done(self, *parts) -> bool:
+    return os.path.exists(self.path(*parts)) and not self.overwrite
+
+  def say(self, text: str) -> None:
+    if not self.quiet:
+      print(text)
+
+  def load(self, name: str):
+    p = self.path(name, "params")
+    if not os.path.exists(p):
+      raise UserError(f"stage output {p} is missing: run the stage that makes it first")
+    return checkpoint.restore_state(p, self.init_params)
+
+  def _train(self, name, params, ref_params, data, logits, stage_cfg, objective, q_decay):
+    rows = []
+
+    def log(row):
+      rows.append(row)
+      self.log(row)
+
+    stage = _stage(stage_cfg, self.cfg)
+    update = train.make_update(make_logprob_fn(self.graphdef), make_optimizer(stage), objective,
+                               q_decay, track_bounds=ref_params is not None)
+    state = train.init_state(params, make_optimizer(stage), self.cfg.seed, ref_params)
+    t0 = time.time()
+    state = train.fit(update, state, data, logits, mesh=self.mesh, name=name, steps=stage.steps,
+                      batch_size=stage.batch_size, steps_per_dispatch=self.cfg.steps_per_dispatch,
+                      log=log)
+    params = jax.device_get(state.params)
+    checkpoint.save_state(self.path(name, "params"), params)
+    info = {"steps": stage.steps, "wall_time_s": round(time.time() - t0, 2),
+            "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * self.mcfg.max_len),
+            "final_loss": rows[-1]["loss"]}
+    cli.write_json(self.path(name, "info.json"), info)
+    return params
+
+  # ------------------------------------------------------------------ stages
+
+  def base(self):
+    if self.done("base", "params"):
+      return self.say("base: reusing base/params")
+    c = self.cfg.task
+    rng = np.random.default_rng([self.cfg.seed, 4])
+    records = [lm_data.Record(task.prompt_text(a, b), task.worked_solution(a, b, c.digits, c.error_rate, rng, c.carry_error_rate))
+               for a, b in _problems(self.cfg, c.demos, 1)]
+    correct = np.mean([task.verify(r.prompt, r.completion)[0] for r in records])
+    data = lm_data.encode_records(records, self.mcfg.max_len)
+    self.say(f"base: {param_count(self.init_params):,} parameters, {len(records)} demonstrations "
+             f"({100 * correct:.1f}% correct)")
+    self._train("base", self.init_params, None, data, np.zeros(len(records), np.float32),
+                self.cfg.base, objective_for("sft", self.cfg), 0.0)
+
+  def sample(self):
+    if self.done("samples.jsonl"):
+      return self.say("sample: reusing samples.jsonl")
+    c = self.cfg.task
+    params = self.load("base")
+    problems = _problems(self.cfg, c.sample_prompts, 2)
+    prompts = [task.prompt_text(a, b) for a, b in problems for _ in range(c.samples_per_prompt)]
+    t0 = time.time()
+    comps = sample_grouped(self.graphdef, params, [lm_data.prompt_tokens(p) for p in prompts],
+                           jax.random.key(self.cfg.seed + 7), self.max_new, c.sample_temperature)
+    seconds = time.time() - t0
+    rows = []
+    for p, comp in zip(prompts, comps):
+      text = decode(comp)
+      correct, score = task.verify(p, text)
+      rows.append({"prompt": p, "completion": text, "score": score, "correct": correct})
+    lm_data.write_jsonl(self.path("samples.jsonl"), rows)
+    acc = np.mean([r["correct"] for r in rows])
+    cli.write_json(self.path("sample_info.json"), {
+        "samples": len(rows), "correct_fraction": float(acc), "seconds": round(seconds, 2),
+        "sample_tokens_per_s": len(rows) * self.max_new / seconds})
+    self.say(f"sample: {len(rows)} samples, {100 * acc:.1f}% verified correct")
+
+  def curate(self):
+    if self.done("curated.jsonl") and self.done("scored.jsonl"):
+      return self.say("curate: reusing curated.jsonl and scored.jsonl")
+    rows = [json.loads(line) for line in open(self.path("samples.jsonl"))]
+    keep = [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]} for r in rows if r["correct"]]
+    if not keep:
+      raise UserError("no verified-correct samples to fine-tune on: train the base model longer")
+    lm_data.write_jsonl(self.path("curated.jsonl"), keep)
+    lm_data.write_jsonl(self.path("scored.jsonl"),
+                        [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]} for r in rows])
+    self.say(f"curate: {len(keep)} of {len(rows)} samples verified correct")
+
+  def finetune(self):
+    base = self.load("base")
+    for method in self.methods:
+      if self.done(method, "params"):
+        self.say(f"finetune: reusing {method}/params")
+        continue
+      if self.user_records is not None:
+        records, source = self.user_records, self.cfg.data
+      else:
+        source = self.path("scored.jsonl" if method == "sft_q" else "curated.jsonl")
+        records = lm_data.read_jsonl(source)
+      data = lm_data.encode_records(records, self.mcfg.max_len, source)
+      logits = np.zeros(len(records), np.float32)
+      if method == "sft_q":
+        logits = curation.quality_logits(np.array([r.score for r in records]), self.cfg.quality_beta)
+      self._train(method, base, base, data, logits.astype(np.float32), self.cfg.finetune,
+                  objective_for(method, self.cfg), self.cfg.q_decay)
+      self.say(f"finetune: {method} on {len(records)} records")
+
+  def evaluate(self) -> dict:
+    c = self.cfg.task
+    seen = set(_problems(self.cfg, c.demos, 1)) | set(_problems(self.cfg, c.sample_prompts, 2))
+    problems = _problems(self.cfg, c.eval_problems, 3, exclude=seen)
+    prompts = [task.prompt_text(a, b) for a, b in problems]
+    tokens = [lm_data.prompt_tokens(p) for p in prompts]
+    models = {}
+    for name in ["base", *self.methods]:
+      params = self.load(name)
+      res = {}
+      for mode, temp in (("greedy", 0.0), ("sampled", self.cfg.eval_temperature)):
+        comps = sample_grouped(self.graphdef, params, tokens, jax.random.key(self.cfg.seed + 11),
+                               self.max_new, temp)
+        scores = np.array([task.verify(p, decode(x)) for p, x in zip(prompts, comps)])
+        res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
+        res[f"score_{mode}"] = float(scores[:, 1].mean())
+      info = self.path(name, "info.json")
+      if os.path.exists(info):
+        res["train_tokens_per_s"] = json.load(open(info))["train_tokens_per_s"]
+      models[name] = res
+    result = {"seed": self.cfg.seed, "eval_problems": len(problems), "models": models,
+              "parameters": param_count(self.init_params), "config": self.cfg.to_dict()}
+    if os.path.exists(self.path("sample_info.json")):
+      result["sampling"] = json.load(open(self.path("sample_info.json")))
+    cli.write_json(self.path("result.json"), result)
+    lines = ["| model | pass@1 greedy | pass@1 sampled | partial score (greedy) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {100 * r['pass@1_greedy']:.1f}% | {100 * r['pass@1_sampled']:.1f}% | "
+              f"{r['score_greedy']:.3f} |" for n, r in models.items()]
+    with open(self.path("table.md"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    self.say("\n".join(lines))
+    return result
+
+
+def run_lm(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> dict | None:
+  """Runs the selected stages in order; returns the result dict when 'evaluate' ran."""
+  run = LMRun(cfg, workdir, overwrite, quiet)
+  result = None
+  try:
+    for stage in STAGES:
+      if stage in run.stages and not (run.user_records is not None and stage in ("sample", "curate")):
+        out = getattr(run, stage)()
+        if stage == "evaluate":
+          result = out
+  finally:
+    run.log.close()
+  return result
