@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iwsft.lm.tokenizer import EOS, PAD
+from iwsft.lm.tokenizer import BOS, EOS, PAD
 
 
 def _pick(key, logits, temperature: float, top_k: int):
-  """logits [B, V] -> token ids [B]."""
+  """logits [B, V] -> token ids [B]; BOS and PAD are never generated."""
+  logits = logits.at[:, jnp.array([BOS, PAD])].set(-jnp.inf)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1)
   logits = logits / temperature

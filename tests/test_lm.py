@@ -1,0 +1,183 @@
+"""Language pipeline: the model, the cache, masks, log-probs, the verifier, data errors, and a tiny run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from iwsft.lm import data as lm_data
+from iwsft.lm import task
+from iwsft.lm import tokenizer as tok
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, token_logprobs
+from iwsft.lm.sampling import generate, generate_without_cache
+from iwsft.objectives import ObjectiveConfig, iw_sft_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = LMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=24)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def tokens(b=3, t=20, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (b, t)), jnp.int32)
+
+
+def test_kv_cache_decoding_matches_the_full_pass(model):
+  x = tokens()
+  full = np.asarray(model(x))
+  logits, cache = model.prefill(x[:, :7])
+  np.testing.assert_allclose(np.asarray(logits), full[:, :7], atol=1e-4)
+  for t in range(7, x.shape[1]):
+    step, cache = model.decode(x[:, t], cache, t)
+    np.testing.assert_allclose(np.asarray(step), full[:, t], atol=1e-4)
+
+
+def test_future_tokens_do_not_change_past_logits(model):
+  x = tokens()
+  y = x.at[:, 12:].set(tokens(seed=1)[:, 12:])
+  np.testing.assert_allclose(np.asarray(model(x))[:, :12], np.asarray(model(y))[:, :12], atol=1e-6)
+  assert not np.allclose(np.asarray(model(x))[:, 12:], np.asarray(model(y))[:, 12:])
+
+
+def test_cached_and_uncached_sampling_agree(model):
+  graphdef, params = nnx.split(model)
+  prompts = tokens(t=6)
+  for temp, k in ((0.0, 0), (1.0, 0), (0.8, 5)):
+    a = generate(graphdef, params, prompts, jax.random.key(3), 10, temp, k)
+    b = generate_without_cache(graphdef, params, prompts, jax.random.key(3), 10, temp, k)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sampling_stops_at_eos(model):
+  """After the first EOS a completion is PAD only (random weights draw EOS about 1 time in 259)."""
+  graphdef, params = nnx.split(model)
+  x = np.asarray(generate(graphdef, params, tokens(b=128, t=4), jax.random.key(0), 20, 1.0, 0))
+  rows_with_eos = 0
+  for row in x:
+    if tok.EOS in row:
+      rows_with_eos += 1
+      first = list(row).index(tok.EOS)
+      assert np.all(row[first + 1:] == tok.PAD)
+    else:
+      assert tok.PAD not in row
+  assert rows_with_eos >= 2
+
+
+def test_token_logprobs_match_numpy_log_softmax(model):
+  x = tokens()
+  logits = np.asarray(model(x), np.float64)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  expected = np.zeros(x.shape)
+  xn = np.asarray(x)
+  for b in range(x.shape[0]):
+    for t in range(1, x.shape[1]):
+      expected[b, t] = logits[b, t - 1, xn[b, t]] - lse[b, t - 1]
+  np.testing.assert_allclose(np.asarray(token_logprobs(model, x)), expected, atol=1e-4)
+
+
+def test_masks_cover_completion_and_eos_only():
+  recs = [lm_data.Record("12+3=", "abc"), lm_data.Record("7", "")]
+  d = lm_data.encode_records(recs, 16)
+  assert d["tokens"][0, 0] == tok.BOS
+  assert list(d["mask"][0]) == [0] * 6 + [1] * 4 + [0] * 6  # BOS + 5 prompt bytes, 3 bytes + EOS
+  assert d["tokens"][0, 9] == tok.EOS and np.all(d["tokens"][0, 10:] == tok.PAD)
+  assert list(d["mask"][1]) == [0, 0, 1] + [0] * 13
+
+
+def test_sequence_logprob_is_the_sum_over_completion_tokens_and_ignores_prompt_and_padding(model):
+  graphdef, params = nnx.split(model)
+  recs = [lm_data.Record("12+34=", "5+6"), lm_data.Record("9+9=", "18")]
+  d = lm_data.encode_records(recs, CFG.max_len)
+  logp = np.asarray(make_logprob_fn(graphdef)(params, {"tokens": jnp.asarray(d["tokens"])}), np.float64)
+  cfg = ObjectiveConfig(length_normalise=False)
+  loss, _ = iw_sft_loss(jnp.asarray(logp, jnp.float32), None, None, d["mask"], d["weight"], cfg)
+  independent = []
+  for r in recs:  # log p(completion + EOS | BOS + prompt), token by token through the full model
+    seq = [tok.BOS] + tok.encode(r.prompt) + tok.encode(r.completion) + [tok.EOS]
+    lg = np.asarray(model(jnp.asarray([seq])), np.float64)[0]
+    lp = lg - (np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lg.max(-1, keepdims=True))
+    start = 1 + len(tok.encode(r.prompt))
+    independent.append(sum(lp[t - 1, seq[t]] for t in range(start, len(seq))))
+  np.testing.assert_allclose(float(loss), -np.mean(independent), rtol=1e-4)
+  # Changing prompt or padding tokens' *targets* cannot change the loss: only masked positions count.
+  grad = jax.grad(lambda lp: iw_sft_loss(lp, None, None, d["mask"], d["weight"], cfg)[0])(jnp.asarray(logp, jnp.float32))
+  assert np.all(np.asarray(grad)[d["mask"] == 0] == 0)
+
+
+def test_verifier_on_hand_written_answers():
+  right = "7+5+0=12 4+8+1=13 3+2+1=06 >632"
+  assert task.verify("347+285=", right) == (1.0, 1.0)
+  assert task.worked_solution(347, 285, 3) == right
+  forgot = "7+5+0=12 4+8+0=12 3+2+1=06 >622"  # forgot the carry in column 2
+  c, s = task.verify("347+285=", forgot)
+  assert c == 0.0 and s == pytest.approx(2 / 4)
+  assert task.verify("347+285=", "7+5+0=12 4+8+1=13 3+2+1=06 >633")[0] == 0.0
+  assert task.verify("347+285=", "nonsense") == (0.0, 0.0)
+  assert task.verify("not a prompt", right) == (0.0, 0.0)
+  assert task.verify("999+1=", "9+1+0=10 9+0+1=10 9+0+1=10 >1000") == (1.0, 1.0)
+
+
+def test_noisy_demonstrations_forget_carries_at_the_given_rate():
+  rng = np.random.default_rng(0)
+  wrong = [task.verify("15+17=", task.worked_solution(15, 17, 2, 0.0, rng, carry_error_rate=0.6))[0] for _ in range(4000)]
+  np.testing.assert_allclose(1 - np.mean(wrong), 0.6, atol=0.03)
+
+
+BAD = [
+    (b"", "no records"),
+    (b'{"prompt": "a", "completion": "b"}\n\n', ":2: empty line"),
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', ":2: malformed JSON"),
+    (b'{"prompt": "a"}\n', ":1: need an object"),
+    (b'{"prompt": "a", "completion": "\xff"}\n', ":1: not valid UTF-8"),
+    (b'{"prompt": "a", "completion": "b", "score": -1}\n', ":1: negative score"),
+    (b'{"prompt": "' + b"x" * 80 + b'", "completion": "b"}\n', ":1: prompt of 81 tokens"),
+]
+
+
+@pytest.mark.parametrize("content,needle", BAD, ids=[b[1] for b in BAD])
+def test_bad_jsonl_is_one_line_exit_2(tmp_path, content, needle):
+  f = tmp_path / "data.jsonl"
+  f.write_bytes(content)
+  work = tmp_path / "work"
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "lm.py"), f"--data={f}",
+                      f"--workdir={work}", "--stages=finetune"], capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert len(lines) == 1 and needle in lines[0], r.stderr
+  assert not work.exists()
+
+
+def test_tiny_run_of_all_stages(tmp_path):
+  from iwsft.lm.config import get_config
+  from iwsft.lm.run import run_lm
+
+  cfg = get_config()
+  cfg.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48)
+  cfg.task.update(digits=1, demos=256, sample_prompts=16, samples_per_prompt=2, eval_problems=16)
+  cfg.base.update(steps=200, batch_size=16, warmup_steps=5)
+  cfg.finetune.update(steps=20, batch_size=8, warmup_steps=2)
+  cfg.steps_per_dispatch = 20
+  result = run_lm(cfg, str(tmp_path), quiet=True)
+  assert set(result["models"]) == {"base", "sft", "iw_sft", "sft_q"}
+  for m in result["models"].values():
+    assert 0.0 <= m["pass@1_greedy"] <= 1.0 and 0.0 <= m["score_sampled"] <= 1.0
+  rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
+  assert len(rows) == 32 and all(set(r) == {"prompt", "completion", "score", "correct"} for r in rows)
+  curated = [json.loads(l) for l in open(tmp_path / "curated.jsonl")]
+  assert len(curated) == sum(r["correct"] for r in rows)
+  metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  iw = [r for r in metrics if r["stage"] == "iw_sft" and r["kind"] == "train"]
+  assert iw and all("iw/ess_fraction" in r for r in iw)
+  # A stage rerun alone reuses the others' outputs.
+  cfg.stages = "evaluate"
+  again = run_lm(cfg, str(tmp_path), quiet=True)
+  assert again["models"] == result["models"]
