@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets test test-slow clean
+.PHONY: install demo datasets lm test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: install  ## the README's main job: small datasets, then BC / filtered BC /
 
 datasets: install  ## the small profile of every dataset kind
 	$(PY) experiments/make_datasets.py --profile=small
+
+lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
+	$(PY) experiments/lm.py --workdir=runs/lm --seeds=0,1,2
 
 test: install  ## the default test suite (what CI runs)
 	$(PY) -m pytest -n 2 -q

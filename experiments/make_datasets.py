@@ -5,18 +5,18 @@ medium-expert, each with ref_min_score (random) and ref_max_score (expert) for n
 
 Ids: iwsft/<env>-small/<kind>-v0 for the small profile, iwsft/<env>/<kind>-v0 for full. Existing
 datasets are reused unless --force; the same --seed gives the same data. Behaviour policies of the
-`pendulum` family are a scripted controller with a quality knob (iwsft.control.collect).
+`pendulum` family are a scripted controller with a quality knob (iwsft.control.collect); those of
+hopper, halfcheetah and walker2d are snapshots of a SAC learner trained first (iwsft.control.sac).
 """
 
 from absl import flags
 
 from iwsft import cli
-from iwsft.control import collect
-from iwsft.control.datasets import ENVS, build, table
+from iwsft.control.datasets import ENVS, KINDS, SAC_PROFILES, build, table
 
 flags.DEFINE_enum("env", "pendulum", list(ENVS), "environment family")
-flags.DEFINE_enum("profile", "small", list(collect.PENDULUM_PROFILES), "dataset sizes")
-flags.DEFINE_list("kinds", list(collect.PENDULUM_KINDS), "which kinds to build")
+flags.DEFINE_enum("profile", "small", list(SAC_PROFILES), "dataset sizes")
+flags.DEFINE_list("kinds", list(KINDS), "which kinds to build")
 flags.DEFINE_integer("seed", 0, "data seed")
 flags.DEFINE_bool("force", False, "rebuild datasets that exist")
 

@@ -181,3 +181,29 @@ def test_tiny_run_of_all_stages(tmp_path):
   cfg.stages = "evaluate"
   again = run_lm(cfg, str(tmp_path), quiet=True)
   assert again["models"] == result["models"]
+
+
+@pytest.mark.parametrize("digits,max_len", [(1, 24), (3, 64), (4, 64)])
+def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(tmp_path, digits, max_len):
+  from iwsft.lm.config import get_config
+  from iwsft.lm.run import LMRun
+
+  cfg = get_config()
+  cfg.model.max_len = max_len
+  cfg.task.digits = digits
+  run = LMRun(cfg, str(tmp_path), overwrite=False, quiet=True)
+  prompt = lm_data.prompt_tokens(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)))
+  assert len(prompt) + run.max_new + 1 == max_len
+  longest = "x" * run.max_new  # a sample that used its whole budget without EOS
+  lm_data.encode_records([lm_data.Record(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)), longest)], max_len)
+
+
+def test_too_short_a_context_is_a_user_error(tmp_path):
+  from iwsft.errors import UserError
+  from iwsft.lm.config import get_config
+  from iwsft.lm.run import LMRun
+
+  cfg = get_config()
+  cfg.model.max_len = 20
+  with pytest.raises(UserError, match="too short"):
+    LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)

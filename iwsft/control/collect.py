@@ -106,3 +106,27 @@ def pendulum_parts(kind: str, profile: str, action_space) -> list[tuple[Behaviou
   if kind == "medium-expert":
     return pendulum_parts("medium", profile, action_space) + pendulum_parts("expert", profile, action_space)
   raise ValueError(f"unknown kind {kind!r}")
+
+
+def write_episodes(dataset_id: str, env_id: str, episodes, ref_min_score=None, ref_max_score=None,
+                   description: str = "", algorithm_name: str = "iwsft", env_kwargs: dict | None = None):
+  """Writes already-recorded episodes (e.g. a learner's training episodes) as a Minari dataset.
+
+  episodes: objects with observations [T+1, O], actions [T, A], rewards [T], terminated, truncated, seed.
+  """
+  import minari
+  from minari.data_collector import EpisodeBuffer
+
+  env = gym.make(env_id, **(env_kwargs or {}))
+  buffers = []
+  for i, e in enumerate(episodes):
+    t = len(e.actions)
+    buffers.append(EpisodeBuffer(
+        id=i, seed=int(e.seed), observations=np.asarray(e.observations), actions=np.asarray(e.actions),
+        rewards=list(map(float, e.rewards)), terminations=[False] * (t - 1) + [bool(e.terminated)],
+        truncations=[False] * (t - 1) + [bool(e.truncated)]))
+  meta = {}
+  if ref_min_score is not None and ref_max_score is not None:
+    meta = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
+  return minari.create_dataset_from_buffers(dataset_id, buffers, env=env.spec, algorithm_name=algorithm_name,
+                                            description=description or None, **meta)

@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.w_min = 0.0
   c.w_max = 16.0
   c.self_normalise = False
+  c.length_normalise = True  # log-ratio averaged over completion tokens (False: summed)
   c.step_w_min = 0.2
   c.step_w_max = 1.8
   c.q_decay = 0.9

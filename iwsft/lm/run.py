@@ -58,7 +58,8 @@ def objective_for(method: str, cfg) -> ObjectiveConfig:
   try:
     return ObjectiveConfig(weighting, temperature=cfg.temperature, w_min=cfg.w_min, w_max=cfg.w_max,
                            self_normalise=cfg.self_normalise, step_w_min=cfg.step_w_min,
-                           step_w_max=cfg.step_w_max, reduction="token_mean")
+                           step_w_max=cfg.step_w_max, length_normalise=cfg.length_normalise,
+                           reduction="token_mean")
   except ValueError as e:
     raise UserError(str(e)) from None
 
@@ -98,7 +99,13 @@ class LMRun:
       raise UserError(f"q_decay must be in [0, 1), got {cfg.q_decay}")
     if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
       raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
-    self.max_new = self.mcfg.max_len - len(lm_data.prompt_tokens(task.prompt_text(1, 1))) - 2 * cfg.task.digits + 2
+    # Room for the longest completion plus its EOS after the task's (fixed-length) prompt.
+    d = cfg.task.digits
+    self.max_new = self.mcfg.max_len - len(lm_data.prompt_tokens(task.prompt_text(10 ** (d - 1), 10 ** (d - 1)))) - 1
+    needed = len(task.worked_solution(10 ** d - 1, 10 ** d - 1, d)) + 1
+    if self.max_new < needed:
+      raise UserError(f"model.max_len {self.mcfg.max_len} is too short for {d}-digit problems "
+                      f"(prompt and {needed} completion tokens)")
     self.user_records = None
     if cfg.data:
       self.user_records = lm_data.read_jsonl(cfg.data)

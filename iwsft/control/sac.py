@@ -1,0 +1,239 @@
+"""Soft actor-critic (Haarnoja et al., 2018) in the project's functional style, to train behaviour
+policies for the locomotion datasets (as D4RL did).
+
+Pure jitted updates of an explicit state; the environment runs on the host (MuJoCo is not jittable):
+every `chunk` environment steps are followed by `chunk` updates in one `lax.scan` dispatch, on
+minibatches drawn on the host from a numpy replay buffer. Snapshots of the actor are taken along
+training with their evaluation return, and every finished training episode is recorded (the
+medium-replay data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import flax.struct
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+  total_steps: int = 100_000
+  start_steps: int = 5_000  # uniform random actions before the actor acts
+  hidden: tuple[int, ...] = (256, 256)
+  batch_size: int = 256
+  learning_rate: float = 3e-4
+  gamma: float = 0.99
+  tau: float = 0.005
+  chunk: int = 50  # environment steps between dispatches of as many updates
+  snapshot_every: int = 5_000
+  eval_episodes: int = 5
+  seed: int = 0
+
+
+def _mlp(sizes, rngs):
+  return nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])])
+
+
+def _forward(layers, x):
+  for layer in layers[:-1]:
+    x = jax.nn.relu(layer(x))
+  return layers[-1](x)
+
+
+class Actor(nnx.Module):
+  """tanh-squashed diagonal Gaussian in [-1, 1]^A (scaled to the action box by the caller)."""
+
+  def __init__(self, obs_dim, act_dim, hidden, rngs):
+    self.net = _mlp((obs_dim, *hidden, 2 * act_dim), rngs)
+
+  def dist(self, obs):
+    mean, log_std = jnp.split(_forward(self.net, obs), 2, axis=-1)
+    return mean, jnp.clip(log_std, -5.0, 2.0)
+
+  def sample(self, key, obs):
+    """-> (action in [-1, 1], log-prob of it), with the tanh change of variables."""
+    mean, log_std = self.dist(obs)
+    u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    logp = jnp.sum(-0.5 * ((u - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi), -1)
+    logp -= jnp.sum(2 * (math.log(2) - u - jax.nn.softplus(-2 * u)), -1)  # log(1 - tanh(u)^2)
+    return jnp.tanh(u), logp
+
+  def mode(self, obs):
+    return jnp.tanh(self.dist(obs)[0])
+
+
+class TwinCritic(nnx.Module):
+  def __init__(self, obs_dim, act_dim, hidden, rngs):
+    self.q1 = _mlp((obs_dim + act_dim, *hidden, 1), rngs)
+    self.q2 = _mlp((obs_dim + act_dim, *hidden, 1), rngs)
+
+  def __call__(self, obs, act):
+    x = jnp.concatenate([obs, act], -1)
+    return _forward(self.q1, x)[..., 0], _forward(self.q2, x)[..., 0]
+
+
+class SACState(flax.struct.PyTreeNode):
+  actor: nnx.State
+  critic: nnx.State
+  target: nnx.State
+  log_alpha: jax.Array
+  actor_opt: optax.OptState
+  critic_opt: optax.OptState
+  alpha_opt: optax.OptState
+  key: jax.Array
+
+
+def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
+  """-> (init_state, update_many, act) as pure functions of explicit state."""
+  actor_def, actor_p = nnx.split(Actor(obs_dim, act_dim, cfg.hidden, nnx.Rngs(cfg.seed)))
+  critic_def, critic_p = nnx.split(TwinCritic(obs_dim, act_dim, cfg.hidden, nnx.Rngs(cfg.seed + 1)))
+  opt = optax.adam(cfg.learning_rate)
+  target_entropy = -float(act_dim)
+
+  def init_state():
+    log_alpha = jnp.zeros(())
+    return SACState(actor_p, critic_p, jax.tree.map(jnp.array, critic_p), log_alpha, opt.init(actor_p),
+                    opt.init(critic_p), opt.init(log_alpha), jax.random.key_data(jax.random.key(cfg.seed)))
+
+  def update(state: SACState, batch):
+    key = jax.random.wrap_key_data(state.key)
+    key, k_next, k_pi = jax.random.split(key, 3)
+    actor, alpha = nnx.merge(actor_def, state.actor), jnp.exp(state.log_alpha)
+    next_a, next_logp = actor.sample(k_next, batch["next_obs"])
+    tq1, tq2 = nnx.merge(critic_def, state.target)(batch["next_obs"], next_a)
+    target = batch["reward"] + cfg.gamma * (1 - batch["terminal"]) * (jnp.minimum(tq1, tq2) - alpha * next_logp)
+    target = jax.lax.stop_gradient(target)
+
+    def critic_loss(p):
+      q1, q2 = nnx.merge(critic_def, p)(batch["obs"], batch["action"])
+      return jnp.mean((q1 - target) ** 2 + (q2 - target) ** 2)
+
+    c_loss, c_grad = jax.value_and_grad(critic_loss)(state.critic)
+    c_upd, critic_opt = opt.update(c_grad, state.critic_opt, state.critic)
+    critic_p = optax.apply_updates(state.critic, c_upd)
+
+    def actor_loss(p):
+      a, logp = nnx.merge(actor_def, p).sample(k_pi, batch["obs"])
+      q1, q2 = nnx.merge(critic_def, critic_p)(batch["obs"], a)
+      return jnp.mean(alpha * logp - jnp.minimum(q1, q2)), logp
+
+    (a_loss, logp), a_grad = jax.value_and_grad(actor_loss, has_aux=True)(state.actor)
+    a_upd, actor_opt = opt.update(a_grad, state.actor_opt, state.actor)
+    actor_p = optax.apply_updates(state.actor, a_upd)
+    entropy_gap = jax.lax.stop_gradient(-logp.mean() - target_entropy)
+    al_grad = entropy_gap  # d/d log_alpha of log_alpha · (−log π − target entropy), averaged
+    al_upd, alpha_opt = opt.update(al_grad, state.alpha_opt, state.log_alpha)
+    log_alpha = optax.apply_updates(state.log_alpha, al_upd)
+    target_p = optax.incremental_update(critic_p, state.target, cfg.tau)
+    new = SACState(actor_p, critic_p, target_p, log_alpha, actor_opt, critic_opt, alpha_opt,
+                   jax.random.key_data(key))
+    return new, {"critic_loss": c_loss, "actor_loss": a_loss, "alpha": alpha}
+
+  @jax.jit
+  def update_many(state, batches):
+    """batches: leaves [K, B, ...] -> K updates in one dispatch."""
+    return jax.lax.scan(update, state, batches)
+
+  @jax.jit
+  def act(actor_params, obs, key, deterministic):
+    actor = nnx.merge(actor_def, actor_params)
+    return jnp.where(deterministic, actor.mode(obs), actor.sample(key, obs)[0])
+
+  return init_state, update_many, act
+
+
+@dataclasses.dataclass
+class Recorded:
+  """A finished training episode: observations [T+1, O], actions [T, A] (env units), rewards [T]."""
+
+  observations: np.ndarray
+  actions: np.ndarray
+  rewards: np.ndarray
+  terminated: bool
+  truncated: bool
+  end_step: int
+  seed: int
+
+
+@dataclasses.dataclass
+class Snapshot:
+  step: int
+  eval_return: float
+  actor: nnx.State
+
+
+def train_sac(env_id: str, cfg: SACConfig, env_kwargs: dict | None = None,
+              progress: bool = True) -> tuple[list[Snapshot], list[Recorded], Callable]:
+  """Trains SAC on one environment. Returns (snapshots, recorded training episodes, act) where
+  act(actor_params, obs [N, O], key, deterministic) gives actions in [-1, 1] (scale to the box)."""
+  env_kwargs = env_kwargs or {}
+  env = gym.make(env_id, **env_kwargs)
+  eval_env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **env_kwargs)] * cfg.eval_episodes)
+  obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+  low, high = env.action_space.low, env.action_space.high
+  scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
+  init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
+  state = init_state()
+  n = cfg.total_steps
+  buf = {"obs": np.zeros((n, obs_dim), np.float32), "action": np.zeros((n, act_dim), np.float32),
+         "reward": np.zeros(n, np.float32), "next_obs": np.zeros((n, obs_dim), np.float32),
+         "terminal": np.zeros(n, np.float32)}
+  rng = np.random.default_rng(cfg.seed)
+  key = jax.random.key(cfg.seed + 2)
+  episode_seed = cfg.seed * 1_000_003
+  obs, _ = env.reset(seed=episode_seed)
+  ep_obs, ep_act, ep_rew = [obs], [], []
+  episodes, snapshots = [], []
+
+  def evaluate(actor_params):
+    o, _ = eval_env.reset(seed=cfg.seed + 10_000 + len(snapshots))
+    ret, alive = np.zeros(cfg.eval_episodes), np.ones(cfg.eval_episodes, bool)
+    while alive.any():
+      a = np.asarray(act(actor_params, o.astype(np.float32), key, True))
+      o, r, te, tr, _ = eval_env.step(scale(a))
+      ret += np.where(alive, r, 0.0)
+      alive &= ~(te | tr)
+    return float(ret.mean())
+
+  t0 = time.time()
+  bar = tqdm(total=n, desc=f"SAC {env_id}", unit="step", disable=not progress, leave=False)
+  for step in range(n):
+    if step < cfg.start_steps:
+      a = rng.uniform(-1, 1, act_dim)
+    else:
+      key, sub = jax.random.split(key)
+      a = np.asarray(act(state.actor, obs[None].astype(np.float32), sub, False))[0]
+    next_obs, r, term, trunc, _ = env.step(scale(a))
+    buf["obs"][step], buf["action"][step], buf["reward"][step] = obs, a, r
+    buf["next_obs"][step], buf["terminal"][step] = next_obs, float(term)
+    ep_act.append(scale(a).astype(np.float32))
+    ep_rew.append(r)
+    ep_obs.append(next_obs)
+    obs = next_obs
+    if term or trunc:
+      episodes.append(Recorded(np.array(ep_obs), np.array(ep_act), np.array(ep_rew), bool(term),
+                               bool(trunc), step + 1, episode_seed))
+      episode_seed += 1
+      obs, _ = env.reset(seed=episode_seed)
+      ep_obs, ep_act, ep_rew = [obs], [], []
+    if (step + 1) % cfg.chunk == 0 and step + 1 >= cfg.start_steps:
+      idx = rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
+      state, metrics = update_many(state, {k: v[idx] for k, v in buf.items()})
+    if (step + 1) % cfg.snapshot_every == 0:
+      snapshots.append(Snapshot(step + 1, evaluate(state.actor), jax.device_get(state.actor)))
+      bar.set_postfix(eval_return=f"{snapshots[-1].eval_return:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
+    bar.update(1)
+  bar.close()
+  env.close()
+  eval_env.close()
+  return snapshots, episodes, act
