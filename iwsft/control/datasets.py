@@ -18,6 +18,7 @@ ENVS = {"pendulum": "InvertedPendulum-v5", "hopper": "Hopper-v5", "halfcheetah":
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 
 # Behaviour-policy training and episodes per kind for the SAC-made locomotion families.
+# small: about 2.5 minutes on 2 cores for Hopper (measured); full: not yet measured.
 SAC_PROFILES = {
     "small": {"sac": {"total_steps": 30_000, "start_steps": 5_000, "snapshot_every": 2_500, "hidden": (256, 256)},
               "episodes": {"random": 20, "medium": 20, "expert": 10}},
