@@ -1,7 +1,8 @@
-"""The README's main job: build the small datasets if missing, then train BC (= π_ref), filtered
-BC and iw-SFT on the medium-replay dataset, evaluate them, print a table and save a plot.
+"""The README's main job: build the small datasets if missing (for Hopper: train SAC behaviour
+policies first), then train BC (= π_ref), filtered BC and iw-SFT on the medium-replay dataset,
+evaluate them, print a table and save a plot.
 
-  python experiments/demo.py --workdir=runs/demo
+  python experiments/demo.py --workdir=runs/demo [--env=pendulum]
 
 Settings are scaled for a 2-core CPU (a few minutes); the authors' GPU recipe is the default of
 experiments/control.py. All three methods share one π_ref, trained once.
@@ -21,6 +22,7 @@ from iwsft.control.config import get_config  # noqa: E402
 from iwsft.control.run import run_control  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per method)")
+flags.DEFINE_enum("env", "hopper", list(datasets.ENVS), "environment family (its small profile)")
 flags.DEFINE_string("kind", "medium-replay", "dataset kind to train on")
 flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compare")
 flags.DEFINE_integer("seed", 0, "seed of every run")
@@ -35,7 +37,7 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
-  rows = datasets.build("pendulum", "small", [F.kind], seed=0, force=False)
+  rows = datasets.build(F.env, "small", [F.kind], seed=0, force=False)
   print(datasets.table(rows))
   dataset = rows[0]["dataset"]
   workdir = os.path.abspath(F.workdir)
@@ -59,7 +61,7 @@ def main(argv):
   names = [r["method"] for r in results]
   ax.bar(names, [r["normalised_score"] for r in results],
          yerr=[r["normalised_score_std"] for r in results], capsize=4, color="C0")
-  ax.set(ylabel="normalised score ×100", title=f"{dataset} (seed {F.seed})")
+  ax.set(ylabel="normalised score ×100 (mean ± std over episodes)", title=f"{dataset} (seed {F.seed})")
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "scores.png"), dpi=120)
