@@ -207,3 +207,11 @@ def test_too_short_a_context_is_a_user_error(tmp_path):
   cfg.model.max_len = 20
   with pytest.raises(UserError, match="too short"):
     LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)
+
+
+def test_top_1_sampling_is_greedy_decoding(model):
+  graphdef, params = nnx.split(model)
+  prompts = tokens(b=8, t=5)
+  greedy = generate(graphdef, params, prompts, jax.random.key(0), 12, 0.0, 0)
+  top1 = generate(graphdef, params, prompts, jax.random.key(1), 12, 1.5, 1)
+  np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))

@@ -48,9 +48,10 @@ class _Pendulum:
 
 
 class _SACFamily:
-  """Locomotion: SAC is trained once (lazily); medium is the snapshot whose evaluation return is
-  closest to a third of the best snapshot's (as in D4RL), expert the best snapshot, medium-replay
-  every training episode up to the medium snapshot."""
+  """Locomotion: SAC is trained once (lazily); expert is the best snapshot, medium the snapshot whose
+  evaluation return is closest to a third of the way from the random data's return to the expert's
+  (D4RL's "a third of the expert", made meaningful for environments with negative returns), and
+  medium-replay every training episode up to the medium snapshot."""
 
   algorithm = "SAC"
 
@@ -58,6 +59,7 @@ class _SACFamily:
     self.env_id, self.profile, self.seed = env_id, profile, seed
     self.space = gym.make(env_id).action_space
     self._trained = None
+    self.random_return = None  # set by build() once the random data exists
 
   def _train(self):
     if self._trained is None:
@@ -67,7 +69,9 @@ class _SACFamily:
       snaps, episodes, act = sac.train_sac(self.env_id, sac.SACConfig(seed=self.seed, **p["sac"]))
       expert = max(snaps, key=lambda s: s.eval_return)
       before = [s for s in snaps if s.step <= expert.step]
-      medium = min(before, key=lambda s: abs(s.eval_return - expert.eval_return / 3))
+      lo = self.random_return if self.random_return is not None else 0.0
+      target = lo + (expert.eval_return - lo) / 3
+      medium = min(before, key=lambda s: abs(s.eval_return - target))
       self._trained = {"expert": expert, "medium": medium, "episodes": episodes, "act": act}
     return self._trained
 
@@ -141,6 +145,8 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     returns = np.array([e.rewards.sum() for e in ds.iterate_episodes()])
     if kind in ("random", "expert"):
       refs[kind] = float(returns.mean())
+    if kind == "random":
+      family.random_return = refs["random"]
     if kind in kinds:
       rows.append({"dataset": did, "episodes": ds.total_episodes, "steps": ds.total_steps,
                    "return_mean": float(returns.mean()), "return_std": float(returns.std()),

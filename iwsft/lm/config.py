@@ -67,5 +67,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.quality_beta = 0.1
 
   c.eval_temperature = 1.0
+  c.top_k = 0  # sampling (stage 2 and sampled evaluation) from the k most likely tokens; 0: all
   c.steps_per_dispatch = 100
   return c

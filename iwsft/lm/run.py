@@ -97,6 +97,8 @@ class LMRun:
       objective_for(m, cfg)
     if not 0.0 <= cfg.q_decay < 1.0:
       raise UserError(f"q_decay must be in [0, 1), got {cfg.q_decay}")
+    if not 0 <= cfg.top_k <= self.mcfg.vocab_size:
+      raise UserError(f"top_k must be in [0, {self.mcfg.vocab_size}], got {cfg.top_k}")
     if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
       raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
     # Room for the longest completion plus its EOS after the task's (fixed-length) prompt.
@@ -183,7 +185,8 @@ class LMRun:
     prompts = [task.prompt_text(a, b) for a, b in problems for _ in range(c.samples_per_prompt)]
     t0 = time.time()
     comps = sample_grouped(self.graphdef, params, [lm_data.prompt_tokens(p) for p in prompts],
-                           jax.random.key(self.cfg.seed + 7), self.max_new, c.sample_temperature)
+                           jax.random.key(self.cfg.seed + 7), self.max_new, c.sample_temperature,
+                           self.cfg.top_k)
     seconds = time.time() - t0
     rows = []
     for p, comp in zip(prompts, comps):
@@ -240,7 +243,7 @@ class LMRun:
       res = {}
       for mode, temp in (("greedy", 0.0), ("sampled", self.cfg.eval_temperature)):
         comps = sample_grouped(self.graphdef, params, tokens, jax.random.key(self.cfg.seed + 11),
-                               self.max_new, temp)
+                               self.max_new, temp, self.cfg.top_k)
         scores = np.array([task.verify(p, decode(x)) for p, x in zip(prompts, comps)])
         res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
         res[f"score_{mode}"] = float(scores[:, 1].mean())
