@@ -117,7 +117,7 @@ def test_bc_on_competent_data_beats_a_random_policy(datasets, tmp_path):
 
 
 BAD = [
-    ([f"--dataset=iwsft/nowhere/none-v0"], "not in"),
+    (["--dataset=iwsft/nowhere/none-v0"], "not in"),
     ([f"--dataset={NAN}"], "NaN"),
     ([f"--dataset={WRONG_ACTION}"], "actions have 2 dims"),
     ([f"--dataset={EMPTY}"], "no episodes"),

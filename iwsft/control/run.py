@@ -16,7 +16,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 
 from iwsft import checkpoint, cli, plots, train
