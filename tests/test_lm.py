@@ -181,6 +181,14 @@ def test_tiny_run_of_all_stages(tmp_path):
   cfg.stages = "evaluate"
   again = run_lm(cfg, str(tmp_path), quiet=True)
   assert again["models"] == result["models"]
+  # A stage redone with overwrite replaces its metrics rows instead of appending a second copy.
+  cfg.stages = "finetune"
+  cfg.methods = "sft"
+  run_lm(cfg, str(tmp_path), overwrite=True, quiet=True)
+  redone = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  sft_rows = [r for r in redone if r["stage"] == "sft"]
+  assert [r["step"] for r in sft_rows] == [r["step"] for r in metrics if r["stage"] == "sft"]
+  assert [r for r in redone if r["stage"] == "iw_sft"] == [r for r in metrics if r["stage"] == "iw_sft"]
 
 
 @pytest.mark.parametrize("digits,max_len", [(1, 24), (3, 64), (4, 64)])

@@ -137,7 +137,19 @@ class LMRun:
       raise UserError(f"stage output {p} is missing: run the stage that makes it first")
     return checkpoint.restore_state(p, self.init_params)
 
+  def _drop_rows(self, stage: str) -> None:
+    """Removes a stage's rows from metrics.jsonl before the stage is computed again."""
+    self.log.close()
+    path = self.path("metrics.jsonl")
+    with open(path) as f:
+      kept = [line for line in f if json.loads(line).get("stage") != stage]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    self.log = cli.JsonlWriter(path, mode="a")
+
   def _train(self, name, params, ref_params, data, logits, stage_cfg, objective, q_decay):
+    self._drop_rows(name)
     rows = []
 
     def log(row):
