@@ -4,7 +4,8 @@
       --workdir=runs/hopper-iw_sft
 
 Defaults are the authors' recipe (shared/paper.md); every setting is a flag (see --helpfull).
-Writes metrics.jsonl, result.json and curve.png to --workdir.
+Writes metrics.jsonl, result.json and curve.png to --workdir. Running the same command again resumes
+an interrupted run from its last checkpoint; SIGTERM/SIGINT save one and exit with status 75.
 """
 
 from absl import flags
@@ -43,11 +44,15 @@ HELPS = {
     "eval_episodes": "episodes per evaluation during training",
     "final_eval_episodes": "episodes of the final evaluation",
     "steps_per_dispatch": "updates per jitted call (lax.scan)",
+    "checkpoint_every": "save the training state every this many updates (a rerun resumes from it)",
+    "keep_checkpoints": "how many of the latest checkpoints to keep (the best evaluated one is kept too)",
+    "skip_nonfinite": "skip batches whose loss or gradient is NaN/inf instead of stopping",
 }
 
 cli.define_flags_from_config(get_config(), HELPS, enums={"method": METHODS})
 flags.DEFINE_string("workdir", "runs/control", "output directory")
-flags.DEFINE_bool("overwrite", False, "replace a finished run in --workdir")
+flags.DEFINE_bool("overwrite", False, "replace a finished or unfinished run in --workdir "
+                  "(without it, an unfinished run there with the same flags resumes)")
 flags.DEFINE_string("reference_dir", "", "where π_ref is saved/reused (default: <workdir>/reference)")
 
 

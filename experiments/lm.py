@@ -3,7 +3,8 @@
   python experiments/lm.py --workdir=runs/lm --seeds=0,1,2
 
 Each seed runs in <workdir>/seed_<s>; a stage whose outputs exist is reused (--overwrite redoes
-it), and --stages runs a subset. --data=FILE.jsonl fine-tunes on your own records
+it), and --stages runs a subset. An interrupted training stage resumes from its last checkpoint
+when the command is run again; SIGTERM/SIGINT save one and exit with status 75. --data=FILE.jsonl fine-tunes on your own records
 {"prompt", "completion", "score"?} instead of the sampled ones.
 """
 
@@ -27,12 +28,16 @@ HELPS = {
     "weighting": "iw-SFT weight per 'sequence' or per 'step' (token)",
     "q_decay": "q <- decay*q + (1-decay)*theta each step (0: the current model, detached)",
     "quality_beta": "SFT(Q): sample ∝ exp(score / beta)",
+    "checkpoint_every": "save the training state every this many updates (a rerun resumes from it)",
+    "keep_checkpoints": "how many of the latest checkpoints to keep per stage",
+    "skip_nonfinite": "skip batches whose loss or gradient is NaN/inf instead of stopping",
 }
 
 cli.define_flags_from_config(get_config(), HELPS)
 flags.DEFINE_string("workdir", "runs/lm", "output directory")
 flags.DEFINE_list("seeds", ["0"], "seeds, each run in <workdir>/seed_<s>")
-flags.DEFINE_bool("overwrite", False, "redo stages whose outputs exist")
+flags.DEFINE_bool("overwrite", False, "redo stages whose outputs exist (and replace a run made "
+                  "with other settings)")
 
 
 def main(argv):

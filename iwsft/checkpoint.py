@@ -1,12 +1,23 @@
-"""Saving and restoring parameter pytrees with orbax (one place for the on-disk format).
+"""Saving and restoring with orbax: the one place for the on-disk formats.
 
-Flax NNX states are stored as pure nested dicts of arrays and put back into a template state, so
-a checkpoint never depends on Python class names.
+Two kinds of checkpoint:
+  save_state/restore_state  a finished model (NNX state as a pure nested dict of arrays), so it never
+                            depends on Python class names.
+  TrainCheckpoints          periodic, asynchronous checkpoints of a whole `train.TrainState` during a
+                            stage (orbax CheckpointManager): the last K steps plus the best evaluated
+                            one. Resuming from them continues bit-identically on the same device count,
+                            and reshards onto any other.
+
+A TrainState checkpoint holds its leaves under indices ("0", "1", ...) plus a JSON layout of their
+tree paths, shapes and dtypes, so a checkpoint of another model is named as such before any array
+is read, and a partial or corrupt step is skipped with a warning rather than ending the run.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,6 +25,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from iwsft.errors import UserError
+
+_policies = ocp.checkpoint_managers
 
 
 def save_state(path: str, state: nnx.State) -> None:
@@ -36,3 +49,99 @@ def restore_state(path: str, template: nnx.State) -> nnx.State:
   state = jax.tree.map(lambda x: x, template)
   nnx.replace_by_pure_dict(state, restored)
   return state
+
+
+def layout(tree) -> list[list]:
+  """[[tree path, shape, dtype], ...] of a pytree's leaves, in flattening order."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves]
+
+
+class TrainCheckpoints:
+  """Periodic checkpoints of one training stage's TrainState in `directory` (one subdirectory per step).
+
+  every: save every this many updates (at the end of the dispatch that reaches a multiple);
+  keep: how many of the latest steps to keep; the best step by the `metric` passed to save() is kept too.
+  """
+
+  def __init__(self, directory: str, every: int, keep: int = 2, async_save: bool = True):
+    if every < 1 or keep < 1:
+      raise UserError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every} and {keep}")
+    self.directory, self.every = os.path.abspath(directory), every
+    policy = _policies.AnyPreservationPolicy([
+        _policies.LatestN(keep),
+        _policies.BestN(get_metric_fn=lambda m: m["metric"], n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
+                                           preservation_policy=policy,
+                                           enable_async_checkpointing=async_save)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise UserError(f"cannot create checkpoints in {self.directory}: {e.strerror}") from None
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def due(self, done: int, previous: int) -> bool:
+    """Whether a dispatch that went from `previous` to `done` updates crossed a multiple of every."""
+    return done // self.every > previous // self.every
+
+  def save(self, step: int, state, metric: float | None = None) -> None:
+    """Starts an asynchronous save of `state` at `step` (arrays are copied off the devices first)."""
+    items = {"state": ocp.args.StandardSave(dict(enumerate_leaves(state))),
+             "layout": ocp.args.JsonSave({"leaves": layout(state)})}
+    metrics = None if metric is None or not np.isfinite(metric) else {"metric": float(metric)}
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def restore_latest(self, template, sharding) -> tuple[Any, int] | None:
+    """The newest readable checkpoint as (state, step), its arrays placed with `sharding`; None if none.
+
+    template: a TrainState (or its jax.eval_shape) of the model being trained. A checkpoint of another
+    model raises UserError; an unreadable step is skipped with a warning and the one before is tried.
+    """
+    want = layout(template)
+    for step in reversed(self.steps()):
+      try:
+        saved = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged step
+        _warn_skip(self.directory, step, e)
+        continue
+      _check_layout(saved.layout["leaves"], want, self.directory, step)
+      abstract = {str(i): jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=sharding)
+                  for i, (_, s, d) in enumerate(want)}
+      try:
+        arrays = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      except Exception as e:  # noqa: BLE001
+        _warn_skip(self.directory, step, e)
+        continue
+      leaves = [arrays.state[str(i)] for i in range(len(want))]
+      return jax.tree.unflatten(jax.tree.structure(template), leaves), step
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def enumerate_leaves(tree):
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    yield str(i), x
+
+
+def _warn_skip(directory: str, step: int, error: Exception) -> None:
+  first = str(error).splitlines()[0] if str(error) else ""
+  warnings.warn(f"skipping unreadable checkpoint {directory}/{step}: {type(error).__name__}: {first}",
+                stacklevel=3)
+
+
+def _check_layout(saved: list, want: list, directory: str, step: int) -> None:
+  if len(saved) != len(want):
+    raise UserError(f"checkpoint {directory}/{step} holds {len(saved)} arrays, this model has "
+                    f"{len(want)}: it is from another model; use another --workdir or --overwrite")
+  for (path, shape, dtype), (_, w_shape, w_dtype) in zip(saved, want):
+    if list(shape) != list(w_shape) or dtype != w_dtype:
+      raise UserError(f"checkpoint {directory}/{step} is from another model: {path} is {dtype}{shape}, "
+                      f"this model needs {w_dtype}{w_shape}; use another --workdir or --overwrite")

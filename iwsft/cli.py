@@ -1,19 +1,22 @@
 """Command-line plumbing shared by the experiment scripts.
 
 Bad input (a UserError, a misspelt or malformed flag) ends as one line on stderr and exit status 2,
-with no traceback and nothing written to the workdir.
+with no traceback and nothing written to the workdir. A stop on SIGTERM/SIGINT after a checkpoint
+exits with status 75 (preemption.EXIT_PREEMPTED); a non-finite loss or gradient with status 1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
 from absl import app, flags, logging
 
 from iwsft.errors import UserError
+from iwsft.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_BAD_INPUT = 2
 
@@ -40,6 +43,12 @@ def run(main) -> None:
       return main(argv)
     except UserError as e:
       fail(str(e))
+    except Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
+    except FloatingPointError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
 
   app.run(wrapped, flags_parser=parse_flags)
 
@@ -62,6 +71,45 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
   return path
 
 
+def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "result.json") -> tuple[str, dict | None]:
+  """prepare_workdir, then records the run's identity in run.json -> (workdir, the previous identity).
+
+  identity: the settings a resumed run must share (JSON-able). An unfinished run with other settings
+  is refused unless overwrite; the caller removes what overwrite replaces (remove_outputs).
+  """
+  path = prepare_workdir(path, overwrite, marker)
+  run_json = os.path.join(path, "run.json")
+  previous = None
+  if os.path.exists(run_json):
+    with open(run_json) as f:
+      previous = json.load(f)
+  identity = json.loads(json.dumps(identity, sort_keys=True, default=float))
+  if previous is not None and previous != identity and not overwrite:
+    raise UserError(f"workdir {path} holds an unfinished run with other settings "
+                    f"({_first_difference(previous, identity)}); run it with the same flags to resume, "
+                    "or pass --overwrite, or choose another --workdir")
+  write_json(run_json, identity)
+  return path, previous
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+  if isinstance(old, dict) and isinstance(new, dict):
+    for k in sorted(set(old) | set(new)):
+      if old.get(k) != new.get(k):
+        return _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+  return f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"
+
+
+def remove_outputs(path: str, names) -> None:
+  """Deletes the named files and directories of a workdir (the outputs a fresh run replaces)."""
+  for name in names:
+    p = os.path.join(path, name)
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+    elif os.path.exists(p):
+      os.remove(p)
+
+
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename), so a crash never leaves a half-written file."""
   tmp = path + ".tmp"
@@ -71,18 +119,64 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-class JsonlWriter:
-  """Appends one JSON object per line and flushes, so a killed run keeps every row it logged."""
+class MetricsLog:
+  """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps every row.
 
-  def __init__(self, path: str, mode: str = "w"):
-    self._f = open(path, mode)
+  Opening an existing file keeps its rows (a run resumes) but drops a torn last line left by a kill
+  in the middle of a write. drop(pred) removes rows atomically, e.g. those logged after the
+  checkpoint a stage resumes from.
+  """
+
+  def __init__(self, path: str, fresh: bool = False):
+    self.path = path
+    if fresh and os.path.exists(path):
+      os.remove(path)
+    self._rewrite(self.rows())
+    self._f = open(path, "a")
+
+  def rows(self) -> list[dict]:
+    return read_rows(self.path)
+
+  def _rewrite(self, rows: list[dict]) -> None:
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(_row_line(r) for r in rows)
+    os.replace(tmp, self.path)
+
+  def drop(self, pred) -> None:
+    """Removes every row for which pred(row) is true."""
+    self._f.close()
+    self._rewrite([r for r in self.rows() if not pred(r)])
+    self._f = open(self.path, "a")
+
+  def drop_stage_after(self, stage: str, step: int) -> None:
+    """Removes the rows of `stage` past `step` (all of them for step 0: the stage starts afresh)."""
+    self.drop(lambda r: r.get("stage") == stage and (step == 0 or r.get("step", 0) > step))
 
   def __call__(self, row: dict) -> None:
-    self._f.write(json.dumps(row, sort_keys=True, default=float) + "\n")
+    self._f.write(_row_line(row))
     self._f.flush()
 
   def close(self) -> None:
     self._f.close()
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics file, up to a torn last line if there is one; [] if there is no file."""
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # a torn write: the run was killed here
+  return out
+
+
+def _row_line(row: dict) -> str:
+  return json.dumps(row, sort_keys=True, default=float) + "\n"
 
 
 def _flat_items(cfg, prefix: str = ""):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from iwsft.errors import UserError
 from iwsft.objectives import ObjectiveConfig, iw_sft_loss
+from iwsft.preemption import Preempted
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -78,14 +79,16 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, seed: in
 
 
 def make_update(logprob_fn: LogProbFn, optimizer: optax.GradientTransformation,
-                objective: ObjectiveConfig, q_decay: float = 0.9,
-                track_bounds: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                objective: ObjectiveConfig, q_decay: float = 0.9, track_bounds: bool = False,
+                skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
 
   q_decay: q ← q_decay · q + (1 − q_decay) · θ after every step; 0 makes q the current policy
     itself (detached), as in the authors' language code, and saves a forward pass.
   track_bounds: also compute the SFT/iw-SFT bound estimates when not importance weighting (costs
     the π_ref and q forward passes that weighting needs anyway).
+  skip_nonfinite: a batch whose loss or gradient is not finite leaves params, q and the optimiser
+    state unchanged (metric "skipped" = 1) instead of poisoning them; the step count still advances.
   """
   if not 0.0 <= q_decay < 1.0:
     raise UserError(f"q_decay must be in [0, 1), got {q_decay}")
@@ -108,9 +111,13 @@ def make_update(logprob_fn: LogProbFn, optimizer: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     q_params = optax.incremental_update(params, state.q_params, step_size=1.0 - q_decay)
     metrics["grad_norm"] = optax.global_norm(grads)
-    state = state.replace(params=params, q_params=q_params, opt_state=opt_state,
-                          step=state.step + 1)
-    return state, metrics
+    new = state.replace(params=params, q_params=q_params, opt_state=opt_state, step=state.step + 1)
+    if skip_nonfinite:
+      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      keep_old = state.replace(step=state.step + 1)
+      new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, keep_old)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new, metrics
 
   return update
 
@@ -217,23 +224,60 @@ def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
+def _first_bad_step(metrics: dict[str, np.ndarray]) -> int | None:
+  """Index of the first update of a chunk whose loss or gradient norm is not finite and was not skipped."""
+  bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
+  if "skipped" in metrics:
+    bad &= metrics["skipped"] == 0
+  return int(np.argmax(bad)) if bad.any() else None
+
+
+def _chunk_row(metrics: dict[str, np.ndarray]) -> dict[str, float]:
+  """Averages a chunk's per-update metrics over the updates that were applied (skipped ones count)."""
+  applied = metrics["skipped"] == 0 if "skipped" in metrics else np.ones_like(metrics["loss"], bool)
+  row = {}
+  for k, v in metrics.items():
+    if k == "skipped":
+      row[k] = float(np.sum(v))
+    else:
+      row[k] = float(np.mean(v[applied])) if applied.any() else float("nan")
+  return row
+
+
 def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str, steps: int,
         batch_size: int, step_level: bool = False, steps_per_dispatch: int = 100,
         eval_every: int = 0, on_eval: Callable[[Params], dict] | None = None,
-        log: Callable[[dict], None] = lambda row: None, postfix_key: str | None = None) -> TrainState:
+        log: Callable[[dict], None] = lambda row: None, postfix_key: str | None = None,
+        checkpoints=None, best_key: str | None = None, on_resume: Callable[[int], None] | None = None,
+        guard=None) -> TrainState:
   """The training loop both pipelines share: `steps` updates in jitted chunks, with a progress bar.
 
   data/logits: host arrays (the sampling pool and its logits), placed on the mesh once.
   log receives one "train" row per chunk (metrics averaged over the chunk) and one "eval" row at
   step 0, every eval_every updates and at the end, with what on_eval(params) returns.
-  A non-finite loss stops training with FloatingPointError naming the step.
+
+  checkpoints (a checkpoint.TrainCheckpoints): if it holds a checkpoint, training resumes from the
+  newest readable one, and on_resume(step) is called first (with 0 on a fresh start) so the caller
+  can drop log rows written after it. A checkpoint is saved every checkpoints.every updates and at
+  the end, tagged with eval row[best_key] when an evaluation just ran. Chunk boundaries depend only
+  on the step count, so a resumed run dispatches exactly the computations of an uninterrupted one.
+  guard (a preemption.PreemptionGuard): when it reports a signal, the loop saves and raises Preempted.
+  A non-finite loss or gradient that was not skipped (make_update's skip_nonfinite) stops training
+  with FloatingPointError naming the step; the last checkpoint saved is the last good state.
   """
+  done = 0
+  if checkpoints is not None:
+    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state), replicated(mesh))
+    if restored is not None:
+      state, done = restored
+  if on_resume is not None:
+    on_resume(done)
   state = put_replicated(state, mesh)
   data = put_replicated(data, mesh)
   logits = put_replicated(jnp.asarray(logits, jnp.float32), mesh)
   chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else steps))
   compiled = {}
-  done, t0 = 0, time.time()
+  t0 = time.time()
 
   def evaluate(step):
     row = {"kind": "eval", "stage": name, "step": step, "time_s": round(time.time() - t0, 3)}
@@ -241,9 +285,13 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
     log(row)
     return row
 
-  if on_eval is not None and eval_every > 0:
+  def save(step, row=None):
+    if checkpoints is not None:
+      checkpoints.save(step, state, None if row is None or best_key is None else row.get(best_key))
+
+  if on_eval is not None and eval_every > 0 and done == 0:
     evaluate(0)
-  with tqdm(total=steps, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
+  with tqdm(total=steps, initial=done, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
     while done < steps:
       n = min(chunk, steps - done)
       if eval_every > 0:
@@ -251,16 +299,32 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       if n not in compiled:
         compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level)
       state, metrics = compiled[n](state, data, logits)
-      metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-      done += n
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
-      log({"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3), **metrics})
+      metrics = jax.device_get(metrics)
+      bad = _first_bad_step(metrics)
+      if bad is not None:
+        last = checkpoints.steps()[-1:] if checkpoints is not None else []
+        raise FloatingPointError(
+            f"{name}: non-finite loss or gradient at step {done + bad + 1}"
+            + (f"; last good checkpoint: step {last[0]} in {checkpoints.directory}" if last else ""))
+      previous, done = done, done + n
+      row = _chunk_row(metrics)
+      log({"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3), **row})
       bar.update(n)
-      postfix = {"loss": f"{metrics['loss']:.3f}"}
+      postfix = {"loss": f"{row['loss']:.3f}"}
+      eval_row = None
       if on_eval is not None and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-        row = evaluate(done)
-        if postfix_key and row.get(postfix_key) is not None:
-          postfix[postfix_key] = f"{row[postfix_key]:.3g}"
+        eval_row = evaluate(done)
+        if postfix_key and eval_row.get(postfix_key) is not None:
+          postfix[postfix_key] = f"{eval_row[postfix_key]:.3g}"
       bar.set_postfix(postfix)
+      stopping = guard is not None and guard.requested and done < steps
+      if checkpoints is not None and (checkpoints.due(done, previous) or done == steps
+                                      or eval_row is not None or stopping):
+        save(done, eval_row)
+      if stopping:
+        if checkpoints is not None:
+          checkpoints.wait()
+        raise Preempted(name, done, checkpoints.directory if checkpoints is not None else None)
+  if checkpoints is not None:
+    checkpoints.wait()
   return state

@@ -67,4 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_episodes = 10
   c.final_eval_episodes = 100
   c.steps_per_dispatch = 50
+
+  # Checkpoints and failures.
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.skip_nonfinite = False
   return c

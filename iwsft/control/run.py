@@ -1,7 +1,12 @@
 """One control run, end to end: data -> π_ref (BC on all data) -> method -> evaluation -> files.
 
 Every input is checked before anything is written to the workdir, so bad input leaves it as it was.
+An unfinished run in the workdir with the same settings (run.json) is resumed: finished stages are
+reused and the running one continues from its newest checkpoint, so the end result is bit-identical
+to an uninterrupted run on the same device count.
 Writes to the workdir:
+  run.json        the settings, checked when resuming
+  checkpoints/    periodic TrainState checkpoints of each stage (orbax), the last K and the best
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
   result.json     method, dataset, seed, config, final normalised score and raw return, wall time
   curve.png       learning curve
@@ -25,6 +30,7 @@ from iwsft.control.config import METHODS
 from iwsft.control.evaluate import evaluate
 from iwsft.control.policy import make_act_fn
 from iwsft.errors import UserError
+from iwsft.preemption import PreemptionGuard
 
 
 def _reference_key(cfg) -> dict:
@@ -76,7 +82,12 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
   graphdef, params, constants = trainer.build_policy(train_eps, action_space.low, action_space.high,
                                                      cfg, cfg.seed)
 
-  workdir = cli.prepare_workdir(workdir, overwrite)
+  # The device count may change between a run and its resumption (checkpoints are resharded).
+  identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
+              "reference_dir": reference_dir}
+  workdir, _ = cli.claim_workdir(workdir, identity, overwrite)
+  if overwrite:
+    cli.remove_outputs(workdir, ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png"))
   reference_dir = os.path.abspath(reference_dir or os.path.join(workdir, "reference"))
   ref_json = os.path.join(reference_dir, "reference.json")
   ref_saved = None
@@ -87,48 +98,50 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       raise UserError(f"{reference_dir} holds a reference policy trained with other settings; "
                       "choose another --reference_dir")
 
-  log = cli.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-  rows: list[dict] = []
-
-  def log_row(row):
-    rows.append(row)
-    log(row)
+  log = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
 
   def eval_fn(n, seed_offset):
     act = make_act_fn(graphdef, constants)
     return lambda p: evaluate(lambda o: act(p, o), env_spec, n, cfg.seed + seed_offset, ref_min, ref_max)
 
-  def common():
-    return dict(graphdef=graphdef, constants=constants, mesh=mesh, eval_every=cfg.eval_every,
-                steps_per_dispatch=cfg.steps_per_dispatch, log=log_row, val_episodes=val_eps)
+  def common(stage):
+    ckpt = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints", stage), cfg.checkpoint_every,
+                                       cfg.keep_checkpoints)
+    return dict(name=stage, graphdef=graphdef, constants=constants, mesh=mesh, eval_every=cfg.eval_every,
+                steps_per_dispatch=cfg.steps_per_dispatch, log=log, val_episodes=val_eps,
+                skip_nonfinite=cfg.skip_nonfinite, checkpoints=ckpt, guard=guard,
+                on_resume=lambda step: log.drop_stage_after(stage, step))
 
+  guard = PreemptionGuard()
   try:
-    if ref_saved is not None:
-      ref_params = checkpoint.restore_state(os.path.join(reference_dir, "params"), params)
-      constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
-      if not quiet:
-        print(f"reference policy loaded from {reference_dir}")
-    else:
-      ref_params = trainer.train_stage(
-          name="reference", params=params, ref_params=None, episodes=train_eps, logits=ref_logits,
-          weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
-          q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common())
-      checkpoint.save_state(os.path.join(reference_dir, "params"), ref_params)
-      checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
-      cli.write_json(ref_json, {"key": _reference_key(cfg)})
+    with guard:
+      if ref_saved is not None:
+        ref_params = checkpoint.restore_state(os.path.join(reference_dir, "params"), params)
+        constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
+        if not quiet:
+          print(f"reference policy loaded from {reference_dir}")
+      else:
+        ref_params = trainer.train_stage(
+            params=params, ref_params=None, episodes=train_eps, logits=ref_logits,
+            weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
+            q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common("reference"))
+        checkpoint.save_state(os.path.join(reference_dir, "params"), ref_params)
+        checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
+        cli.write_json(ref_json, {"key": _reference_key(cfg)})
 
-    if fin_stage is None:
-      final_params = ref_params
-    else:
-      final_params = trainer.train_stage(
-          name=cfg.method, params=ref_params, ref_params=ref_params, episodes=train_eps,
-          logits=logits, weight=weight, stage=fin_stage, objective=objective,
-          q_decay=cfg.q_decay, seed=cfg.seed + 1, evaluate_fn=eval_fn(cfg.eval_episodes, 1000),
-          track_bounds=True, **common())
-    checkpoint.save_state(os.path.join(workdir, "policy", "params"), final_params)
-    checkpoint.save_state(os.path.join(workdir, "policy", "constants"), constants)
-    final = eval_fn(cfg.final_eval_episodes, 10_000)(final_params)
-    log_row({"kind": "eval", "stage": "final", "step": fin_stage.steps if fin_stage else ref_stage.steps, **final})
+      if fin_stage is None:
+        final_params = ref_params
+      else:
+        final_params = trainer.train_stage(
+            params=ref_params, ref_params=ref_params, episodes=train_eps,
+            logits=logits, weight=weight, stage=fin_stage, objective=objective,
+            q_decay=cfg.q_decay, seed=cfg.seed + 1, evaluate_fn=eval_fn(cfg.eval_episodes, 1000),
+            track_bounds=True, **common(cfg.method))
+      checkpoint.save_state(os.path.join(workdir, "policy", "params"), final_params)
+      checkpoint.save_state(os.path.join(workdir, "policy", "constants"), constants)
+      final = eval_fn(cfg.final_eval_episodes, 10_000)(final_params)
+      log.drop(lambda r: r.get("stage") == "final")
+      log({"kind": "eval", "stage": "final", "step": fin_stage.steps if fin_stage else ref_stage.steps, **final})
   finally:
     log.close()
 
@@ -151,6 +164,7 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       "config": cfg.to_dict(),
   }
   cli.write_json(os.path.join(workdir, "result.json"), result)
+  rows = cli.read_rows(os.path.join(workdir, "metrics.jsonl"))
   plots.learning_curve([r for r in rows if r["stage"] != "final"], os.path.join(workdir, "curve.png"),
                        f"{cfg.method} on {cfg.dataset} (seed {cfg.seed})")
   if not quiet:

@@ -91,14 +91,16 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
                 logits: np.ndarray, weight: np.ndarray, stage: StageConfig,
                 objective: ObjectiveConfig, q_decay: float, seed: int, mesh, eval_every: int,
                 steps_per_dispatch: int, evaluate_fn: Callable | None, log: Callable[[dict], None],
-                val_episodes: Episodes | None = None, track_bounds: bool = False):
+                val_episodes: Episodes | None = None, track_bounds: bool = False,
+                skip_nonfinite: bool = False, checkpoints=None, on_resume=None, guard=None):
   """Runs one stage; returns the trained params. `log` receives train/eval rows as dicts.
 
   evaluate_fn(params) -> dict of evaluation results, called every eval_every updates and at the end.
+  checkpoints/on_resume/guard: periodic saves, resumption and clean stops (see train.fit).
   """
   logprob_fn = make_logprob_fn(graphdef, constants)
   optimizer = make_optimizer(stage)
-  update = train.make_update(logprob_fn, optimizer, objective, q_decay, track_bounds)
+  update = train.make_update(logprob_fn, optimizer, objective, q_decay, track_bounds, skip_nonfinite)
   state = train.init_state(params, optimizer, seed, ref_params)
   val_nll = None
   if val_episodes is not None:
@@ -116,5 +118,6 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
                     steps=stage.steps, batch_size=stage.batch_size,
                     step_level=stage.batch_level == "step", steps_per_dispatch=steps_per_dispatch,
                     eval_every=eval_every, on_eval=on_eval if (evaluate_fn or val_nll) else None,
-                    log=log, postfix_key="normalised_score")
+                    log=log, postfix_key="normalised_score", checkpoints=checkpoints,
+                    best_key="return_mean", on_resume=on_resume, guard=guard)
   return jax.device_get(state.params)

@@ -69,4 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_temperature = 1.0
   c.top_k = 0  # sampling (stage 2 and sampled evaluation) from the k most likely tokens; 0: all
   c.steps_per_dispatch = 100
+
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.skip_nonfinite = False
   return c

@@ -7,6 +7,9 @@ exist (unless overwrite), so any stage can be rerun alone:
   finetune  SFT, iw-SFT, SFT(Q) from π_ref                <method>/params, <method>/info.json
   evaluate  pass@1 (greedy and sampled) on held-out problems   result.json, table.md
 
+A training stage interrupted part-way resumes from checkpoints/<stage> when run again; run.json
+holds the settings, and a rerun with other settings is refused unless overwrite.
+
 Every stage uses the shared objective, update step and loop (iwsft.objectives, iwsft.train).
 """
 
@@ -30,6 +33,11 @@ from iwsft.lm.sampling import sample_grouped
 from iwsft.lm.tokenizer import decode
 from iwsft.objectives import ObjectiveConfig
 from iwsft.optim import StageConfig, make_optimizer
+from iwsft.preemption import PreemptionGuard
+
+# Everything a run writes to its workdir (removed by --overwrite when the settings changed).
+OUTPUTS = ("base", *LM_METHODS, "checkpoints", "samples.jsonl", "sample_info.json", "curated.jsonl",
+           "scored.jsonl", "result.json", "table.md", "metrics.jsonl")
 
 
 def _split(text: str, allowed, what: str) -> list[str]:
@@ -117,9 +125,14 @@ class LMRun:
     self.mesh = train.make_mesh(cfg.num_devices or None)
     for c in (cfg.base, cfg.finetune):
       train.check_batch_size(c.batch_size, self.mesh)
-    self.workdir = cli.prepare_workdir(workdir, overwrite=True, marker="")
+    # Stages and methods may differ between calls on one workdir; the device count may change too.
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "methods", "num_devices")}
+    self.workdir, previous = cli.claim_workdir(workdir, identity, overwrite, marker="")
+    if overwrite and previous is not None and previous != json.loads(json.dumps(identity, default=float)):
+      cli.remove_outputs(self.workdir, OUTPUTS)
     self.graphdef, self.init_params = nnx.split(Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed)))
-    self.log = cli.JsonlWriter(os.path.join(self.workdir, "metrics.jsonl"), mode="a")
+    self.log = cli.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
+    self.guard = PreemptionGuard()
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *parts)
@@ -137,19 +150,11 @@ class LMRun:
       raise UserError(f"stage output {p} is missing: run the stage that makes it first")
     return checkpoint.restore_state(p, self.init_params)
 
-  def _drop_rows(self, stage: str) -> None:
-    """Removes a stage's rows from metrics.jsonl before the stage is computed again."""
-    self.log.close()
-    path = self.path("metrics.jsonl")
-    with open(path) as f:
-      kept = [line for line in f if json.loads(line).get("stage") != stage]
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    self.log = cli.JsonlWriter(path, mode="a")
-
   def _train(self, name, params, ref_params, data, logits, stage_cfg, objective, q_decay):
-    self._drop_rows(name)
+    if self.overwrite:
+      cli.remove_outputs(self.workdir, [os.path.join("checkpoints", name)])
+    ckpt = checkpoint.TrainCheckpoints(self.path("checkpoints", name), self.cfg.checkpoint_every,
+                                       self.cfg.keep_checkpoints)
     rows = []
 
     def log(row):
@@ -158,17 +163,19 @@ class LMRun:
 
     stage = _stage(stage_cfg, self.cfg)
     update = train.make_update(make_logprob_fn(self.graphdef), make_optimizer(stage), objective,
-                               q_decay, track_bounds=ref_params is not None)
+                               q_decay, track_bounds=ref_params is not None,
+                               skip_nonfinite=self.cfg.skip_nonfinite)
     state = train.init_state(params, make_optimizer(stage), self.cfg.seed, ref_params)
     t0 = time.time()
     state = train.fit(update, state, data, logits, mesh=self.mesh, name=name, steps=stage.steps,
                       batch_size=stage.batch_size, steps_per_dispatch=self.cfg.steps_per_dispatch,
-                      log=log)
+                      log=log, checkpoints=ckpt, guard=self.guard,
+                      on_resume=lambda step: self.log.drop_stage_after(name, step))
     params = jax.device_get(state.params)
     checkpoint.save_state(self.path(name, "params"), params)
     info = {"steps": stage.steps, "wall_time_s": round(time.time() - t0, 2),
             "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * self.mcfg.max_len),
-            "final_loss": rows[-1]["loss"]}
+            "final_loss": [r for r in self.log.rows() if r["stage"] == name][-1]["loss"]}
     cli.write_json(self.path(name, "info.json"), info)
     return params
 
@@ -282,11 +289,12 @@ def run_lm(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> d
   run = LMRun(cfg, workdir, overwrite, quiet)
   result = None
   try:
-    for stage in STAGES:
-      if stage in run.stages and not (run.user_records is not None and stage in ("sample", "curate")):
-        out = getattr(run, stage)()
-        if stage == "evaluate":
-          result = out
+    with run.guard:
+      for stage in STAGES:
+        if stage in run.stages and not (run.user_records is not None and stage in ("sample", "curate")):
+          out = getattr(run, stage)()
+          if stage == "evaluate":
+            result = out
   finally:
     run.log.close()
   return result
