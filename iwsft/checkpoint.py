@@ -126,6 +126,28 @@ class TrainCheckpoints:
     self.manager.close()
 
 
+def check_resumable(directory: str, template) -> None:
+  """Raises UserError if `directory` holds checkpoints of a different model than `template`.
+
+  Reads only the newest readable step's layout and writes nothing, so a run can refuse to resume
+  before it touches its workdir.
+  """
+  if not os.path.isdir(directory):
+    return
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        saved = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
+      except Exception:  # noqa: BLE001 -- damaged: restore_latest will skip it with a warning
+        continue
+      _check_layout(saved.layout["leaves"], layout(template), directory, step)
+      return
+  finally:
+    manager.close()
+
+
 def enumerate_leaves(tree):
   for i, x in enumerate(jax.tree.leaves(tree)):
     yield str(i), x

@@ -272,7 +272,7 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       state, done = restored
   if on_resume is not None:
     on_resume(done)
-  state = put_replicated(state, mesh)
+  state = jax.device_put(state, replicated(mesh), may_alias=False)  # the caller's copy survives donation
   data = put_replicated(data, mesh)
   logits = put_replicated(jnp.asarray(logits, jnp.float32), mesh)
   chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else steps))
@@ -302,6 +302,8 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       metrics = jax.device_get(metrics)
       bad = _first_bad_step(metrics)
       if bad is not None:
+        if checkpoints is not None:
+          checkpoints.wait()
         last = checkpoints.steps()[-1:] if checkpoints is not None else []
         raise FloatingPointError(
             f"{name}: non-finite loss or gradient at step {done + bad + 1}"

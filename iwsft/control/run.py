@@ -21,6 +21,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 
 from iwsft import checkpoint, cli, plots, train
@@ -83,6 +84,11 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
                                                      cfg, cfg.seed)
 
   # The device count may change between a run and its resumption (checkpoints are resharded).
+  if not overwrite:  # refuse checkpoints of another model before the workdir is touched
+    for name, st in (("reference", ref_stage), (cfg.method, fin_stage)):
+      if st is not None:
+        template = jax.eval_shape(lambda st=st: train.init_state(params, trainer.make_optimizer(st), 0))
+        checkpoint.check_resumable(os.path.join(os.path.abspath(workdir), "checkpoints", name), template)
   identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
               "reference_dir": reference_dir}
   workdir, _ = cli.claim_workdir(workdir, identity, overwrite)
