@@ -57,6 +57,11 @@ def layout(tree) -> list[list]:
   return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))] for p, x in leaves]
 
 
+def check_checkpoint_settings(every: int, keep: int) -> None:
+  if every < 1 or keep < 1:
+    raise UserError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every} and {keep}")
+
+
 class TrainCheckpoints:
   """Periodic checkpoints of one training stage's TrainState in `directory` (one subdirectory per step).
 
@@ -65,8 +70,7 @@ class TrainCheckpoints:
   """
 
   def __init__(self, directory: str, every: int, keep: int = 2, async_save: bool = True):
-    if every < 1 or keep < 1:
-      raise UserError(f"checkpoint_every and keep_checkpoints must be >= 1, got {every} and {keep}")
+    check_checkpoint_settings(every, keep)
     self.directory, self.every = os.path.abspath(directory), every
     policy = _policies.AnyPreservationPolicy([
         _policies.LatestN(keep),
@@ -134,7 +138,7 @@ def check_resumable(directory: str, template) -> None:
   """
   if not os.path.isdir(directory):
     return
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
   try:
     for step in sorted(manager.all_steps(), reverse=True):

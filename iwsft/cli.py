@@ -67,7 +67,7 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
       pass
     os.remove(probe)
   except OSError as e:
-    raise UserError(f"workdir {path} is not writable: {e.strerror}") from None
+    raise UserError(f"cannot write to workdir {path}: {e.strerror}") from None
   return path
 
 

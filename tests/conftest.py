@@ -21,6 +21,7 @@ MIXED = "iwsft/pendulum-test/mixed-v0"
 NAN = "iwsft/pendulum-test/nan-v0"
 WRONG_ACTION = "iwsft/pendulum-test/wrong-action-v0"
 EMPTY = "iwsft/pendulum-test/empty-v0"
+DISCRETE = "iwsft/pendulum-test/discrete-v0"
 
 
 def biased_controller(bias):
@@ -56,4 +57,8 @@ def datasets():
     minari.create_dataset_from_buffers(WRONG_ACTION, [wrong], env=ENV, observation_space=box4,
                                        action_space=gym.spaces.Box(-1, 1, (2,)))
     minari.create_dataset_from_buffers(EMPTY, [], env=ENV)
+    ints = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.array([0, 1, 0]),
+                         rewards=[1.0] * 3, terminations=[False, False, True], truncations=[False] * 3)
+    minari.create_dataset_from_buffers(DISCRETE, [ints], env=ENV, observation_space=box4,
+                                       action_space=gym.spaces.Discrete(2))
   return _ROOT

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
+from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "control.py")
@@ -127,6 +127,9 @@ BAD = [
     ([f"--dataset={MIXED}", "--stepz=3"], "stepz"),
     ([f"--dataset={MIXED}", "--batch_size=0"], "batch_size"),
     ([f"--dataset={MIXED}", "--hidden=a,b"], "hidden"),
+    ([f"--dataset={DISCRETE}"], "only continuous (Box) action spaces"),
+    ([f"--dataset={MIXED}", "--workdir=/proc/iwsft-run"], "cannot write to workdir /proc/iwsft-run"),
+    ([f"--dataset={MIXED}", "--checkpoint_every=0"], "checkpoint_every"),
 ]
 
 

@@ -223,3 +223,43 @@ def test_top_1_sampling_is_greedy_decoding(model):
   greedy = generate(graphdef, params, prompts, jax.random.key(0), 12, 0.0, 0)
   top1 = generate(graphdef, params, prompts, jax.random.key(1), 12, 1.5, 1)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
+
+
+LM_TINY = ["--model_d_model=32", "--model_n_layers=1", "--model_n_heads=2", "--model_d_ff=64",
+           "--model_max_len=48", "--task_digits=1", "--task_demos=256", "--base_steps=600",
+           "--base_batch_size=16", "--base_warmup_steps=5", "--steps_per_dispatch=10",
+           "--checkpoint_every=50", "--stages=base"]
+
+
+def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path):
+  import signal
+  import time
+
+  def command(work):
+    return [sys.executable, os.path.join(ROOT, "experiments", "lm.py"), f"--workdir={work}", *LM_TINY]
+
+  whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  work = tmp_path / "stopped"
+  proc = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpts = work / "seed_0" / "checkpoints" / "base"
+  while not (ckpts.is_dir() and any(p.isdigit() for p in os.listdir(ckpts))):
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 75, err[-2000:]
+  assert not (work / "seed_0" / "base" / "params").exists()
+  again = subprocess.run(command(work), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+
+  from iwsft import checkpoint
+
+  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                                            max_len=48), rngs=nnx.Rngs(0)))
+  a = checkpoint.restore_state(str(tmp_path / "whole" / "seed_0" / "base" / "params"), template)
+  b = checkpoint.restore_state(str(work / "seed_0" / "base" / "params"), template)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in open(p)]
+  assert strip(work / "seed_0" / "metrics.jsonl") == strip(tmp_path / "whole" / "seed_0" / "metrics.jsonl")

@@ -54,6 +54,7 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
     raise UserError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
   if cfg.eval_episodes < 1 or cfg.final_eval_episodes < 1:
     raise UserError("eval_episodes and final_eval_episodes must be >= 1")
+  checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
   ref_stage = _stage(cfg.reference)
   fin_stage = _stage(cfg, cfg.weight_decay) if cfg.method != "bc" else None
   objective = trainer.objective_for(cfg.method, cfg)

@@ -105,6 +105,7 @@ class LMRun:
       objective_for(m, cfg)
     if not 0.0 <= cfg.q_decay < 1.0:
       raise UserError(f"q_decay must be in [0, 1), got {cfg.q_decay}")
+    checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
     if not 0 <= cfg.top_k <= self.mcfg.vocab_size:
       raise UserError(f"top_k must be in [0, {self.mcfg.vocab_size}], got {cfg.top_k}")
     if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
