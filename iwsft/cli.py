@@ -92,6 +92,19 @@ def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "res
   return path, previous
 
 
+def finished_result(path: str, identity: dict) -> dict | None:
+  """The result.json of a finished run in `path` made with exactly these settings, else None."""
+  path = os.path.abspath(os.path.expanduser(path))
+  result, run_json = os.path.join(path, "result.json"), os.path.join(path, "run.json")
+  if not (os.path.exists(result) and os.path.exists(run_json)):
+    return None
+  with open(run_json) as f:
+    if json.load(f) != json.loads(json.dumps(identity, sort_keys=True, default=float)):
+      return None
+  with open(result) as f:
+    return json.load(f)
+
+
 def _first_difference(old, new, prefix: str = "") -> str:
   if isinstance(old, dict) and isinstance(new, dict):
     for k in sorted(set(old) | set(new)):

@@ -166,3 +166,12 @@ def test_checkpoints_of_another_model_size_are_refused(uninterrupted, tmp_path):
   assert len(lines) == 1 and "from another model" in lines[0], r.stderr[-2000:]
   assert sorted(os.listdir(work)) == ["checkpoints"]
   assert sorted(os.listdir(work / "checkpoints" / "reference")) == listing
+
+
+def test_a_finished_run_with_the_same_settings_is_reused(uninterrupted):
+  before = (uninterrupted / "result.json").read_text()
+  r = run(uninterrupted)
+  assert r.returncode == 0 and "finished earlier" in r.stdout, r.stderr[-2000:]
+  assert (uninterrupted / "result.json").read_text() == before
+  r = run(uninterrupted, "--seed=1")
+  assert r.returncode == 2 and "--overwrite" in r.stderr

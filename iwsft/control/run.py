@@ -1,6 +1,7 @@
 """One control run, end to end: data -> π_ref (BC on all data) -> method -> evaluation -> files.
 
 Every input is checked before anything is written to the workdir, so bad input leaves it as it was.
+A finished run with the same settings is not repeated: its result.json is returned.
 An unfinished run in the workdir with the same settings (run.json) is resumed: finished stages are
 reused and the running one continues from its newest checkpoint, so the end result is bit-identical
 to an uninterrupted run on the same device count.
@@ -85,6 +86,16 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
                                                      cfg, cfg.seed)
 
   # The device count may change between a run and its resumption (checkpoints are resharded).
+  # The device count may change between a run and its resumption (checkpoints are resharded).
+  identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
+              "reference_dir": reference_dir}
+  if not overwrite:
+    finished = cli.finished_result(workdir, identity)
+    if finished is not None:
+      if not quiet:
+        print(f"{cfg.method} on {cfg.dataset}: finished earlier in {workdir} (normalised score "
+              f"{finished['normalised_score']}); --overwrite runs it again")
+      return finished
   if not overwrite:  # refuse checkpoints of another model before the workdir is touched
     for name, st in (("reference", ref_stage), (cfg.method, fin_stage)):
       if st is not None:
