@@ -50,6 +50,7 @@ HELPS = {
 }
 
 cli.define_flags_from_config(get_config(), HELPS, enums={"method": METHODS})
+cli.define_distributed_flags()
 flags.DEFINE_string("workdir", "runs/control", "output directory")
 flags.DEFINE_bool("overwrite", False, "replace a finished or unfinished run in --workdir "
                   "(without it, an unfinished run there with the same flags resumes)")
@@ -59,6 +60,7 @@ flags.DEFINE_string("reference_dir", "", "where π_ref is saved/reused (default:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.init_distributed()
   cfg = cli.config_from_flags(get_config())
   F = flags.FLAGS
   run_control(cfg, F.workdir, F.overwrite, F.reference_dir)

@@ -34,6 +34,7 @@ HELPS = {
 }
 
 cli.define_flags_from_config(get_config(), HELPS)
+cli.define_distributed_flags()
 flags.DEFINE_string("workdir", "runs/lm", "output directory")
 flags.DEFINE_list("seeds", ["0"], "seeds, each run in <workdir>/seed_<s>")
 flags.DEFINE_bool("overwrite", False, "redo stages whose outputs exist (and replace a run made "
@@ -43,6 +44,7 @@ flags.DEFINE_bool("overwrite", False, "redo stages whose outputs exist (and repl
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.init_distributed()
   F = flags.FLAGS
   try:
     seeds = [int(s) for s in F.seeds]

@@ -24,15 +24,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from iwsft.distributed import to_host
 from iwsft.errors import UserError
 
 _policies = ocp.checkpoint_managers
 
 
 def save_state(path: str, state: nnx.State) -> None:
-  """Writes an NNX state (e.g. policy params) to directory `path` (replacing it)."""
+  """Writes an NNX state (e.g. policy params) to directory `path` (replacing it).
+
+  Host copies are written, so every process of a multi-process run can call it with its own copy.
+  """
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(path), nnx.to_pure_dict(state), force=True)
+  ckptr.save(os.path.abspath(path), to_host(nnx.to_pure_dict(state)), force=True)
   ckptr.wait_until_finished()
 
 

@@ -188,6 +188,40 @@ def read_rows(path: str) -> list[dict]:
   return out
 
 
+class NullLog(MetricsLog):
+  """The metrics log of processes other than 0: accepts rows and writes nothing."""
+
+  def __init__(self):
+    self.path = ""
+
+  def rows(self) -> list[dict]:
+    return []
+
+  def drop(self, pred) -> None:
+    pass
+
+  def __call__(self, row: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string("coordinator_address", "", "multi-process runs: host:port of process 0 "
+                      "(leave empty on a TPU pod slice, where jax finds it)")
+  flags.DEFINE_integer("num_processes", 0, "multi-process runs: number of processes (hosts)")
+  flags.DEFINE_integer("process_id", -1, "multi-process runs: this process's index, 0 writes the outputs")
+
+
+def init_distributed() -> None:
+  """jax.distributed set-up from the flags of define_distributed_flags (a no-op for one process)."""
+  from iwsft import distributed
+
+  F = flags.FLAGS
+  distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+
+
 def _row_line(row: dict) -> str:
   return json.dumps(row, sort_keys=True, default=float) + "\n"
 

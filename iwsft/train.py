@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from iwsft.distributed import to_host
 from iwsft.errors import UserError
 from iwsft.objectives import ObjectiveConfig, iw_sft_loss
 from iwsft.preemption import Preempted
@@ -281,7 +282,7 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
 
   def evaluate(step):
     row = {"kind": "eval", "stage": name, "step": step, "time_s": round(time.time() - t0, 3)}
-    row.update(on_eval(state.params))
+    row.update(on_eval(to_host(state.params)))
     log(row)
     return row
 
@@ -299,7 +300,7 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       if n not in compiled:
         compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level)
       state, metrics = compiled[n](state, data, logits)
-      metrics = jax.device_get(metrics)
+      metrics = to_host(metrics)
       bad = _first_bad_step(metrics)
       if bad is not None:
         if checkpoints is not None:

@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from iwsft import checkpoint, cli, plots, train
+from iwsft import checkpoint, cli, distributed, plots, train
 from iwsft.control import data as data_lib
 from iwsft.control import trainer
 from iwsft.control.config import METHODS
@@ -103,9 +103,13 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
         checkpoint.check_resumable(os.path.join(os.path.abspath(workdir), "checkpoints", name), template)
   identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
               "reference_dir": reference_dir}
-  workdir, _ = cli.claim_workdir(workdir, identity, overwrite)
-  if overwrite:
-    cli.remove_outputs(workdir, ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png"))
+  primary = distributed.is_primary()  # only process 0 writes; checkpoints are saved collectively
+  if primary:
+    workdir, _ = cli.claim_workdir(workdir, identity, overwrite)
+    if overwrite:
+      cli.remove_outputs(workdir, ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png"))
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  distributed.barrier("workdir")
   reference_dir = os.path.abspath(reference_dir or os.path.join(workdir, "reference"))
   ref_json = os.path.join(reference_dir, "reference.json")
   ref_saved = None
@@ -116,7 +120,7 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       raise UserError(f"{reference_dir} holds a reference policy trained with other settings; "
                       "choose another --reference_dir")
 
-  log = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+  log = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary else cli.NullLog()
 
   def eval_fn(n, seed_offset):
     act = make_act_fn(graphdef, constants)
@@ -136,7 +140,7 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       if ref_saved is not None:
         ref_params = checkpoint.restore_state(os.path.join(reference_dir, "params"), params)
         constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
-        if not quiet:
+        if not quiet and primary:
           print(f"reference policy loaded from {reference_dir}")
       else:
         ref_params = trainer.train_stage(
@@ -145,7 +149,8 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
             q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common("reference"))
         checkpoint.save_state(os.path.join(reference_dir, "params"), ref_params)
         checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
-        cli.write_json(ref_json, {"key": _reference_key(cfg)})
+        if primary:
+          cli.write_json(ref_json, {"key": _reference_key(cfg)})
 
       if fin_stage is None:
         final_params = ref_params
@@ -181,6 +186,8 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       "devices": [str(d) for d in mesh.devices.flat],
       "config": cfg.to_dict(),
   }
+  if not primary:
+    return result
   cli.write_json(os.path.join(workdir, "result.json"), result)
   rows = cli.read_rows(os.path.join(workdir, "metrics.jsonl"))
   plots.learning_curve([r for r in rows if r["stage"] != "final"], os.path.join(workdir, "curve.png"),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iwsft import curation, train
+from iwsft import curation, distributed, train
 from iwsft.optim import StageConfig, make_optimizer  # noqa: F401  (re-exported)
 from iwsft.control.data import Episodes
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
@@ -104,7 +104,7 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
   state = train.init_state(params, optimizer, seed, ref_params)
   val_nll = None
   if val_episodes is not None:
-    val_data = train.put_replicated(val_episodes.device_data(), mesh)
+    val_data = jax.device_put(val_episodes.device_data())  # this process's default device
     nll_fn = sequence_nll_fn(logprob_fn)
     val_nll = lambda p: {"val_nll": float(nll_fn(p, val_data))}
 
@@ -120,4 +120,4 @@ def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes:
                     eval_every=eval_every, on_eval=on_eval if (evaluate_fn or val_nll) else None,
                     log=log, postfix_key="normalised_score", checkpoints=checkpoints,
                     best_key="return_mean", on_resume=on_resume, guard=guard)
-  return jax.device_get(state.params)
+  return distributed.to_host(state.params)

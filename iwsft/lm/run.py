@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from iwsft import checkpoint, cli, curation, train
+from iwsft import checkpoint, cli, curation, distributed, train
 from iwsft.errors import UserError
 from iwsft.lm import data as lm_data
 from iwsft.lm import task
@@ -128,11 +128,15 @@ class LMRun:
       train.check_batch_size(c.batch_size, self.mesh)
     # Stages and methods may differ between calls on one workdir; the device count may change too.
     identity = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "methods", "num_devices")}
-    self.workdir, previous = cli.claim_workdir(workdir, identity, overwrite, marker="")
-    if overwrite and previous is not None and previous != json.loads(json.dumps(identity, default=float)):
-      cli.remove_outputs(self.workdir, OUTPUTS)
+    self.primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    if self.primary:
+      _, previous = cli.claim_workdir(workdir, identity, overwrite, marker="")
+      if overwrite and previous is not None and previous != json.loads(json.dumps(identity, default=float)):
+        cli.remove_outputs(self.workdir, OUTPUTS)
+    distributed.barrier("workdir")
     self.graphdef, self.init_params = nnx.split(Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed)))
-    self.log = cli.MetricsLog(os.path.join(self.workdir, "metrics.jsonl"))
+    self.log = cli.MetricsLog(self.path("metrics.jsonl")) if self.primary else cli.NullLog()
     self.guard = PreemptionGuard()
 
   def path(self, *parts) -> str:
@@ -142,8 +146,16 @@ class LMRun:
     return os.path.exists(self.path(*parts)) and not self.overwrite
 
   def say(self, text: str) -> None:
-    if not self.quiet:
+    if not self.quiet and self.primary:
       print(text)
+
+  def write_json(self, name: str, obj) -> None:
+    if self.primary:
+      cli.write_json(self.path(name), obj)
+
+  def write_jsonl(self, name: str, rows: list[dict]) -> None:
+    if self.primary:
+      lm_data.write_jsonl(self.path(name), rows)
 
   def load(self, name: str):
     p = self.path(name, "params")
@@ -152,8 +164,9 @@ class LMRun:
     return checkpoint.restore_state(p, self.init_params)
 
   def _train(self, name, params, ref_params, data, logits, stage_cfg, objective, q_decay):
-    if self.overwrite:
+    if self.overwrite and self.primary:
       cli.remove_outputs(self.workdir, [os.path.join("checkpoints", name)])
+    distributed.barrier(f"{name}: checkpoints")
     ckpt = checkpoint.TrainCheckpoints(self.path("checkpoints", name), self.cfg.checkpoint_every,
                                        self.cfg.keep_checkpoints)
     rows = []
@@ -172,12 +185,12 @@ class LMRun:
                       batch_size=stage.batch_size, steps_per_dispatch=self.cfg.steps_per_dispatch,
                       log=log, checkpoints=ckpt, guard=self.guard,
                       on_resume=lambda step: self.log.drop_stage_after(name, step))
-    params = jax.device_get(state.params)
+    params = distributed.to_host(state.params)
     checkpoint.save_state(self.path(name, "params"), params)
     info = {"steps": stage.steps, "wall_time_s": round(time.time() - t0, 2),
             "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * self.mcfg.max_len),
             "final_loss": [r for r in self.log.rows() if r["stage"] == name][-1]["loss"]}
-    cli.write_json(self.path(name, "info.json"), info)
+    self.write_json(os.path.join(name, "info.json"), info)
     return params
 
   # ------------------------------------------------------------------ stages
@@ -213,9 +226,9 @@ class LMRun:
       text = decode(comp)
       correct, score = task.verify(p, text)
       rows.append({"prompt": p, "completion": text, "score": score, "correct": correct})
-    lm_data.write_jsonl(self.path("samples.jsonl"), rows)
+    self.write_jsonl("samples.jsonl", rows)
     acc = np.mean([r["correct"] for r in rows])
-    cli.write_json(self.path("sample_info.json"), {
+    self.write_json("sample_info.json", {
         "samples": len(rows), "correct_fraction": float(acc), "seconds": round(seconds, 2),
         "sample_tokens_per_s": len(rows) * self.max_new / seconds})
     self.say(f"sample: {len(rows)} samples, {100 * acc:.1f}% verified correct")
@@ -227,8 +240,8 @@ class LMRun:
     keep = [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]} for r in rows if r["correct"]]
     if not keep:
       raise UserError("no verified-correct samples to fine-tune on: train the base model longer")
-    lm_data.write_jsonl(self.path("curated.jsonl"), keep)
-    lm_data.write_jsonl(self.path("scored.jsonl"),
+    self.write_jsonl("curated.jsonl", keep)
+    self.write_jsonl("scored.jsonl",
                         [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]} for r in rows])
     self.say(f"curate: {len(keep)} of {len(rows)} samples verified correct")
 
@@ -275,12 +288,13 @@ class LMRun:
               "parameters": param_count(self.init_params), "config": self.cfg.to_dict()}
     if os.path.exists(self.path("sample_info.json")):
       result["sampling"] = json.load(open(self.path("sample_info.json")))
-    cli.write_json(self.path("result.json"), result)
+    self.write_json("result.json", result)
     lines = ["| model | pass@1 greedy | pass@1 sampled | partial score (greedy) |", "|---|---|---|---|"]
     lines += [f"| {n} | {100 * r['pass@1_greedy']:.1f}% | {100 * r['pass@1_sampled']:.1f}% | "
               f"{r['score_greedy']:.3f} |" for n, r in models.items()]
-    with open(self.path("table.md"), "w") as f:
-      f.write("\n".join(lines) + "\n")
+    if self.primary:
+      with open(self.path("table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
     self.say("\n".join(lines))
     return result
 
@@ -294,6 +308,7 @@ def run_lm(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> d
       for stage in STAGES:
         if stage in run.stages and not (run.user_records is not None and stage in ("sample", "curate")):
           out = getattr(run, stage)()
+          distributed.barrier(stage)  # the next stage may read what process 0 wrote
           if stage == "evaluate":
             result = out
   finally:

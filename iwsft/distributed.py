@@ -1,0 +1,63 @@
+"""Multi-process (multi-host) set-up through `jax.distributed`, and the helpers that depend on it.
+
+One process runs per host (per GPU host, or per TPU VM worker); together they see every device as
+one global `jax.devices()` list, over which `train.make_mesh` builds the mesh. Replicated arrays are
+identical in every process, so each process can read its own copy (`to_host`); only process 0
+writes logs, results and plots, while checkpoints are written collectively by orbax.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from iwsft.errors import UserError
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+  """Joins the processes of one run; a no-op for a single process.
+
+  With coordinator_address ("host:port" of process 0), num_processes and process_id given, they are
+  used; on a TPU pod slice or under SLURM/Open MPI, jax finds them itself when
+  JAX_COORDINATOR_ADDRESS or the cluster's environment is set (pass nothing). On CPU the processes
+  exchange data through gloo collectives.
+  """
+  explicit = bool(coordinator_address)
+  if not explicit and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if num_processes > 1 or process_id >= 0:
+      raise UserError("--num_processes/--process_id need --coordinator_address (host:port of process 0)")
+    return
+  if explicit and (num_processes < 1 or not 0 <= process_id < num_processes):
+    raise UserError(f"with --coordinator_address, give --num_processes >= 1 and --process_id in "
+                    f"[0, num_processes), got {num_processes} and {process_id}")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def is_primary() -> bool:
+  """Whether this process writes logs, results and plots (process 0)."""
+  return jax.process_index() == 0
+
+
+def to_host(tree):
+  """Numpy copies of a pytree of replicated (or single-process) arrays, readable in every process."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the same named point (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

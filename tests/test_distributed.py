@@ -1,0 +1,64 @@
+"""Two processes on localhost (gloo CPU collectives, 4 forced devices each) against one process with
+8 devices: the same global batches, so the same training within float tolerance."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import MIXED
+from test_resume import params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTROL = [os.path.join(ROOT, "experiments", "control.py"), f"--dataset={MIXED}", "--method=iw_sft",
+           "--hidden=32,32", "--reference_steps=60", "--reference_batch_size=8", "--steps=40",
+           "--batch_size=8", "--warmup_steps=5", "--eval_every=20", "--eval_episodes=2",
+           "--final_eval_episodes=2", "--steps_per_dispatch=10", "--checkpoint_every=20"]
+
+
+def env(devices):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return e
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(args, work):
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, *args, f"--workdir={work}", f"--coordinator_address=localhost:{port}",
+                             "--num_processes=2", f"--process_id={i}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env(4)) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def train_rows(work):
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if r["kind"] == "train"]
+
+
+def test_two_processes_train_the_control_policy_like_one_process_with_as_many_devices(datasets, tmp_path):
+  one = subprocess.run([sys.executable, *CONTROL, f"--workdir={tmp_path / 'one'}"], capture_output=True,
+                       text=True, cwd=ROOT, env=env(8), timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  outs = run_two_processes(CONTROL, tmp_path / "two")
+  assert "normalised score" in outs[0][0] and "normalised score" not in outs[1][0]  # process 0 reports
+  result = json.loads((tmp_path / "two" / "result.json").read_text())
+  assert len(result["devices"]) == 8
+  for a, b in zip(params(tmp_path / "two"), params(tmp_path / "one"), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  ra, rb = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
+  assert [(r["stage"], r["step"]) for r in ra] == [(r["stage"], r["step"]) for r in rb]
+  np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-4, atol=1e-5)
+
