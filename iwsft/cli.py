@@ -208,8 +208,8 @@ class NullLog(MetricsLog):
 
 
 def define_distributed_flags() -> None:
-  flags.DEFINE_string("coordinator_address", "", "multi-process runs: host:port of process 0 "
-                      "(leave empty on a TPU pod slice, where jax finds it)")
+  flags.DEFINE_string("coordinator_address", "", "multi-process runs: host:port of process 0, or "
+                      "'auto' where jax detects the cluster (TPU pod slices, SLURM, Open MPI)")
   flags.DEFINE_integer("num_processes", 0, "multi-process runs: number of processes (hosts)")
   flags.DEFINE_integer("process_id", -1, "multi-process runs: this process's index, 0 writes the outputs")
 
