@@ -97,7 +97,7 @@ class TrainCheckpoints:
 
   def save(self, step: int, state, metric: float | None = None) -> None:
     """Starts an asynchronous save of `state` at `step` (arrays are copied off the devices first)."""
-    items = {"state": ocp.args.StandardSave(dict(enumerate_leaves(state))),
+    items = {"state": ocp.args.StandardSave({str(i): x for i, x in enumerate(jax.tree.leaves(state))}),
              "layout": ocp.args.JsonSave({"leaves": layout(state)})}
     metrics = None if metric is None or not np.isfinite(metric) else {"metric": float(metric)}
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
@@ -109,13 +109,8 @@ class TrainCheckpoints:
     model raises UserError; an unreadable step is skipped with a warning and the one before is tried.
     """
     want = layout(template)
-    for step in reversed(self.steps()):
-      try:
-        saved = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged step
-        _warn_skip(self.directory, step, e)
-        continue
-      _check_layout(saved.layout["leaves"], want, self.directory, step)
+    for step, saved in _readable_layouts(self.manager, self.directory, warn=True):
+      _check_layout(saved, want, self.directory, step)
       abstract = {str(i): jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=sharding)
                   for i, (_, s, d) in enumerate(want)}
       try:
@@ -145,20 +140,23 @@ def check_resumable(directory: str, template) -> None:
   options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
   manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
   try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        saved = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
-      except Exception:  # noqa: BLE001 -- damaged: restore_latest will skip it with a warning
-        continue
-      _check_layout(saved.layout["leaves"], layout(template), directory, step)
+    for step, saved in _readable_layouts(manager, directory, warn=False):
+      _check_layout(saved, layout(template), directory, step)
       return
   finally:
     manager.close()
 
 
-def enumerate_leaves(tree):
-  for i, x in enumerate(jax.tree.leaves(tree)):
-    yield str(i), x
+def _readable_layouts(manager, directory: str, warn: bool):
+  """(step, saved layout) of each readable step, newest first; a damaged one is skipped (warned if warn)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged step
+      if warn:
+        _warn_skip(directory, step, e)
+      continue
+    yield step, saved.layout["leaves"]
 
 
 def _warn_skip(directory: str, step: int, error: Exception) -> None:

@@ -71,37 +71,44 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
   return path
 
 
-def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "result.json") -> tuple[str, dict | None]:
-  """prepare_workdir, then records the run's identity in run.json -> (workdir, the previous identity).
+def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "result.json") -> tuple[str, bool]:
+  """prepare_workdir, then records the run's identity in run.json -> (workdir, whether it changed).
 
   identity: the settings a resumed run must share (JSON-able). An unfinished run with other settings
   is refused unless overwrite; the caller removes what overwrite replaces (remove_outputs).
   """
   path = prepare_workdir(path, overwrite, marker)
-  run_json = os.path.join(path, "run.json")
-  previous = None
-  if os.path.exists(run_json):
-    with open(run_json) as f:
-      previous = json.load(f)
-  identity = json.loads(json.dumps(identity, sort_keys=True, default=float))
-  if previous is not None and previous != identity and not overwrite:
+  previous = _read_identity(path)
+  identity = _canonical(identity)
+  changed = previous is not None and previous != identity
+  if changed and not overwrite:
     raise UserError(f"workdir {path} holds an unfinished run with other settings "
                     f"({_first_difference(previous, identity)}); run it with the same flags to resume, "
                     "or pass --overwrite, or choose another --workdir")
-  write_json(run_json, identity)
-  return path, previous
+  write_json(os.path.join(path, "run.json"), identity)
+  return path, changed
 
 
 def finished_result(path: str, identity: dict) -> dict | None:
   """The result.json of a finished run in `path` made with exactly these settings, else None."""
   path = os.path.abspath(os.path.expanduser(path))
-  result, run_json = os.path.join(path, "result.json"), os.path.join(path, "run.json")
-  if not (os.path.exists(result) and os.path.exists(run_json)):
+  result = os.path.join(path, "result.json")
+  if not os.path.exists(result) or _read_identity(path) != _canonical(identity):
+    return None
+  with open(result) as f:
+    return json.load(f)
+
+
+def _canonical(identity: dict) -> dict:
+  """identity as it reads back from run.json (tuples become lists, keys strings)."""
+  return json.loads(json.dumps(identity, sort_keys=True, default=float))
+
+
+def _read_identity(path: str) -> dict | None:
+  run_json = os.path.join(path, "run.json")
+  if not os.path.exists(run_json):
     return None
   with open(run_json) as f:
-    if json.load(f) != json.loads(json.dumps(identity, sort_keys=True, default=float)):
-      return None
-  with open(result) as f:
     return json.load(f)
 
 
@@ -140,10 +147,8 @@ class MetricsLog:
   checkpoint a stage resumes from.
   """
 
-  def __init__(self, path: str, fresh: bool = False):
+  def __init__(self, path: str):
     self.path = path
-    if fresh and os.path.exists(path):
-      os.remove(path)
     self._rewrite(self.rows())
     self._f = open(path, "a")
 

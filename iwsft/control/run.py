@@ -86,7 +86,6 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
                                                      cfg, cfg.seed)
 
   # The device count may change between a run and its resumption (checkpoints are resharded).
-  # The device count may change between a run and its resumption (checkpoints are resharded).
   identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
               "reference_dir": reference_dir}
   if not overwrite:
@@ -96,13 +95,11 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
         print(f"{cfg.method} on {cfg.dataset}: finished earlier in {workdir} (normalised score "
               f"{finished['normalised_score']}); --overwrite runs it again")
       return finished
-  if not overwrite:  # refuse checkpoints of another model before the workdir is touched
+    # Refuse checkpoints of another model before the workdir is touched.
     for name, st in (("reference", ref_stage), (cfg.method, fin_stage)):
       if st is not None:
         template = jax.eval_shape(lambda st=st: train.init_state(params, trainer.make_optimizer(st), 0))
         checkpoint.check_resumable(os.path.join(os.path.abspath(workdir), "checkpoints", name), template)
-  identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
-              "reference_dir": reference_dir}
   primary = distributed.is_primary()  # only process 0 writes; checkpoints are saved collectively
   if primary:
     workdir, _ = cli.claim_workdir(workdir, identity, overwrite)

@@ -131,8 +131,8 @@ class LMRun:
     self.primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     if self.primary:
-      _, previous = cli.claim_workdir(workdir, identity, overwrite, marker="")
-      if overwrite and previous is not None and previous != json.loads(json.dumps(identity, default=float)):
+      _, changed = cli.claim_workdir(workdir, identity, overwrite, marker="")
+      if changed:  # only reachable with overwrite
         cli.remove_outputs(self.workdir, OUTPUTS)
     distributed.barrier("workdir")
     self.graphdef, self.init_params = nnx.split(Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed)))
@@ -187,10 +187,11 @@ class LMRun:
                       on_resume=lambda step: self.log.drop_stage_after(name, step))
     params = distributed.to_host(state.params)
     checkpoint.save_state(self.path(name, "params"), params)
-    info = {"steps": stage.steps, "wall_time_s": round(time.time() - t0, 2),
-            "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * self.mcfg.max_len),
-            "final_loss": [r for r in self.log.rows() if r["stage"] == name][-1]["loss"]}
-    self.write_json(os.path.join(name, "info.json"), info)
+    if self.primary:  # the metrics log (and so the final loss) exists in process 0 only
+      info = {"steps": stage.steps, "wall_time_s": round(time.time() - t0, 2),
+              "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * self.mcfg.max_len),
+              "final_loss": [r for r in self.log.rows() if r["stage"] == name][-1]["loss"]}
+      cli.write_json(self.path(name, "info.json"), info)
     return params
 
   # ------------------------------------------------------------------ stages
