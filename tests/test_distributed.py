@@ -61,3 +61,36 @@ def test_two_processes_train_the_control_policy_like_one_process_with_as_many_de
   assert [(r["stage"], r["step"]) for r in ra] == [(r["stage"], r["step"]) for r in rb]
   np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-4, atol=1e-5)
 
+
+
+LM = [os.path.join(ROOT, "experiments", "lm.py"), "--model_d_model=32", "--model_n_layers=1",
+      "--model_n_heads=2", "--model_d_ff=64", "--model_max_len=48", "--task_digits=1", "--task_demos=256",
+      "--task_sample_prompts=16", "--task_samples_per_prompt=2", "--task_eval_problems=16",
+      "--base_steps=200", "--base_batch_size=16", "--base_warmup_steps=5", "--finetune_steps=20",
+      "--finetune_batch_size=8", "--finetune_warmup_steps=2", "--steps_per_dispatch=10",
+      "--methods=sft,iw_sft"]
+
+
+def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(tmp_path):
+  import jax
+  from flax import nnx
+
+  from iwsft import checkpoint
+  from iwsft.lm.model import LMConfig, Transformer
+
+  one = subprocess.run([sys.executable, *LM, f"--workdir={tmp_path / 'one'}"], capture_output=True,
+                       text=True, cwd=ROOT, env=env(8), timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  run_two_processes(LM, tmp_path / "two")
+  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48),
+                                   rngs=nnx.Rngs(0)))
+  for name in ("base", "sft", "iw_sft"):
+    a = checkpoint.restore_state(str(tmp_path / "one" / "seed_0" / name / "params"), template)
+    b = checkpoint.restore_state(str(tmp_path / "two" / "seed_0" / name / "params"), template)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  assert (tmp_path / "two" / "seed_0" / "samples.jsonl").read_text() == \
+      (tmp_path / "one" / "seed_0" / "samples.jsonl").read_text()
+  res = [json.loads((tmp_path / w / "seed_0" / "result.json").read_text()) for w in ("one", "two")]
+  scores = lambda r: {m: {k: v for k, v in s.items() if k != "train_tokens_per_s"} for m, s in r["models"].items()}
+  assert scores(res[0]) == scores(res[1])  # everything but the wall-clock throughput
