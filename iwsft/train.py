@@ -15,7 +15,7 @@ all-reduce. Device-resident datasets have the same layout with N sequences in pl
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -77,6 +77,25 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, seed: in
       step=jnp.zeros((), jnp.int32),
       key=prng_key(seed),
   )
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """S independent states -> one state whose every leaf has a leading seed axis [S, ...].
+
+  `fit` trains such a state with the update vmapped over that axis: S runs (seeds) on the same data
+  in one program, each with its own parameters, optimiser state and sampling key.
+  """
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def num_seeds(state: TrainState) -> int | None:
+  """S for a stacked state (stack_states), None for a single run."""
+  return None if state.step.ndim == 0 else int(state.step.shape[0])
+
+
+def seed_slice(tree, i: int | None):
+  """Seed i of a stacked pytree; the tree itself when i is None (a single run)."""
+  return tree if i is None else jax.tree.map(lambda x: x[i], tree)
 
 
 def make_update(logprob_fn: LogProbFn, optimizer: optax.GradientTransformation,
@@ -195,25 +214,29 @@ def jit_update(update, mesh: Mesh):
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
-def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_level: bool = False):
+def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_level: bool = False,
+                     vmapped: bool = False):
   """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
 
   Batches are sampled inside the graph from device-resident `data` (replicated) with the state's
   key, so there is no host round trip per step. metrics come back stacked, each [num_steps].
+  vmapped: the state carries a leading seed axis (stack_states); every seed samples its own batch
+  from the shared data and takes its own step; metrics are [num_steps, S].
   """
   check_batch_size(batch_size, mesh)
   sampler = sample_steps if step_level else sample_sequences
   shard = batch_sharded(mesh)
 
-  def train_steps(state: TrainState, data: Batch, logits: jax.Array):
-    def body(state, _):
-      key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-      batch = sampler(sub, data, logits, batch_size)
-      batch = jax.lax.with_sharding_constraint(batch, shard)
-      state, metrics = update(state.replace(key=jax.random.key_data(key)), batch)
-      return state, metrics
+  def one_step(state: TrainState, data: Batch, logits: jax.Array):
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+    batch = jax.lax.with_sharding_constraint(sampler(sub, data, logits, batch_size), shard)
+    return update(state.replace(key=jax.random.key_data(key)), batch)
 
-    return jax.lax.scan(body, state, None, length=num_steps)
+  if vmapped:  # the batch's seed axis is left unconstrained, its batch axis split over "data"
+    one_step = jax.vmap(one_step, in_axes=(0, None, None))
+
+  def train_steps(state: TrainState, data: Batch, logits: jax.Array):
+    return jax.lax.scan(lambda st, _: one_step(st, data, logits), state, None, length=num_steps)
 
   rep = replicated(mesh)
   return jax.jit(train_steps, in_shardings=(rep, rep, rep), out_shardings=(rep, rep),
@@ -245,10 +268,17 @@ def _chunk_row(metrics: dict[str, np.ndarray]) -> dict[str, float]:
   return row
 
 
+def _per_seed(fn_or_fns, count: int, what: str) -> list:
+  """A callable for one run, or a sequence of `count` callables for a stacked state, as a list."""
+  fns = list(fn_or_fns) if isinstance(fn_or_fns, (list, tuple)) else [fn_or_fns] * count
+  if len(fns) != count:
+    raise ValueError(f"{what}: {len(fns)} callables for {count} seeds")
+  return fns
+
+
 def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str, steps: int,
         batch_size: int, step_level: bool = False, steps_per_dispatch: int = 100,
-        eval_every: int = 0, on_eval: Callable[[Params], dict] | None = None,
-        log: Callable[[dict], None] = lambda row: None, postfix_key: str | None = None,
+        eval_every: int = 0, on_eval=None, log=lambda row: None, postfix_key: str | None = None,
         checkpoints=None, best_key: str | None = None, on_resume: Callable[[int], None] | None = None,
         guard=None) -> TrainState:
   """The training loop both pipelines share: `steps` updates in jitted chunks, with a progress bar.
@@ -256,6 +286,9 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   data/logits: host arrays (the sampling pool and its logits), placed on the mesh once.
   log receives one "train" row per chunk (metrics averaged over the chunk) and one "eval" row at
   step 0, every eval_every updates and at the end, with what on_eval(params) returns.
+  A stacked state (stack_states, S seeds) is trained with the update vmapped over seeds; log and
+  on_eval are then either one callable for all seeds or a sequence of S (seed i gets log[i] and
+  on_eval[i](params of seed i)), and the best-checkpoint metric is the mean over seeds.
 
   checkpoints (a checkpoint.TrainCheckpoints): if it holds a checkpoint, training resumes from the
   newest readable one, and on_resume(step) is called first (with 0 on a fresh start) so the caller
@@ -266,6 +299,10 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   A non-finite loss or gradient that was not skipped (make_update's skip_nonfinite) stops training
   with FloatingPointError naming the step; the last checkpoint saved is the last good state.
   """
+  seeds = num_seeds(state)
+  index = list(range(seeds)) if seeds else [None]  # seed_slice indices
+  logs = _per_seed(log, len(index), "log")
+  evals = None if on_eval is None else _per_seed(on_eval, len(index), "on_eval")
   done = 0
   if checkpoints is not None:
     restored = checkpoints.restore_latest(jax.eval_shape(lambda: state), replicated(mesh))
@@ -280,17 +317,21 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   compiled = {}
   t0 = time.time()
 
-  def evaluate(step):
-    row = {"kind": "eval", "stage": name, "step": step, "time_s": round(time.time() - t0, 3)}
-    row.update(on_eval(to_host(state.params)))
-    log(row)
-    return row
+  def evaluate(step) -> list[dict]:
+    params = to_host(state.params)
+    rows = []
+    for i, ev, lg in zip(index, evals, logs):
+      row = {"kind": "eval", "stage": name, "step": step, "time_s": round(time.time() - t0, 3)}
+      row.update(ev(seed_slice(params, i)))
+      lg(row)
+      rows.append(row)
+    return rows
 
-  def save(step, row=None):
-    if checkpoints is not None:
-      checkpoints.save(step, state, None if row is None or best_key is None else row.get(best_key))
+  def mean_of(rows, key):
+    values = [r.get(key) for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
 
-  if on_eval is not None and eval_every > 0 and done == 0:
+  if evals is not None and eval_every > 0 and done == 0:
     evaluate(0)
   with tqdm(total=steps, initial=done, desc=name, unit="step", dynamic_ncols=True, leave=False) as bar:
     while done < steps:
@@ -298,32 +339,40 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       if eval_every > 0:
         n = min(n, eval_every - done % eval_every)
       if n not in compiled:
-        compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level)
+        compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level, vmapped=bool(seeds))
       state, metrics = compiled[n](state, data, logits)
       metrics = to_host(metrics)
-      bad = _first_bad_step(metrics)
-      if bad is not None:
+      per_seed = [metrics if i is None else {k: v[:, i] for k, v in metrics.items()} for i in index]
+      bad = [(b, i) for i, m in zip(index, per_seed) if (b := _first_bad_step(m)) is not None]
+      if bad:
+        b, i = min(bad, key=lambda t: t[0])
         if checkpoints is not None:
           checkpoints.wait()
         last = checkpoints.steps()[-1:] if checkpoints is not None else []
         raise FloatingPointError(
-            f"{name}: non-finite loss or gradient at step {done + bad + 1}"
+            f"{name}: non-finite loss or gradient at step {done + b + 1}"
+            + ("" if i is None else f" (seed index {i})")
             + (f"; last good checkpoint: step {last[0]} in {checkpoints.directory}" if last else ""))
       previous, done = done, done + n
-      row = _chunk_row(metrics)
-      log({"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3), **row})
+      train_rows = []
+      for m, lg in zip(per_seed, logs):
+        row = {"kind": "train", "stage": name, "step": done, "time_s": round(time.time() - t0, 3),
+               **_chunk_row(m)}
+        lg(row)
+        train_rows.append(row)
       bar.update(n)
-      postfix = {"loss": f"{row['loss']:.3f}"}
-      eval_row = None
-      if on_eval is not None and ((eval_every > 0 and done % eval_every == 0) or done == steps):
-        eval_row = evaluate(done)
-        if postfix_key and eval_row.get(postfix_key) is not None:
-          postfix[postfix_key] = f"{eval_row[postfix_key]:.3g}"
+      postfix = {"loss": f"{mean_of(train_rows, 'loss'):.3f}"}
+      eval_rows = None
+      if evals is not None and ((eval_every > 0 and done % eval_every == 0) or done == steps):
+        eval_rows = evaluate(done)
+        if postfix_key and mean_of(eval_rows, postfix_key) is not None:
+          postfix[postfix_key] = f"{mean_of(eval_rows, postfix_key):.3g}"
       bar.set_postfix(postfix)
       stopping = guard is not None and guard.requested and done < steps
       if checkpoints is not None and (checkpoints.due(done, previous) or done == steps
-                                      or eval_row is not None or stopping):
-        save(done, eval_row)
+                                      or eval_rows is not None or stopping):
+        checkpoints.save(done, state, None if eval_rows is None or best_key is None
+                         else mean_of(eval_rows, best_key))
       if stopping:
         if checkpoints is not None:
           checkpoints.wait()
