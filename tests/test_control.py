@@ -154,3 +154,57 @@ def test_finished_run_is_not_overwritten(datasets, tmp_path):
   r = cli(f"--dataset={MIXED}", f"--workdir={work}", *TINY)
   assert r.returncode == 2 and "--overwrite" in r.stderr
   assert (work / "result.json").read_text() == "{}"
+
+
+def _tiny_config(method="iw_sft"):
+  from iwsft.control.config import get_config
+
+  cfg = get_config()
+  cfg.update(dataset=MIXED, method=method, hidden="32,32", steps=40, batch_size=8, warmup_steps=5,
+             eval_every=20, eval_episodes=2, final_eval_episodes=3, steps_per_dispatch=20)
+  cfg.reference.update(steps=100, batch_size=8)
+  return cfg
+
+
+def test_seeds_trained_together_match_seeds_run_one_by_one(datasets, tmp_path):
+  """run_control_seeds vmaps two seeds through both stages; each must equal run_control of that seed."""
+  import orbax.checkpoint as ocp
+
+  from iwsft.control.run import run_control, run_control_seeds
+
+  cfg = _tiny_config()
+  together = run_control_seeds(cfg, [3, 5], str(tmp_path / "group"), quiet=True)
+  assert [r["seed"] for r in together] == [3, 5] and together[0]["seeds_trained_together"] == 2
+  summary = json.loads((tmp_path / "group" / "result.json").read_text())
+  assert [r["seed"] for r in summary["results"]] == [3, 5]
+  for seed, r in zip([3, 5], together):
+    alone_cfg = _tiny_config()
+    alone_cfg.seed = seed
+    alone = run_control(alone_cfg, str(tmp_path / f"alone{seed}"), quiet=True)
+    cell = tmp_path / "group" / f"seed_{seed}"
+    assert json.loads((cell / "result.json").read_text())["seed"] == seed
+    a = ocp.StandardCheckpointer().restore(str(cell / "policy" / "params"))
+    b = ocp.StandardCheckpointer().restore(str(tmp_path / f"alone{seed}" / "policy" / "params"))
+    for x, y in zip(jax_leaves(a), jax_leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+    rows = lambda d: [(r["stage"], r["step"], r["kind"]) for r in
+                      map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert rows(cell) == rows(tmp_path / f"alone{seed}")
+    # same parameters, so the same evaluation episodes give (nearly) the same returns
+    np.testing.assert_allclose(r["return_mean"], alone["return_mean"], rtol=0.05, atol=1.0)
+  # rerunning the group reuses it; other seeds in the same (finished) workdir are refused
+  again = run_control_seeds(cfg, [3, 5], str(tmp_path / "group"), quiet=True)
+  assert again == together
+  from iwsft.errors import UserError
+
+  with pytest.raises(UserError, match="already holds a finished run"):
+    run_control_seeds(cfg, [3, 6], str(tmp_path / "group"), quiet=True)
+  with pytest.raises(UserError, match="val_fraction"):
+    cfg.val_fraction = 0.2
+    run_control_seeds(cfg, [0, 1], str(tmp_path / "split"), quiet=True)
+
+
+def jax_leaves(tree):
+  import jax
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -35,10 +35,10 @@ from iwsft.errors import UserError
 from iwsft.preemption import PreemptionGuard
 
 
-def _reference_key(cfg) -> dict:
-  return {"dataset": cfg.dataset, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-          "hidden": cfg.hidden, "state_dependent_std": cfg.state_dependent_std,
-          "reference": cfg.reference.to_dict()}
+def _reference_key(cfg, seeds) -> dict:
+  return {"dataset": cfg.dataset, "seed": seeds[0] if len(seeds) == 1 else list(seeds),
+          "val_fraction": cfg.val_fraction, "hidden": cfg.hidden,
+          "state_dependent_std": cfg.state_dependent_std, "reference": cfg.reference.to_dict()}
 
 
 def _stage(c, weight_decay=0.0) -> trainer.StageConfig:
@@ -47,9 +47,35 @@ def _stage(c, weight_decay=0.0) -> trainer.StageConfig:
                              schedule=c.schedule, weight_decay=weight_decay)
 
 
+OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png")
+
+
 def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str = "",
                 quiet: bool = False) -> dict:
-  """Trains and evaluates cfg.method on cfg.dataset; returns the result dict (also result.json)."""
+  """Trains and evaluates cfg.method on cfg.dataset with seed cfg.seed; returns the result dict
+  (also result.json)."""
+  return _run(cfg, [cfg.seed], workdir, overwrite, reference_dir, quiet)[0]
+
+
+def run_control_seeds(cfg, seeds, workdir: str, overwrite: bool = False, reference_dir: str = "",
+                      quiet: bool = False) -> list[dict]:
+  """run_control for several seeds trained together (vmapped over seeds, one program, same data).
+
+  Seed s writes metrics.jsonl, result.json, curve.png and policy/ to <workdir>/seed_<s>/; the
+  workdir holds run.json, the stacked checkpoints, and result.json with every seed's result.
+  Returns the per-seed results in the order of `seeds` (cfg.seed is ignored).
+  """
+  seeds = [int(s) for s in seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise UserError(f"seeds must be distinct and at least one, got {seeds}")
+  if len(seeds) > 1 and cfg.val_fraction > 0:
+    raise UserError("seeds trained together share one data split: use val_fraction=0, or run the "
+                    "seeds one by one")
+  return _run(cfg, seeds, workdir, overwrite, reference_dir, quiet, per_seed_dirs=True)
+
+
+def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: str, quiet: bool,
+         per_seed_dirs: bool = False) -> list[dict]:
   t_start = time.time()
   if cfg.method not in METHODS:
     raise UserError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
@@ -75,79 +101,97 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
   data_lib.check_matches_env(episodes, env.action_space, env.observation_space, cfg.dataset)
   env.close()
   ref_min, ref_max = data_lib.reference_scores(dataset)
-  train_eps, val_eps = data_lib.split_episodes(episodes, cfg.val_fraction, cfg.seed)
+  train_eps, val_eps = data_lib.split_episodes(episodes, cfg.val_fraction, seeds[0])
   ref_logits, ref_weight = trainer.curation_for("bc", train_eps, cfg)
   logits, weight = trainer.curation_for(cfg.method, train_eps, cfg)
   mesh = train.make_mesh(cfg.num_devices or None)
   for st in (ref_stage, fin_stage):
     if st is not None:
       train.check_batch_size(st.batch_size, mesh)
-  graphdef, params, constants = trainer.build_policy(train_eps, action_space.low, action_space.high,
-                                                     cfg, cfg.seed)
+  built = [trainer.build_policy(train_eps, action_space.low, action_space.high, cfg, s) for s in seeds]
+  graphdef, constants = built[0][0], built[0][2]  # normalisation comes from the data, not the seed
+  init_params = [b[1] for b in built]
 
   # The device count may change between a run and its resumption (checkpoints are resharded).
-  identity = {"config": {k: v for k, v in cfg.to_dict().items() if k != "num_devices"},
-              "reference_dir": reference_dir}
+  config = {k: v for k, v in cfg.to_dict().items() if k != "num_devices"}
+  identity = {"config": config, "reference_dir": reference_dir}
+  if per_seed_dirs:
+    config.pop("seed")
+    identity["seeds"] = seeds
   if not overwrite:
     finished = cli.finished_result(workdir, identity)
     if finished is not None:
+      results = finished["results"] if per_seed_dirs else [finished]
       if not quiet:
+        scores = ", ".join(str(r["normalised_score"]) for r in results)
         print(f"{cfg.method} on {cfg.dataset}: finished earlier in {workdir} (normalised score "
-              f"{finished['normalised_score']}); --overwrite runs it again")
-      return finished
+              f"{scores}); --overwrite runs it again")
+      return results
     # Refuse checkpoints of another model before the workdir is touched.
     for name, st in (("reference", ref_stage), (cfg.method, fin_stage)):
       if st is not None:
-        template = jax.eval_shape(lambda st=st: train.init_state(params, trainer.make_optimizer(st), 0))
+        template = jax.eval_shape(lambda st=st: _initial_state(init_params, st, seeds))
         checkpoint.check_resumable(os.path.join(os.path.abspath(workdir), "checkpoints", name), template)
   primary = distributed.is_primary()  # only process 0 writes; checkpoints are saved collectively
+  seed_dirs = [f"seed_{s}" for s in seeds] if per_seed_dirs else ["."]
   if primary:
     workdir, _ = cli.claim_workdir(workdir, identity, overwrite)
     if overwrite:
-      cli.remove_outputs(workdir, ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png"))
+      cli.remove_outputs(workdir, OUTPUTS + tuple(d for d in os.listdir(workdir) if d.startswith("seed_")))
+    for d in seed_dirs:
+      os.makedirs(os.path.join(workdir, d), exist_ok=True)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  out_dirs = [os.path.normpath(os.path.join(workdir, d)) for d in seed_dirs]
   distributed.barrier("workdir")
   reference_dir = os.path.abspath(reference_dir or os.path.join(workdir, "reference"))
   ref_json = os.path.join(reference_dir, "reference.json")
+  ref_key = _reference_key(cfg, seeds)
   ref_saved = None
   if os.path.exists(ref_json):
     with open(ref_json) as f:
       ref_saved = json.load(f)
-    if ref_saved["key"] != _reference_key(cfg):
+    if ref_saved["key"] != ref_key:
       raise UserError(f"{reference_dir} holds a reference policy trained with other settings; "
                       "choose another --reference_dir")
 
-  log = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl")) if primary else cli.NullLog()
+  logs = [cli.MetricsLog(os.path.join(d, "metrics.jsonl")) if primary else cli.NullLog() for d in out_dirs]
 
-  def eval_fn(n, seed_offset):
+  def eval_fns(n, seed_offset):
     act = make_act_fn(graphdef, constants)
-    return lambda p: evaluate(lambda o: act(p, o), env_spec, n, cfg.seed + seed_offset, ref_min, ref_max)
+    return [lambda p, s=s: evaluate(lambda o: act(p, o), env_spec, n, s + seed_offset, ref_min, ref_max)
+            for s in seeds]
 
-  def common(stage):
+  def common(stage, key_offset=0):
     ckpt = checkpoint.TrainCheckpoints(os.path.join(workdir, "checkpoints", stage), cfg.checkpoint_every,
                                        cfg.keep_checkpoints)
+
+    def on_resume(step):
+      for log in logs:
+        log.drop_stage_after(stage, step)
+
     return dict(name=stage, graphdef=graphdef, constants=constants, mesh=mesh, eval_every=cfg.eval_every,
-                steps_per_dispatch=cfg.steps_per_dispatch, log=log, val_episodes=val_eps,
-                skip_nonfinite=cfg.skip_nonfinite, checkpoints=ckpt, guard=guard,
-                on_resume=lambda step: log.drop_stage_after(stage, step))
+                steps_per_dispatch=cfg.steps_per_dispatch, logs=logs, val_episodes=val_eps,
+                skip_nonfinite=cfg.skip_nonfinite, checkpoints=ckpt, guard=guard, on_resume=on_resume,
+                seeds=[s + key_offset for s in seeds])
 
   guard = PreemptionGuard()
   try:
     with guard:
       if ref_saved is not None:
-        ref_params = checkpoint.restore_state(os.path.join(reference_dir, "params"), params)
+        ref_params = _unstack(checkpoint.restore_state(os.path.join(reference_dir, "params"),
+                                                       _stack(init_params)), len(seeds))
         constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
         if not quiet and primary:
           print(f"reference policy loaded from {reference_dir}")
       else:
         ref_params = trainer.train_stage(
-            params=params, ref_params=None, episodes=train_eps, logits=ref_logits,
+            params=init_params, ref_params=None, episodes=train_eps, logits=ref_logits,
             weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
-            q_decay=0.0, seed=cfg.seed, evaluate_fn=eval_fn(cfg.eval_episodes, 1000), **common("reference"))
-        checkpoint.save_state(os.path.join(reference_dir, "params"), ref_params)
+            q_decay=0.0, evaluate_fns=eval_fns(cfg.eval_episodes, 1000), **common("reference"))
+        checkpoint.save_state(os.path.join(reference_dir, "params"), _stack(ref_params))
         checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
         if primary:
-          cli.write_json(ref_json, {"key": _reference_key(cfg)})
+          cli.write_json(ref_json, {"key": ref_key})
 
       if fin_stage is None:
         final_params = ref_params
@@ -155,20 +199,65 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
         final_params = trainer.train_stage(
             params=ref_params, ref_params=ref_params, episodes=train_eps,
             logits=logits, weight=weight, stage=fin_stage, objective=objective,
-            q_decay=cfg.q_decay, seed=cfg.seed + 1, evaluate_fn=eval_fn(cfg.eval_episodes, 1000),
-            track_bounds=True, **common(cfg.method))
-      checkpoint.save_state(os.path.join(workdir, "policy", "params"), final_params)
-      checkpoint.save_state(os.path.join(workdir, "policy", "constants"), constants)
-      final = eval_fn(cfg.final_eval_episodes, 10_000)(final_params)
-      log.drop(lambda r: r.get("stage") == "final")
-      log({"kind": "eval", "stage": "final", "step": fin_stage.steps if fin_stage else ref_stage.steps, **final})
+            q_decay=cfg.q_decay, evaluate_fns=eval_fns(cfg.eval_episodes, 1000),
+            track_bounds=True, **common(cfg.method, key_offset=1))
+      finals = []
+      for d, log, params, final_eval in zip(out_dirs, logs, final_params,
+                                            eval_fns(cfg.final_eval_episodes, 10_000)):
+        checkpoint.save_state(os.path.join(d, "policy", "params"), params)
+        checkpoint.save_state(os.path.join(d, "policy", "constants"), constants)
+        final = final_eval(params)
+        log.drop(lambda r: r.get("stage") == "final")
+        log({"kind": "eval", "stage": "final", "step": fin_stage.steps if fin_stage else ref_stage.steps,
+             **final})
+        finals.append(final)
   finally:
-    log.close()
+    for log in logs:
+      log.close()
 
-  result = {
+  wall = round(time.time() - t_start, 2)
+  results = [_result(cfg, s, final, episodes, logits, wall, len(seeds), mesh) for s, final in zip(seeds, finals)]
+  if not primary:
+    return results
+  for d, r in zip(out_dirs, results):
+    cli.write_json(os.path.join(d, "result.json"), r)
+    rows = cli.read_rows(os.path.join(d, "metrics.jsonl"))
+    plots.learning_curve([row for row in rows if row["stage"] != "final"], os.path.join(d, "curve.png"),
+                         f"{cfg.method} on {cfg.dataset} (seed {r['seed']})")
+  if per_seed_dirs:
+    cli.write_json(os.path.join(workdir, "result.json"), {"seeds": seeds, "results": results})
+  if not quiet:
+    for d, r in zip(out_dirs, results):
+      score = "n/a" if r["normalised_score"] is None else \
+          f"{r['normalised_score']:.1f} ± {r['normalised_score_std']:.1f}"
+      print(f"{cfg.method} on {cfg.dataset} (seed {r['seed']}): normalised score {score}, return "
+            f"{r['return_mean']:.1f} ± {r['return_std']:.1f} over {r['eval_episodes']} episodes "
+            f"({wall:.0f} s) -> {d}")
+  return results
+
+
+def _initial_state(init_params, stage, seeds):
+  optimizer = trainer.make_optimizer(stage)
+  states = [train.init_state(p, optimizer, 0) for p in init_params]
+  return states[0] if len(seeds) == 1 else train.stack_states(states)
+
+
+def _stack(params: list):
+  """One seed's params as they are; several stacked on a leading seed axis (for saving)."""
+  return params[0] if len(params) == 1 else jax.tree.map(lambda *x: np.stack(x), *params)
+
+
+def _unstack(params, count: int) -> list:
+  return [params] if count == 1 else [train.seed_slice(params, i) for i in range(count)]
+
+
+def _result(cfg, seed, final, episodes, logits, wall, seeds_together, mesh) -> dict:
+  config = cfg.to_dict()
+  config["seed"] = seed
+  return {
       "method": cfg.method,
       "dataset": cfg.dataset,
-      "seed": cfg.seed,
+      "seed": seed,
       "normalised_score": final["normalised_score"],
       "normalised_score_std": final["normalised_score_std"],
       "return_mean": final["return_mean"],
@@ -179,20 +268,8 @@ def run_control(cfg, workdir: str, overwrite: bool = False, reference_dir: str =
       "dataset_episodes": episodes.num_episodes,
       "dataset_steps": episodes.num_steps,
       "curated_episodes": int(np.isfinite(logits).sum()),
-      "wall_time_s": round(time.time() - t_start, 2),
+      "wall_time_s": wall,
+      "seeds_trained_together": seeds_together,
       "devices": [str(d) for d in mesh.devices.flat],
-      "config": cfg.to_dict(),
+      "config": config,
   }
-  if not primary:
-    return result
-  cli.write_json(os.path.join(workdir, "result.json"), result)
-  rows = cli.read_rows(os.path.join(workdir, "metrics.jsonl"))
-  plots.learning_curve([r for r in rows if r["stage"] != "final"], os.path.join(workdir, "curve.png"),
-                       f"{cfg.method} on {cfg.dataset} (seed {cfg.seed})")
-  if not quiet:
-    score = "n/a" if final["normalised_score"] is None else \
-        f"{final['normalised_score']:.1f} ± {final['normalised_score_std']:.1f}"
-    print(f"{cfg.method} on {cfg.dataset}: normalised score {score}, return "
-          f"{final['return_mean']:.1f} ± {final['return_std']:.1f} over {final['episodes']} episodes "
-          f"({result['wall_time_s']:.0f} s) -> {workdir}")
-  return result

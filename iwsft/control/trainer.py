@@ -6,7 +6,7 @@ the graph) and one transfer of the stacked metrics; evaluation runs every `eval_
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,37 +87,48 @@ def sequence_nll_fn(logprob_fn):
   return nll
 
 
-def train_stage(*, name: str, graphdef, params, constants, ref_params, episodes: Episodes,
-                logits: np.ndarray, weight: np.ndarray, stage: StageConfig,
-                objective: ObjectiveConfig, q_decay: float, seed: int, mesh, eval_every: int,
-                steps_per_dispatch: int, evaluate_fn: Callable | None, log: Callable[[dict], None],
-                val_episodes: Episodes | None = None, track_bounds: bool = False,
-                skip_nonfinite: bool = False, checkpoints=None, on_resume=None, guard=None):
-  """Runs one stage; returns the trained params. `log` receives train/eval rows as dicts.
+def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params: Sequence | None,
+                episodes: Episodes, logits: np.ndarray, weight: np.ndarray, stage: StageConfig,
+                objective: ObjectiveConfig, q_decay: float, seeds: Sequence[int], mesh, eval_every: int,
+                steps_per_dispatch: int, evaluate_fns: Sequence[Callable] | None,
+                logs: Sequence[Callable[[dict], None]], val_episodes: Episodes | None = None,
+                track_bounds: bool = False, skip_nonfinite: bool = False, checkpoints=None,
+                on_resume=None, guard=None) -> list:
+  """Runs one stage for every seed; returns the trained params, one per seed.
 
-  evaluate_fn(params) -> dict of evaluation results, called every eval_every updates and at the end.
+  params / ref_params / evaluate_fns / logs: one per seed. Several seeds train together in one
+  vmapped program on the same data (train.stack_states); one seed trains as a plain state.
+  evaluate_fns[i](params) -> dict of evaluation results, called every eval_every updates and at the
+  end; logs[i] receives seed i's train/eval rows.
   checkpoints/on_resume/guard: periodic saves, resumption and clean stops (see train.fit).
   """
   logprob_fn = make_logprob_fn(graphdef, constants)
   optimizer = make_optimizer(stage)
   update = train.make_update(logprob_fn, optimizer, objective, q_decay, track_bounds, skip_nonfinite)
-  state = train.init_state(params, optimizer, seed, ref_params)
+  refs = [None] * len(seeds) if ref_params is None else ref_params
+  states = [train.init_state(p, optimizer, s, r) for p, s, r in zip(params, seeds, refs, strict=True)]
+  state = states[0] if len(states) == 1 else train.stack_states(states)
   val_nll = None
   if val_episodes is not None:
     val_data = jax.device_put(val_episodes.device_data())  # this process's default device
     nll_fn = sequence_nll_fn(logprob_fn)
     val_nll = lambda p: {"val_nll": float(nll_fn(p, val_data))}
 
-  def on_eval(p):
-    row = {} if val_nll is None else val_nll(p)
-    if evaluate_fn is not None:
-      row.update(evaluate_fn(p))
-    return row
+  def on_eval(evaluate_fn):
+    def run(p):
+      row = {} if val_nll is None else val_nll(p)
+      if evaluate_fn is not None:
+        row.update(evaluate_fn(p))
+      return row
+    return run
 
+  evaluate_fns = evaluate_fns or [None] * len(seeds)
   state = train.fit(update, state, episodes.device_data(weight), logits, mesh=mesh, name=name,
                     steps=stage.steps, batch_size=stage.batch_size,
                     step_level=stage.batch_level == "step", steps_per_dispatch=steps_per_dispatch,
-                    eval_every=eval_every, on_eval=on_eval if (evaluate_fn or val_nll) else None,
-                    log=log, postfix_key="normalised_score", checkpoints=checkpoints,
+                    eval_every=eval_every,
+                    on_eval=[on_eval(f) for f in evaluate_fns] if (any(evaluate_fns) or val_nll) else None,
+                    log=list(logs), postfix_key="normalised_score", checkpoints=checkpoints,
                     best_key="return_mean", on_resume=on_resume, guard=guard)
-  return distributed.to_host(state.params)
+  params = distributed.to_host(state.params)
+  return [params] if len(seeds) == 1 else [train.seed_slice(params, i) for i in range(len(seeds))]
