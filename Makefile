@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets lm test test-slow clean
+.PHONY: install demo datasets lm sweep test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ datasets: install  ## the small profile of every dataset kind
 
 lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 	$(PY) experiments/lm.py --workdir=runs/lm --seeds=0,1,2
+
+sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium-replay/medium-expert x 5 seeds
+	$(PY) experiments/sweep.py --workdir=runs/sweep
 
 test: install  ## the default test suite (what CI runs)
 	$(PY) -m pytest -n 2 -q

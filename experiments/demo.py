@@ -18,7 +18,7 @@ from absl import flags  # noqa: E402
 
 from iwsft import cli  # noqa: E402
 from iwsft.control import datasets  # noqa: E402
-from iwsft.control.config import get_config  # noqa: E402
+from iwsft.control.config import get_cpu_config  # noqa: E402
 from iwsft.control.run import run_control  # noqa: E402
 
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per method)")
@@ -28,9 +28,6 @@ flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compar
 flags.DEFINE_integer("seed", 0, "seed of every run")
 flags.DEFINE_bool("overwrite", False, "replace finished runs in --workdir")
 
-CPU_SETTINGS = dict(eval_every=200, eval_episodes=5, final_eval_episodes=20, steps_per_dispatch=100,
-                    steps=600, batch_size=32, warmup_steps=50, learning_rate=1e-4)
-CPU_REFERENCE = dict(batch_level="step", batch_size=256, steps=3000)
 
 
 def main(argv):
@@ -43,9 +40,8 @@ def main(argv):
   workdir = os.path.abspath(F.workdir)
   results = []
   for method in F.methods:
-    cfg = get_config()
-    cfg.update(dataset=dataset, method=method, seed=F.seed, **CPU_SETTINGS)
-    cfg.reference.update(**CPU_REFERENCE)
+    cfg = get_cpu_config()
+    cfg.update(dataset=dataset, method=method, seed=F.seed)
     results.append(run_control(cfg, os.path.join(workdir, method), F.overwrite,
                                reference_dir=os.path.join(workdir, "reference")))
   lines = [f"\n{dataset}, seed {F.seed}, final evaluation over {results[0]['eval_episodes']} episodes:",

@@ -47,3 +47,24 @@ def learning_curve(rows: list[dict], path: str, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def band_panels(panels: dict[str, dict[str, tuple]], path: str, xlabel: str, ylabel: str,
+                title: str) -> None:
+  """One panel per key of `panels` (e.g. a dataset), one line per series with a shaded band.
+
+  panels[name][series] = (steps [T], mean [T], low [T], high [T]), e.g. from aggregate.curve_band.
+  """
+  n = max(1, len(panels))
+  fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+  for ax, (name, series) in zip(axes[0], panels.items()):
+    for i, (label, (x, mean, lo, hi)) in enumerate(series.items()):
+      ax.plot(x, mean, label=label, color=f"C{i}")
+      ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
+    ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -73,3 +73,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.skip_nonfinite = False
   return c
+
+
+# The 2-core CPU scale of the recipe (the demo and the default sweep): fewer, smaller updates and
+# evaluations; the same methods and objectives.
+CPU_SETTINGS = dict(eval_every=200, eval_episodes=5, final_eval_episodes=20, steps_per_dispatch=100,
+                    steps=600, batch_size=32, warmup_steps=50, learning_rate=1e-4)
+CPU_REFERENCE = dict(batch_level="step", batch_size=256, steps=3000)
+
+
+def get_cpu_config() -> ml_collections.ConfigDict:
+  """get_config() scaled to a 2-core CPU (CPU_SETTINGS, CPU_REFERENCE)."""
+  c = get_config()
+  c.update(CPU_SETTINGS)
+  c.reference.update(CPU_REFERENCE)
+  return c

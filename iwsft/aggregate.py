@@ -1,0 +1,94 @@
+"""Sweep results -> paper-style tables: mean, std and a 95% bootstrap confidence interval per cell.
+
+Both pipelines reduce their runs to records, one per (dataset, method, seed):
+  {"dataset": str, "method": str, "seed": int, "score": float | None}
+and everything here works on those: `summarise` groups them, `markdown_table` lays them out like
+the paper (a row per dataset, a column per method, an average row), `write_csv` keeps every number.
+"""
+
+from __future__ import annotations
+
+import csv
+from typing import Sequence
+
+import numpy as np
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of `values` [n] (resampling with replacement).
+
+  One value gives a zero-width interval at that value; seeded, so tables are reproducible.
+  """
+  x = np.asarray(values, np.float64)
+  if x.size == 0:
+    raise ValueError("bootstrap_ci of no values")
+  idx = np.random.default_rng(seed).integers(0, x.size, (resamples, x.size))
+  means = x[idx].mean(axis=1)
+  alpha = (1.0 - level) / 2
+  return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def summarise(records: Sequence[dict], level: float = 0.95, seed: int = 0) -> list[dict]:
+  """One row per (dataset, method) in first-seen order: n, mean, std (ddof=1; 0 for one seed),
+  ci_low, ci_high and the seeds. Records whose score is None (no reference scores) are left out."""
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in records:
+    if r.get("score") is not None:
+      groups.setdefault((r["dataset"], r["method"]), []).append(r)
+  rows = []
+  for (dataset, method), rs in groups.items():
+    rs = sorted(rs, key=lambda r: r["seed"])
+    x = np.array([r["score"] for r in rs], np.float64)
+    lo, hi = bootstrap_ci(x, level, seed=seed)
+    rows.append({"dataset": dataset, "method": method, "n": int(x.size), "mean": float(x.mean()),
+                 "std": float(x.std(ddof=1)) if x.size > 1 else 0.0, "ci_low": lo, "ci_high": hi,
+                 "seeds": [r["seed"] for r in rs]})
+  return rows
+
+
+def _ordered(values, order):
+  seen = list(dict.fromkeys(values))
+  return [v for v in order if v in seen] + [v for v in seen if v not in order] if order else seen
+
+
+def markdown_table(summary: Sequence[dict], methods: Sequence[str] = (), datasets: Sequence[str] = (),
+                   label=lambda d: d) -> str:
+  """Datasets as rows, methods as columns; cells "mean ± std [ci_low, ci_high]", then an average row
+  (mean over datasets of the per-dataset means; only for methods present on every dataset)."""
+  cells = {(r["dataset"], r["method"]): r for r in summary}
+  methods = _ordered([r["method"] for r in summary], list(methods))
+  datasets = _ordered([r["dataset"] for r in summary], list(datasets))
+  lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+  for d in datasets:
+    row = []
+    for m in methods:
+      c = cells.get((d, m))
+      row.append("–" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f} [{c['ci_low']:.1f}, {c['ci_high']:.1f}]")
+    lines.append(f"| {label(d)} | " + " | ".join(row) + " |")
+  if len(datasets) > 1:
+    avg = []
+    for m in methods:
+      means = [cells[(d, m)]["mean"] for d in datasets if (d, m) in cells]
+      avg.append(f"{np.mean(means):.1f}" if len(means) == len(datasets) else "–")
+    lines.append("| average | " + " | ".join(avg) + " |")
+  return "\n".join(lines)
+
+
+def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
+  """rows as CSV with the given columns (lists are joined with ';')."""
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+
+
+def curve_band(curves: Sequence[tuple[Sequence[int], Sequence[float]]], level: float = 0.95):
+  """Seeds' curves (steps, values) -> (steps, mean, ci_low, ci_high) on the steps every seed has."""
+  common = sorted(set.intersection(*(set(s) for s, _ in curves))) if curves else []
+  table = np.array([[dict(zip(s, v))[t] for t in common] for s, v in curves], np.float64)
+  if not common:
+    return [], np.array([]), np.array([]), np.array([])
+  ci = np.array([bootstrap_ci(table[:, j], level) for j in range(len(common))]).reshape(-1, 2)
+  return common, table.mean(axis=0), ci[:, 0], ci[:, 1]
