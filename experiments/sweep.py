@@ -92,7 +92,7 @@ def apply_overrides(cfg, items: dict) -> None:
       else:
         new = type(old)(value)
     except (TypeError, ValueError):
-      raise UserError(f"--set {key}={value!r}: expected a {type(old).__name__}") from None
+      raise UserError(f"--set {key}={value!r}: expected a value of type {type(old).__name__}") from None
     node[leaf] = new
 
 
