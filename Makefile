@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets lm sweep test test-slow clean
+.PHONY: install demo datasets lm sweep bench test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium-replay/medium-expert x 5 seeds
 	$(PY) experiments/sweep.py --workdir=runs/sweep
 
+.venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv, for the BC comparison only
+	$(PYTHON) -m venv .venv-d3rlpy
+	.venv-d3rlpy/bin/python -m pip install -q --upgrade pip
+	.venv-d3rlpy/bin/python -m pip install -q "d3rlpy>=2.8,<2.9"
+	touch $@
+
+bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write benchmarks/results/*.json
+	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes
+	$(PY) benchmarks/lm_throughput.py
+	$(PY) benchmarks/eval_throughput.py
+
 test: install  ## the default test suite (what CI runs)
 	$(PY) -m pytest -n 2 -q
 
@@ -33,4 +44,4 @@ test-slow: install  ## only the tests marked slow
 	$(PY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) runs .minari *.egg-info
+	rm -rf $(VENV) .venv-d3rlpy runs .minari *.egg-info

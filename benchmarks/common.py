@@ -1,0 +1,72 @@
+"""Shared pieces of the benchmark scripts: timing, the machine's matmul peak, and result files.
+
+Timings are wall clock around `jax.block_until_ready`, after a warm-up call that compiles; each
+number is the median of `repeats` timed calls, so one slow call (another process, a GC) does not
+decide it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall time of fn() (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a float32 n×n matmul chain on the default device: the practical peak we compare with."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n ** 0.5
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5
+  chain = 8
+
+  @jax.jit
+  def f(a, b):
+    for _ in range(chain):
+      a = a @ b
+    return a
+
+  sec = median_seconds(lambda: f(a, b).block_until_ready(), repeats)
+  return chain * 2 * n ** 3 / sec
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
+          "devices": jax.device_count(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
+          "jax": jax.__version__, "python": platform.python_version()}
+
+
+def save(name: str, payload: dict, out_dir: str = RESULTS) -> str:
+  """Writes benchmarks/results/<name>-<platform>.json and returns its path."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}-{jax.devices()[0].platform}.json")
+  with open(path, "w") as f:
+    json.dump({"machine": machine(), **payload}, f, indent=2)
+    f.write("\n")
+  return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+  """A Markdown table of rows (floats with 3 significant digits)."""
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+  out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+  out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(out)
