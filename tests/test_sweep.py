@@ -125,3 +125,29 @@ def test_bad_sweep_input_is_one_line_exit_2(datasets, tmp_path, args, needle):
                      text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 2 and needle in r.stderr, r.stderr[-1000:]
   assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+LM_TINY = ["--set=model.d_model=32", "--set=model.n_layers=1", "--set=model.n_heads=2", "--set=model.d_ff=64",
+           "--set=model.max_len=48", "--set=task.digits=1", "--set=task.demos=256", "--set=base.steps=100",
+           "--set=base.batch_size=16", "--set=task.sample_prompts=32", "--set=task.samples_per_prompt=2",
+           "--set=task.eval_problems=16", "--set=finetune.steps=20", "--set=finetune.batch_size=8",
+           "--set=steps_per_dispatch=10", "--set=finetune.warmup_steps=2", "--set=base.warmup_steps=5"]
+
+
+def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
+  work = tmp_path / "lm"
+  cmd = [sys.executable, CLI, "--pipeline=lm", f"--workdir={work}", "--seeds=0,1", "--methods=sft,iw_sft",
+         *LM_TINY]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert r.returncode == 0, r.stderr[-2000:]
+  results = [json.loads((work / f"seed_{s}" / "result.json").read_text()) for s in (0, 1)]
+  summary = {(row["dataset"], row["method"]): row for row in csv.DictReader(open(work / "table.csv"))}
+  assert set(m for _, m in summary) == {"base", "sft", "iw_sft"}
+  for mode in ("greedy", "sampled"):
+    for model in ("base", "sft", "iw_sft"):
+      x = np.array([100 * res["models"][model][f"pass@1_{mode}"] for res in results])
+      row = summary[(f"addition pass@1 ({mode})", model)]
+      np.testing.assert_allclose(float(row["mean"]), x.mean(), rtol=1e-9, atol=1e-9)
+      np.testing.assert_allclose(float(row["std"]), x.std(ddof=1), rtol=1e-9, atol=1e-9)
+  r = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert r.returncode == 0 and "0 run(s) to do" in r.stdout
