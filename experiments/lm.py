@@ -18,6 +18,9 @@ from iwsft.lm.config import get_config
 from iwsft.lm.run import run_lm
 
 HELPS = {
+    "num_devices": "devices of the mesh (0: all)",
+    "fsdp": "FSDP: split each large parameter and its optimiser state over this many devices "
+            "(a divisor of the device count; the rest of the mesh is data-parallel)",
     "stages": "comma-separated subset of base,sample,curate,finetune,evaluate",
     "methods": "comma-separated subset of sft,iw_sft,sft_q",
     "data": "JSON-lines records to fine-tune on instead of the sampled ones",

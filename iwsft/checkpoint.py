@@ -103,16 +103,19 @@ class TrainCheckpoints:
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore_latest(self, template, sharding) -> tuple[Any, int] | None:
-    """The newest readable checkpoint as (state, step), its arrays placed with `sharding`; None if none.
+    """The newest readable checkpoint as (state, step), its arrays placed with `sharding` (one
+    sharding for every leaf, or a pytree of them shaped like template); None if none.
 
     template: a TrainState (or its jax.eval_shape) of the model being trained. A checkpoint of another
     model raises UserError; an unreadable step is skipped with a warning and the one before is tried.
     """
     want = layout(template)
+    shardings = jax.tree.leaves(sharding)  # a single sharding is one leaf
+    shardings = shardings * len(want) if len(shardings) == 1 else shardings
     for step, saved in _readable_layouts(self.manager, self.directory, warn=True):
       _check_layout(saved, want, self.directory, step)
-      abstract = {str(i): jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=sharding)
-                  for i, (_, s, d) in enumerate(want)}
+      abstract = {str(i): jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=sh)
+                  for i, ((_, s, d), sh) in enumerate(zip(want, shardings))}
       try:
         arrays = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
       except Exception as e:  # noqa: BLE001

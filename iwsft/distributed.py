@@ -45,11 +45,16 @@ def is_primary() -> bool:
 
 
 def to_host(tree):
-  """Numpy copies of a pytree of replicated (or single-process) arrays, readable in every process."""
+  """Numpy copies of a pytree of arrays, readable in every process: replicated arrays from a local
+  copy, arrays split across processes (FSDP) gathered."""
 
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(x.addressable_data(0))
+      if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils
+
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
   return jax.tree.map(get, tree)

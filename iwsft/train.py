@@ -34,6 +34,8 @@ Params = Any
 Batch = dict[str, jax.Array]
 LogProbFn = Callable[[Params, Batch], jax.Array]
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+FSDP_MIN_SIZE = 2 ** 14  # elements; smaller leaves stay replicated under FSDP
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -183,14 +185,21 @@ def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int
 # ----------------------------------------------------------------------------- mesh and jit
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first num_devices devices (all by default) with axis "data"."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+  """A (data, fsdp) mesh over the first num_devices devices (all by default).
+
+  Batches are split over every device (both axes); large parameters and their optimiser state are
+  split over the "fsdp" axis (state_sharding) and replicated along "data". fsdp=1 is plain data
+  parallelism with replicated state.
+  """
   devices = jax.devices()
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise UserError(f"asked for {num_devices} devices, {len(devices)} available")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise UserError(f"fsdp {fsdp} must be a positive divisor of the {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -198,8 +207,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the "data" axis, the rest replicated."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over all devices of the mesh, the rest replicated."""
+  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
+
+
+def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
+  """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): FSDP's rule.
+
+  A leaf of at least min_size elements is split over the "fsdp" axis along its largest dimension
+  that the axis size divides; smaller leaves (biases, norms, step, key) are replicated, since
+  splitting them saves little memory and costs a gather each.
+  """
+  n = mesh.shape[FSDP_AXIS]
+
+  def rule(x):
+    shape = tuple(x.shape)
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return replicated(mesh)
+    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+    if not dims:
+      return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[dims[0]] = FSDP_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(rule, state)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
@@ -208,20 +240,23 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     raise UserError(f"batch_size {batch_size} must be a positive multiple of the {n} devices")
 
 
-def jit_update(update, mesh: Mesh):
-  """`update(state, batch)` jitted: state replicated (donated), batch split on the data axis."""
-  return jax.jit(update, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+def jit_update(update, mesh: Mesh, state_shardings=None):
+  """`update(state, batch)` jitted: state (donated) placed by state_shardings (replicated if None),
+  batch split over the mesh, metrics replicated."""
+  st = replicated(mesh) if state_shardings is None else state_shardings
+  return jax.jit(update, in_shardings=(st, batch_sharded(mesh)), out_shardings=(st, replicated(mesh)),
+                 donate_argnums=0)
 
 
 def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_level: bool = False,
-                     vmapped: bool = False):
+                     vmapped: bool = False, state_shardings=None):
   """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
 
   Batches are sampled inside the graph from device-resident `data` (replicated) with the state's
   key, so there is no host round trip per step. metrics come back stacked, each [num_steps].
   vmapped: the state carries a leading seed axis (stack_states); every seed samples its own batch
   from the shared data and takes its own step; metrics are [num_steps, S].
+  state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
   """
   check_batch_size(batch_size, mesh)
   sampler = sample_steps if step_level else sample_sequences
@@ -239,8 +274,8 @@ def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_l
     return jax.lax.scan(lambda st, _: one_step(st, data, logits), state, None, length=num_steps)
 
   rep = replicated(mesh)
-  return jax.jit(train_steps, in_shardings=(rep, rep, rep), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  st = rep if state_shardings is None else state_shardings
+  return jax.jit(train_steps, in_shardings=(st, rep, rep), out_shardings=(st, rep), donate_argnums=0)
 
 
 def put_replicated(tree, mesh: Mesh):
@@ -304,13 +339,14 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   logs = _per_seed(log, len(index), "log")
   evals = None if on_eval is None else _per_seed(on_eval, len(index), "on_eval")
   done = 0
+  shardings = state_sharding(jax.eval_shape(lambda: state), mesh)
   if checkpoints is not None:
-    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state), replicated(mesh))
+    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state), shardings)
     if restored is not None:
       state, done = restored
   if on_resume is not None:
     on_resume(done)
-  state = jax.device_put(state, replicated(mesh), may_alias=False)  # the caller's copy survives donation
+  state = jax.device_put(state, shardings, may_alias=False)  # the caller's copy survives donation
   data = put_replicated(data, mesh)
   logits = put_replicated(jnp.asarray(logits, jnp.float32), mesh)
   chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else steps))
@@ -339,7 +375,8 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       if eval_every > 0:
         n = min(n, eval_every - done % eval_every)
       if n not in compiled:
-        compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level, vmapped=bool(seeds))
+        compiled[n] = make_train_steps(update, mesh, batch_size, n, step_level, vmapped=bool(seeds),
+                                       state_shardings=shardings)
       state, metrics = compiled[n](state, data, logits)
       metrics = to_host(metrics)
       per_seed = [metrics if i is None else {k: v[:, i] for k, v in metrics.items()} for i in index]

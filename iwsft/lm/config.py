@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.methods = ",".join(LM_METHODS)
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
   c.num_devices = 0
+  c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
 
   c.model = ml_collections.ConfigDict()
   c.model.d_model = 64

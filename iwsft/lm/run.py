@@ -123,11 +123,11 @@ class LMRun:
       lm_data.encode_records(self.user_records, self.mcfg.max_len, cfg.data)
       if "sft_q" in self.methods and any(r.score is None for r in self.user_records):
         raise UserError(f"{cfg.data}: sft_q needs a 'score' on every record")
-    self.mesh = train.make_mesh(cfg.num_devices or None)
+    self.mesh = train.make_mesh(cfg.num_devices or None, cfg.fsdp)
     for c in (cfg.base, cfg.finetune):
       train.check_batch_size(c.batch_size, self.mesh)
     # Stages and methods may differ between calls on one workdir; the device count may change too.
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "methods", "num_devices")}
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("stages", "methods", "num_devices", "fsdp")}
     self.primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     if self.primary:
