@@ -36,6 +36,7 @@ bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write bench
 	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes
 	$(PY) benchmarks/lm_throughput.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/cell_cost.py
 
 test: install  ## the default test suite (what CI runs)
 	$(PY) -m pytest -n 2 -q
