@@ -9,8 +9,8 @@ Control: the seeds of each (dataset, method) train together in one vmapped progr
 skips finished cells and resumes unfinished ones from their checkpoints; a sweep with other settings
 in the same --workdir is refused unless --overwrite.
 
-Settings: --preset gives the base config (control: 'cpu' = the 2-core scale of the demo, 'paper' =
-the authors' GPU recipe), --set key=value (repeatable; nested keys as reference.steps) changes any
+Settings: --preset gives the base config (control: 'cpu-sweep' = the 2-core scale with fine-tuning
+batches of 8 episodes, 'cpu' = the demo's scale, 'paper' = the authors' GPU recipe), --set key=value (repeatable; nested keys as reference.steps) changes any
 config value, and --config=FILE.json may hold any of these flags as keys ({"seeds": [0, 1], "set":
 {"steps": 1000}}); flags given on the command line win.
 Writes to --workdir: table.md, table.csv (mean, std, 95% bootstrap CI per dataset and method),
@@ -40,8 +40,9 @@ flags.DEFINE_enum("profile", "small", ["small", "full"], "control: dataset profi
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds")
 flags.DEFINE_integer("seeds_per_group", 0, "control: seeds trained together in one vmapped program "
                      "(0: all of a cell's seeds; 1: one by one)")
-flags.DEFINE_enum("preset", "cpu", ["cpu", "paper"], "control: base config, 2-core CPU scale or the "
-                  "authors' recipe")
+flags.DEFINE_enum("preset", "cpu-sweep", ["cpu", "cpu-sweep", "paper"],
+                  "control: base config: 'cpu-sweep' (2-core scale, fine-tuning batches of 8 episodes), "
+                  "'cpu' (the demo's: batches of 32), 'paper' (the authors' GPU recipe)")
 flags.DEFINE_multi_string("set", [], "config override key=value (repeatable)")
 flags.DEFINE_bool("overwrite", False, "replace a sweep in --workdir made with other settings")
 flags.DEFINE_bool("dry_run", False, "print what would run and exit")
@@ -125,12 +126,12 @@ def main(argv):
   if F.pipeline == "control":
     from iwsft.control import datasets as ds_lib
     from iwsft.control import sweep
-    from iwsft.control.config import METHODS, get_config, get_cpu_config
+    from iwsft.control.config import METHODS, preset_config
 
     bad = [m for m in F.methods if m not in METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    base = get_cpu_config() if F.preset == "cpu" else get_config()
+    base = preset_config(F.preset)
     apply_overrides(base, sets)
     kinds = [d for d in F.datasets if "/" not in d]
     if kinds and F.env not in ds_lib.ENVS:

@@ -82,9 +82,22 @@ CPU_SETTINGS = dict(eval_every=200, eval_episodes=5, final_eval_episodes=20, ste
 CPU_REFERENCE = dict(batch_level="step", batch_size=256, steps=3000)
 
 
+# The default sweep's scale: 30 fine-tuning runs per dataset, and medium-expert's 1000-step expert
+# episodes make whole-episode batches 4x as long as medium's, so batches of 8 episodes, 400 updates.
+CPU_SWEEP_SETTINGS = dict(CPU_SETTINGS, batch_size=8, steps=400, warmup_steps=30)
+PRESETS = ("cpu", "cpu-sweep", "paper")
+
+
 def get_cpu_config() -> ml_collections.ConfigDict:
   """get_config() scaled to a 2-core CPU (CPU_SETTINGS, CPU_REFERENCE)."""
+  return preset_config("cpu")
+
+
+def preset_config(name: str) -> ml_collections.ConfigDict:
+  """'paper': get_config(), the authors' recipe; 'cpu': the demo's 2-core scale; 'cpu-sweep': the
+  default sweep's (smaller fine-tuning batches)."""
   c = get_config()
-  c.update(CPU_SETTINGS)
-  c.reference.update(CPU_REFERENCE)
+  if name != "paper":
+    c.update(CPU_SWEEP_SETTINGS if name == "cpu-sweep" else CPU_SETTINGS)
+    c.reference.update(CPU_REFERENCE)
   return c
