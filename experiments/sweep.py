@@ -142,8 +142,8 @@ def main(argv):
     dataset_ids = [d if "/" in d else ds_lib.dataset_id(F.env, F.profile, d) for d in F.datasets]
     methods, score_label = list(F.methods), sweep.SCORE
     identity = {k: v for k, v in base.to_dict().items() if k not in ("dataset", "method", "seed", "num_devices")}
-    todo = sweep.plan(workdir, dataset_ids, methods, seeds, F.seeds_per_group)
-    describe = [f"{m} on {d}, seeds {','.join(map(str, g))}" for d, m, g in todo]
+    make_plan = lambda: sweep.plan(workdir, dataset_ids, methods, seeds, F.seeds_per_group)
+    describe = lambda todo: [f"{m} on {d}, seeds {','.join(map(str, g))}" for d, m, g in todo]
   else:
     from iwsft.lm import sweep
     from iwsft.lm.config import LM_METHODS, get_config
@@ -157,13 +157,14 @@ def main(argv):
     apply_overrides(base, sets)
     methods, dataset_ids, score_label = ["base", *base.methods.split(",")], [], sweep.SCORE
     identity = {k: v for k, v in base.to_dict().items() if k not in ("seed", "stages", "num_devices")}
-    todo = sweep.plan(workdir, seeds)
-    describe = [f"language pipeline, seed {s}" for s in todo]
+    make_plan = lambda: sweep.plan(workdir, seeds)
+    describe = lambda todo: [f"language pipeline, seed {s}" for s in todo]
 
   identity = {"pipeline": F.pipeline, "config": identity}
-  print(f"{len(describe)} run(s) to do in {workdir}" + ("" if describe else " (all cells finished)"))
   if F.dry_run:
-    print("\n".join(describe))
+    todo = make_plan()
+    print(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
+    print("\n".join(describe(todo)))
     return
   _, changed = cli.claim_workdir(workdir, identity, F.overwrite, marker="")
   if changed:  # only with --overwrite: the old cells were made with other settings
@@ -171,14 +172,16 @@ def main(argv):
       if name != "run.json":
         p = os.path.join(workdir, name)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  todo = make_plan()  # after any removal above
+  print(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
   if F.pipeline == "control":
     kinds_to_build = [d for d in F.datasets if "/" not in d]
     if kinds_to_build:
       ds_lib.build(F.env, F.profile, kinds_to_build, seed=0, force=False)
-    sweep.run_grid(base, workdir, dataset_ids, methods, seeds, F.seeds_per_group, quiet=True)
+    sweep.run_grid(base, workdir, todo, quiet=True)
     recs = sweep.records(workdir, dataset_ids, methods, seeds)
   else:
-    sweep.run_grid(base, workdir, seeds, quiet=True)
+    sweep.run_grid(base, workdir, todo, quiet=True)
     recs = sweep.records(workdir, seeds)
   wall = time.time() - t0
 
@@ -212,10 +215,10 @@ def main(argv):
                         os.path.join(workdir, "bounds.png"), "update step", "bound estimate (per step)",
                         "SFT vs iw-SFT lower-bound estimates while training iw-SFT (mean, 95% CI)")
       outputs.append("bounds.png")
-  info = {"wall_time_s": round(wall, 1), "runs_this_invocation": len(describe), "cells": len(recs),
+  info = {"wall_time_s": round(wall, 1), "runs_this_invocation": len(todo), "cells": len(recs),
           "seeds": seeds, "methods": methods, "datasets": dataset_ids or None, "overrides": sets}
   cli.write_json(os.path.join(workdir, "sweep.json"), info)
-  print(f"{len(recs)} cells; this invocation ran {len(describe)} run(s) in {wall:.0f} s -> "
+  print(f"{len(recs)} cells; this invocation ran {len(todo)} run(s) in {wall:.0f} s -> "
         f"{workdir}/{{{','.join(outputs)}}}")
 
 

@@ -87,8 +87,8 @@ def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
 def curve_band(curves: Sequence[tuple[Sequence[int], Sequence[float]]], level: float = 0.95):
   """Seeds' curves (steps, values) -> (steps, mean, ci_low, ci_high) on the steps every seed has."""
   common = sorted(set.intersection(*(set(s) for s, _ in curves))) if curves else []
-  table = np.array([[dict(zip(s, v))[t] for t in common] for s, v in curves], np.float64)
   if not common:
     return [], np.array([]), np.array([]), np.array([])
+  table = np.array([[dict(zip(s, v))[t] for t in common] for s, v in curves], np.float64)
   ci = np.array([bootstrap_ci(table[:, j], level) for j in range(len(common))]).reshape(-1, 2)
   return common, table.mean(axis=0), ci[:, 0], ci[:, 1]

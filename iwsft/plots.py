@@ -43,6 +43,10 @@ def learning_curve(rows: list[dict], path: str, title: str) -> None:
   for ax in (ax_score, ax_loss):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  _save(fig, path, title)
+
+
+def _save(fig, path: str, title: str) -> None:
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -64,7 +68,4 @@ def band_panels(panels: dict[str, dict[str, tuple]], path: str, xlabel: str, yla
     ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path, title)

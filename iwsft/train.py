@@ -82,12 +82,22 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, seed: in
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-  """S independent states -> one state whose every leaf has a leading seed axis [S, ...].
+  """S independent states (or any pytrees) -> one whose every leaf has a leading seed axis [S, ...].
 
   `fit` trains such a state with the update vmapped over that axis: S runs (seeds) on the same data
   in one program, each with its own parameters, optimiser state and sampling key.
   """
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def stack_runs(trees: Sequence):
+  """One run's pytree as it is (no seed axis); several stacked (stack_states)."""
+  return trees[0] if len(trees) == 1 else stack_states(trees)
+
+
+def unstack_runs(tree, count: int) -> list:
+  """The inverse of stack_runs: `count` per-run pytrees."""
+  return [tree] if count == 1 else [seed_slice(tree, i) for i in range(count)]
 
 
 def num_seeds(state: TrainState) -> int | None:
@@ -339,9 +349,10 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   logs = _per_seed(log, len(index), "log")
   evals = None if on_eval is None else _per_seed(on_eval, len(index), "on_eval")
   done = 0
-  shardings = state_sharding(jax.eval_shape(lambda: state), mesh)
+  abstract = jax.eval_shape(lambda: state)
+  shardings = state_sharding(abstract, mesh)
   if checkpoints is not None:
-    restored = checkpoints.restore_latest(jax.eval_shape(lambda: state), shardings)
+    restored = checkpoints.restore_latest(abstract, shardings)
     if restored is not None:
       state, done = restored
   if on_resume is not None:
@@ -402,8 +413,9 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
       eval_rows = None
       if evals is not None and ((eval_every > 0 and done % eval_every == 0) or done == steps):
         eval_rows = evaluate(done)
-        if postfix_key and mean_of(eval_rows, postfix_key) is not None:
-          postfix[postfix_key] = f"{mean_of(eval_rows, postfix_key):.3g}"
+        shown = mean_of(eval_rows, postfix_key) if postfix_key else None
+        if shown is not None:
+          postfix[postfix_key] = f"{shown:.3g}"
       bar.set_postfix(postfix)
       stopping = guard is not None and guard.requested and done < steps
       if checkpoints is not None and (checkpoints.due(done, previous) or done == steps

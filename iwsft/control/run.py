@@ -130,7 +130,8 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
     # Refuse checkpoints of another model before the workdir is touched.
     for name, st in (("reference", ref_stage), (cfg.method, fin_stage)):
       if st is not None:
-        template = jax.eval_shape(lambda st=st: _initial_state(init_params, st, seeds))
+        optimizer = trainer.make_optimizer(st)
+        template = jax.eval_shape(lambda: train.stack_runs([train.init_state(p, optimizer, 0) for p in init_params]))
         checkpoint.check_resumable(os.path.join(os.path.abspath(workdir), "checkpoints", name), template)
   primary = distributed.is_primary()  # only process 0 writes; checkpoints are saved collectively
   seed_dirs = [f"seed_{s}" for s in seeds] if per_seed_dirs else ["."]
@@ -178,8 +179,8 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
   try:
     with guard:
       if ref_saved is not None:
-        ref_params = _unstack(checkpoint.restore_state(os.path.join(reference_dir, "params"),
-                                                       _stack(init_params)), len(seeds))
+        ref_params = train.unstack_runs(checkpoint.restore_state(os.path.join(reference_dir, "params"),
+                                                                 train.stack_runs(init_params)), len(seeds))
         constants = checkpoint.restore_state(os.path.join(reference_dir, "constants"), constants)
         if not quiet and primary:
           print(f"reference policy loaded from {reference_dir}")
@@ -188,7 +189,7 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
             params=init_params, ref_params=None, episodes=train_eps, logits=ref_logits,
             weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
             q_decay=0.0, evaluate_fns=eval_fns(cfg.eval_episodes, 1000), **common("reference"))
-        checkpoint.save_state(os.path.join(reference_dir, "params"), _stack(ref_params))
+        checkpoint.save_state(os.path.join(reference_dir, "params"), train.stack_runs(ref_params))
         checkpoint.save_state(os.path.join(reference_dir, "constants"), constants)
         if primary:
           cli.write_json(ref_json, {"key": ref_key})
@@ -234,21 +235,6 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
             f"{r['return_mean']:.1f} ± {r['return_std']:.1f} over {r['eval_episodes']} episodes "
             f"({wall:.0f} s) -> {d}")
   return results
-
-
-def _initial_state(init_params, stage, seeds):
-  optimizer = trainer.make_optimizer(stage)
-  states = [train.init_state(p, optimizer, 0) for p in init_params]
-  return states[0] if len(seeds) == 1 else train.stack_states(states)
-
-
-def _stack(params: list):
-  """One seed's params as they are; several stacked on a leading seed axis (for saving)."""
-  return params[0] if len(params) == 1 else jax.tree.map(lambda *x: np.stack(x), *params)
-
-
-def _unstack(params, count: int) -> list:
-  return [params] if count == 1 else [train.seed_slice(params, i) for i in range(count)]
 
 
 def _result(cfg, seed, final, episodes, logits, wall, seeds_together, mesh) -> dict:

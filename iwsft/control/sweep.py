@@ -50,10 +50,8 @@ def plan(workdir: str, datasets, methods, seeds, seeds_per_group: int) -> list[t
   return todo
 
 
-def run_grid(base_cfg, workdir: str, datasets, methods, seeds, seeds_per_group: int = 0,
-             quiet: bool = False, progress=print) -> None:
-  """Runs every unfinished group of the grid (base_cfg with method/dataset set per group)."""
-  groups = plan(workdir, datasets, methods, seeds, seeds_per_group)
+def run_grid(base_cfg, workdir: str, groups, quiet: bool = False, progress=print) -> None:
+  """Runs the groups of `plan` (base_cfg with method/dataset set per group)."""
   for i, (dataset, method, group) in enumerate(groups):
     progress(f"[{i + 1}/{len(groups)}] {method} on {dataset}, seeds {','.join(map(str, group))}")
     cfg = base_cfg.copy_and_resolve_references()

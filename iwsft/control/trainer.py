@@ -107,7 +107,7 @@ def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params:
   update = train.make_update(logprob_fn, optimizer, objective, q_decay, track_bounds, skip_nonfinite)
   refs = [None] * len(seeds) if ref_params is None else ref_params
   states = [train.init_state(p, optimizer, s, r) for p, s, r in zip(params, seeds, refs, strict=True)]
-  state = states[0] if len(states) == 1 else train.stack_states(states)
+  state = train.stack_runs(states)
   val_nll = None
   if val_episodes is not None:
     val_data = jax.device_put(val_episodes.device_data())  # this process's default device
@@ -130,5 +130,4 @@ def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params:
                     on_eval=[on_eval(f) for f in evaluate_fns] if (any(evaluate_fns) or val_nll) else None,
                     log=list(logs), postfix_key="normalised_score", checkpoints=checkpoints,
                     best_key="return_mean", on_resume=on_resume, guard=guard)
-  params = distributed.to_host(state.params)
-  return [params] if len(seeds) == 1 else [train.seed_slice(params, i) for i in range(len(seeds))]
+  return train.unstack_runs(distributed.to_host(state.params), len(seeds))

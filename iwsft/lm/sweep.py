@@ -24,8 +24,8 @@ def plan(workdir: str, seeds) -> list[int]:
   return [s for s in seeds if not os.path.exists(_result_path(workdir, s))]
 
 
-def run_grid(base_cfg, workdir: str, seeds, quiet: bool = False, progress=print) -> None:
-  todo = plan(workdir, seeds)
+def run_grid(base_cfg, workdir: str, todo, quiet: bool = False, progress=print) -> None:
+  """Runs the seeds of `plan`."""
   for i, seed in enumerate(todo):
     progress(f"[{i + 1}/{len(todo)}] language pipeline, seed {seed}")
     cfg = base_cfg.copy_and_resolve_references()
