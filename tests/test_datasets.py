@@ -45,3 +45,39 @@ def test_same_seed_same_data_whatever_else_is_built(family, tmp_path, monkeypatc
   again = episodes_from_minari(minari.load_dataset(did))
   np.testing.assert_array_equal(first.actions, again.actions)
   np.testing.assert_array_equal(first.returns, again.returns)
+
+
+def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeypatch):
+  """A kind built later (or after an interruption) reads the trained behaviour policies back instead
+  of training again, and gives the data a fresh build gives; the table shows each dataset's stored
+  recording time, reused or not."""
+  import minari
+
+  from iwsft.control import sac
+  from iwsft.control.data import episodes_from_minari
+
+  monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+  monkeypatch.setitem(datasets.SAC_PROFILES, "tiny", {
+      "sac": {"total_steps": 1_200, "start_steps": 400, "snapshot_every": 400, "hidden": (16, 16),
+              "eval_episodes": 2},
+      "episodes": {"random": 3, "medium": 2, "expert": 2}})
+  calls = []
+  train = sac.train_sac
+  monkeypatch.setattr(sac, "train_sac", lambda *a, **k: calls.append(1) or train(*a, **k))
+
+  first = datasets.build("hopper", "tiny", ["medium"], seed=0, force=False)
+  assert len(calls) == 1
+  did = datasets.dataset_id("hopper", "tiny", "medium")
+  before = episodes_from_minari(minari.load_dataset(did))
+  minari.delete_dataset(did)
+  again = datasets.build("hopper", "tiny", ["medium", "expert"], seed=0, force=False)
+  assert len(calls) == 1  # read back from the cache
+  after = episodes_from_minari(minari.load_dataset(did))
+  np.testing.assert_array_equal(before.actions, after.actions)
+
+  expert = next(r for r in again if r["dataset"].endswith("expert-v0"))
+  assert not expert["built"] and expert["seconds"] > 0  # the time stored when it was built
+  assert first[0]["behaviour_seconds"] == again[0]["behaviour_seconds"] > 0
+  text = datasets.table(again)
+  assert f"{expert['seconds']:.1f} (reused)" in text
+  assert f"SAC behaviour training for iwsft/hopper: {first[0]['behaviour_seconds']:.1f} seconds" in text

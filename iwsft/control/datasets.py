@@ -4,6 +4,8 @@ medium-expert) with reference scores, for experiments/make_datasets.py and the d
 Ids: iwsft/<env>-small/<kind>-v0 for the small profile, iwsft/<env>/<kind>-v0 for full.
 """
 
+import os
+import pickle
 import time
 
 import gymnasium as gym
@@ -18,7 +20,7 @@ ENVS = {"pendulum": "InvertedPendulum-v5", "hopper": "Hopper-v5", "halfcheetah":
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 
 # Behaviour-policy training and episodes per kind for the SAC-made locomotion families.
-# small: about 2.5 minutes on 2 cores for Hopper (measured); full: not yet measured.
+# small: about 2.5 minutes on 2 cores for Hopper (measured); full: see the README's dataset table.
 SAC_PROFILES = {
     "small": {"sac": {"total_steps": 30_000, "start_steps": 5_000, "snapshot_every": 2_500, "hidden": (256, 256)},
               "episodes": {"random": 20, "medium": 20, "expert": 10}},
@@ -35,10 +37,14 @@ class _Pendulum:
   """The scripted pendulum family: behaviours from iwsft.control.collect."""
 
   algorithm = "scripted controller"
+  train_seconds = None
 
   def __init__(self, env_id, profile, seed):
     self.space = gym.make(env_id).action_space
     self.profile = profile
+
+  def prepare(self, kind):
+    pass
 
   def parts(self, kind):
     return collect.pendulum_parts(kind, self.profile, self.space)
@@ -55,18 +61,34 @@ class _SACFamily:
 
   algorithm = "SAC"
 
-  def __init__(self, env_id, profile, seed):
+  def __init__(self, env_id, profile, seed, cache_path=None):
     self.env_id, self.profile, self.seed = env_id, profile, seed
-    self.space = gym.make(env_id).action_space
+    env = gym.make(env_id)
+    self.space, self.obs_dim = env.action_space, env.observation_space.shape[0]
+    self.cache_path = cache_path
     self._trained = None
+    self.train_seconds = None  # wall time of the SAC training, once trained or read from the cache
     self.random_return = None  # set by build() once the random data exists
+
+  def prepare(self, kind):
+    if kind != "random":
+      self._train()
 
   def _train(self):
     if self._trained is None:
       from iwsft.control import sac
 
       p = SAC_PROFILES[self.profile]
-      snaps, episodes, act = sac.train_sac(self.env_id, sac.SACConfig(seed=self.seed, **p["sac"]))
+      cfg = sac.SACConfig(seed=self.seed, **p["sac"])
+      _, _, act = sac.make_sac(self.obs_dim, self.space.shape[0], cfg)
+      cached = _read_cache(self.cache_path, cfg)
+      if cached is None:
+        t0 = time.time()
+        snaps, episodes, act = sac.train_sac(self.env_id, cfg)
+        self.train_seconds = time.time() - t0
+        _write_cache(self.cache_path, cfg, snaps, episodes, self.train_seconds)
+      else:
+        snaps, episodes, self.train_seconds = cached
       expert = max(snaps, key=lambda s: s.eval_return)
       before = [s for s in snaps if s.step <= expert.step]
       lo = self.random_return if self.random_return is not None else 0.0
@@ -105,6 +127,34 @@ class _SACFamily:
     return [e for e in t["episodes"] if e.end_step <= t["medium"].step]
 
 
+def _behaviour_cache(env: str, profile: str, seed: int) -> str:
+  """Where a family's trained SAC (snapshots and training episodes) is kept, so that building a
+  missing kind later, or after an interruption, does not train again. A hidden directory, which
+  Minari does not list as a dataset."""
+  import minari.storage.datasets_root_dir as root
+
+  return os.path.join(root.get_dataset_path(), ".iwsft-behaviour", f"{env}-{profile}-seed{seed}.pkl")
+
+
+def _read_cache(path, cfg):
+  if path is None or not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  if saved["config"] != cfg:  # another recipe: train again
+    return None
+  return saved["snapshots"], saved["episodes"], saved["seconds"]
+
+
+def _write_cache(path, cfg, snapshots, episodes, seconds):
+  if path is None:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    pickle.dump({"config": cfg, "snapshots": snapshots, "episodes": episodes, "seconds": seconds}, f)
+  os.replace(path + ".tmp", path)
+
+
 def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   """Builds (or reuses) the datasets; returns one summary row per dataset."""
   import minari
@@ -115,7 +165,10 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   if env not in ENVS:
     raise UserError(f"unknown environment {env!r}; choose from {', '.join(ENVS)}")
   env_id = ENVS[env]
-  family = (_Pendulum if env == "pendulum" else _SACFamily)(env_id, profile, seed)
+  if env == "pendulum":
+    family = _Pendulum(env_id, profile, seed)
+  else:
+    family = _SACFamily(env_id, profile, seed, _behaviour_cache(env, profile, seed))
   # Reference scores need the random and expert data, so they are built first.
   order = ["random", "expert"] + [k for k in KINDS if k not in ("random", "expert")]
   needed = [k for k in order if k in kinds or k in ("random", "expert")]
@@ -123,12 +176,13 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   rows, refs = [], {}
   for kind in needed:
     did = dataset_id(env, profile, kind)
-    t0 = time.time()
     if did in local and force:
       minari.delete_dataset(did)
     if did in local and not force:
       ds, built = minari.load_dataset(did), False
     else:
+      family.prepare(kind)  # trains the behaviour policies (or reads them back) outside the timing
+      t0 = time.time()
       meta = dict(ref_min_score=refs.get("random"), ref_max_score=refs.get("expert"),
                   description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
                               f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
@@ -142,6 +196,8 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
           ds = collect.collect_dataset(did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind),
                                        progress=bar.update, **meta)
       built = True
+      ds.storage.update_metadata({"iwsft_seconds": round(time.time() - t0, 1),
+                                  "iwsft_behaviour_seconds": family.train_seconds})
     returns = np.array([e.rewards.sum() for e in ds.iterate_episodes()])
     if kind in ("random", "expert"):
       refs[kind] = float(returns.mean())
@@ -150,7 +206,8 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     if kind in kinds:
       rows.append({"dataset": did, "episodes": ds.total_episodes, "steps": ds.total_steps,
                    "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-                   "seconds": round(time.time() - t0, 1), "built": built})
+                   "seconds": ds.storage.metadata.get("iwsft_seconds"),
+                   "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"), "built": built})
   # random and expert were written before their own reference scores existed: add them now.
   for kind in ("random", "expert"):
     storage = minari.load_dataset(dataset_id(env, profile, kind)).storage
@@ -160,7 +217,16 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
 
 
 def table(rows) -> str:
+  """Markdown: one row per dataset. `seconds` is the time its recording took when it was built (stored
+  in its metadata, so reused datasets show it too); the SAC behaviour training, shared by an
+  environment's kinds, is one line below the table."""
+  fmt = lambda x: "n/a" if x is None else f"{x:.1f}"
   head = "| dataset | episodes | steps | return mean | return std | seconds |\n|---|---|---|---|---|---|"
-  body = [f"| {r['dataset']} | {r['episodes']} | {r['steps']} | {r['return_mean']:.1f} | "
-          f"{r['return_std']:.1f} | {r['seconds']:.1f}{'' if r['built'] else ' (reused)'} |" for r in rows]
-  return "\n".join([head, *body])
+  body = [f"| {r['dataset']} | {r['episodes']:,} | {r['steps']:,} | {r['return_mean']:.1f} | "
+          f"{r['return_std']:.1f} | {fmt(r['seconds'])}{'' if r['built'] else ' (reused)'} |" for r in rows]
+  trained = {}
+  for r in rows:
+    if r.get("behaviour_seconds") is not None:
+      trained.setdefault(r["dataset"].rsplit("/", 1)[0], r["behaviour_seconds"])
+  notes = [f"SAC behaviour training for {k}: {v:.1f} seconds" for k, v in trained.items()]
+  return "\n".join([head, *body, *([""] + notes if notes else [])])
