@@ -66,3 +66,18 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def allgather(x) -> np.ndarray:
+  """[P, ...]: a host array of the same shape from every process, in process order."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def sum_over_processes(x) -> np.ndarray:
+  """The sum of a host array over processes; for one process, the array itself (same numerics)."""
+  return np.asarray(x) if jax.process_count() == 1 else allgather(x).sum(axis=0)

@@ -7,9 +7,11 @@ in-graph sampling and multi-step dispatch) lives here, once.
 Batches are dicts of arrays with a leading batch axis B: at least
   "mask":   [B, T] float  real steps / completion tokens
   "weight": [B]    float  per-sequence data weight (0 marks padding rows)
-plus whatever `logprob_fn` reads (observations, actions, tokens...). The batch is split over the
-mesh's "data" axis; parameters and optimiser state are replicated; XLA inserts the gradient
-all-reduce. Device-resident datasets have the same layout with N sequences in place of B.
+plus whatever `logprob_fn` reads (observations, actions, tokens...). The batch is split over every
+device of the mesh; parameters and optimiser state are replicated (or FSDP-split, state_sharding);
+XLA inserts the gradient all-reduce. The sampling pool (the dataset on the devices) has the same
+layout with N sequences in place of B, padded to a multiple of the device count and split over the
+devices too, so each process supplies only its own rows (pool_rows, put_pool).
 """
 
 from __future__ import annotations
@@ -163,7 +165,11 @@ def _split_leaves(data: Batch) -> tuple[int, int]:
 
 
 def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
-  """Draws batch_size sequences i.i.d. with probability ∝ exp(logits[i]); every leaf [N, ...] -> [B, ...]."""
+  """Draws batch_size sequences i.i.d. with probability ∝ exp(logits[i]); every leaf [N', ...] -> [B, ...].
+
+  logits [N] with N <= N': rows N.. of a padded pool are never drawn, and the draw does not depend on
+  how many there are (so the samples do not depend on the device count).
+  """
   idx = jax.random.categorical(key, logits, shape=(batch_size,))
   return jax.tree.map(lambda x: x[idx], data)
 
@@ -171,12 +177,14 @@ def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size:
 def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
   """Draws batch_size single steps: a sequence ∝ exp(logits) · length, then a step uniformly in it.
 
+  logits [N] may cover fewer sequences than data holds (a pool padded with rows never drawn).
+
   Per-step leaves ([N, T, ...], recognised by sharing the mask's [N, T]) become [B, 1, ...];
   per-sequence leaves ([N, ...]) become [B, ...]. The result is a batch of length-1 sequences,
   so the same objective applies (the step-level batch of BC).
   """
   n, t = _split_leaves(data)
-  lengths = data["mask"].sum(axis=1)
+  lengths = data["mask"].sum(axis=1)[:logits.shape[0]]
   k_seq, k_step = jax.random.split(key)
   seq_logits = logits + jnp.log(jnp.maximum(lengths, 1e-30))
   idx = jax.random.categorical(k_seq, seq_logits, shape=(batch_size,))
@@ -262,8 +270,8 @@ def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_l
                      vmapped: bool = False, state_shardings=None):
   """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
 
-  Batches are sampled inside the graph from device-resident `data` (replicated) with the state's
-  key, so there is no host round trip per step. metrics come back stacked, each [num_steps].
+  Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
+  the devices) with the state's key, so there is no host round trip per step. metrics come back stacked, each [num_steps].
   vmapped: the state carries a leading seed axis (stack_states); every seed samples its own batch
   from the shared data and takes its own step; metrics are [num_steps, S].
   state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
@@ -285,12 +293,59 @@ def make_train_steps(update, mesh: Mesh, batch_size: int, num_steps: int, step_l
 
   rep = replicated(mesh)
   st = rep if state_shardings is None else state_shardings
-  return jax.jit(train_steps, in_shardings=(st, rep, rep), out_shardings=(st, rep), donate_argnums=0)
+  return jax.jit(train_steps, in_shardings=(st, shard, rep), out_shardings=(st, rep), donate_argnums=0)
 
 
 def put_replicated(tree, mesh: Mesh):
   """Places a host pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def pool_rows(num_rows: int, mesh: Mesh, process: int | None = None) -> tuple[np.ndarray, int]:
+  """Which rows of a sampling pool of num_rows sequences a process supplies (this one by default).
+
+  The pool is padded to a multiple of the mesh's device count and split over every device, like a
+  batch. Returns (the global indices of the process's rows, ascending, in the order put_pool takes
+  them [R]; the padded row count). Indices >= num_rows are padding rows, which come last.
+  """
+  if num_rows < 1:
+    raise UserError("the sampling pool is empty")
+  process = jax.process_index() if process is None else process
+  n = mesh.devices.size
+  padded = -(-num_rows // n) * n
+  slices = batch_sharded(mesh).devices_indices_map((padded,))
+  spans = sorted({(s[0].start or 0, padded if s[0].stop is None else s[0].stop)
+                  for d, s in slices.items() if d.process_index == process})
+  return np.concatenate([np.arange(a, b) for a, b in spans]), padded
+
+
+def put_pool(local: Batch, num_rows: int, mesh: Mesh) -> Batch:
+  """The global sampling pool, split over the mesh, built from this process's rows only.
+
+  local: every leaf [R_real, ...], the real rows (< num_rows) of pool_rows(num_rows, mesh) in that
+  order; zero padding rows are appended here. Returns leaves [padded, ...]
+  (jax.make_array_from_process_local_data): no process ever holds the whole pool.
+  """
+  rows, padded = pool_rows(num_rows, mesh)
+  real = int((rows < num_rows).sum())
+  sharding = batch_sharded(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] != real:
+      raise ValueError(f"put_pool: {x.shape[0]} local rows, this process supplies {real}")
+    x = np.concatenate([x, np.zeros((len(rows) - real, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_process_local_data(sharding, x, (padded, *x.shape[1:]))
+
+  return jax.tree.map(put, local)
+
+
+def shard_pool(data: Batch, mesh: Mesh) -> Batch:
+  """put_pool for a pool every process holds whole on the host ([N, ...] leaves)."""
+  num_rows = len(jax.tree.leaves(data)[0])
+  rows, _ = pool_rows(num_rows, mesh)
+  real = rows[rows < num_rows]
+  return put_pool(jax.tree.map(lambda x: np.asarray(x)[real], data), num_rows, mesh)
 
 
 def _first_bad_step(metrics: dict[str, np.ndarray]) -> int | None:
@@ -328,7 +383,9 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
         guard=None) -> TrainState:
   """The training loop both pipelines share: `steps` updates in jitted chunks, with a progress bar.
 
-  data/logits: host arrays (the sampling pool and its logits), placed on the mesh once.
+  data: the sampling pool, either host arrays every process holds whole ([N, ...], of which each
+  process places only its rows) or the global arrays of put_pool, built from each process's share.
+  logits: [N] host array, the same in every process (small: one number per sequence).
   log receives one "train" row per chunk (metrics averaged over the chunk) and one "eval" row at
   step 0, every eval_every updates and at the end, with what on_eval(params) returns.
   A stacked state (stack_states, S seeds) is trained with the update vmapped over seeds; log and
@@ -358,8 +415,13 @@ def fit(update, state: TrainState, data: Batch, logits, *, mesh: Mesh, name: str
   if on_resume is not None:
     on_resume(done)
   state = jax.device_put(state, shardings, may_alias=False)  # the caller's copy survives donation
-  data = put_replicated(data, mesh)
-  logits = put_replicated(jnp.asarray(logits, jnp.float32), mesh)
+  logits = np.asarray(logits, np.float32)
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(data)):
+    data = shard_pool(data, mesh)
+  pool_size = len(jax.tree.leaves(data)[0])
+  if pool_size != pool_rows(len(logits), mesh)[1]:
+    raise ValueError(f"fit: a pool of {pool_size} rows for {len(logits)} logits on {mesh.devices.size} devices")
+  logits = put_replicated(logits, mesh)
   chunk = max(1, min(steps_per_dispatch, eval_every if eval_every > 0 else steps))
   compiled = {}
   t0 = time.time()

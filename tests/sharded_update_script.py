@@ -17,7 +17,7 @@ from iwsft.objectives import ObjectiveConfig
 
 def main(out):
   rng = np.random.default_rng(0)
-  n, t, o, a = 24, 9, 5, 3
+  n, t, o, a = 21, 9, 5, 3  # 21 rows: the pool is padded to a multiple of 8 devices
   lengths = rng.integers(1, t + 1, n)
   data = {
       "observations": rng.normal(size=(n, t, o)).astype(np.float32),
@@ -40,12 +40,18 @@ def main(out):
   # 2) in-graph sampling, several steps per dispatch.
   state2 = train.put_replicated(train.init_state(params, opt, 1, ref), mesh)
   steps = train.make_train_steps(update, mesh, batch_size=16, num_steps=4)
-  logits = np.zeros(n, np.float32)
-  state2, metrics2 = steps(state2, train.put_replicated(data, mesh), train.put_replicated(logits, mesh))
+  logits = np.linspace(-1.0, 1.0, n).astype(np.float32)
+  state2, metrics2 = steps(state2, train.shard_pool(data, mesh), train.put_replicated(logits, mesh))
+  # 3) step-level batches from the same pool.
+  state3 = train.put_replicated(train.init_state(params, opt, 2, ref), mesh)
+  steps3 = train.make_train_steps(update, mesh, batch_size=16, num_steps=4, step_level=True)
+  state3, metrics3 = steps3(state3, train.shard_pool(data, mesh), train.put_replicated(logits, mesh))
   leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})
   leaves.update({f"q{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.q_params))})
+  leaves.update({f"c{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state3.params))})
   leaves["loss"] = np.asarray(metrics2["loss"])
+  leaves["loss_steps"] = np.asarray(metrics3["loss"])
   leaves["devices"] = np.array(len(jax.devices()))
   np.savez(out, **leaves)
 

@@ -55,7 +55,7 @@ def test_filtered_bc_keeps_exactly_the_competent_episodes(datasets):
   cfg = get_config()
   cfg.percentiles = ""
   cfg.top_fraction = 0.25
-  logits, _ = curation_for("filtered_bc", eps, cfg)
+  logits, _ = curation_for("filtered_bc", eps.returns, cfg)
   np.testing.assert_array_equal(np.isfinite(logits), competent)
 
 

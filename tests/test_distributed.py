@@ -1,5 +1,6 @@
 """Two processes on localhost (gloo CPU collectives, 4 forced devices each) against one process with
-8 devices: the same global batches, so the same training within float tolerance."""
+8 devices: the same global batches, so the same training within float tolerance, while each process
+reads only its share of the dataset."""
 
 import json
 import os
@@ -31,11 +32,19 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_two_processes(args, work):
+def run_two_processes(args, work, reads=None):
+  """Both processes of a run; with reads (a path prefix), each records the Minari episodes it reads
+  (tests/record_reads.py)."""
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, *args, f"--workdir={work}", f"--coordinator_address=localhost:{port}",
-                             "--num_processes=2", f"--process_id={i}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env(4)) for i in range(2)]
+  e = env(4)
+  prefix = []
+  if reads is not None:
+    e["IWSFT_READS"] = str(reads)
+    prefix = [os.path.join(ROOT, "tests", "record_reads.py")]
+  procs = [subprocess.Popen([sys.executable, *prefix, *args, f"--workdir={work}",
+                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={i}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -51,8 +60,18 @@ def test_two_processes_train_the_control_policy_like_one_process_with_as_many_de
   one = subprocess.run([sys.executable, *CONTROL, f"--workdir={tmp_path / 'one'}"], capture_output=True,
                        text=True, cwd=ROOT, env=env(8), timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  outs = run_two_processes(CONTROL, tmp_path / "two")
+  outs = run_two_processes(CONTROL, tmp_path / "two", reads=tmp_path / "reads")
   assert "normalised score" in outs[0][0] and "normalised score" not in outs[1][0]  # process 0 reports
+  # Each process read only its half of the episodes: disjoint shares that cover the dataset.
+  import minari
+
+  shares = []
+  for path in sorted(tmp_path.glob("reads.*")):
+    ids = [i for r in json.loads(path.read_text()) if r["dataset"] == MIXED for i in r["episodes"]]
+    shares.append(ids)
+  total = minari.load_dataset(MIXED).total_episodes
+  assert len(shares) == 2 and all(0 < len(ids) < total for ids in shares), [len(x) for x in shares]
+  assert sorted(shares[0] + shares[1]) == list(range(total))
   result = json.loads((tmp_path / "two" / "result.json").read_text())
   assert len(result["devices"]) == 8
   for a, b in zip(params(tmp_path / "two"), params(tmp_path / "one"), strict=True):

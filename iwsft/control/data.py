@@ -98,8 +98,8 @@ def load_dataset(dataset_id: str, download: bool = False):
     raise UserError(f"could not read dataset {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
 
 
-def episodes_from_minari(dataset) -> Episodes:
-  """Reads every episode of a MinariDataset into padded arrays, checking shapes and values."""
+def check_spaces(dataset) -> tuple[int, int]:
+  """(observation dims, action dims) of a dataset with episodes and flat Box spaces; else UserError."""
   import gymnasium as gym
 
   name = dataset.spec.dataset_id
@@ -109,13 +109,23 @@ def episodes_from_minari(dataset) -> Episodes:
     raise UserError(f"dataset {name!r}: only continuous (Box) action spaces are supported")
   if not isinstance(dataset.observation_space, gym.spaces.Box):
     raise UserError(f"dataset {name!r}: only flat (Box) observation spaces are supported")
-  act_dim = int(np.prod(dataset.action_space.shape))
-  obs_dim = int(np.prod(dataset.observation_space.shape))
-  eps = list(dataset.iterate_episodes())
+  return int(np.prod(dataset.observation_space.shape)), int(np.prod(dataset.action_space.shape))
+
+
+def episodes_from_minari(dataset, indices=None) -> Episodes:
+  """Reads the episodes at `indices` (all by default, in order) of a MinariDataset into padded
+  arrays, checking shapes and values. An empty `indices` gives zero episodes."""
+  name = dataset.spec.dataset_id
+  obs_dim, act_dim = check_spaces(dataset)
+  if indices is not None and len(indices) == 0:
+    z = lambda *shape: np.zeros(shape, np.float32)
+    return Episodes(z(0, 1, obs_dim), z(0, 1, act_dim), z(0, 1), np.zeros(0), np.zeros(0, np.int64),
+                    np.zeros(0, np.int64))
+  eps = list(dataset.iterate_episodes(None if indices is None else [int(i) for i in indices]))
   lengths = np.array([len(e.actions) for e in eps], np.int64)
-  if lengths.sum() == 0:
+  if indices is None and lengths.sum() == 0:
     raise UserError(f"dataset {name!r} has no steps")
-  n, t = len(eps), int(lengths.max())
+  n, t = len(eps), max(1, int(lengths.max()))
   obs = np.zeros((n, t, obs_dim), np.float32)
   act = np.zeros((n, t, act_dim), np.float32)
   mask = np.zeros((n, t), np.float32)
@@ -138,28 +148,104 @@ def episodes_from_minari(dataset) -> Episodes:
   return Episodes(obs, act, mask, rets, lengths, ids)
 
 
-def check_matches_env(episodes: Episodes, env_action_space, env_observation_space, name: str) -> None:
+def check_matches_env(dataset, env_action_space, env_observation_space, name: str) -> None:
   """Raises a UserError when the data's action/observation sizes differ from the environment's."""
   a = int(np.prod(env_action_space.shape))
   o = int(np.prod(env_observation_space.shape))
-  if episodes.actions.shape[-1] != a:
-    raise UserError(f"dataset {name!r}: actions have {episodes.actions.shape[-1]} dims, the environment takes {a}")
-  if episodes.observations.shape[-1] != o:
-    raise UserError(f"dataset {name!r}: observations have {episodes.observations.shape[-1]} dims, the environment gives {o}")
+  obs_dim, act_dim = check_spaces(dataset)
+  if act_dim != a:
+    raise UserError(f"dataset {name!r}: actions have {act_dim} dims, the environment takes {a}")
+  if obs_dim != o:
+    raise UserError(f"dataset {name!r}: observations have {obs_dim} dims, the environment gives {o}")
 
 
-def split_episodes(episodes: Episodes, val_fraction: float, seed: int) -> tuple[Episodes, Episodes | None]:
-  """Random split by episode into (train, validation); validation is None when val_fraction is 0."""
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """Random split of n episode indices into sorted (train, validation); validation is None when
+  val_fraction is 0. Needs only n, so every process computes the same split without reading data."""
   if not 0.0 <= val_fraction < 1.0:
     raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-  n = episodes.num_episodes
   n_val = int(round(val_fraction * n))
   if n_val == 0:
-    return episodes, None
+    return np.arange(n), None
   if n - n_val < 1:
     raise UserError(f"val_fraction {val_fraction} leaves no training episodes out of {n}")
   perm = np.random.default_rng(seed).permutation(n)
-  return episodes.select(np.sort(perm[n_val:])), episodes.select(np.sort(perm[:n_val]))
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def split_episodes(episodes: Episodes, val_fraction: float, seed: int) -> tuple[Episodes, Episodes | None]:
+  """Random split by episode into (train, validation) episodes (split_indices)."""
+  train_idx, val_idx = split_indices(episodes.num_episodes, val_fraction, seed)
+  if val_idx is None:
+    return episodes, None
+  return episodes.select(train_idx), episodes.select(val_idx)
+
+
+@dataclasses.dataclass
+class Share:
+  """This process's share of a dataset's training episodes, plus the facts every process needs.
+
+  episodes: the process's real rows of the sampling pool (train.pool_rows), padded to the longest
+            training episode of any process: [R, T, ...]
+  rows:     [R] their indices among the N training episodes
+  num_rows: N, the training episodes of all processes together
+  returns:  [N] every training episode's return (curation ranks them all)
+  lengths:  [N] every training episode's length
+  obs_mean, obs_std: [O] observation statistics over every real training step
+  """
+
+  episodes: Episodes
+  rows: np.ndarray
+  num_rows: int
+  returns: np.ndarray
+  lengths: np.ndarray
+  obs_mean: np.ndarray
+  obs_std: np.ndarray
+
+  def local(self, per_episode: np.ndarray) -> np.ndarray:
+    """This process's entries [R] of a per-training-episode array [N]."""
+    return per_episode[self.rows]
+
+  def pool(self, weight: np.ndarray, mesh):
+    """The global sampling pool for train.fit, from this process's rows; weight: [N]."""
+    from iwsft import train
+
+    return train.put_pool(self.episodes.device_data(self.local(weight)), self.num_rows, mesh)
+
+
+def read_share(dataset, train_idx: np.ndarray, mesh) -> Share:
+  """Reads only this process's share (train.pool_rows) of the training episodes train_idx [N].
+
+  The per-episode returns and lengths, the longest episode and the observation statistics are
+  combined over processes (jax.distributed collectives); with one process this equals reading
+  every training episode and computing them directly.
+  """
+  from iwsft import distributed, train
+
+  n = len(train_idx)
+  rows, _ = train.pool_rows(n, mesh)
+  mine = rows[rows < n]
+  eps = episodes_from_minari(dataset, train_idx[mine])
+  t = int(distributed.allgather(np.array(eps.mask.shape[1])).max())
+  pad = lambda x: np.pad(x, [(0, 0), (0, t - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  eps = Episodes(pad(eps.observations), pad(eps.actions), pad(eps.mask), eps.returns, eps.lengths,
+                 eps.episode_ids)
+  returns, lengths = np.zeros(n), np.zeros(n, np.int64)
+  width = len(rows)  # the same in every process
+  got_r = distributed.allgather(np.pad(eps.returns, (0, width - len(mine))))
+  got_l = distributed.allgather(np.pad(eps.lengths, (0, width - len(mine))))
+  for p in range(len(got_r)):
+    r, _ = train.pool_rows(n, mesh, process=p)
+    keep = r < n
+    returns[r[keep]], lengths[r[keep]] = got_r[p][keep], got_l[p][keep]
+  # Two passes, as np.mean / np.std compute them (identical numerics for one process).
+  obs = eps.observations[eps.mask.astype(bool)].astype(np.float64)
+  count = int(lengths.sum())
+  if count == 0:
+    raise UserError(f"dataset {dataset.spec.dataset_id!r} has no steps")
+  mean = distributed.sum_over_processes(obs.sum(axis=0)) / count
+  var = distributed.sum_over_processes(((obs - mean) * (obs - mean)).sum(axis=0)) / count
+  return Share(eps, mine, n, returns, lengths, mean.astype(np.float32), np.sqrt(var).astype(np.float32))
 
 
 def reference_scores(dataset) -> tuple[float | None, float | None]:

@@ -91,24 +91,28 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
       and fin_stage.batch_level == "step":
     raise UserError("per-episode importance weights need batch_level=episode (or use --weighting=step)")
 
+  mesh = train.make_mesh(cfg.num_devices or None)
+  for st in (ref_stage, fin_stage):
+    if st is not None:
+      train.check_batch_size(st.batch_size, mesh)
   dataset = data_lib.load_dataset(cfg.dataset, cfg.download)
-  episodes = data_lib.episodes_from_minari(dataset)
+  data_lib.check_spaces(dataset)
   try:
     env = dataset.recover_environment()
   except Exception as e:
     raise UserError(f"cannot create the environment of {cfg.dataset!r}: {type(e).__name__}: {e}") from None
   env_spec, action_space = env.spec, env.action_space
-  data_lib.check_matches_env(episodes, env.action_space, env.observation_space, cfg.dataset)
+  data_lib.check_matches_env(dataset, env.action_space, env.observation_space, cfg.dataset)
   env.close()
   ref_min, ref_max = data_lib.reference_scores(dataset)
-  train_eps, val_eps = data_lib.split_episodes(episodes, cfg.val_fraction, seeds[0])
-  ref_logits, ref_weight = trainer.curation_for("bc", train_eps, cfg)
-  logits, weight = trainer.curation_for(cfg.method, train_eps, cfg)
-  mesh = train.make_mesh(cfg.num_devices or None)
-  for st in (ref_stage, fin_stage):
-    if st is not None:
-      train.check_batch_size(st.batch_size, mesh)
-  built = [trainer.build_policy(train_eps, action_space.low, action_space.high, cfg, s) for s in seeds]
+  # Each process reads only its share of the training episodes; validation episodes are read whole.
+  train_idx, val_idx = data_lib.split_indices(dataset.total_episodes, cfg.val_fraction, seeds[0])
+  share = data_lib.read_share(dataset, train_idx, mesh)
+  val_eps = None if val_idx is None else data_lib.episodes_from_minari(dataset, val_idx)
+  ref_logits, ref_weight = trainer.curation_for("bc", share.returns, cfg)
+  logits, weight = trainer.curation_for(cfg.method, share.returns, cfg)
+  built = [trainer.build_policy(share.obs_mean, share.obs_std, action_space.shape[0], action_space.low,
+                                action_space.high, cfg, s) for s in seeds]
   graphdef, constants = built[0][0], built[0][2]  # normalisation comes from the data, not the seed
   init_params = [b[1] for b in built]
 
@@ -186,7 +190,7 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
           print(f"reference policy loaded from {reference_dir}")
       else:
         ref_params = trainer.train_stage(
-            params=init_params, ref_params=None, episodes=train_eps, logits=ref_logits,
+            params=init_params, ref_params=None, share=share, logits=ref_logits,
             weight=ref_weight, stage=ref_stage, objective=trainer.objective_for("bc", cfg),
             q_decay=0.0, evaluate_fns=eval_fns(cfg.eval_episodes, 1000), **common("reference"))
         checkpoint.save_state(os.path.join(reference_dir, "params"), train.stack_runs(ref_params))
@@ -198,7 +202,7 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
         final_params = ref_params
       else:
         final_params = trainer.train_stage(
-            params=ref_params, ref_params=ref_params, episodes=train_eps,
+            params=ref_params, ref_params=ref_params, share=share,
             logits=logits, weight=weight, stage=fin_stage, objective=objective,
             q_decay=cfg.q_decay, evaluate_fns=eval_fns(cfg.eval_episodes, 1000),
             track_bounds=True, **common(cfg.method, key_offset=1))
@@ -217,7 +221,7 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
       log.close()
 
   wall = round(time.time() - t_start, 2)
-  results = [_result(cfg, s, final, episodes, logits, wall, len(seeds), mesh) for s, final in zip(seeds, finals)]
+  results = [_result(cfg, s, final, dataset, logits, wall, len(seeds), mesh) for s, final in zip(seeds, finals)]
   if not primary:
     return results
   for d, r in zip(out_dirs, results):
@@ -237,7 +241,7 @@ def _run(cfg, seeds: list[int], workdir: str, overwrite: bool, reference_dir: st
   return results
 
 
-def _result(cfg, seed, final, episodes, logits, wall, seeds_together, mesh) -> dict:
+def _result(cfg, seed, final, dataset, logits, wall, seeds_together, mesh) -> dict:
   config = cfg.to_dict()
   config["seed"] = seed
   return {
@@ -251,8 +255,8 @@ def _result(cfg, seed, final, episodes, logits, wall, seeds_together, mesh) -> d
       "eval_episodes": final["episodes"],
       "note": None if final["normalised_score"] is not None else
               "dataset has no ref_min_score/ref_max_score: only raw returns are reported",
-      "dataset_episodes": episodes.num_episodes,
-      "dataset_steps": episodes.num_steps,
+      "dataset_episodes": int(dataset.total_episodes),
+      "dataset_steps": int(dataset.total_steps),
       "curated_episodes": int(np.isfinite(logits).sum()),
       "wall_time_s": wall,
       "seeds_trained_together": seeds_together,

@@ -15,7 +15,7 @@ from flax import nnx
 
 from iwsft import curation, distributed, train
 from iwsft.optim import StageConfig, make_optimizer  # noqa: F401  (re-exported)
-from iwsft.control.data import Episodes
+from iwsft.control.data import Episodes, Share
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
 from iwsft.errors import UserError
 from iwsft.objectives import ObjectiveConfig
@@ -49,29 +49,29 @@ def objective_for(method: str, cfg) -> ObjectiveConfig:
     raise UserError(str(e)) from None
 
 
-def curation_for(method: str, episodes: Episodes, cfg) -> tuple[np.ndarray, np.ndarray]:
-  """-> (sampling logits [N], data weights [N]) of a method over the episodes' returns."""
+def curation_for(method: str, returns: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+  """-> (sampling logits [N], data weights [N]) of a method over the episodes' returns [N]."""
   percentiles = parse_floats(cfg.percentiles, "percentiles")
   curation.check_top_fraction(cfg.top_fraction)
-  logits = curation.sampling_logits(episodes.returns, method, top_fraction=cfg.top_fraction,
+  logits = curation.sampling_logits(returns, method, top_fraction=cfg.top_fraction,
                                     percentiles=percentiles, quality_beta=cfg.quality_beta,
                                     quality_mode=cfg.quality_mode)
-  weight = np.ones(episodes.num_episodes, np.float32)
+  weight = np.ones(len(returns), np.float32)
   if method in ("sft_q", "iw_sft_q") and cfg.quality_mode == "weight":
-    weight = curation.quality_weights(episodes.returns, cfg.quality_beta).astype(np.float32)
+    weight = curation.quality_weights(returns, cfg.quality_beta).astype(np.float32)
   return logits, weight
 
 
-def build_policy(episodes: Episodes, action_low, action_high, cfg, seed: int):
-  """A fresh policy with normalisation from the data -> (graphdef, params, constants)."""
+def build_policy(obs_mean: np.ndarray, obs_std: np.ndarray, act_dim: int, action_low, action_high,
+                 cfg, seed: int):
+  """A fresh policy normalised with the data's observation statistics [O] -> (graphdef, params,
+  constants)."""
   pcfg = PolicyConfig(hidden=parse_ints(cfg.hidden, "hidden"),
                       state_dependent_std=cfg.state_dependent_std)
   if not pcfg.hidden or min(pcfg.hidden) < 1:
     raise UserError(f"hidden must list positive layer widths, got {cfg.hidden!r}")
-  policy = GaussianPolicy(episodes.observations.shape[-1], episodes.actions.shape[-1], pcfg,
-                          rngs=nnx.Rngs(seed))
-  mean, std = episodes.observation_stats()
-  policy.set_normalisation(mean, std, action_low, action_high)
+  policy = GaussianPolicy(len(obs_mean), act_dim, pcfg, rngs=nnx.Rngs(seed))
+  policy.set_normalisation(obs_mean, obs_std, action_low, action_high)
   return split_policy(policy)
 
 
@@ -88,7 +88,7 @@ def sequence_nll_fn(logprob_fn):
 
 
 def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params: Sequence | None,
-                episodes: Episodes, logits: np.ndarray, weight: np.ndarray, stage: StageConfig,
+                share: Share, logits: np.ndarray, weight: np.ndarray, stage: StageConfig,
                 objective: ObjectiveConfig, q_decay: float, seeds: Sequence[int], mesh, eval_every: int,
                 steps_per_dispatch: int, evaluate_fns: Sequence[Callable] | None,
                 logs: Sequence[Callable[[dict], None]], val_episodes: Episodes | None = None,
@@ -96,6 +96,7 @@ def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params:
                 on_resume=None, guard=None) -> list:
   """Runs one stage for every seed; returns the trained params, one per seed.
 
+  share: this process's training episodes (data.read_share); logits, weight: [N] over all of them.
   params / ref_params / evaluate_fns / logs: one per seed. Several seeds train together in one
   vmapped program on the same data (train.stack_states); one seed trains as a plain state.
   evaluate_fns[i](params) -> dict of evaluation results, called every eval_every updates and at the
@@ -123,7 +124,7 @@ def train_stage(*, name: str, graphdef, params: Sequence, constants, ref_params:
     return run
 
   evaluate_fns = evaluate_fns or [None] * len(seeds)
-  state = train.fit(update, state, episodes.device_data(weight), logits, mesh=mesh, name=name,
+  state = train.fit(update, state, share.pool(weight, mesh), logits, mesh=mesh, name=name,
                     steps=stage.steps, batch_size=stage.batch_size,
                     step_level=stage.batch_level == "step", steps_per_dispatch=steps_per_dispatch,
                     eval_every=eval_every,
