@@ -62,7 +62,7 @@ def jax_steps_per_s(data, hidden, batch: int, seeds: int, steps_per_dispatch: in
             for s in range(seeds)]
   mesh = train.make_mesh(1)
   state = train.put_replicated(states[0] if seeds == 1 else train.stack_states(states), mesh)
-  pool = train.put_replicated(data, mesh)
+  pool = train.shard_pool(data, mesh)
   logits = train.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
   steps = train.make_train_steps(update, mesh, batch, steps_per_dispatch, step_level=True, vmapped=seeds > 1)
   box = [state]

@@ -43,7 +43,7 @@ def stage_seconds_per_update(data, hidden, stage, objective: ObjectiveConfig, se
   states = [train.init_state(p, optimizer, s) for s, (_, p, _) in enumerate(policies)]
   mesh = train.make_mesh()
   state = train.put_replicated(states[0] if seeds == 1 else train.stack_states(states), mesh)
-  pool = train.put_replicated(data, mesh)
+  pool = train.shard_pool(data, mesh)
   logits = train.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
   steps = train.make_train_steps(update, mesh, stage.batch_size, steps_per_dispatch,
                                  step_level=stage.batch_level == "step", vmapped=seeds > 1)

@@ -59,8 +59,8 @@ def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repea
   n = 4 * batch
   tokens = rng.integers(4, cfg.vocab_size, (n, cfg.max_len)).astype(np.int32)
   tokens[:, 0] = BOS
-  pool = train.put_replicated({"tokens": tokens, "mask": np.ones((n, cfg.max_len), np.float32),
-                               "weight": np.ones(n, np.float32)}, mesh)
+  pool = train.shard_pool({"tokens": tokens, "mask": np.ones((n, cfg.max_len), np.float32),
+                           "weight": np.ones(n, np.float32)}, mesh)
   logits = train.put_replicated(np.zeros(n, np.float32), mesh)
   steps = train.make_train_steps(update, mesh, batch, steps_per_dispatch)
   box = [state]
