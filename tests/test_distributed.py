@@ -83,11 +83,12 @@ def test_two_processes_train_the_control_policy_like_one_process_with_as_many_de
 
 
 LM = [os.path.join(ROOT, "experiments", "lm.py"), "--model_d_model=32", "--model_n_layers=1",
-      "--model_n_heads=2", "--model_d_ff=64", "--model_max_len=48", "--task_digits=1", "--task_demos=256",
+      "--model_n_heads=2", "--model_d_ff=512", "--model_max_len=48", "--task_digits=1", "--task_demos=256",
       "--task_sample_prompts=16", "--task_samples_per_prompt=2", "--task_eval_problems=16",
       "--base_steps=200", "--base_batch_size=16", "--base_warmup_steps=5", "--finetune_steps=20",
       "--finetune_batch_size=8", "--finetune_warmup_steps=2", "--steps_per_dispatch=10",
-      "--methods=sft,iw_sft"]
+      "--methods=sft,iw_sft", "--fsdp=2"]  # the MLP matrices (32 x 512 = 2^14) split over fsdp pairs
+                                           # within a process, replicated across the processes
 
 
 def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(tmp_path):
@@ -101,7 +102,7 @@ def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(
                        text=True, cwd=ROOT, env=env(8), timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   run_two_processes(LM, tmp_path / "two")
-  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48),
+  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=512, max_len=48),
                                    rngs=nnx.Rngs(0)))
   for name in ("base", "sft", "iw_sft"):
     a = checkpoint.restore_state(str(tmp_path / "one" / "seed_0" / name / "params"), template)
