@@ -301,6 +301,13 @@ def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
+def put_batch(local: Batch, mesh: Mesh) -> Batch:
+  """A global batch for jit_update from this process's part of it (every leaf [B / processes, ...],
+  the rows of this process's devices in order; jax.make_array_from_process_local_data)."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
 def pool_rows(num_rows: int, mesh: Mesh, process: int | None = None) -> tuple[np.ndarray, int]:
   """Which rows of a sampling pool of num_rows sequences a process supplies (this one by default).
 

@@ -36,7 +36,7 @@ def main(out):
   step = train.jit_update(update, mesh)
   for i in range(4):
     idx = np.random.default_rng(i).integers(0, n, 16)
-    state, metrics = step(state, {k: v[idx] for k, v in data.items()})
+    state, metrics = step(state, train.put_batch({k: v[idx] for k, v in data.items()}, mesh))
   # 2) in-graph sampling, several steps per dispatch.
   state2 = train.put_replicated(train.init_state(params, opt, 1, ref), mesh)
   steps = train.make_train_steps(update, mesh, batch_size=16, num_steps=4)
