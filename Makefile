@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets lm sweep bench test test-slow clean
+.PHONY: install demo datasets datasets-full lm sweep bench test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: install  ## the README's main job: small datasets, then BC / filtered BC /
 
 datasets: install  ## the small profile of every dataset kind
 	$(PY) experiments/make_datasets.py --profile=small
+
+datasets-full: install  ## the full (D4RL-sized) locomotion datasets; prints each environment's table
+	for env in hopper halfcheetah walker2d; do $(PY) experiments/make_datasets.py --env=$$env --profile=full || exit 1; done
 
 lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 	$(PY) experiments/lm.py --workdir=runs/lm --seeds=0,1,2
