@@ -82,8 +82,10 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
   from iwsft.control.policy import PolicyConfig, load_policy
 
   policy = load_policy(str(work / "policy"), 4, 1, PolicyConfig(hidden=(32, 32)))
-  mean, _ = episodes_from_minari(load_dataset(MIXED)).observation_stats()
-  np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), mean, rtol=1e-5)
+  eps = episodes_from_minari(load_dataset(MIXED))
+  real = eps.observations[eps.mask.astype(bool)].astype(np.float64)  # every real step
+  np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), real.mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(policy.obs_std[...]), np.maximum(real.std(axis=0), 1e-3), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
 
 
@@ -94,6 +96,29 @@ def test_quality_methods_run(datasets, tmp_path, method, extra):
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == method and np.isfinite(result["return_mean"])
+
+
+def test_validation_split_is_held_out_and_scored(datasets, tmp_path):
+  """--val_fraction holds episodes out of training (the pool and the normalisation) and logs their NLL."""
+  import minari
+
+  from iwsft.control.data import episodes_from_minari, split_indices
+  from iwsft.control.policy import PolicyConfig, load_policy
+
+  work = tmp_path / "val"
+  r = cli(f"--dataset={MIXED}", "--method=bc", "--val_fraction=0.25", "--eval_every=100",
+          f"--workdir={work}", *[a for a in TINY if not a.startswith("--eval_every")])
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  val = [row["val_nll"] for row in rows if "val_nll" in row]
+  assert len(val) >= 2 and all(np.isfinite(val)) and val[-1] < val[0]
+  n = minari.load_dataset(MIXED).total_episodes
+  train_idx, val_idx = split_indices(n, 0.25, seed=0)
+  assert len(val_idx) == round(0.25 * n) and not set(train_idx) & set(val_idx)
+  eps = episodes_from_minari(minari.load_dataset(MIXED), train_idx)
+  mean = eps.observations[eps.mask.astype(bool)].astype(np.float64).mean(axis=0)  # training steps only
+  policy = load_policy(str(work / "policy"), 4, 1, PolicyConfig(hidden=(32, 32)))
+  np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), mean, rtol=1e-5)
 
 
 def test_bc_on_competent_data_beats_a_random_policy(datasets, tmp_path):

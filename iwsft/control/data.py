@@ -42,13 +42,6 @@ class Episodes:
   def num_steps(self) -> int:
     return int(self.lengths.sum())
 
-  def select(self, idx: np.ndarray) -> "Episodes":
-    """The episodes at integer indices idx, re-padded to their own longest length."""
-    idx = np.asarray(idx)
-    t = int(self.lengths[idx].max()) if len(idx) else 1
-    return Episodes(self.observations[idx, :t], self.actions[idx, :t], self.mask[idx, :t],
-                    self.returns[idx], self.lengths[idx], self.episode_ids[idx])
-
   def flat(self) -> dict[str, np.ndarray]:
     """One row per real step: observations [S, O], actions [S, A], episode_index, timestep, episode_return [S]."""
     n, t = self.mask.shape
@@ -62,11 +55,6 @@ class Episodes:
         "timestep": ts[keep],
         "episode_return": np.broadcast_to(self.returns[:, None], (n, t))[keep],
     }
-
-  def observation_stats(self) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std [O] of observations over real steps."""
-    obs = self.observations[self.mask.astype(bool)].astype(np.float64)
-    return obs.mean(axis=0).astype(np.float32), obs.std(axis=0).astype(np.float32)
 
   def device_data(self, weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The dict layout of iwsft.train: observations, actions, mask, weight [N] (default 1)."""
@@ -171,14 +159,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     raise UserError(f"val_fraction {val_fraction} leaves no training episodes out of {n}")
   perm = np.random.default_rng(seed).permutation(n)
   return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def split_episodes(episodes: Episodes, val_fraction: float, seed: int) -> tuple[Episodes, Episodes | None]:
-  """Random split by episode into (train, validation) episodes (split_indices)."""
-  train_idx, val_idx = split_indices(episodes.num_episodes, val_fraction, seed)
-  if val_idx is None:
-    return episodes, None
-  return episodes.select(train_idx), episodes.select(val_idx)
 
 
 @dataclasses.dataclass
