@@ -41,7 +41,8 @@ bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write bench
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/cell_cost.py
 
-test: install  ## the default test suite (what CI runs)
+test: install  ## lint (ruff) and the default test suite (what CI runs)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 -q
 
 test-slow: install  ## only the tests marked slow

@@ -4,7 +4,7 @@ with 1..S vmapped seeds, and against d3rlpy's BC on the same data in the same ru
   python benchmarks/bc_throughput.py                 # JAX numbers (+ d3rlpy if .venv-d3rlpy exists)
   make bench                                         # everything, installing d3rlpy's own venv
 
-The update is the one every control run uses (iwsft.train.make_update + make_train_steps: batches
+The update is the one every control run uses (iwsft.iwsft.make_update + make_train_steps: batches
 sampled in the graph, `--steps_per_dispatch` updates per jitted call, donated state) with the BC
 objective on single steps (batch_level=step), a Gaussian policy and Adam. FLOPs per update are
 analytic: 6 · batch · (multiply-adds of the MLP) (forward 2, backward 4); Adam's element-wise work
@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import iwsft  # noqa: E402
 from benchmarks import common  # noqa: E402
-from iwsft import train  # noqa: E402
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy  # noqa: E402
-from iwsft.objectives import ObjectiveConfig  # noqa: E402
-from iwsft.optim import StageConfig, make_optimizer  # noqa: E402
+from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
+from iwsft.core.objectives import ObjectiveConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D3RLPY_PYTHON = os.path.join(ROOT, ".venv-d3rlpy", "bin", "python")
@@ -42,29 +42,47 @@ def mlp_macs(obs: int, act: int, hidden) -> int:
 
 
 def synthetic_data(episodes: int, length: int, obs: int, act: int, seed: int = 0) -> dict:
-  """Hopper-shaped episodes [N, T, ...] of a noisy linear behaviour (the values do not matter to speed)."""
+  """Hopper-shaped episodes [N, T, ...] of a noisy linear behaviour (the values do not matter to
+  speed)."""
   rng = np.random.default_rng(seed)
   o = rng.normal(size=(episodes, length, obs)).astype(np.float32)
-  a = np.tanh(o @ rng.normal(size=(obs, act)).astype(np.float32) * 0.3
-              + 0.1 * rng.normal(size=(episodes, length, act)).astype(np.float32))
-  return {"observations": o, "actions": a.astype(np.float32),
-          "mask": np.ones((episodes, length), np.float32), "weight": np.ones(episodes, np.float32)}
+  a = np.tanh(
+    o @ rng.normal(size=(obs, act)).astype(np.float32) * 0.3
+    + 0.1 * rng.normal(size=(episodes, length, act)).astype(np.float32)
+  )
+  return {
+    "observations": o,
+    "actions": a.astype(np.float32),
+    "mask": np.ones((episodes, length), np.float32),
+    "weight": np.ones(episodes, np.float32),
+  }
 
 
-def jax_steps_per_s(data, hidden, batch: int, seeds: int, steps_per_dispatch: int, repeats: int) -> float:
+def jax_steps_per_s(
+  data, hidden, batch: int, seeds: int, steps_per_dispatch: int, repeats: int
+) -> float:
   """Updates per second of each seed's run (S seeds advance together)."""
   obs, act = data["observations"].shape[-1], data["actions"].shape[-1]
-  graphdef, _, consts = split_policy(GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(0)))
+  graphdef, _, consts = split_policy(
+    GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(0))
+  )
   optimizer = make_optimizer(StageConfig(steps=10**9, batch_size=batch, learning_rate=1e-3))
-  update = train.make_update(make_logprob_fn(graphdef, consts), optimizer, ObjectiveConfig("none"))
-  states = [train.init_state(split_policy(GaussianPolicy(obs, act, PolicyConfig(hidden=hidden),
-                                                         rngs=nnx.Rngs(s)))[1], optimizer, s)
-            for s in range(seeds)]
-  mesh = train.make_mesh(1)
-  state = train.put_replicated(states[0] if seeds == 1 else train.stack_states(states), mesh)
-  pool = train.shard_pool(data, mesh)
-  logits = train.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
-  steps = train.make_train_steps(update, mesh, batch, steps_per_dispatch, step_level=True, vmapped=seeds > 1)
+  update = iwsft.make_update(make_logprob_fn(graphdef, consts), optimizer, ObjectiveConfig("none"))
+  states = [
+    iwsft.init_state(
+      split_policy(GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(s)))[1],
+      optimizer,
+      s,
+    )
+    for s in range(seeds)
+  ]
+  mesh = iwsft.make_mesh(1)
+  state = iwsft.put_replicated(states[0] if seeds == 1 else iwsft.stack_seeds(states), mesh)
+  pool = iwsft.shard_pool(data, mesh)
+  logits = iwsft.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
+  steps = iwsft.make_train_steps(
+    update, mesh, batch, steps_per_dispatch, step_level=True, vmapped=seeds > 1
+  )
   box = [state]
 
   def call():
@@ -78,11 +96,24 @@ def d3rlpy_steps_per_s(data, hidden, batch: int, steps: int, python: str) -> dic
   """Runs benchmarks/d3rlpy_bc.py in d3rlpy's venv on the same transitions."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "data.npz")
-    np.savez(path, observations=data["observations"].reshape(-1, data["observations"].shape[-1]),
-             actions=data["actions"].reshape(-1, data["actions"].shape[-1]))
-    out = subprocess.run([python, os.path.join(ROOT, "benchmarks", "d3rlpy_bc.py"), path,
-                          ",".join(map(str, hidden)), str(batch), str(steps)],
-                         capture_output=True, text=True, timeout=3600)
+    np.savez(
+      path,
+      observations=data["observations"].reshape(-1, data["observations"].shape[-1]),
+      actions=data["actions"].reshape(-1, data["actions"].shape[-1]),
+    )
+    out = subprocess.run(
+      [
+        python,
+        os.path.join(ROOT, "benchmarks", "d3rlpy_bc.py"),
+        path,
+        ",".join(map(str, hidden)),
+        str(batch),
+        str(steps),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=3600,
+    )
     if out.returncode != 0:
       raise RuntimeError(f"d3rlpy benchmark failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,13 +121,19 @@ def d3rlpy_steps_per_s(data, hidden, batch: int, steps: int, python: str) -> dic
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--hidden", default="256,256", help="policy widths (d3rlpy's comparison used 256,256)")
+  p.add_argument(
+    "--hidden", default="256,256", help="policy widths (d3rlpy's comparison used 256,256)"
+  )
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--seeds", default="1,2,5,10", help="vmapped seed counts to measure")
   p.add_argument("--steps_per_dispatch", type=int, default=100)
   p.add_argument("--repeats", type=int, default=5, help="timed dispatches (median)")
-  p.add_argument("--d3rlpy", choices=["auto", "yes", "no"], default="auto",
-                 help="compare with d3rlpy (auto: if .venv-d3rlpy exists)")
+  p.add_argument(
+    "--d3rlpy",
+    choices=["auto", "yes", "no"],
+    default="auto",
+    help="compare with d3rlpy (auto: if .venv-d3rlpy exists)",
+  )
   p.add_argument("--d3rlpy_steps", type=int, default=2000)
   args = p.parse_args()
   hidden = tuple(int(x) for x in args.hidden.split(","))
@@ -107,27 +144,67 @@ def main():
   rows = []
   for s in (int(x) for x in args.seeds.split(",")):
     sps = jax_steps_per_s(data, hidden, args.batch, s, args.steps_per_dispatch, args.repeats)
-    rows.append({"impl": "iwsft (JAX)", "seeds": s, "steps/s per seed": sps, "updates/s (all seeds)": sps * s,
-                 "GFLOP/s": sps * s * flops / 1e9, "% of matmul peak": 100 * sps * s * flops / peak,
-                 f"% of {max(hidden)}² matmul": 100 * sps * s * flops / peak_small})
+    rows.append(
+      {
+        "impl": "iwsft (JAX)",
+        "seeds": s,
+        "steps/s per seed": sps,
+        "updates/s (all seeds)": sps * s,
+        "GFLOP/s": sps * s * flops / 1e9,
+        "% of matmul peak": 100 * sps * s * flops / peak,
+        f"% of {max(hidden)}² matmul": 100 * sps * s * flops / peak_small,
+      }
+    )
   use_d3 = args.d3rlpy == "yes" or (args.d3rlpy == "auto" and os.path.exists(D3RLPY_PYTHON))
   d3 = None
   if use_d3:
     d3 = d3rlpy_steps_per_s(data, hidden, args.batch, args.d3rlpy_steps, D3RLPY_PYTHON)
     sps = d3["steps_per_s"]
-    rows.append({"impl": f"d3rlpy {d3['version']} (torch {d3['torch']})", "seeds": 1, "steps/s per seed": sps,
-                 "updates/s (all seeds)": sps, "GFLOP/s": sps * flops / 1e9,
-                 "% of matmul peak": 100 * sps * flops / peak,
-                 f"% of {max(hidden)}² matmul": 100 * sps * flops / peak_small})
-  print(f"BC update, Gaussian policy {args.hidden}, batch {args.batch}, Adam; {flops / 1e6:.1f} MFLOP per "
-        f"update; matmul peak {peak / 1e9:.1f} GFLOP/s (2048²), {peak_small / 1e9:.1f} GFLOP/s "
-        f"({max(hidden)}²) on {common.machine()['device']}")
-  print(common.table(rows, ["impl", "seeds", "steps/s per seed", "updates/s (all seeds)", "GFLOP/s",
-                            "% of matmul peak", f"% of {max(hidden)}² matmul"]))
+    rows.append(
+      {
+        "impl": f"d3rlpy {d3['version']} (torch {d3['torch']})",
+        "seeds": 1,
+        "steps/s per seed": sps,
+        "updates/s (all seeds)": sps,
+        "GFLOP/s": sps * flops / 1e9,
+        "% of matmul peak": 100 * sps * flops / peak,
+        f"% of {max(hidden)}² matmul": 100 * sps * flops / peak_small,
+      }
+    )
+  print(
+    f"BC update, Gaussian policy {args.hidden}, batch {args.batch}, Adam; {flops / 1e6:.1f} "
+    f"MFLOP per "
+    f"update; matmul peak {peak / 1e9:.1f} GFLOP/s (2048²), {peak_small / 1e9:.1f} GFLOP/s "
+    f"({max(hidden)}²) on {common.machine()['device']}"
+  )
+  print(
+    common.table(
+      rows,
+      [
+        "impl",
+        "seeds",
+        "steps/s per seed",
+        "updates/s (all seeds)",
+        "GFLOP/s",
+        "% of matmul peak",
+        f"% of {max(hidden)}² matmul",
+      ],
+    )
+  )
   if d3 is not None:
     print(f"iwsft / d3rlpy (1 seed): {rows[0]['steps/s per seed'] / d3['steps_per_s']:.1f}x")
-  path = common.save("bc_throughput", {"hidden": hidden, "batch": args.batch, "flops_per_update": flops,
-                                       "matmul_peak_flops": peak, "matmul_width_flops": peak_small, "rows": rows, "d3rlpy": d3})
+  path = common.save(
+    "bc_throughput",
+    {
+      "hidden": hidden,
+      "batch": args.batch,
+      "flops_per_update": flops,
+      "matmul_peak_flops": peak,
+      "matmul_width_flops": peak_small,
+      "rows": rows,
+      "d3rlpy": d3,
+    },
+  )
   print(f"-> {path}")
 
 

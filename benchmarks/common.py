@@ -16,6 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from iwsft.io.report import format_table
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -32,9 +34,10 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n×n matmul chain on the default device: the practical peak we compare with."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n ** 0.5
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5
+  """FLOP/s of a float32 n×n matmul chain on the default device: the practical peak we compare
+  with."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / n**0.5
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n**0.5
   chain = max(8, min(64, (2048 // n) ** 2))  # small matrices: more of them per call, same work
 
   @jax.jit
@@ -44,14 +47,20 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return a
 
   sec = median_seconds(lambda: f(a, b).block_until_ready(), repeats)
-  return chain * 2 * n ** 3 / sec
+  return chain * 2 * n**3 / sec
 
 
 def machine() -> dict:
   dev = jax.devices()[0]
-  return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
-          "devices": jax.device_count(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-          "jax": jax.__version__, "python": platform.python_version()}
+  return {
+    "platform": dev.platform,
+    "device": getattr(dev, "device_kind", str(dev)),
+    "devices": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "processor": platform.processor(),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+  }
 
 
 def save(name: str, payload: dict, out_dir: str = RESULTS) -> str:
@@ -67,6 +76,4 @@ def save(name: str, payload: dict, out_dir: str = RESULTS) -> str:
 def table(rows: list[dict], columns: list[str]) -> str:
   """A Markdown table of rows (floats with 3 significant digits)."""
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
-  out = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-  out += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(out)
+  return format_table(columns, [[fmt(r.get(c, "")) for c in columns] for r in rows])

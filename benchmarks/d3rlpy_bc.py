@@ -24,19 +24,37 @@ def main(path, hidden, batch, steps):
   terminals = np.zeros(len(obs), np.float32)
   timeouts = np.zeros(len(obs), np.float32)
   timeouts[999::1000] = 1.0  # 1000-step episodes, as written by bc_throughput.py
-  dataset = d3rlpy.dataset.MDPDataset(obs, act, np.zeros(len(obs), np.float32), terminals, timeouts,
-                                      action_space=d3rlpy.ActionSpace.CONTINUOUS)
+  dataset = d3rlpy.dataset.MDPDataset(
+    obs,
+    act,
+    np.zeros(len(obs), np.float32),
+    terminals,
+    timeouts,
+    action_space=d3rlpy.ActionSpace.CONTINUOUS,
+  )
   bc = d3rlpy.algos.BCConfig(
-      batch_size=batch, learning_rate=1e-3, policy_type="stochastic",
-      encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=hidden),
-      optim_factory=d3rlpy.optimizers.AdamFactory()).create(device="cpu:0")
+    batch_size=batch,
+    learning_rate=1e-3,
+    policy_type="stochastic",
+    encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=hidden),
+    optim_factory=d3rlpy.optimizers.AdamFactory(),
+  ).create(device="cpu:0")
   kw = dict(show_progress=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
   bc.fit(dataset, n_steps=100, n_steps_per_epoch=100, **kw)  # builds the networks, warms up
   t0 = time.perf_counter()
   bc.fit(dataset, n_steps=steps, n_steps_per_epoch=steps, **kw)
   sec = time.perf_counter() - t0
-  print(json.dumps({"steps_per_s": steps / sec, "steps": steps, "version": d3rlpy.__version__,
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()}))
+  print(
+    json.dumps(
+      {
+        "steps_per_s": steps / sec,
+        "steps": steps,
+        "version": d3rlpy.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

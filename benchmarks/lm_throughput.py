@@ -24,24 +24,24 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import iwsft  # noqa: E402
 from benchmarks import common  # noqa: E402
-from iwsft import train  # noqa: E402
+from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
+from iwsft.core.objectives import ObjectiveConfig  # noqa: E402
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, param_count  # noqa: E402
 from iwsft.lm.sampling import generate, generate_without_cache  # noqa: E402
 from iwsft.lm.tokenizer import BOS  # noqa: E402
-from iwsft.objectives import ObjectiveConfig  # noqa: E402
-from iwsft.optim import StageConfig, make_optimizer  # noqa: E402
 
 SIZES = {  # tiny is the language pipeline's default model
-    "tiny": LMConfig(d_model=64, n_layers=3, n_heads=4, d_ff=256, max_len=64),
-    "small": LMConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128),
-    "medium": LMConfig(d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_len=128),
-    "large": LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_len=256),
+  "tiny": LMConfig(d_model=64, n_layers=3, n_heads=4, d_ff=256, max_len=64),
+  "small": LMConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128),
+  "medium": LMConfig(d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_len=128),
+  "large": LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_len=256),
 }
 
 
 def matmul_params(cfg: LMConfig) -> int:
-  per_layer = 4 * cfg.d_model ** 2 + 2 * cfg.d_model * cfg.d_ff
+  per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff
   return cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
 
 
@@ -52,17 +52,23 @@ def train_flops_per_token(cfg: LMConfig) -> int:
 def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repeats: int) -> float:
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   optimizer = make_optimizer(StageConfig(steps=10**9, batch_size=batch, learning_rate=1e-4))
-  update = train.make_update(make_logprob_fn(graphdef), optimizer, ObjectiveConfig("none"))
-  mesh = train.make_mesh(1)
-  state = train.put_replicated(train.init_state(params, optimizer, 0), mesh)
+  update = iwsft.make_update(make_logprob_fn(graphdef), optimizer, ObjectiveConfig("none"))
+  mesh = iwsft.make_mesh(1)
+  state = iwsft.put_replicated(iwsft.init_state(params, optimizer, 0), mesh)
   rng = np.random.default_rng(0)
   n = 4 * batch
   tokens = rng.integers(4, cfg.vocab_size, (n, cfg.max_len)).astype(np.int32)
   tokens[:, 0] = BOS
-  pool = train.shard_pool({"tokens": tokens, "mask": np.ones((n, cfg.max_len), np.float32),
-                           "weight": np.ones(n, np.float32)}, mesh)
-  logits = train.put_replicated(np.zeros(n, np.float32), mesh)
-  steps = train.make_train_steps(update, mesh, batch, steps_per_dispatch)
+  pool = iwsft.shard_pool(
+    {
+      "tokens": tokens,
+      "mask": np.ones((n, cfg.max_len), np.float32),
+      "weight": np.ones(n, np.float32),
+    },
+    mesh,
+  )
+  logits = iwsft.put_replicated(np.zeros(n, np.float32), mesh)
+  steps = iwsft.make_train_steps(update, mesh, batch, steps_per_dispatch)
   box = [state]
 
   def call():
@@ -72,23 +78,31 @@ def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repea
   return steps_per_dispatch * batch * cfg.max_len / common.median_seconds(call, repeats)
 
 
-def sampling_tokens_per_s(cfg: LMConfig, batch: int, prompt_len: int, repeats: int) -> dict[str, float]:
+def sampling_tokens_per_s(
+  cfg: LMConfig, batch: int, prompt_len: int, repeats: int
+) -> dict[str, float]:
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-  prompts = np.random.default_rng(1).integers(4, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+  prompts = (
+    np.random.default_rng(1).integers(4, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+  )
   prompts[:, 0] = BOS
   prompts = jnp.asarray(prompts)
   max_new = cfg.max_len - prompt_len
   out = {}
   for name, fn in (("with KV cache", generate), ("without cache", generate_without_cache)):
     sec = common.median_seconds(
-        lambda: fn(graphdef, params, prompts, jax.random.key(0), max_new, 1.0, 0).block_until_ready(), repeats)
+      lambda: fn(graphdef, params, prompts, jax.random.key(0), max_new, 1.0, 0).block_until_ready(),
+      repeats,
+    )
     out[name] = batch * max_new / sec
   return out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", default="tiny,small,medium", help=f"comma-separated subset of {','.join(SIZES)}")
+  p.add_argument(
+    "--sizes", default="tiny,small,medium", help=f"comma-separated subset of {','.join(SIZES)}"
+  )
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps_per_dispatch", type=int, default=10)
   p.add_argument("--repeats", type=int, default=3)
@@ -101,17 +115,32 @@ def main():
     cfg = SIZES[name]
     tps = train_tokens_per_s(cfg, args.batch, args.steps_per_dispatch, args.repeats)
     flops = train_flops_per_token(cfg)
-    samp = sampling_tokens_per_s(cfg, args.sample_batch, args.prompt_len, 1)  # the uncached pass is slow
-    rows.append({"model": name, "params": param_count(nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1]),
-                 "d/L/ff/T": f"{cfg.d_model}/{cfg.n_layers}/{cfg.d_ff}/{cfg.max_len}",
-                 "train tokens/s": tps, "GFLOP/s": tps * flops / 1e9, "MFU %": 100 * tps * flops / peak,
-                 "sample tok/s (cache)": samp["with KV cache"], "sample tok/s (no cache)": samp["without cache"],
-                 "cache speed-up": samp["with KV cache"] / samp["without cache"]})
-  print(f"LM training (batch {args.batch} sequences of the full context, SFT update) and sampling "
-        f"({args.sample_batch} prompts of {args.prompt_len} tokens); matmul peak {peak / 1e9:.1f} GFLOP/s "
-        f"on {common.machine()['device']}")
+    samp = sampling_tokens_per_s(
+      cfg, args.sample_batch, args.prompt_len, 1
+    )  # the uncached pass is slow
+    rows.append(
+      {
+        "model": name,
+        "params": param_count(nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1]),
+        "d/L/ff/T": f"{cfg.d_model}/{cfg.n_layers}/{cfg.d_ff}/{cfg.max_len}",
+        "train tokens/s": tps,
+        "GFLOP/s": tps * flops / 1e9,
+        "MFU %": 100 * tps * flops / peak,
+        "sample tok/s (cache)": samp["with KV cache"],
+        "sample tok/s (no cache)": samp["without cache"],
+        "cache speed-up": samp["with KV cache"] / samp["without cache"],
+      }
+    )
+  print(
+    f"LM training (batch {args.batch} sequences of the full context, SFT update) and sampling "
+    f"({args.sample_batch} prompts of {args.prompt_len} tokens); "
+    f"matmul peak {peak / 1e9:.1f} GFLOP/s "
+    f"on {common.machine()['device']}"
+  )
   print(common.table(rows, list(rows[0])))
-  path = common.save("lm_throughput", {"batch": args.batch, "matmul_peak_flops": peak, "rows": rows})
+  path = common.save(
+    "lm_throughput", {"batch": args.batch, "matmul_peak_flops": peak, "rows": rows}
+  )
   print(f"-> {path}")
 
 

@@ -11,8 +11,8 @@ hopper, halfcheetah and walker2d are snapshots of a SAC learner trained first (i
 
 from absl import flags
 
-from iwsft import cli
 from iwsft.control.datasets import ENVS, KINDS, SAC_PROFILES, build, table
+from iwsft.io import cli
 
 flags.DEFINE_enum("env", "pendulum", list(ENVS), "environment family")
 flags.DEFINE_enum("profile", "small", list(SAC_PROFILES), "dataset sizes")

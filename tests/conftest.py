@@ -26,7 +26,7 @@ DISCRETE = "iwsft/pendulum-test/discrete-v0"
 
 def biased_controller(bias):
   """The competent controller plus a constant push: it loses the pole within a few dozen steps."""
-  from iwsft.control.collect import pendulum_controller
+  from iwsft.control.datasets.collect import pendulum_controller
 
   good = pendulum_controller(0.5)
   return lambda obs, rng: np.clip(good(obs, rng) + bias, -3.0, 3.0)
@@ -38,27 +38,65 @@ def datasets():
   import minari
   from minari.data_collector import EpisodeBuffer
 
-  from iwsft.control.collect import collect_dataset, pendulum_controller
+  from iwsft.control.datasets.collect import collect_dataset, pendulum_controller
 
   if EXPERT not in minari.list_local_datasets():
-    collect_dataset(EXPERT, ENV, [(pendulum_controller(0.5), 12)], seed=0, ref_min_score=5.0,
-                    ref_max_score=float(HORIZON), max_episode_steps=HORIZON)
+    collect_dataset(
+      EXPERT,
+      ENV,
+      [(pendulum_controller(0.5), 12)],
+      seed=0,
+      ref_min_score=5.0,
+      ref_max_score=float(HORIZON),
+      max_episode_steps=HORIZON,
+    )
     # Two behaviour qualities: 10 competent episodes among 30 of a biased controller.
-    collect_dataset(MIXED, ENV, [(biased_controller(2.5), 15), (pendulum_controller(0.5), 10),
-                                 (biased_controller(2.5), 15)], seed=100, ref_min_score=5.0,
-                    ref_max_score=float(HORIZON), max_episode_steps=HORIZON)
+    collect_dataset(
+      MIXED,
+      ENV,
+      [(biased_controller(2.5), 15), (pendulum_controller(0.5), 10), (biased_controller(2.5), 15)],
+      seed=100,
+      ref_min_score=5.0,
+      ref_max_score=float(HORIZON),
+      max_episode_steps=HORIZON,
+    )
     box4 = gym.spaces.Box(-np.inf, np.inf, (4,))
-    nan = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.zeros((3, 1)),
-                        rewards=[1.0, np.nan, 1.0], terminations=[False, False, True], truncations=[False] * 3)
-    minari.create_dataset_from_buffers(NAN, [nan], env=ENV, observation_space=box4,
-                                       action_space=gym.spaces.Box(-3, 3, (1,)))
-    wrong = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.zeros((3, 2)),
-                          rewards=[1.0] * 3, terminations=[False, False, True], truncations=[False] * 3)
-    minari.create_dataset_from_buffers(WRONG_ACTION, [wrong], env=ENV, observation_space=box4,
-                                       action_space=gym.spaces.Box(-1, 1, (2,)))
+    nan = EpisodeBuffer(
+      id=0,
+      observations=np.zeros((4, 4)),
+      actions=np.zeros((3, 1)),
+      rewards=[1.0, np.nan, 1.0],
+      terminations=[False, False, True],
+      truncations=[False] * 3,
+    )
+    minari.create_dataset_from_buffers(
+      NAN, [nan], env=ENV, observation_space=box4, action_space=gym.spaces.Box(-3, 3, (1,))
+    )
+    wrong = EpisodeBuffer(
+      id=0,
+      observations=np.zeros((4, 4)),
+      actions=np.zeros((3, 2)),
+      rewards=[1.0] * 3,
+      terminations=[False, False, True],
+      truncations=[False] * 3,
+    )
+    minari.create_dataset_from_buffers(
+      WRONG_ACTION,
+      [wrong],
+      env=ENV,
+      observation_space=box4,
+      action_space=gym.spaces.Box(-1, 1, (2,)),
+    )
     minari.create_dataset_from_buffers(EMPTY, [], env=ENV)
-    ints = EpisodeBuffer(id=0, observations=np.zeros((4, 4)), actions=np.array([0, 1, 0]),
-                         rewards=[1.0] * 3, terminations=[False, False, True], truncations=[False] * 3)
-    minari.create_dataset_from_buffers(DISCRETE, [ints], env=ENV, observation_space=box4,
-                                       action_space=gym.spaces.Discrete(2))
+    ints = EpisodeBuffer(
+      id=0,
+      observations=np.zeros((4, 4)),
+      actions=np.array([0, 1, 0]),
+      rewards=[1.0] * 3,
+      terminations=[False, False, True],
+      truncations=[False] * 3,
+    )
+    minari.create_dataset_from_buffers(
+      DISCRETE, [ints], env=ENV, observation_space=box4, action_space=gym.spaces.Discrete(2)
+    )
   return _ROOT

@@ -1,6 +1,6 @@
 """Run in a subprocess with N forced CPU devices: a few sharded updates, parameters saved to npz.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_update_script.py OUT.npz
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_update_script.py OUT.npz
 """
 
 import sys
@@ -9,10 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from iwsft import train
+import iwsft
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
-from iwsft.optim import StageConfig, make_optimizer
-from iwsft.objectives import ObjectiveConfig
+from iwsft.core.config import StageConfig, make_optimizer
+from iwsft.core.objectives import ObjectiveConfig
 
 
 def main(out):
@@ -20,32 +20,39 @@ def main(out):
   n, t, o, a = 21, 9, 5, 3  # 21 rows: the pool is padded to a multiple of 8 devices
   lengths = rng.integers(1, t + 1, n)
   data = {
-      "observations": rng.normal(size=(n, t, o)).astype(np.float32),
-      "actions": rng.uniform(-1, 1, (n, t, a)).astype(np.float32),
-      "mask": (np.arange(t)[None] < lengths[:, None]).astype(np.float32),
-      "weight": np.ones(n, np.float32),
+    "observations": rng.normal(size=(n, t, o)).astype(np.float32),
+    "actions": rng.uniform(-1, 1, (n, t, a)).astype(np.float32),
+    "mask": (np.arange(t)[None] < lengths[:, None]).astype(np.float32),
+    "weight": np.ones(n, np.float32),
   }
-  graphdef, params, consts = split_policy(GaussianPolicy(o, a, PolicyConfig(hidden=(32, 32)), rngs=nnx.Rngs(0)))
+  graphdef, params, consts = split_policy(
+    GaussianPolicy(o, a, PolicyConfig(hidden=(32, 32)), rngs=nnx.Rngs(0))
+  )
   logprob = make_logprob_fn(graphdef, consts)
   opt = make_optimizer(StageConfig(steps=10, batch_size=16, learning_rate=1e-3))
-  update = train.make_update(logprob, opt, ObjectiveConfig("sequence", temperature=10.0), q_decay=0.9)
-  mesh = train.make_mesh()
+  update = iwsft.make_update(
+    logprob, opt, ObjectiveConfig("sequence", temperature=10.0, q_decay=0.9)
+  )
+  mesh = iwsft.make_mesh()
   # 1) explicit global batches through the jitted, sharded update(state, batch).
   ref = jax.tree.map(lambda x: x + 0.01, params)
-  state = train.put_replicated(train.init_state(params, opt, 0, ref), mesh)
-  step = train.jit_update(update, mesh)
+  state = iwsft.put_replicated(iwsft.init_state(params, opt, 0, ref), mesh)
+  rep, split = iwsft.replicated(mesh), iwsft.batch_sharded(mesh)
+  step = jax.jit(update, in_shardings=(rep, split), out_shardings=(rep, rep))
   for i in range(4):
     idx = np.random.default_rng(i).integers(0, n, 16)
-    state, metrics = step(state, train.put_batch({k: v[idx] for k, v in data.items()}, mesh))
+    state, metrics = step(state, jax.device_put({k: v[idx] for k, v in data.items()}, split))
   # 2) in-graph sampling, several steps per dispatch.
-  state2 = train.put_replicated(train.init_state(params, opt, 1, ref), mesh)
-  steps = train.make_train_steps(update, mesh, batch_size=16, num_steps=4)
+  state2 = iwsft.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
+  steps = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4)
   logits = np.linspace(-1.0, 1.0, n).astype(np.float32)
-  state2, metrics2 = steps(state2, train.shard_pool(data, mesh), train.put_replicated(logits, mesh))
+  state2, metrics2 = steps(state2, iwsft.shard_pool(data, mesh), iwsft.put_replicated(logits, mesh))
   # 3) step-level batches from the same pool.
-  state3 = train.put_replicated(train.init_state(params, opt, 2, ref), mesh)
-  steps3 = train.make_train_steps(update, mesh, batch_size=16, num_steps=4, step_level=True)
-  state3, metrics3 = steps3(state3, train.shard_pool(data, mesh), train.put_replicated(logits, mesh))
+  state3 = iwsft.put_replicated(iwsft.init_state(params, opt, 2, ref), mesh)
+  steps3 = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4, step_level=True)
+  state3, metrics3 = steps3(
+    state3, iwsft.shard_pool(data, mesh), iwsft.put_replicated(logits, mesh)
+  )
   leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})
   leaves.update({f"q{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.q_params))})

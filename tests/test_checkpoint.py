@@ -1,5 +1,7 @@
-"""Train-state checkpoints, resumption, clean stops and non-finite handling (iwsft.checkpoint, train.fit)."""
+"""Train-state checkpoints, resumption, clean stops and non-finite handling (iwsft.checkpoint,
+iwsft.fit)."""
 
+import dataclasses
 import os
 import warnings
 
@@ -9,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from iwsft import checkpoint, train
-from iwsft.cli import MetricsLog, read_rows
+import iwsft
+from iwsft.core.objectives import ObjectiveConfig
 from iwsft.errors import UserError
-from iwsft.objectives import ObjectiveConfig
-from iwsft.preemption import Preempted
+from iwsft.io import checkpoint
+from iwsft.io.preemption import Preempted
+from iwsft.io.workdir import MetricsLog, read_rows
 
 SFT = ObjectiveConfig()
 
@@ -32,28 +35,31 @@ def regression_data(n=16, t=5, d=3, seed=0):
 
 
 def fresh_state(optimizer, seed=0):
-  return train.init_state({"w": jnp.zeros(3), "b": jnp.zeros(())}, optimizer, seed)
+  return iwsft.init_state({"w": jnp.zeros(3), "b": jnp.zeros(())}, optimizer, seed)
 
 
 def leaves_equal(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return len(la) == len(lb) and all(
-      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
-      for x, y in zip(la, lb))
+    np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(la, lb)
+  )
 
 
 def test_a_saved_train_state_restores_bit_for_bit(tmp_path):
   opt = optax.adam(1e-2)
   state = fresh_state(opt)
-  update = jax.jit(train.make_update(linear_logprob, opt, SFT, q_decay=0.5))
+  update = jax.jit(iwsft.make_update(linear_logprob, opt, dataclasses.replace(SFT, q_decay=0.5)))
   batch = {k: v[:4] for k, v in regression_data().items()}
   for _ in range(3):
     state, _ = update(state, batch)
   ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "c"), every=1)
   ckpt.save(3, state)
   ckpt.wait()
-  mesh = train.make_mesh()
-  restored, step = ckpt.restore_latest(jax.eval_shape(lambda: fresh_state(opt)), train.replicated(mesh))
+  mesh = iwsft.make_mesh()
+  restored, step = ckpt.restore_latest(
+    jax.eval_shape(lambda: fresh_state(opt)), iwsft.replicated(mesh)
+  )
   assert step == 3 and int(restored.step) == 3
   assert leaves_equal(restored, state)
   assert restored.key.dtype == jnp.uint32 and restored.key.shape == (2,)
@@ -82,8 +88,9 @@ def test_a_damaged_newest_step_is_skipped_with_a_warning(tmp_path):
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"\0garbage")
   with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
-    restored, step = ckpt.restore_latest(jax.eval_shape(lambda: fresh_state(opt)),
-                                         train.replicated(train.make_mesh()))
+    restored, step = ckpt.restore_latest(
+      jax.eval_shape(lambda: fresh_state(opt)), iwsft.replicated(iwsft.make_mesh())
+    )
   assert step == 1 and int(restored.step) == 1
 
 
@@ -92,9 +99,9 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
   ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "c"), every=1)
   ckpt.save(1, fresh_state(opt))
   ckpt.wait()
-  bigger = jax.eval_shape(lambda: train.init_state({"w": jnp.zeros(4), "b": jnp.zeros(())}, opt, 0))
+  bigger = jax.eval_shape(lambda: iwsft.init_state({"w": jnp.zeros(4), "b": jnp.zeros(())}, opt, 0))
   with pytest.raises(UserError, match="another model"):
-    ckpt.restore_latest(bigger, train.replicated(train.make_mesh()))
+    ckpt.restore_latest(bigger, iwsft.replicated(iwsft.make_mesh()))
   with pytest.raises(UserError, match=r"float32\[4\]"):
     checkpoint.check_resumable(str(tmp_path / "c"), bigger)
   checkpoint.check_resumable(str(tmp_path / "c"), jax.eval_shape(lambda: fresh_state(opt)))
@@ -104,7 +111,11 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_skipping_a_non_finite_batch_leaves_the_model_unchanged():
   opt = optax.adam(1e-2)
-  update = jax.jit(train.make_update(linear_logprob, opt, SFT, q_decay=0.5, skip_nonfinite=True))
+  update = jax.jit(
+    iwsft.make_update(
+      linear_logprob, opt, dataclasses.replace(SFT, q_decay=0.5), skip_nonfinite=True
+    )
+  )
   batch = {k: v[:4] for k, v in regression_data().items()}
   state, m = update(fresh_state(opt), batch)
   assert float(m["skipped"]) == 0.0
@@ -113,14 +124,17 @@ def test_skipping_a_non_finite_batch_leaves_the_model_unchanged():
   after, m = update(state, bad)
   assert float(m["skipped"]) == 1.0 and not np.isfinite(float(m["loss"]))
   assert int(after.step) == int(state.step) + 1
-  assert leaves_equal((after.params, after.q_params, after.opt_state), (state.params, state.q_params, state.opt_state))
-  plain = jax.jit(train.make_update(linear_logprob, opt, SFT, q_decay=0.5))
+  assert leaves_equal(
+    (after.params, after.q_params, after.opt_state), (state.params, state.q_params, state.opt_state)
+  )
+  plain = jax.jit(iwsft.make_update(linear_logprob, opt, dataclasses.replace(SFT, q_decay=0.5)))
   poisoned, _ = plain(state, bad)
   assert not np.isfinite(np.asarray(poisoned.params["w"])).all()
 
 
 def diverging_logprob(params, batch):
-  """log-prob w per step: SGD on its NLL raises w by the learning rate each update; NaN once w > 2.4."""
+  """log-prob w per step: SGD on its NLL raises w by the learning rate each update; NaN once w >
+  2.4."""
   logp = params["w"] * batch["mask"]
   return jnp.where(params["w"] > 2.4, jnp.nan, logp)
 
@@ -128,20 +142,42 @@ def diverging_logprob(params, batch):
 def test_a_non_finite_loss_stops_at_its_step_and_the_last_checkpoint_is_good(tmp_path):
   opt = optax.sgd(0.25)  # w after k updates is exactly 0.25 k: the 11th update sees w = 2.5
   data = regression_data()
-  state = train.init_state({"w": jnp.zeros(())}, opt, 0)
-  update = train.make_update(diverging_logprob, opt, SFT, q_decay=0.0)
+  state = iwsft.init_state({"w": jnp.zeros(())}, opt, 0)
+  update = iwsft.make_update(diverging_logprob, opt, dataclasses.replace(SFT, q_decay=0.0))
   ckpt = checkpoint.TrainCheckpoints(str(tmp_path / "c"), every=4)
-  mesh = train.make_mesh(1)
+  mesh = iwsft.make_mesh(1)
   with pytest.raises(FloatingPointError, match=r"at step 11; last good checkpoint: step 8"):
-    train.fit(update, state, data, np.zeros(16), mesh=mesh, name="t", steps=20, batch_size=4,
-              steps_per_dispatch=2, checkpoints=ckpt)
-  good, step = ckpt.restore_latest(jax.eval_shape(lambda: state), train.replicated(mesh))
+    iwsft.fit(
+      update,
+      state,
+      data,
+      np.zeros(16),
+      mesh=mesh,
+      name="t",
+      steps=20,
+      batch_size=4,
+      steps_per_dispatch=2,
+      hooks=iwsft.Hooks(checkpoints=ckpt),
+    )
+  good, step = ckpt.restore_latest(jax.eval_shape(lambda: state), iwsft.replicated(mesh))
   assert step == 8 and float(good.params["w"]) == 2.0
 
   rows = []
-  skipping = train.make_update(diverging_logprob, opt, SFT, q_decay=0.0, skip_nonfinite=True)
-  final = train.fit(skipping, state, data, np.zeros(16), mesh=mesh, name="t", steps=20, batch_size=4,
-                    steps_per_dispatch=5, log=rows.append)
+  skipping = iwsft.make_update(
+    diverging_logprob, opt, dataclasses.replace(SFT, q_decay=0.0), skip_nonfinite=True
+  )
+  final = iwsft.fit(
+    skipping,
+    state,
+    data,
+    np.zeros(16),
+    mesh=mesh,
+    name="t",
+    steps=20,
+    batch_size=4,
+    steps_per_dispatch=5,
+    hooks=iwsft.Hooks(logs=[rows.append]),
+  )
   assert float(final.params["w"]) == 2.5 and int(final.step) == 20
   assert [r["skipped"] for r in rows] == [0.0, 0.0, 5.0, 5.0]
 
@@ -162,19 +198,39 @@ def test_a_stopped_and_resumed_fit_matches_an_uninterrupted_one_bit_for_bit(tmp_
   opt = optax.adam(3e-2)
   data = regression_data()
   logits = np.linspace(-1, 1, 16).astype(np.float32)
-  update = train.make_update(linear_logprob, opt, ObjectiveConfig(importance_weighting="sequence"),
-                             q_decay=0.8, track_bounds=True)
-  mesh = train.make_mesh(1)
+  update = iwsft.make_update(
+    linear_logprob,
+    opt,
+    ObjectiveConfig(importance_weighting="sequence", q_decay=0.8),
+    track_bounds=True,
+  )
+  mesh = iwsft.make_mesh(1)
 
   def run(workdir, guard=None):
     workdir.mkdir(exist_ok=True)
     log = MetricsLog(str(workdir / "metrics.jsonl"))
     ckpt = checkpoint.TrainCheckpoints(str(workdir / "c"), every=10)
     try:
-      return train.fit(update, fresh_state(opt, seed=3), data, logits, mesh=mesh, name="s", steps=40,
-                       batch_size=4, steps_per_dispatch=5, eval_every=20,
-                       on_eval=lambda p: {"w0": float(p["w"][0])}, log=log, checkpoints=ckpt,
-                       best_key="w0", guard=guard, on_resume=lambda s: log.drop_stage_after("s", s))
+      return iwsft.fit(
+        update,
+        fresh_state(opt, seed=3),
+        data,
+        logits,
+        mesh=mesh,
+        name="s",
+        steps=40,
+        batch_size=4,
+        steps_per_dispatch=5,
+        hooks=iwsft.Hooks(
+          logs=[log],
+          evaluate=[lambda p: {"w0": float(p["w"][0])}],
+          eval_every=20,
+          checkpoints=ckpt,
+          best_key="w0",
+          guard=guard,
+          on_resume=lambda s: log.drop_stage_after("s", s),
+        ),
+      )
     finally:
       log.close()
 
@@ -188,14 +244,19 @@ def test_a_stopped_and_resumed_fit_matches_an_uninterrupted_one_bit_for_bit(tmp_
   resumed = run(tmp_path / "b")
   assert leaves_equal(resumed, whole)
   strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
-  a, b = read_rows(str(tmp_path / "a" / "metrics.jsonl")), read_rows(str(tmp_path / "b" / "metrics.jsonl"))
+  a, b = (
+    read_rows(str(tmp_path / "a" / "metrics.jsonl")),
+    read_rows(str(tmp_path / "b" / "metrics.jsonl")),
+  )
   assert strip(a) == strip(b)
   assert [r["step"] for r in a if r["kind"] == "train"] == list(range(5, 45, 5))
 
 
 def test_metrics_log_drops_a_torn_line_and_rows_after_a_step(tmp_path):
   path = tmp_path / "m.jsonl"
-  path.write_text('{"stage": "a", "step": 1}\n{"stage": "b", "step": 1}\n{"stage": "b", "step": 2}\n{"sta')
+  path.write_text(
+    '{"stage": "a", "step": 1}\n{"stage": "b", "step": 1}\n{"stage": "b", "step": 2}\n{"sta'
+  )
   log = MetricsLog(str(path))
   log({"stage": "b", "step": 3})
   log.drop_stage_after("b", 1)

@@ -8,19 +8,35 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "control.py")
-TINY = ["--hidden=32,32", "--reference_steps=200", "--reference_batch_size=8", "--steps=40",
-        "--batch_size=8", "--warmup_steps=5", "--eval_every=0", "--eval_episodes=3",
-        "--final_eval_episodes=5", "--steps_per_dispatch=20"]
+TINY = [
+  "--config.policy.hidden=32,32",
+  "--config.reference.steps=200",
+  "--config.reference.batch_size=8",
+  "--config.finetune.steps=40",
+  "--config.finetune.batch_size=8",
+  "--config.finetune.warmup_steps=5",
+  "--config.eval.every=0",
+  "--config.eval.episodes=3",
+  "--config.eval.final_episodes=5",
+  "--config.steps_per_dispatch=20",
+]
+DS = "--config.dataset="
+NO_PERCENTILES = "--config.curation.percentiles=()"
 
 
 def cli(*args):
-  return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, cwd=ROOT,
-                        env=dict(os.environ), timeout=600)
+  return subprocess.run(
+    [sys.executable, CLI, *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ),
+    timeout=600,
+  )
 
 
 def test_episodes_read_back_exactly(datasets):
@@ -38,38 +54,44 @@ def test_episodes_read_back_exactly(datasets):
     np.testing.assert_allclose(eps.observations[i, :k], raw[i].observations[:k], rtol=1e-6)
     np.testing.assert_allclose(eps.actions[i, :k], raw[i].actions, rtol=1e-6)
     np.testing.assert_allclose(eps.returns[i], raw[i].rewards.sum())
-  flat = eps.flat()
-  assert len(flat["observations"]) == eps.num_steps == ds.total_steps
-  np.testing.assert_allclose(flat["episode_return"][flat["episode_index"] == 3], eps.returns[3])
+  assert eps.num_steps == ds.total_steps
 
 
 def test_filtered_bc_keeps_exactly_the_competent_episodes(datasets):
   from iwsft.control.config import get_config
   from iwsft.control.data import episodes_from_minari, load_dataset
-  from iwsft.control.trainer import curation_for
+  from iwsft.control.pipeline import curation_for
 
   eps = episodes_from_minari(load_dataset(MIXED))
   competent = np.zeros(40, bool)
   competent[15:25] = True  # recording order: 15 biased, 10 competent, 15 biased
   assert eps.returns[competent].min() == HORIZON > eps.returns[~competent].max()
   cfg = get_config()
-  cfg.percentiles = ""
-  cfg.top_fraction = 0.25
+  cfg.curation.percentiles = ()
+  cfg.curation.top_fraction = 0.25
   logits, _ = curation_for("filtered_bc", eps.returns, cfg)
   np.testing.assert_array_equal(np.isfinite(logits), competent)
 
 
 def test_cli_writes_a_valid_result(datasets, tmp_path):
   work = tmp_path / "run"
-  r = cli(f"--dataset={MIXED}", "--method=iw_sft", "--percentiles=", "--top_fraction=0.25",
-          f"--workdir={work}", *TINY)
+  r = cli(
+    DS + MIXED,
+    "--config.method=iw_sft",
+    NO_PERCENTILES,
+    "--config.curation.top_fraction=0.25",
+    f"--workdir={work}",
+    *TINY,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == "iw_sft" and result["dataset"] == MIXED and result["seed"] == 0
   assert result["curated_episodes"] == 10 and result["eval_episodes"] == 5
   assert 0 <= result["return_mean"] <= HORIZON
-  np.testing.assert_allclose(result["normalised_score"], 100 * (result["return_mean"] - 5) / (HORIZON - 5), rtol=1e-6)
-  assert result["config"]["steps"] == 40 and result["wall_time_s"] > 0
+  np.testing.assert_allclose(
+    result["normalised_score"], 100 * (result["return_mean"] - 5) / (HORIZON - 5), rtol=1e-6
+  )
+  assert result["config"]["finetune"]["steps"] == 40 and result["wall_time_s"] > 0
   rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "iw_sft"]
   assert [r["step"] for r in train_rows] == [20, 40]
@@ -85,29 +107,44 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
   eps = episodes_from_minari(load_dataset(MIXED))
   real = eps.observations[eps.mask.astype(bool)].astype(np.float64)  # every real step
   np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), real.mean(axis=0), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(policy.obs_std[...]), np.maximum(real.std(axis=0), 1e-3), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(policy.obs_std[...]), np.maximum(real.std(axis=0), 1e-3), rtol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
 
 
-@pytest.mark.parametrize("method,extra", [("iw_sft_q", "--quality_mode=weight"), ("sft_q", "--weighting=step")])
+@pytest.mark.parametrize(
+  "method,extra",
+  [
+    ("iw_sft_q", "--config.curation.quality_mode=weight"),
+    ("sft_q", "--config.objective.importance_weighting=step"),
+  ],
+)
 def test_quality_methods_run(datasets, tmp_path, method, extra):
   work = tmp_path / method
-  r = cli(f"--dataset={MIXED}", f"--method={method}", extra, f"--workdir={work}", *TINY)
+  r = cli(DS + MIXED, f"--config.method={method}", extra, f"--workdir={work}", *TINY)
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == method and np.isfinite(result["return_mean"])
 
 
 def test_validation_split_is_held_out_and_scored(datasets, tmp_path):
-  """--val_fraction holds episodes out of training (the pool and the normalisation) and logs their NLL."""
+  """--val_fraction holds episodes out of training (the pool and the normalisation) and logs their
+  NLL."""
   import minari
 
   from iwsft.control.data import episodes_from_minari, split_indices
   from iwsft.control.policy import PolicyConfig, load_policy
 
   work = tmp_path / "val"
-  r = cli(f"--dataset={MIXED}", "--method=bc", "--val_fraction=0.25", "--eval_every=100",
-          f"--workdir={work}", *[a for a in TINY if not a.startswith("--eval_every")])
+  r = cli(
+    DS + MIXED,
+    "--config.method=bc",
+    "--config.val_fraction=0.25",
+    "--config.eval.every=100",
+    f"--workdir={work}",
+    *[a for a in TINY if not a.startswith("--config.eval.every")],
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   val = [row["val_nll"] for row in rows if "val_nll" in row]
@@ -116,7 +153,9 @@ def test_validation_split_is_held_out_and_scored(datasets, tmp_path):
   train_idx, val_idx = split_indices(n, 0.25, seed=0)
   assert len(val_idx) == round(0.25 * n) and not set(train_idx) & set(val_idx)
   eps = episodes_from_minari(minari.load_dataset(MIXED), train_idx)
-  mean = eps.observations[eps.mask.astype(bool)].astype(np.float64).mean(axis=0)  # training steps only
+  mean = (
+    eps.observations[eps.mask.astype(bool)].astype(np.float64).mean(axis=0)
+  )  # training steps only
   policy = load_policy(str(work / "policy"), 4, 1, PolicyConfig(hidden=(32, 32)))
   np.testing.assert_allclose(np.asarray(policy.obs_mean[...]), mean, rtol=1e-5)
 
@@ -126,35 +165,40 @@ def test_bc_on_competent_data_beats_a_random_policy(datasets, tmp_path):
 
   from iwsft.control.config import get_config
   from iwsft.control.evaluate import run_episodes
-  from iwsft.control.run import run_control
+  from iwsft.control.pipeline import run_control
 
   cfg = get_config()
-  cfg.update(dataset=EXPERT, method="bc", hidden="64,64", eval_every=0, eval_episodes=5,
-             final_eval_episodes=10, steps_per_dispatch=100)
+  cfg.update(dataset=EXPERT, method="bc", steps_per_dispatch=100)
+  cfg.policy.hidden = (64, 64)
+  cfg.eval.update(every=0, episodes=5, final_episodes=10)
   cfg.reference.update(steps=600, batch_size=8)
   result = run_control(cfg, str(tmp_path / "bc"), quiet=True)
   spec = dataclasses.replace(gym.spec("InvertedPendulum-v5"), max_episode_steps=HORIZON)
   space = gym.make(spec).action_space
   rng = np.random.default_rng(0)
-  random_returns = run_episodes(lambda o: rng.uniform(space.low, space.high, (len(o), 1)), spec, 10, seed=0)
+  random_returns = run_episodes(
+    lambda o: rng.uniform(space.low, space.high, (len(o), 1)), spec, 10, seed=0
+  )
   assert random_returns.mean() < 20
   assert result["return_mean"] >= 0.9 * HORIZON > 3 * random_returns.mean()
 
 
 BAD = [
-    (["--dataset=iwsft/nowhere/none-v0"], "not in"),
-    ([f"--dataset={NAN}"], "NaN"),
-    ([f"--dataset={WRONG_ACTION}"], "actions have 2 dims"),
-    ([f"--dataset={EMPTY}"], "no episodes"),
-    ([f"--dataset={MIXED}", "--top_fraction=0", "--percentiles="], "top_fraction"),
-    ([f"--dataset={MIXED}", "--top_fraction=1.5", "--percentiles="], "top_fraction"),
-    ([f"--dataset={MIXED}", "--method=ppo"], "method"),
-    ([f"--dataset={MIXED}", "--stepz=3"], "stepz"),
-    ([f"--dataset={MIXED}", "--batch_size=0"], "batch_size"),
-    ([f"--dataset={MIXED}", "--hidden=a,b"], "hidden"),
-    ([f"--dataset={DISCRETE}"], "only continuous (Box) action spaces"),
-    ([f"--dataset={MIXED}", "--workdir=/proc/iwsft-run"], "cannot write to workdir /proc/iwsft-run"),
-    ([f"--dataset={MIXED}", "--checkpoint_every=0"], "checkpoint_every"),
+  ([DS + "iwsft/nowhere/none-v0"], "not in"),
+  ([DS + NAN], "NaN"),
+  ([DS + WRONG_ACTION], "actions have 2 dims"),
+  ([DS + EMPTY], "no episodes"),
+  ([DS + MIXED, "--config.curation.top_fraction=0", NO_PERCENTILES], "top_fraction"),
+  ([DS + MIXED, "--config.curation.top_fraction=1.5", NO_PERCENTILES], "top_fraction"),
+  ([DS + MIXED, "--config.method=ppo"], "method"),
+  ([DS + MIXED, "--config.stepz=3"], "stepz"),
+  ([DS + MIXED, "--config.finetune.batch_size=0"], "batch_size"),
+  ([DS + MIXED, "--config.policy.hidden=a,b"], "hidden"),
+  ([DS + MIXED, "--config.objective.q_decay=1.5"], "q_decay"),
+  ([DS + MIXED, "--config=iwsft/control/config.py:gpu"], "unknown control preset"),
+  ([DS + DISCRETE], "only continuous (Box) action spaces"),
+  ([DS + MIXED, "--workdir=/proc/iwsft-run"], "cannot write to workdir /proc/iwsft-run"),
+  ([DS + MIXED, "--config.checkpoint_every=0"], "checkpoint_every"),
 ]
 
 
@@ -176,7 +220,7 @@ def test_finished_run_is_not_overwritten(datasets, tmp_path):
   work = tmp_path / "done"
   work.mkdir()
   (work / "result.json").write_text("{}")
-  r = cli(f"--dataset={MIXED}", f"--workdir={work}", *TINY)
+  r = cli(DS + MIXED, f"--workdir={work}", *TINY)
   assert r.returncode == 2 and "--overwrite" in r.stderr
   assert (work / "result.json").read_text() == "{}"
 
@@ -185,17 +229,20 @@ def _tiny_config(method="iw_sft"):
   from iwsft.control.config import get_config
 
   cfg = get_config()
-  cfg.update(dataset=MIXED, method=method, hidden="32,32", steps=40, batch_size=8, warmup_steps=5,
-             eval_every=20, eval_episodes=2, final_eval_episodes=3, steps_per_dispatch=20)
+  cfg.update(dataset=MIXED, method=method, steps_per_dispatch=20)
+  cfg.policy.hidden = (32, 32)
+  cfg.finetune.update(steps=40, batch_size=8, warmup_steps=5)
+  cfg.eval.update(every=20, episodes=2, final_episodes=3)
   cfg.reference.update(steps=100, batch_size=8)
   return cfg
 
 
 def test_seeds_trained_together_match_seeds_run_one_by_one(datasets, tmp_path):
-  """run_control_seeds vmaps two seeds through both stages; each must equal run_control of that seed."""
+  """run_control_seeds vmaps two seeds through both stages; each must equal run_control of that
+  seed."""
   import orbax.checkpoint as ocp
 
-  from iwsft.control.run import run_control, run_control_seeds
+  from iwsft.control.pipeline import run_control, run_control_seeds
 
   cfg = _tiny_config()
   together = run_control_seeds(cfg, [3, 5], str(tmp_path / "group"), quiet=True)
@@ -212,8 +259,10 @@ def test_seeds_trained_together_match_seeds_run_one_by_one(datasets, tmp_path):
     b = ocp.StandardCheckpointer().restore(str(tmp_path / f"alone{seed}" / "policy" / "params"))
     for x, y in zip(jax_leaves(a), jax_leaves(b)):
       np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
-    rows = lambda d: [(r["stage"], r["step"], r["kind"]) for r in
-                      map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    rows = lambda d: [
+      (r["stage"], r["step"], r["kind"])
+      for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+    ]
     assert rows(cell) == rows(tmp_path / f"alone{seed}")
     # same parameters, so the same evaluation episodes give (nearly) the same returns
     np.testing.assert_allclose(r["return_mean"], alone["return_mean"], rtol=0.05, atol=1.0)

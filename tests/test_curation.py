@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from iwsft import curation
+from iwsft.core import curation
 from iwsft.errors import UserError
 
 
@@ -35,7 +35,9 @@ def test_sampling_logits_per_method():
   lg = curation.sampling_logits(scores, "filtered_bc", top_fraction=0.25)
   assert np.isfinite(lg).sum() == 5 and np.all(np.isfinite(lg[15:]))
   lg = curation.sampling_logits(scores, "iw_sft", percentiles=(50, 90))
-  expected = (scores >= np.percentile(scores, 50)).astype(int) + (scores >= np.percentile(scores, 90)).astype(int)
+  expected = (scores >= np.percentile(scores, 50)).astype(int) + (
+    scores >= np.percentile(scores, 90)
+  ).astype(int)
   np.testing.assert_allclose(np.exp(lg), expected, rtol=1e-6)
   q = curation.sampling_logits(scores, "sft_q", quality_beta=0.5)
   np.testing.assert_allclose(q, scores / 19.0 / 0.5, rtol=1e-6)

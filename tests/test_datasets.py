@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from iwsft.control import collect, datasets
+from iwsft.control import datasets
 
 
 @pytest.fixture(scope="module")
 def family():
   """Builds the whole small family once (about 10 s) -> {kind: summary row}."""
-  rows = datasets.build("pendulum", "small", list(collect.PENDULUM_KINDS), seed=0, force=False)
+  rows = datasets.build("pendulum", "small", list(datasets.KINDS), seed=0, force=False)
   return {r["dataset"].split("/")[-1].removesuffix("-v0"): r for r in rows}
 
 
@@ -27,7 +27,7 @@ def test_reference_scores_are_random_and_expert_means(family):
 
   from iwsft.control.data import reference_scores
 
-  for kind in collect.PENDULUM_KINDS:
+  for kind in datasets.KINDS:
     lo, hi = reference_scores(minari.load_dataset(datasets.dataset_id("pendulum", "small", kind)))
     np.testing.assert_allclose(lo, family["random"]["return_mean"])
     np.testing.assert_allclose(hi, family["expert"]["return_mean"])
@@ -57,10 +57,20 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   from iwsft.control.data import episodes_from_minari
 
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-  monkeypatch.setitem(datasets.SAC_PROFILES, "tiny", {
-      "sac": {"total_steps": 1_200, "start_steps": 400, "snapshot_every": 400, "hidden": (16, 16),
-              "eval_episodes": 2},
-      "episodes": {"random": 3, "medium": 2, "expert": 2}})
+  monkeypatch.setitem(
+    datasets.SAC_PROFILES,
+    "tiny",
+    {
+      "sac": {
+        "total_steps": 1_200,
+        "start_steps": 400,
+        "snapshot_every": 400,
+        "hidden": (16, 16),
+        "eval_episodes": 2,
+      },
+      "episodes": {"random": 3, "medium": 2, "expert": 2},
+    },
+  )
   calls = []
   train = sac.train_sac
   monkeypatch.setattr(sac, "train_sac", lambda *a, **k: calls.append(1) or train(*a, **k))
@@ -77,8 +87,12 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
 
   expert = next(r for r in again if r["dataset"].endswith("expert-v0"))
   stored = minari.load_dataset(expert["dataset"]).storage.metadata["iwsft_seconds"]
-  assert not expert["built"] and expert["seconds"] == stored >= 0  # the time stored when it was built
+  assert (
+    not expert["built"] and expert["seconds"] == stored >= 0
+  )  # the time stored when it was built
   assert first[0]["behaviour_seconds"] == again[0]["behaviour_seconds"] > 0
   text = datasets.table(again)
   assert f"{expert['seconds']:.1f} (reused)" in text
-  assert f"SAC behaviour training for iwsft/hopper: {first[0]['behaviour_seconds']:.1f} seconds" in text
+  assert (
+    f"SAC behaviour training for iwsft/hopper: {first[0]['behaviour_seconds']:.1f} seconds" in text
+  )

@@ -9,15 +9,26 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import MIXED
 from test_resume import params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTROL = [os.path.join(ROOT, "experiments", "control.py"), f"--dataset={MIXED}", "--method=iw_sft",
-           "--hidden=32,32", "--reference_steps=60", "--reference_batch_size=8", "--steps=40",
-           "--batch_size=8", "--warmup_steps=5", "--eval_every=20", "--eval_episodes=2",
-           "--final_eval_episodes=2", "--steps_per_dispatch=10", "--checkpoint_every=20"]
+CONTROL = [
+  os.path.join(ROOT, "experiments", "control.py"),
+  f"--config.dataset={MIXED}",
+  "--config.method=iw_sft",
+  "--config.policy.hidden=32,32",
+  "--config.reference.steps=60",
+  "--config.reference.batch_size=8",
+  "--config.finetune.steps=40",
+  "--config.finetune.batch_size=8",
+  "--config.finetune.warmup_steps=5",
+  "--config.eval.every=20",
+  "--config.eval.episodes=2",
+  "--config.eval.final_episodes=2",
+  "--config.steps_per_dispatch=10",
+  "--config.checkpoint_every=20",
+]
 
 
 def env(devices):
@@ -41,10 +52,25 @@ def run_two_processes(args, work, reads=None):
   if reads is not None:
     e["IWSFT_READS"] = str(reads)
     prefix = [os.path.join(ROOT, "tests", "record_reads.py")]
-  procs = [subprocess.Popen([sys.executable, *prefix, *args, f"--workdir={work}",
-                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                             f"--process_id={i}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        *prefix,
+        *args,
+        f"--workdir={work}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=e,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -56,12 +82,22 @@ def train_rows(work):
   return [r for r in rows if r["kind"] == "train"]
 
 
-def test_two_processes_train_the_control_policy_like_one_process_with_as_many_devices(datasets, tmp_path):
-  one = subprocess.run([sys.executable, *CONTROL, f"--workdir={tmp_path / 'one'}"], capture_output=True,
-                       text=True, cwd=ROOT, env=env(8), timeout=600)
+def test_two_processes_train_the_control_policy_like_one_process_with_as_many_devices(
+  datasets, tmp_path
+):
+  one = subprocess.run(
+    [sys.executable, *CONTROL, f"--workdir={tmp_path / 'one'}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env(8),
+    timeout=600,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   outs = run_two_processes(CONTROL, tmp_path / "two", reads=tmp_path / "reads")
-  assert "normalised score" in outs[0][0] and "normalised score" not in outs[1][0]  # process 0 reports
+  assert (
+    "normalised score" in outs[0][0] and "normalised score" not in outs[1][0]
+  )  # process 0 reports
   # Each process read only its half of the episodes: disjoint shares that cover the dataset.
   import minari
 
@@ -81,36 +117,62 @@ def test_two_processes_train_the_control_policy_like_one_process_with_as_many_de
   np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-4, atol=1e-5)
 
 
-
-LM = [os.path.join(ROOT, "experiments", "lm.py"), "--model_d_model=32", "--model_n_layers=1",
-      "--model_n_heads=2", "--model_d_ff=512", "--model_max_len=48", "--task_digits=1", "--task_demos=256",
-      "--task_sample_prompts=16", "--task_samples_per_prompt=2", "--task_eval_problems=16",
-      "--base_steps=200", "--base_batch_size=16", "--base_warmup_steps=5", "--finetune_steps=20",
-      "--finetune_batch_size=8", "--finetune_warmup_steps=2", "--steps_per_dispatch=10",
-      "--methods=sft,iw_sft", "--fsdp=2"]  # the MLP matrices (32 x 512 = 2^14) split over fsdp pairs
-                                           # within a process, replicated across the processes
+LM = [
+  os.path.join(ROOT, "experiments", "lm.py"),
+  "--config.model.d_model=32",
+  "--config.model.n_layers=1",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=512",
+  "--config.model.max_len=48",
+  "--config.task.digits=1",
+  "--config.task.demos=256",
+  "--config.task.sample_prompts=16",
+  "--config.task.samples_per_prompt=2",
+  "--config.task.eval_problems=16",
+  "--config.base.steps=200",
+  "--config.base.batch_size=16",
+  "--config.base.warmup_steps=5",
+  "--config.finetune.steps=20",
+  "--config.finetune.batch_size=8",
+  "--config.finetune.warmup_steps=2",
+  "--config.steps_per_dispatch=10",
+  "--config.methods=sft",
+  "--config.methods=iw_sft",
+  "--config.fsdp=2",
+]  # the MLP matrices (32 x 512 = 2^14) split over fsdp pairs
+# within a process, replicated across the processes
 
 
 def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(tmp_path):
   import jax
   from flax import nnx
 
-  from iwsft import checkpoint
+  from iwsft.io import checkpoint
   from iwsft.lm.model import LMConfig, Transformer
 
-  one = subprocess.run([sys.executable, *LM, f"--workdir={tmp_path / 'one'}"], capture_output=True,
-                       text=True, cwd=ROOT, env=env(8), timeout=600)
+  one = subprocess.run(
+    [sys.executable, *LM, f"--workdir={tmp_path / 'one'}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env(8),
+    timeout=600,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
   run_two_processes(LM, tmp_path / "two")
-  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=512, max_len=48),
-                                   rngs=nnx.Rngs(0)))
+  template = nnx.state(
+    Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=512, max_len=48), rngs=nnx.Rngs(0))
+  )
   for name in ("base", "sft", "iw_sft"):
     a = checkpoint.restore_state(str(tmp_path / "one" / "seed_0" / name / "params"), template)
     b = checkpoint.restore_state(str(tmp_path / "two" / "seed_0" / name / "params"), template)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-  assert (tmp_path / "two" / "seed_0" / "samples.jsonl").read_text() == \
-      (tmp_path / "one" / "seed_0" / "samples.jsonl").read_text()
+  assert (tmp_path / "two" / "seed_0" / "samples.jsonl").read_text() == (
+    tmp_path / "one" / "seed_0" / "samples.jsonl"
+  ).read_text()
   res = [json.loads((tmp_path / w / "seed_0" / "result.json").read_text()) for w in ("one", "two")]
-  scores = lambda r: {m: {k: v for k, v in s.items() if k != "train_tokens_per_s"} for m, s in r["models"].items()}
+  scores = lambda r: {
+    m: {k: v for k, v in s.items() if k != "train_tokens_per_s"} for m, s in r["models"].items()
+  }
   assert scores(res[0]) == scores(res[1])  # everything but the wall-clock throughput

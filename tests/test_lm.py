@@ -1,4 +1,5 @@
-"""Language pipeline: the model, the cache, masks, log-probs, the verifier, data errors, and a tiny run."""
+"""Language pipeline: the model, the cache, masks, log-probs, the verifier, data errors, and a tiny
+run."""
 
 import json
 import os
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
 from iwsft.lm import data as lm_data
 from iwsft.lm import task
 from iwsft.lm import tokenizer as tok
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, token_logprobs
 from iwsft.lm.sampling import generate, generate_without_cache
-from iwsft.objectives import ObjectiveConfig, iw_sft_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = LMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=24)
@@ -66,7 +67,7 @@ def test_sampling_stops_at_eos(model):
     if tok.EOS in row:
       rows_with_eos += 1
       first = list(row).index(tok.EOS)
-      assert np.all(row[first + 1:] == tok.PAD)
+      assert np.all(row[first + 1 :] == tok.PAD)
     else:
       assert tok.PAD not in row
   assert rows_with_eos >= 2
@@ -97,19 +98,27 @@ def test_sequence_logprob_is_the_sum_over_completion_tokens_and_ignores_prompt_a
   graphdef, params = nnx.split(model)
   recs = [lm_data.Record("12+34=", "5+6"), lm_data.Record("9+9=", "18")]
   d = lm_data.encode_records(recs, CFG.max_len)
-  logp = np.asarray(make_logprob_fn(graphdef)(params, {"tokens": jnp.asarray(d["tokens"])}), np.float64)
+  logp = np.asarray(
+    make_logprob_fn(graphdef)(params, {"tokens": jnp.asarray(d["tokens"])}), np.float64
+  )
   cfg = ObjectiveConfig(length_normalise=False)
   loss, _ = iw_sft_loss(jnp.asarray(logp, jnp.float32), None, None, d["mask"], d["weight"], cfg)
   independent = []
   for r in recs:  # log p(completion + EOS | BOS + prompt), token by token through the full model
     seq = [tok.BOS] + tok.encode(r.prompt) + tok.encode(r.completion) + [tok.EOS]
     lg = np.asarray(model(jnp.asarray([seq])), np.float64)[0]
-    lp = lg - (np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lg.max(-1, keepdims=True))
+    lp = lg - (
+      np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      + lg.max(-1, keepdims=True)
+    )
     start = 1 + len(tok.encode(r.prompt))
     independent.append(sum(lp[t - 1, seq[t]] for t in range(start, len(seq))))
   np.testing.assert_allclose(float(loss), -np.mean(independent), rtol=1e-4)
-  # Changing prompt or padding tokens' *targets* cannot change the loss: only masked positions count.
-  grad = jax.grad(lambda lp: iw_sft_loss(lp, None, None, d["mask"], d["weight"], cfg)[0])(jnp.asarray(logp, jnp.float32))
+  # Changing prompt or padding tokens' *targets* cannot change the loss: only masked positions
+  # count.
+  grad = jax.grad(lambda lp: iw_sft_loss(lp, None, None, d["mask"], d["weight"], cfg)[0])(
+    jnp.asarray(logp, jnp.float32)
+  )
   assert np.all(np.asarray(grad)[d["mask"] == 0] == 0)
 
 
@@ -128,18 +137,21 @@ def test_verifier_on_hand_written_answers():
 
 def test_noisy_demonstrations_forget_carries_at_the_given_rate():
   rng = np.random.default_rng(0)
-  wrong = [task.verify("15+17=", task.worked_solution(15, 17, 2, 0.0, rng, carry_error_rate=0.6))[0] for _ in range(4000)]
+  wrong = [
+    task.verify("15+17=", task.worked_solution(15, 17, 2, 0.0, rng, carry_error_rate=0.6))[0]
+    for _ in range(4000)
+  ]
   np.testing.assert_allclose(1 - np.mean(wrong), 0.6, atol=0.03)
 
 
 BAD = [
-    (b"", "no records"),
-    (b'{"prompt": "a", "completion": "b"}\n\n', ":2: empty line"),
-    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', ":2: malformed JSON"),
-    (b'{"prompt": "a"}\n', ":1: need an object"),
-    (b'{"prompt": "a", "completion": "\xff"}\n', ":1: not valid UTF-8"),
-    (b'{"prompt": "a", "completion": "b", "score": -1}\n', ":1: negative score"),
-    (b'{"prompt": "' + b"x" * 80 + b'", "completion": "b"}\n', ":1: prompt of 81 tokens"),
+  (b"", "no records"),
+  (b'{"prompt": "a", "completion": "b"}\n\n', ":2: empty line"),
+  (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', ":2: malformed JSON"),
+  (b'{"prompt": "a"}\n', ":1: need an object"),
+  (b'{"prompt": "a", "completion": "\xff"}\n', ":1: not valid UTF-8"),
+  (b'{"prompt": "a", "completion": "b", "score": -1}\n', ":1: negative score"),
+  (b'{"prompt": "' + b"x" * 80 + b'", "completion": "b"}\n', ":1: prompt of 81 tokens"),
 ]
 
 
@@ -148,8 +160,18 @@ def test_bad_jsonl_is_one_line_exit_2(tmp_path, content, needle):
   f = tmp_path / "data.jsonl"
   f.write_bytes(content)
   work = tmp_path / "work"
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "lm.py"), f"--data={f}",
-                      f"--workdir={work}", "--stages=finetune"], capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "lm.py"),
+      f"--config.data={f}",
+      f"--workdir={work}",
+      "--config.stages=finetune",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
   assert len(lines) == 1 and needle in lines[0], r.stderr
@@ -158,7 +180,7 @@ def test_bad_jsonl_is_one_line_exit_2(tmp_path, content, needle):
 
 def test_tiny_run_of_all_stages(tmp_path):
   from iwsft.lm.config import get_config
-  from iwsft.lm.run import run_lm
+  from iwsft.lm.pipeline import run_lm
 
   cfg = get_config()
   cfg.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48)
@@ -171,30 +193,36 @@ def test_tiny_run_of_all_stages(tmp_path):
   for m in result["models"].values():
     assert 0.0 <= m["pass@1_greedy"] <= 1.0 and 0.0 <= m["score_sampled"] <= 1.0
   rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
-  assert len(rows) == 32 and all(set(r) == {"prompt", "completion", "score", "correct"} for r in rows)
+  assert len(rows) == 32 and all(
+    set(r) == {"prompt", "completion", "score", "correct"} for r in rows
+  )
   curated = [json.loads(l) for l in open(tmp_path / "curated.jsonl")]
   assert len(curated) == sum(r["correct"] for r in rows)
   metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   iw = [r for r in metrics if r["stage"] == "iw_sft" and r["kind"] == "train"]
   assert iw and all("iw/ess_fraction" in r for r in iw)
   # A stage rerun alone reuses the others' outputs.
-  cfg.stages = "evaluate"
+  cfg.stages = ("evaluate",)
   again = run_lm(cfg, str(tmp_path), quiet=True)
   assert again["models"] == result["models"]
   # A stage redone with overwrite replaces its metrics rows instead of appending a second copy.
-  cfg.stages = "finetune"
-  cfg.methods = "sft"
+  cfg.stages = ("finetune",)
+  cfg.methods = ("sft",)
   run_lm(cfg, str(tmp_path), overwrite=True, quiet=True)
   redone = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   sft_rows = [r for r in redone if r["stage"] == "sft"]
   assert [r["step"] for r in sft_rows] == [r["step"] for r in metrics if r["stage"] == "sft"]
-  assert [r for r in redone if r["stage"] == "iw_sft"] == [r for r in metrics if r["stage"] == "iw_sft"]
+  assert [r for r in redone if r["stage"] == "iw_sft"] == [
+    r for r in metrics if r["stage"] == "iw_sft"
+  ]
 
 
 @pytest.mark.parametrize("digits,max_len", [(1, 24), (3, 64), (4, 64)])
-def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(tmp_path, digits, max_len):
+def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(
+  tmp_path, digits, max_len
+):
   from iwsft.lm.config import get_config
-  from iwsft.lm.run import LMRun
+  from iwsft.lm.pipeline import LMRun
 
   cfg = get_config()
   cfg.model.max_len = max_len
@@ -203,13 +231,15 @@ def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(tmp_pa
   prompt = lm_data.prompt_tokens(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)))
   assert len(prompt) + run.max_new + 1 == max_len
   longest = "x" * run.max_new  # a sample that used its whole budget without EOS
-  lm_data.encode_records([lm_data.Record(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)), longest)], max_len)
+  lm_data.encode_records(
+    [lm_data.Record(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)), longest)], max_len
+  )
 
 
 def test_too_short_a_context_is_a_user_error(tmp_path):
   from iwsft.errors import UserError
   from iwsft.lm.config import get_config
-  from iwsft.lm.run import LMRun
+  from iwsft.lm.pipeline import LMRun
 
   cfg = get_config()
   cfg.model.max_len = 20
@@ -225,10 +255,21 @@ def test_top_1_sampling_is_greedy_decoding(model):
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
 
 
-LM_TINY = ["--model_d_model=32", "--model_n_layers=1", "--model_n_heads=2", "--model_d_ff=64",
-           "--model_max_len=48", "--task_digits=1", "--task_demos=256", "--base_steps=600",
-           "--base_batch_size=16", "--base_warmup_steps=5", "--steps_per_dispatch=10",
-           "--checkpoint_every=50", "--stages=base"]
+LM_TINY = [
+  "--config.model.d_model=32",
+  "--config.model.n_layers=1",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=64",
+  "--config.model.max_len=48",
+  "--config.task.digits=1",
+  "--config.task.demos=256",
+  "--config.base.steps=600",
+  "--config.base.batch_size=16",
+  "--config.base.warmup_steps=5",
+  "--config.steps_per_dispatch=10",
+  "--config.checkpoint_every=50",
+  "--config.stages=base",
+]
 
 
 def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path):
@@ -236,7 +277,12 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
   import time
 
   def command(work):
-    return [sys.executable, os.path.join(ROOT, "experiments", "lm.py"), f"--workdir={work}", *LM_TINY]
+    return [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "lm.py"),
+      f"--workdir={work}",
+      *LM_TINY,
+    ]
 
   whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
   assert whole.returncode == 0, whole.stderr[-2000:]
@@ -253,13 +299,16 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
   again = subprocess.run(command(work), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
 
-  from iwsft import checkpoint
+  from iwsft.io import checkpoint
 
-  template = nnx.state(Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                                            max_len=48), rngs=nnx.Rngs(0)))
+  template = nnx.state(
+    Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48), rngs=nnx.Rngs(0))
+  )
   a = checkpoint.restore_state(str(tmp_path / "whole" / "seed_0" / "base" / "params"), template)
   b = checkpoint.restore_state(str(work / "seed_0" / "base" / "params"), template)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in open(p)]
-  assert strip(work / "seed_0" / "metrics.jsonl") == strip(tmp_path / "whole" / "seed_0" / "metrics.jsonl")
+  assert strip(work / "seed_0" / "metrics.jsonl") == strip(
+    tmp_path / "whole" / "seed_0" / "metrics.jsonl"
+  )

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iwsft import objectives as obj
-from iwsft.objectives import ObjectiveConfig
+from iwsft.core import objectives as obj
+from iwsft.core.objectives import ObjectiveConfig
 
 RNG = np.random.default_rng(0)
 
@@ -40,12 +40,20 @@ def test_sequence_weights_match_numpy(self_norm, temp, hi):
   _, lq, lref, mask, _ = batch()
   valid = np.array([1, 1, 1, 1, 1, 0], np.float32)
   cfg = ObjectiveConfig("sequence", temperature=temp, w_max=hi, self_normalise=self_norm)
-  w, diag = obj.sequence_weights(jnp.asarray(lq), jnp.asarray(lref), jnp.asarray(mask), jnp.asarray(valid), cfg)
+  w, diag = obj.sequence_weights(
+    jnp.asarray(lq), jnp.asarray(lref), jnp.asarray(mask), jnp.asarray(valid), cfg
+  )
   expected = np_seq_weights(lq, lref, mask, temp, 0.0, hi, self_norm, valid)
   np.testing.assert_allclose(np.asarray(w), expected, rtol=2e-5)
   raw = np_seq_weights(lq, lref, mask, temp, 0.0, np.inf, False, valid)
-  np.testing.assert_allclose(float(diag["iw/clip_fraction"]), np.sum((raw > hi) & (valid > 0)) / valid.sum(), rtol=1e-6)
-  np.testing.assert_allclose(float(diag["iw/ess_fraction"]), expected.sum() ** 2 / (expected ** 2).sum() / valid.sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(diag["iw/clip_fraction"]), np.sum((raw > hi) & (valid > 0)) / valid.sum(), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    float(diag["iw/ess_fraction"]),
+    expected.sum() ** 2 / (expected**2).sum() / valid.sum(),
+    rtol=1e-5,
+  )
 
 
 def test_weights_clip_both_ends():
@@ -93,7 +101,9 @@ def test_weighted_nll_matches_numpy(length_normalise):
   cfg = ObjectiveConfig(length_normalise=length_normalise)
   for sw in (None, step_w):
     got = obj.weighted_nll(logp, mask, seq_w, sw, cfg)
-    np.testing.assert_allclose(float(got), np_loss(logp, mask, seq_w, sw, length_normalise), rtol=1e-5)
+    np.testing.assert_allclose(
+      float(got), np_loss(logp, mask, seq_w, sw, length_normalise), rtol=1e-5
+    )
 
 
 def test_token_mean_reduction_matches_numpy():
@@ -134,7 +144,9 @@ def test_gradient_does_not_flow_through_q_when_q_is_the_policy():
   f = lambda lp: obj.iw_sft_loss(lp, jax.lax.stop_gradient(lp), lref, mask, weight, cfg)[0]
   w, _ = obj.sequence_weights(logp, lref, mask, weight, cfg)
   g_manual = jax.grad(lambda lp: obj.weighted_nll(lp, mask, w, None, cfg))(jnp.asarray(logp))
-  np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(logp))), np.asarray(g_manual), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(jax.grad(f)(jnp.asarray(logp))), np.asarray(g_manual), rtol=1e-6
+  )
 
 
 def test_bound_estimates_match_numpy_and_iw_bound_is_tight_at_q_equals_theta():
@@ -145,7 +157,8 @@ def test_bound_estimates_match_numpy_and_iw_bound_is_tight_at_q_equals_theta():
   l_t = (logp * mask).sum(1) / lengths
   l_r = (lref * mask).sum(1) / lengths
   np.testing.assert_allclose(float(b["bound/sft"]), np.mean(1 + l_t - l_r), rtol=1e-5)
-  # q = π_θ: the iw bound equals E[p_θ/π_ref], the objective itself; x >= 1 + log x makes it >= the SFT bound.
+  # q = π_θ: the iw bound equals E[p_θ/π_ref], the objective itself; x >= 1 + log x makes it >= the
+  # SFT bound.
   np.testing.assert_allclose(float(b["bound/iw_sft"]), np.mean(np.exp(l_t - l_r)), rtol=1e-5)
   assert float(b["bound/iw_sft"]) >= float(b["bound/sft"])
 
@@ -160,7 +173,12 @@ def test_padding_rows_do_not_count():
 
 
 def test_config_rejects_bad_settings():
-  for kwargs in ({"importance_weighting": "x"}, {"w_min": 2.0, "w_max": 1.0}, {"temperature": 0.0},
-                 {"reduction": "sum"}, {"step_w_min": -1.0}):
+  for kwargs in (
+    {"importance_weighting": "x"},
+    {"w_min": 2.0, "w_max": 1.0},
+    {"temperature": 0.0},
+    {"reduction": "sum"},
+    {"step_w_min": -1.0},
+  ):
     with pytest.raises(ValueError):
       ObjectiveConfig(**kwargs)

@@ -16,15 +16,25 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import MIXED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "control.py")
-RUN = [f"--dataset={MIXED}", "--method=iw_sft", "--hidden=32,32", "--reference_steps=300",
-       "--reference_batch_size=8", "--steps=300", "--batch_size=8", "--warmup_steps=5",
-       "--eval_every=100", "--eval_episodes=2", "--final_eval_episodes=3", "--steps_per_dispatch=10",
-       "--checkpoint_every=20"]
+RUN = [
+  f"--config.dataset={MIXED}",
+  "--config.method=iw_sft",
+  "--config.policy.hidden=32,32",
+  "--config.reference.steps=300",
+  "--config.reference.batch_size=8",
+  "--config.finetune.steps=300",
+  "--config.finetune.batch_size=8",
+  "--config.finetune.warmup_steps=5",
+  "--config.eval.every=100",
+  "--config.eval.episodes=2",
+  "--config.eval.final_episodes=3",
+  "--config.steps_per_dispatch=10",
+  "--config.checkpoint_every=20",
+]
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -40,14 +50,21 @@ def env(extra=None):
 
 
 def run(work, *extra, devices=None):
-  r = subprocess.run(command(work, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600,
-                     env=env(devices))
+  r = subprocess.run(
+    command(work, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600, env=env(devices)
+  )
   return r
 
 
 def start(work, *extra, devices=None):
-  return subprocess.Popen(command(work, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=ROOT, env=env(devices))
+  return subprocess.Popen(
+    command(work, *extra),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+    env=env(devices),
+  )
 
 
 def wait_for_checkpoint(work, stage, at_least, proc, timeout=300):
@@ -63,8 +80,9 @@ def wait_for_checkpoint(work, stage, at_least, proc, timeout=300):
 
 
 def params(work):
-  from iwsft.control.policy import PolicyConfig, load_policy
   from flax import nnx
+
+  from iwsft.control.policy import PolicyConfig, load_policy
 
   policy = load_policy(str(work / "policy"), 4, 1, PolicyConfig(hidden=(32, 32)))
   return [np.asarray(x) for x in __import__("jax").tree.leaves(nnx.state(policy, nnx.Param))]
@@ -99,8 +117,10 @@ def test_a_run_killed_at_a_random_point_resumes_to_the_same_result(uninterrupted
   for a, b in zip(params(work), params(uninterrupted), strict=True):
     np.testing.assert_array_equal(a, b)
   assert rows(work) == rows(uninterrupted)
-  assert json.loads((work / "result.json").read_text())["return_mean"] == \
-      json.loads((uninterrupted / "result.json").read_text())["return_mean"]
+  assert (
+    json.loads((work / "result.json").read_text())["return_mean"]
+    == json.loads((uninterrupted / "result.json").read_text())["return_mean"]
+  )
 
 
 def test_sigterm_saves_and_exits_75_then_the_rerun_matches(uninterrupted, tmp_path):
@@ -124,12 +144,12 @@ def test_sigterm_saves_and_exits_75_then_the_rerun_matches(uninterrupted, tmp_pa
 @pytest.mark.parametrize("first,then", [(8, 1), (1, 8)], ids=["8to1", "1to8"])
 def test_a_run_resumes_on_another_device_count(uninterrupted, tmp_path, first, then):
   work = tmp_path / "run"
-  proc = start(work, f"--num_devices={first}", devices=EIGHT if first == 8 else None)
+  proc = start(work, f"--config.num_devices={first}", devices=EIGHT if first == 8 else None)
   wait_for_checkpoint(work, "iw_sft", 100, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 75, err[-2000:]
-  r = run(work, f"--num_devices={then}", devices=EIGHT if then == 8 else None)
+  r = run(work, f"--config.num_devices={then}", devices=EIGHT if then == 8 else None)
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert len(result["devices"]) == then
@@ -146,10 +166,12 @@ def test_resuming_with_other_settings_is_refused_and_changes_nothing(uninterrupt
   proc.kill()
   proc.communicate()
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(work) for p in fs}
-  r = run(work, "--learning_rate=1e-3")
+  r = run(work, "--config.finetune.learning_rate=1e-3")
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
-  assert len(lines) == 1 and "learning_rate: was 4e-05, now 0.001" in lines[0], r.stderr[-2000:]
+  assert len(lines) == 1 and "finetune.learning_rate: was 4e-05, now 0.001" in lines[0], r.stderr[
+    -2000:
+  ]
   after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(work) for p in fs}
   assert after == before
 
@@ -160,7 +182,7 @@ def test_checkpoints_of_another_model_size_are_refused(uninterrupted, tmp_path):
   work = tmp_path / "run"
   shutil.copytree(uninterrupted / "checkpoints", work / "checkpoints")
   listing = sorted(os.listdir(work / "checkpoints" / "reference"))
-  r = run(work, "--hidden=64,64")
+  r = run(work, "--config.policy.hidden=64,64")
   assert r.returncode == 2
   lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
   assert len(lines) == 1 and "from another model" in lines[0], r.stderr[-2000:]
@@ -173,5 +195,5 @@ def test_a_finished_run_with_the_same_settings_is_reused(uninterrupted):
   r = run(uninterrupted)
   assert r.returncode == 0 and "finished earlier" in r.stdout, r.stderr[-2000:]
   assert (uninterrupted / "result.json").read_text() == before
-  r = run(uninterrupted, "--seed=1")
+  r = run(uninterrupted, "--config.seed=1")
   assert r.returncode == 2 and "--overwrite" in r.stderr

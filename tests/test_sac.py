@@ -3,12 +3,16 @@
 import numpy as np
 import pytest
 
-from iwsft.control.sac import SACConfig, train_sac
+from iwsft.control.datasets.sac import SACConfig, train_sac
 
 
 def test_sac_return_rises_on_a_small_budget():
-  cfg = SACConfig(total_steps=5000, start_steps=1000, snapshot_every=1000, hidden=(64, 64), eval_episodes=5)
-  snaps, episodes, _ = train_sac("InvertedPendulum-v5", cfg, env_kwargs={"max_episode_steps": 200}, progress=False)
+  cfg = SACConfig(
+    total_steps=5000, start_steps=1000, snapshot_every=1000, hidden=(64, 64), eval_episodes=5
+  )
+  snaps, episodes, _ = train_sac(
+    "InvertedPendulum-v5", cfg, env_kwargs={"max_episode_steps": 200}, progress=False
+  )
   returns = [s.eval_return for s in snaps]
   assert [s.step for s in snaps] == [1000, 2000, 3000, 4000, 5000]
   assert max(returns[-2:]) > 2.5 * returns[0] and max(returns[-2:]) > 60, returns
@@ -26,14 +30,20 @@ def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PAT
   from iwsft.control import datasets as ds_lib
   from iwsft.control.data import episodes_from_minari, reference_scores
 
-  rows = {r["dataset"].split("/")[-1].removesuffix("-v0"): r
-          for r in ds_lib.build("hopper", "small", list(ds_lib.KINDS), seed=0, force=False)}
-  assert rows["expert"]["return_mean"] > rows["medium"]["return_mean"] > rows["random"]["return_mean"]
+  rows = {
+    r["dataset"].split("/")[-1].removesuffix("-v0"): r
+    for r in ds_lib.build("hopper", "small", list(ds_lib.KINDS), seed=0, force=False)
+  }
+  assert (
+    rows["expert"]["return_mean"] > rows["medium"]["return_mean"] > rows["random"]["return_mean"]
+  )
   assert rows["medium-replay"]["return_std"] > 0.5 * rows["medium-replay"]["return_mean"]
-  for kind, row in rows.items():
+  for _, row in rows.items():
     ds = minari.load_dataset(row["dataset"])
     lo, hi = reference_scores(ds)
-    assert lo == pytest.approx(rows["random"]["return_mean"]) and hi == pytest.approx(rows["expert"]["return_mean"])
+    assert lo == pytest.approx(rows["random"]["return_mean"]) and hi == pytest.approx(
+      rows["expert"]["return_mean"]
+    )
     eps = episodes_from_minari(ds)
     assert eps.num_steps == row["steps"]
     np.testing.assert_allclose(eps.returns.mean(), row["return_mean"], rtol=1e-9)

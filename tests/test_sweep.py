@@ -12,74 +12,112 @@ import time
 import chex
 import numpy as np
 import pytest
-
 from conftest import EXPERT, MIXED
-from iwsft import aggregate
+
+from iwsft.io import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "sweep.py")
-TINY = ["--set=hidden=32,32", "--set=reference.steps=60", "--set=reference.batch_size=8",
-        "--set=steps=40", "--set=batch_size=8", "--set=warmup_steps=5", "--set=eval_every=20",
-        "--set=eval_episodes=2", "--set=final_eval_episodes=3", "--set=steps_per_dispatch=10",
-        "--set=checkpoint_every=10"]
+TINY = [
+  "--config.policy.hidden=32,32",
+  "--config.reference.steps=60",
+  "--config.reference.batch_size=8",
+  "--config.finetune.steps=40",
+  "--config.finetune.batch_size=8",
+  "--config.finetune.warmup_steps=5",
+  "--config.eval.every=20",
+  "--config.eval.episodes=2",
+  "--config.eval.final_episodes=3",
+  "--config.steps_per_dispatch=10",
+  "--config.checkpoint_every=10",
+]
 
 
 def test_bootstrap_ci_matches_the_normal_approximation_for_many_values():
   x = np.random.default_rng(1).normal(3.0, 2.0, 400)
-  lo, hi = aggregate.bootstrap_ci(x, 0.95, resamples=20_000, seed=0)
+  lo, hi = report.bootstrap_ci(x, 0.95, resamples=20_000, seed=0)
   half = 1.96 * x.std(ddof=0) / np.sqrt(x.size)  # the bootstrap mean's spread is σ/√n
   np.testing.assert_allclose([lo, hi], [x.mean() - half, x.mean() + half], atol=0.03)
-  assert aggregate.bootstrap_ci([7.5]) == (7.5, 7.5)
-  assert aggregate.bootstrap_ci(x, seed=3) == aggregate.bootstrap_ci(x, seed=3)
+  assert report.bootstrap_ci([7.5]) == (7.5, 7.5)
+  assert report.bootstrap_ci(x, seed=3) == report.bootstrap_ci(x, seed=3)
 
 
 def test_bootstrap_ci_of_two_values_follows_the_binomial_resampling():
-  """Resampling (a, b) twice gives mean a w.p. 1/4, (a+b)/2 w.p. 1/2, b w.p. 1/4: the 95% interval is [a, b],
+  """Resampling (a, b) twice gives mean a w.p. 1/4, (a+b)/2 w.p. 1/2, b w.p. 1/4: the 95% interval
+  is [a, b],
   and an 40% interval (quantiles 0.3, 0.7) is the midpoint."""
-  assert aggregate.bootstrap_ci([0.0, 10.0]) == (0.0, 10.0)
-  assert aggregate.bootstrap_ci([0.0, 10.0], level=0.4) == (5.0, 5.0)
+  assert report.bootstrap_ci([0.0, 10.0]) == (0.0, 10.0)
+  assert report.bootstrap_ci([0.0, 10.0], level=0.4) == (5.0, 5.0)
 
 
 def test_summary_and_table_against_numpy():
   rng = np.random.default_rng(0)
-  recs = [{"dataset": d, "method": m, "seed": s, "score": float(rng.normal(10 * i + j, 3))}
-          for i, d in enumerate(["hopper-medium", "hopper-medium-replay"])
-          for j, m in enumerate(["bc", "iw_sft"]) for s in range(5)]
-  recs.append({"dataset": "hopper-medium", "method": "bc", "seed": 9, "score": None})  # no reference scores
-  summary = aggregate.summarise(recs)
+  recs = [
+    {"dataset": d, "method": m, "seed": s, "score": float(rng.normal(10 * i + j, 3))}
+    for i, d in enumerate(["hopper-medium", "hopper-medium-replay"])
+    for j, m in enumerate(["bc", "iw_sft"])
+    for s in range(5)
+  ]
+  recs.append(
+    {"dataset": "hopper-medium", "method": "bc", "seed": 9, "score": None}
+  )  # no reference scores
+  summary = report.summarise(recs)
   assert [(r["dataset"], r["method"]) for r in summary] == [
-      ("hopper-medium", "bc"), ("hopper-medium", "iw_sft"), ("hopper-medium-replay", "bc"),
-      ("hopper-medium-replay", "iw_sft")]
+    ("hopper-medium", "bc"),
+    ("hopper-medium", "iw_sft"),
+    ("hopper-medium-replay", "bc"),
+    ("hopper-medium-replay", "iw_sft"),
+  ]
   for row in summary:
-    x = np.array([r["score"] for r in recs if r["dataset"] == row["dataset"] and r["method"] == row["method"]
-                  and r["score"] is not None])
+    x = np.array(
+      [
+        r["score"]
+        for r in recs
+        if r["dataset"] == row["dataset"]
+        and r["method"] == row["method"]
+        and r["score"] is not None
+      ]
+    )
     assert row["n"] == 5 and row["seeds"] == [0, 1, 2, 3, 4]
     np.testing.assert_allclose([row["mean"], row["std"]], [x.mean(), x.std(ddof=1)], rtol=1e-12)
     assert row["ci_low"] <= row["mean"] <= row["ci_high"]
     assert x.min() <= row["ci_low"] and row["ci_high"] <= x.max()
-  table = aggregate.markdown_table(summary, methods=["iw_sft", "bc"]).splitlines()
+  table = report.markdown_table(summary, methods=["iw_sft", "bc"]).splitlines()
   assert table[0] == "| dataset | iw_sft | bc |" and len(table) == 5
   bc_means = [r["mean"] for r in summary if r["method"] == "bc"]
   assert table[-1].split("|")[3].strip() == f"{np.mean(bc_means):.1f}"
   first = summary[0]
-  assert f"{first['mean']:.1f} ± {first['std']:.1f} [{first['ci_low']:.1f}, {first['ci_high']:.1f}]" in table[2]
+  assert (
+    f"{first['mean']:.1f} ± {first['std']:.1f} [{first['ci_low']:.1f}, {first['ci_high']:.1f}]"
+    in table[2]
+  )
 
 
 def test_curve_band_uses_the_steps_every_seed_has():
-  steps, mean, lo, hi = aggregate.curve_band([([0, 10, 20], [1.0, 2.0, 3.0]), ([0, 10], [3.0, 4.0])])
+  steps, mean, lo, hi = report.curve_band([([0, 10, 20], [1.0, 2.0, 3.0]), ([0, 10], [3.0, 4.0])])
   assert steps == [0, 10]
   chex.assert_trees_all_close(mean, np.array([2.0, 3.0]))
   assert np.all(lo <= mean) and np.all(mean <= hi)
 
 
 def sweep(work, *extra):
-  return [sys.executable, CLI, f"--workdir={work}", f"--datasets={MIXED},{EXPERT}",
-          "--methods=bc,iw_sft", "--seeds=0,1", *TINY, *extra]
+  return [
+    sys.executable,
+    CLI,
+    f"--workdir={work}",
+    f"--datasets={MIXED},{EXPERT}",
+    "--methods=bc,iw_sft",
+    "--seeds=0,1",
+    *TINY,
+    *extra,
+  ]
 
 
 def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_path):
   work = tmp_path / "sweep"
-  proc = subprocess.Popen(sweep(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  proc = subprocess.Popen(
+    sweep(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+  )
   first = work / MIXED.replace("/", "__") / "bc" / "group_0-1" / "seed_1" / "result.json"
   t0 = time.time()
   while not first.exists():  # stop the sweep once its first group has finished
@@ -95,53 +133,96 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
   assert first.stat().st_mtime_ns == stamp  # the finished cell was not rerun
   rows = list(csv.DictReader(open(work / "cells.csv")))
   assert len(rows) == 8 and {(r["method"], r["seed"]) for r in rows} == {
-      (m, s) for m in ("bc", "iw_sft") for s in ("0", "1")}
+    (m, s) for m in ("bc", "iw_sft") for s in ("0", "1")
+  }
   assert all(r["seeds_trained_together"] == "2" for r in rows)
   summary = list(csv.DictReader(open(work / "table.csv")))
   assert len(summary) == 4 and all(r["n"] == "2" for r in summary)
-  assert (work / "curves.png").stat().st_size > 10_000 and (work / "bounds.png").stat().st_size > 10_000
+  assert (work / "curves.png").stat().st_size > 10_000 and (
+    work / "bounds.png"
+  ).stat().st_size > 10_000
   assert "| dataset | bc | iw_sft |" in (work / "table.md").read_text()
   info = json.loads((work / "sweep.json").read_text())
   assert info["cells"] == 8
   # Nothing left to do; and other settings in the same workdir are refused, changing nothing.
-  r = subprocess.run(sweep(work, "--dry_run"), capture_output=True, text=True, cwd=ROOT, timeout=300)
+  r = subprocess.run(
+    sweep(work, "--dry_run"), capture_output=True, text=True, cwd=ROOT, timeout=300
+  )
   assert r.returncode == 0 and "0 run(s) to do" in r.stdout
-  r = subprocess.run(sweep(work, "--set=learning_rate=0.5"), capture_output=True, text=True, cwd=ROOT,
-                     timeout=300)
-  assert r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  r = subprocess.run(
+    sweep(work, "--config.finetune.learning_rate=0.5"),
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
+  assert (
+    r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  )
   assert first.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--set=stepz=3"], "no such setting"),
-    (["--set=steps=many"], "expected a value of type int"),
-    (["--set=steps"], "key=value"),
+@pytest.mark.parametrize(
+  "args,needle",
+  [
+    (["--config.stepz=3"], "stepz"),
+    (["--config.finetune.steps=many"], "invalid literal for int()"),
+    (["--config=iwsft/control/config.py:gpu"], "unknown control preset"),
     (["--methods=ppo"], "unknown"),
     (["--seeds=0,0"], "distinct"),
     (["--datasets=huge"], "unknown kinds"),
-])
+  ],
+)
 def test_bad_sweep_input_is_one_line_exit_2(datasets, tmp_path, args, needle):
-  r = subprocess.run([sys.executable, CLI, f"--workdir={tmp_path / 'w'}", *args], capture_output=True,
-                     text=True, cwd=ROOT, timeout=300)
+  r = subprocess.run(
+    [sys.executable, CLI, f"--workdir={tmp_path / 'w'}", *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert r.returncode == 2 and needle in r.stderr, r.stderr[-1000:]
   assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
-LM_TINY = ["--set=model.d_model=32", "--set=model.n_layers=1", "--set=model.n_heads=2", "--set=model.d_ff=64",
-           "--set=model.max_len=48", "--set=task.digits=1", "--set=task.demos=256", "--set=base.steps=100",
-           "--set=base.batch_size=16", "--set=task.sample_prompts=32", "--set=task.samples_per_prompt=2",
-           "--set=task.eval_problems=16", "--set=finetune.steps=20", "--set=finetune.batch_size=8",
-           "--set=steps_per_dispatch=10", "--set=finetune.warmup_steps=2", "--set=base.warmup_steps=5"]
+LM_TINY = [
+  "--config.model.d_model=32",
+  "--config.model.n_layers=1",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=64",
+  "--config.model.max_len=48",
+  "--config.task.digits=1",
+  "--config.task.demos=256",
+  "--config.base.steps=100",
+  "--config.base.batch_size=16",
+  "--config.task.sample_prompts=32",
+  "--config.task.samples_per_prompt=2",
+  "--config.task.eval_problems=16",
+  "--config.finetune.steps=20",
+  "--config.finetune.batch_size=8",
+  "--config.steps_per_dispatch=10",
+  "--config.finetune.warmup_steps=2",
+  "--config.base.warmup_steps=5",
+]
 
 
 def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
   work = tmp_path / "lm"
-  cmd = [sys.executable, CLI, "--pipeline=lm", f"--workdir={work}", "--seeds=0,1", "--methods=sft,iw_sft",
-         *LM_TINY]
+  cmd = [
+    sys.executable,
+    CLI,
+    "--config=iwsft/lm/config.py",
+    f"--workdir={work}",
+    "--seeds=0,1",
+    "--methods=sft,iw_sft",
+    *LM_TINY,
+  ]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
   assert r.returncode == 0, r.stderr[-2000:]
   results = [json.loads((work / f"seed_{s}" / "result.json").read_text()) for s in (0, 1)]
-  summary = {(row["dataset"], row["method"]): row for row in csv.DictReader(open(work / "table.csv"))}
+  summary = {
+    (row["dataset"], row["method"]): row for row in csv.DictReader(open(work / "table.csv"))
+  }
   assert set(m for _, m in summary) == {"base", "sft", "iw_sft"}
   for mode in ("greedy", "sampled"):
     for model in ("base", "sft", "iw_sft"):

@@ -1,4 +1,5 @@
-"""The shared update step: policy maths, q's moving average, sampling, and device-count invariance."""
+"""The shared update step: policy maths, q's moving average, sampling, and device-count
+invariance."""
 
 import math
 import os
@@ -13,14 +14,18 @@ import optax
 import pytest
 from flax import nnx
 
-from iwsft import train
+import iwsft
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy
-from iwsft.objectives import ObjectiveConfig
+from iwsft.core.objectives import ObjectiveConfig
 
 
 def small_policy(state_dependent_std=False, seed=0):
-  return GaussianPolicy(4, 2, PolicyConfig(hidden=(16, 16), state_dependent_std=state_dependent_std),
-                        rngs=nnx.Rngs(seed))
+  return GaussianPolicy(
+    4,
+    2,
+    PolicyConfig(hidden=(16, 16), state_dependent_std=state_dependent_std),
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def test_log_prob_is_the_diagonal_normal_density():
@@ -52,17 +57,22 @@ def _setup(q_decay, weighting="sequence"):
   graphdef, params, consts = split_policy(small_policy())
   logprob = make_logprob_fn(graphdef, consts)
   opt = optax.sgd(0.1)
-  update = train.make_update(logprob, opt, ObjectiveConfig(weighting, temperature=1.0), q_decay)
+  update = iwsft.make_update(
+    logprob, opt, ObjectiveConfig(weighting, temperature=1.0, q_decay=q_decay)
+  )
   rng = np.random.default_rng(0)
-  batch = {"observations": rng.normal(size=(8, 5, 4)).astype(np.float32),
-           "actions": rng.uniform(-1, 1, (8, 5, 2)).astype(np.float32),
-           "mask": np.ones((8, 5), np.float32), "weight": np.ones(8, np.float32)}
+  batch = {
+    "observations": rng.normal(size=(8, 5, 4)).astype(np.float32),
+    "actions": rng.uniform(-1, 1, (8, 5, 2)).astype(np.float32),
+    "mask": np.ones((8, 5), np.float32),
+    "weight": np.ones(8, np.float32),
+  }
   return params, opt, update, batch, logprob
 
 
 def test_q_is_an_exponential_moving_average_of_the_policy():
   params, opt, update, batch, _ = _setup(q_decay=0.9)
-  state = train.init_state(params, opt, 0)
+  state = iwsft.init_state(params, opt, 0)
   q0 = state.q_params
   state, _ = jax.jit(update)(state, batch)
   expected = jax.tree.map(lambda q, p: 0.9 * q + 0.1 * p, q0, state.params)
@@ -73,9 +83,9 @@ def test_q_is_an_exponential_moving_average_of_the_policy():
 def test_iw_update_equals_sft_update_when_q_and_ref_are_the_start_policy():
   """At step 0, q = π_ref = θ: weights are 1 and iw-SFT's step is SFT's step."""
   params, opt, update_iw, batch, logprob = _setup(q_decay=0.9)
-  update_sft = train.make_update(logprob, opt, ObjectiveConfig("none"), 0.9)
-  s_iw, m = jax.jit(update_iw)(train.init_state(params, opt, 0), batch)
-  s_sft, _ = jax.jit(update_sft)(train.init_state(params, opt, 0), batch)
+  update_sft = iwsft.make_update(logprob, opt, ObjectiveConfig("none", q_decay=0.9))
+  s_iw, m = jax.jit(update_iw)(iwsft.init_state(params, opt, 0), batch)
+  s_sft, _ = jax.jit(update_sft)(iwsft.init_state(params, opt, 0), batch)
   chex.assert_trees_all_close(s_iw.params, s_sft.params, rtol=1e-6)
   np.testing.assert_allclose(float(m["iw/max_weight"]), 1.0, rtol=1e-6)
 
@@ -84,7 +94,7 @@ def test_sgd_step_follows_the_weighted_bc_gradient():
   """θ' = θ − lr · ∇θ(−Σ_i w_i ℓ_i / n) with w computed independently from q and π_ref."""
   params, opt, update, batch, logprob = _setup(q_decay=0.5)
   ref = jax.tree.map(lambda x: x + 0.05, params)
-  state = train.init_state(params, opt, 0, ref)
+  state = iwsft.init_state(params, opt, 0, ref)
   state = state.replace(q_params=jax.tree.map(lambda x: x - 0.05, params))
   lq = np.asarray(logprob(state.q_params, batch), np.float64).mean(1)
   lr_ = np.asarray(logprob(ref, batch), np.float64).mean(1)
@@ -102,7 +112,7 @@ def test_sgd_step_follows_the_weighted_bc_gradient():
 def test_sample_sequences_follows_logits():
   data = {"mask": np.ones((4, 3), np.float32), "weight": np.arange(4, dtype=np.float32)}
   logits = jnp.log(jnp.array([0.0, 1.0, 3.0, 0.0]))
-  b = train.sample_sequences(jax.random.key(0), data, logits, 4000)
+  b = iwsft.sample_sequences(jax.random.key(0), data, logits, 4000)
   counts = np.bincount(np.asarray(b["weight"]).astype(int), minlength=4)
   assert counts[0] == 0 and counts[3] == 0
   np.testing.assert_allclose(counts[2] / counts[1], 3.0, rtol=0.15)
@@ -113,17 +123,21 @@ def test_sample_steps_only_draws_real_steps_uniformly():
   mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
   step_id = np.arange(n * t, dtype=np.float32).reshape(n, t)
   data = {"mask": mask, "weight": np.ones(n, np.float32), "id": step_id}
-  b = train.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000)
+  b = iwsft.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000)
   chex.assert_shape(b["id"], (7000, 1))
   chex.assert_shape(b["weight"], (7000,))
   ids = np.asarray(b["id"]).ravel().astype(int)
   assert set(ids) == set(np.flatnonzero(mask.ravel()))  # never a padding step
   counts = np.bincount(ids, minlength=n * t)[mask.ravel() > 0]
-  np.testing.assert_allclose(counts / counts.sum(), 1 / 7, atol=0.02)  # uniform over the 7 real steps
+  np.testing.assert_allclose(
+    counts / counts.sum(), 1 / 7, atol=0.02
+  )  # uniform over the 7 real steps
 
 
 def _run_script(devices, out):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
   script = os.path.join(os.path.dirname(__file__), "sharded_update_script.py")
   subprocess.run([sys.executable, script, str(out)], env=env, check=True, capture_output=True)
   return np.load(out)
@@ -141,10 +155,12 @@ def test_update_is_the_same_on_1_and_8_devices(tmp_path):
 
 def _pool(n=12, t=5, seed=3):
   rng = np.random.default_rng(seed)
-  return {"observations": rng.normal(size=(n, t, 4)).astype(np.float32),
-          "actions": rng.uniform(-1, 1, (n, t, 2)).astype(np.float32),
-          "mask": (np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32),
-          "weight": np.ones(n, np.float32)}
+  return {
+    "observations": rng.normal(size=(n, t, 4)).astype(np.float32),
+    "actions": rng.uniform(-1, 1, (n, t, 2)).astype(np.float32),
+    "mask": (np.arange(t)[None] < rng.integers(1, t + 1, n)[:, None]).astype(np.float32),
+    "weight": np.ones(n, np.float32),
+  }
 
 
 @pytest.mark.parametrize("step_level", [False, True])
@@ -154,26 +170,45 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
   graphdef, _, consts = split_policy(small_policy())
   logprob = make_logprob_fn(graphdef, consts)
   opt = optax.adam(1e-2)
-  update = train.make_update(logprob, opt, ObjectiveConfig("none" if step_level else "sequence"), 0.9)
+  update = iwsft.make_update(
+    logprob, opt, ObjectiveConfig("none" if step_level else "sequence", q_decay=0.9)
+  )
   data, logits = _pool(), np.linspace(-1, 1, 12).astype(np.float32)
   seeds = [0, 1, 2]
-  init = {s: train.init_state(split_policy(small_policy(seed=s))[1], opt, 100 + s) for s in seeds}
-  mesh = train.make_mesh(1)
-  kw = dict(mesh=mesh, name="t", steps=30, batch_size=8, step_level=step_level, steps_per_dispatch=7,
-            eval_every=10)
+  init = {s: iwsft.init_state(split_policy(small_policy(seed=s))[1], opt, 100 + s) for s in seeds}
+  mesh = iwsft.make_mesh(1)
+  kw = dict(
+    mesh=mesh, name="t", steps=30, batch_size=8, step_level=step_level, steps_per_dispatch=7
+  )
   norm = lambda p: {"param_norm": float(optax.global_norm(p))}
 
   single, single_rows = {}, {}
   for s in seeds:
     single_rows[s] = []
-    single[s] = train.fit(update, init[s], data, logits, on_eval=norm, log=single_rows[s].append, **kw)
+    single[s] = iwsft.fit(
+      update,
+      init[s],
+      data,
+      logits,
+      **kw,
+      hooks=iwsft.Hooks(logs=[single_rows[s].append], evaluate=[norm], eval_every=10),
+    )
   rows = {s: [] for s in seeds}
-  stacked = train.stack_states([init[s] for s in seeds])
-  assert train.num_seeds(stacked) == 3 and train.num_seeds(init[0]) is None
-  out = train.fit(update, stacked, data, logits, on_eval=[norm] * 3, log=[rows[s].append for s in seeds], **kw)
+  stacked = iwsft.stack_seeds([init[s] for s in seeds])
+  assert iwsft.num_seeds(stacked) == 3 and iwsft.num_seeds(init[0]) is None
+  out = iwsft.fit(
+    update,
+    stacked,
+    data,
+    logits,
+    **kw,
+    hooks=iwsft.Hooks(logs=[rows[s].append for s in seeds], evaluate=[norm] * 3, eval_every=10),
+  )
   drop_time = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
   for i, s in enumerate(seeds):
-    chex.assert_trees_all_close(train.seed_slice(out.params, i), single[s].params, rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(
+      iwsft.seed_slice(out.params, i), single[s].params, rtol=2e-4, atol=2e-5
+    )
     np.testing.assert_array_equal(np.asarray(out.key[i]), np.asarray(single[s].key))
     assert len(rows[s]) == len(single_rows[s]) == 4 + 3 + 3  # evals at 0,10,20,30; chunks 7,3 x3
     for a, b in zip(drop_time(rows[s]), drop_time(single_rows[s])):
@@ -182,8 +217,10 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
         if isinstance(a[k], float):
           np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-5, err_msg=k)
   # the seeds really differ (independent runs, not copies)
-  assert not np.allclose(np.asarray(jax.tree.leaves(single[0].params)[0]),
-                         np.asarray(jax.tree.leaves(single[1].params)[0]))
+  assert not np.allclose(
+    np.asarray(jax.tree.leaves(single[0].params)[0]),
+    np.asarray(jax.tree.leaves(single[1].params)[0]),
+  )
 
 
 def test_fsdp_splits_large_weights_and_trains_like_one_device():
@@ -194,7 +231,9 @@ def test_fsdp_splits_large_weights_and_trains_like_one_device():
 
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   script = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
-  out = subprocess.run([sys.executable, script], env=env, check=True, capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, script], env=env, check=True, capture_output=True, text=True
+  )
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8
   for fsdp in (4, 8):

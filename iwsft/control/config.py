@@ -1,103 +1,82 @@
-"""Default configuration of the control pipeline: the authors' recipe (shared/paper.md).
+"""Configuration of the control pipeline: `get_config(preset)`, an ml_collections config file.
 
-Two stages, as the authors run them:
+  experiments/control.py --config=iwsft/control/config.py:cpu --config.method=filtered_bc
+
+Presets: "paper" (the default) is the authors' recipe (shared/paper.md), which assumes a GPU
+(batches of 128-256 whole 1000-step episodes); "cpu" is the demo's 2-core scale; "cpu-sweep" the
+default sweep's (smaller fine-tuning batches). Two stages, as the authors run them:
   reference: BC on all episodes; this is π_ref, and the result of method "bc".
   finetune:  filtered BC / iw-SFT / SFT(Q) / iw-SFT(Q), starting from π_ref's weights.
-The authors' settings assume a GPU (batches of 128-256 whole 1000-step episodes); the README's CPU
-commands override batch sizes and steps explicitly.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from iwsft.core.config import objective_section, stage_section
+
 METHODS = ("bc", "filtered_bc", "iw_sft", "sft_q", "iw_sft_q")
+WEIGHTED = ("iw_sft", "iw_sft_q")  # the methods that use importance weights
+PRESETS = ("paper", "cpu", "cpu-sweep")
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.dataset = "iwsft/hopper-small/medium-replay-v0"
-  c.method = "iw_sft"
+  c.pipeline = "control"
+  c.dataset = "iwsft/hopper-small/medium-replay-v0"  # a Minari id (local unless download)
+  c.method = "iw_sft"  # one of METHODS
   c.seed = 0
-  c.download = False
-  c.num_devices = 0  # 0: all devices
-  c.val_fraction = 0.0
+  c.download = False  # fetch the dataset from Minari's servers when it is not local
+  c.num_devices = 0  # devices of the data-parallel mesh; 0: all
+  c.val_fraction = 0.0  # episodes held out for a validation NLL (seeds trained alone only)
 
-  # Stage 1: π_ref = BC on all data.
-  c.reference = ml_collections.ConfigDict()
-  c.reference.steps = 10_000
-  c.reference.batch_size = 128
-  c.reference.batch_level = "episode"  # "episode" (whole padded episodes) or "step"
-  c.reference.learning_rate = 1e-3
-  c.reference.warmup_steps = 0
-  c.reference.schedule = "constant"  # "constant" or "cosine"
+  # Stage 1, π_ref = BC on all data. batch_level: "episode" (whole padded episodes) or "step".
+  c.reference = stage_section(steps=10_000, batch_size=128, learning_rate=1e-3)
+  # Stage 2, the method fine-tuned from π_ref: linear warm-up, then cosine decay to 0.
+  c.finetune = stage_section(
+    steps=2_000, batch_size=256, learning_rate=4e-5, warmup_steps=300, schedule="cosine"
+  )
 
-  # Stage 2: the method, fine-tuned from π_ref.
-  c.steps = 2_000
-  c.batch_size = 256
-  c.batch_level = "episode"
-  c.learning_rate = 4e-5
-  c.warmup_steps = 300
-  c.schedule = "cosine"
-  c.weight_decay = 0.0
+  c.curation = ml_collections.ConfigDict()
+  c.curation.percentiles = (90.0, 95.0, 98.0)  # stratified oversampling; () uses top_fraction
+  c.curation.top_fraction = 0.1  # filtered BC keeps this top fraction by return
+  c.curation.quality_beta = 0.1  # SFT(Q): episodes ∝ exp(normalised return / beta)
+  c.curation.quality_mode = "sample"  # SFT(Q): "sample" episodes by quality, or "weight" losses
 
-  # Curation.
-  c.top_fraction = 0.1
-  c.percentiles = "90,95,98"  # stratified oversampling; "" uses top_fraction instead
-  c.quality_beta = 0.1  # SFT(Q): sample/weight ∝ exp(normalised return / beta)
-  c.quality_mode = "sample"  # "sample" or "weight"
+  # iw-SFT (fields of core.objectives.ObjectiveConfig): per-episode weight
+  # clip(exp(temperature · mean log q/π_ref), [w_min, w_max]), self-normalised; per-step variant
+  # with importance_weighting="step"; q an EMA of the policy with decay q_decay.
+  c.objective = objective_section()
 
-  # iw-SFT.
-  c.weighting = "sequence"  # "sequence" (per episode) or "step"
-  c.temperature = 10.0
-  c.w_min = 0.0
-  c.w_max = 1000.0
-  c.self_normalise = True
-  c.step_w_min = 0.0
-  c.step_w_max = 2.0
-  c.length_normalise = True
-  c.q_decay = 0.9
+  c.policy = ml_collections.ConfigDict()
+  c.policy.hidden = (256, 256, 256)  # hidden widths of the policy MLP
+  c.policy.state_dependent_std = False  # the authors' log-std is a free parameter
 
-  # Policy.
-  c.hidden = "256,256,256"
-  c.state_dependent_std = False
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 500  # evaluate every this many updates; 0: only at the end
+  c.eval.episodes = 10  # episodes per evaluation during training
+  c.eval.final_episodes = 100  # episodes of the final evaluation
 
-  # Evaluation and logging.
-  c.eval_every = 500
-  c.eval_episodes = 10
-  c.final_eval_episodes = 100
-  c.steps_per_dispatch = 50
-
-  # Checkpoints and failures.
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 2
-  c.skip_nonfinite = False
+  c.steps_per_dispatch = 50  # updates per jitted call (lax.scan)
+  c.checkpoint_every = 1000  # save the training state every this many updates
+  c.keep_checkpoints = 2  # latest checkpoints kept (the best evaluated one is kept too)
+  c.skip_nonfinite = False  # skip NaN/inf batches instead of stopping with exit status 1
+  if preset not in PRESETS:
+    raise ValueError(f"unknown control preset {preset!r}; choose from {', '.join(PRESETS)}")
+  if preset != "paper":
+    _scale_to_cpu(c, sweep=preset == "cpu-sweep")
   return c
 
 
-# The 2-core CPU scale of the recipe (the demo and the default sweep): fewer, smaller updates and
-# evaluations; the same methods and objectives.
-CPU_SETTINGS = dict(eval_every=200, eval_episodes=5, final_eval_episodes=20, steps_per_dispatch=100,
-                    steps=600, batch_size=32, warmup_steps=50, learning_rate=1e-4)
-CPU_REFERENCE = dict(batch_level="step", batch_size=256, steps=3000)
+def _scale_to_cpu(c: ml_collections.ConfigDict, sweep: bool) -> None:
+  """The recipe at a 2-core CPU's scale: fewer, smaller updates and evaluations, same objectives.
 
-
-# The default sweep's scale: 30 fine-tuning runs per dataset, and medium-expert's 1000-step expert
-# episodes make whole-episode batches 4x as long as medium's, so batches of 8 episodes, 400 updates.
-CPU_SWEEP_SETTINGS = dict(CPU_SETTINGS, batch_size=8, steps=400, warmup_steps=30)
-PRESETS = ("cpu", "cpu-sweep", "paper")
-
-
-def get_cpu_config() -> ml_collections.ConfigDict:
-  """get_config() scaled to a 2-core CPU (CPU_SETTINGS, CPU_REFERENCE)."""
-  return preset_config("cpu")
-
-
-def preset_config(name: str) -> ml_collections.ConfigDict:
-  """'paper': get_config(), the authors' recipe; 'cpu': the demo's 2-core scale; 'cpu-sweep': the
-  default sweep's (smaller fine-tuning batches)."""
-  c = get_config()
-  if name != "paper":
-    c.update(CPU_SWEEP_SETTINGS if name == "cpu-sweep" else CPU_SETTINGS)
-    c.reference.update(CPU_REFERENCE)
-  return c
+  The sweep runs 30 fine-tunings per dataset, and medium-expert's 1000-step expert episodes make
+  whole-episode batches 4x as long as medium's: batches of 8 episodes and 400 updates there.
+  """
+  c.eval.update(every=200, episodes=5, final_episodes=20)
+  c.steps_per_dispatch = 100
+  c.reference.update(batch_level="step", batch_size=256, steps=3000)
+  c.finetune.update(steps=600, batch_size=32, warmup_steps=50, learning_rate=1e-4)
+  if sweep:
+    c.finetune.update(batch_size=8, steps=400, warmup_steps=30)

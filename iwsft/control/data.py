@@ -1,8 +1,7 @@
 """Minari offline datasets -> padded episode arrays for the shared update step.
 
 Episodes are kept whole (iw-SFT weights whole trajectories): arrays [N, T_max, ...] padded at the
-end with a step mask, plus per-episode return and length. `flat()` gives the CORL-style flat view
-(one row per step, with episode index, timestep and episode return).
+end with a step mask, plus per-episode return and length.
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ import os
 
 import numpy as np
 
+from iwsft.core import sharding
 from iwsft.errors import UserError
+from iwsft.io import distributed
 
 
 @dataclasses.dataclass
@@ -42,28 +43,21 @@ class Episodes:
   def num_steps(self) -> int:
     return int(self.lengths.sum())
 
-  def flat(self) -> dict[str, np.ndarray]:
-    """One row per real step: observations [S, O], actions [S, A], episode_index, timestep, episode_return [S]."""
-    n, t = self.mask.shape
-    keep = self.mask.astype(bool)
-    ep = np.broadcast_to(np.arange(n)[:, None], (n, t))
-    ts = np.broadcast_to(np.arange(t)[None, :], (n, t))
-    return {
-        "observations": self.observations[keep],
-        "actions": self.actions[keep],
-        "episode_index": ep[keep],
-        "timestep": ts[keep],
-        "episode_return": np.broadcast_to(self.returns[:, None], (n, t))[keep],
-    }
-
   def device_data(self, weight: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The dict layout of iwsft.train: observations, actions, mask, weight [N] (default 1)."""
+    """The batch layout of core.step: observations, actions, mask, weight [N] (default 1)."""
     w = np.ones(self.num_episodes, np.float32) if weight is None else weight.astype(np.float32)
-    return {"observations": self.observations, "actions": self.actions, "mask": self.mask, "weight": w}
+    return {
+      "observations": self.observations,
+      "actions": self.actions,
+      "mask": self.mask,
+      "weight": w,
+    }
 
 
 def datasets_path() -> str:
-  return os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+  return os.environ.get(
+    "MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+  )
 
 
 def load_dataset(dataset_id: str, download: bool = False):
@@ -74,20 +68,27 @@ def load_dataset(dataset_id: str, download: bool = False):
   if dataset_id not in local:
     if not download:
       shown = ", ".join(local) if local else "none"
-      raise UserError(f"dataset {dataset_id!r} is not in {datasets_path()} (local ids: {shown}); "
-                      "build it with experiments/make_datasets.py or pass --download")
+      raise UserError(
+        f"dataset {dataset_id!r} is not in {datasets_path()} (local ids: {shown}); "
+        "build it with experiments/make_datasets.py or pass --download"
+      )
     try:
       minari.download_dataset(dataset_id)
     except Exception as e:  # network errors, unknown remote ids
-      raise UserError(f"could not download {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+      raise UserError(
+        f"could not download {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]
+      ) from e
   try:
     return minari.load_dataset(dataset_id)
   except Exception as e:
-    raise UserError(f"could not read dataset {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    raise UserError(
+      f"could not read dataset {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]
+    ) from e
 
 
 def check_spaces(dataset) -> tuple[int, int]:
-  """(observation dims, action dims) of a dataset with episodes and flat Box spaces; else UserError."""
+  """(observation dims, action dims) of a dataset with episodes and flat Box spaces; else
+  UserError."""
   import gymnasium as gym
 
   name = dataset.spec.dataset_id
@@ -107,8 +108,14 @@ def episodes_from_minari(dataset, indices=None) -> Episodes:
   obs_dim, act_dim = check_spaces(dataset)
   if indices is not None and len(indices) == 0:
     z = lambda *shape: np.zeros(shape, np.float32)
-    return Episodes(z(0, 1, obs_dim), z(0, 1, act_dim), z(0, 1), np.zeros(0), np.zeros(0, np.int64),
-                    np.zeros(0, np.int64))
+    return Episodes(
+      z(0, 1, obs_dim),
+      z(0, 1, act_dim),
+      z(0, 1),
+      np.zeros(0),
+      np.zeros(0, np.int64),
+      np.zeros(0, np.int64),
+    )
   eps = list(dataset.iterate_episodes(None if indices is None else [int(i) for i in indices]))
   lengths = np.array([len(e.actions) for e in eps], np.int64)
   if indices is None and lengths.sum() == 0:
@@ -124,9 +131,14 @@ def episodes_from_minari(dataset, indices=None) -> Episodes:
     a = np.asarray(e.actions, np.float64).reshape(k, -1) if k else np.zeros((0, act_dim))
     r = np.asarray(e.rewards, np.float64).reshape(-1)
     if o.shape[1] != obs_dim:
-      raise UserError(f"dataset {name!r}, episode {e.id}: observations have {o.shape[1]} dims, space says {obs_dim}")
+      raise UserError(
+        f"dataset {name!r}, episode {e.id}: observations have {o.shape[1]} dims, "
+        f"space says {obs_dim}"
+      )
     if a.shape[1] != act_dim:
-      raise UserError(f"dataset {name!r}, episode {e.id}: actions have {a.shape[1]} dims, space says {act_dim}")
+      raise UserError(
+        f"dataset {name!r}, episode {e.id}: actions have {a.shape[1]} dims, space says {act_dim}"
+      )
     for what, x in (("observations", o), ("actions", a), ("rewards", r)):
       if not np.all(np.isfinite(x)):
         raise UserError(f"dataset {name!r}, episode {e.id}: {what} contain NaN or inf")
@@ -144,7 +156,9 @@ def check_matches_env(dataset, env_action_space, env_observation_space, name: st
   if act_dim != a:
     raise UserError(f"dataset {name!r}: actions have {act_dim} dims, the environment takes {a}")
   if obs_dim != o:
-    raise UserError(f"dataset {name!r}: observations have {obs_dim} dims, the environment gives {o}")
+    raise UserError(
+      f"dataset {name!r}: observations have {obs_dim} dims, the environment gives {o}"
+    )
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -165,7 +179,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 class Share:
   """This process's share of a dataset's training episodes, plus the facts every process needs.
 
-  episodes: the process's real rows of the sampling pool (train.pool_rows), padded to the longest
+  episodes: the process's real rows of the sampling pool (sharding.pool_rows), padded to the longest
             training episode of any process: [R, T, ...]
   rows:     [R] their indices among the N training episodes
   num_rows: N, the training episodes of all processes together
@@ -187,35 +201,37 @@ class Share:
     return per_episode[self.rows]
 
   def pool(self, weight: np.ndarray, mesh):
-    """The global sampling pool for train.fit, from this process's rows; weight: [N]."""
-    from iwsft import train
-
-    return train.put_pool(self.episodes.device_data(self.local(weight)), self.num_rows, mesh)
+    """The global sampling pool for core.loop.fit, from this process's rows; weight: [N]."""
+    return sharding.put_pool(self.episodes.device_data(self.local(weight)), self.num_rows, mesh)
 
 
 def read_share(dataset, train_idx: np.ndarray, mesh) -> Share:
-  """Reads only this process's share (train.pool_rows) of the training episodes train_idx [N].
+  """Reads only this process's share (sharding.pool_rows) of the training episodes train_idx [N].
 
   The per-episode returns and lengths, the longest episode and the observation statistics are
   combined over processes (jax.distributed collectives); with one process this equals reading
   every training episode and computing them directly.
   """
-  from iwsft import distributed, train
-
   n = len(train_idx)
-  rows, _ = train.pool_rows(n, mesh)
+  rows, _ = sharding.pool_rows(n, mesh)
   mine = rows[rows < n]
   eps = episodes_from_minari(dataset, train_idx[mine])
   t = int(distributed.allgather(np.array(eps.mask.shape[1])).max())
   pad = lambda x: np.pad(x, [(0, 0), (0, t - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  eps = Episodes(pad(eps.observations), pad(eps.actions), pad(eps.mask), eps.returns, eps.lengths,
-                 eps.episode_ids)
+  eps = Episodes(
+    pad(eps.observations),
+    pad(eps.actions),
+    pad(eps.mask),
+    eps.returns,
+    eps.lengths,
+    eps.episode_ids,
+  )
   returns, lengths = np.zeros(n), np.zeros(n, np.int64)
   width = len(rows)  # the same in every process
   got_r = distributed.allgather(np.pad(eps.returns, (0, width - len(mine))))
   got_l = distributed.allgather(np.pad(eps.lengths, (0, width - len(mine))))
   for p in range(len(got_r)):
-    r, _ = train.pool_rows(n, mesh, process=p)
+    r, _ = sharding.pool_rows(n, mesh, process=p)
     keep = r < n
     returns[r[keep]], lengths[r[keep]] = got_r[p][keep], got_l[p][keep]
   # Two passes, as np.mean / np.std compute them (identical numerics for one process).
@@ -225,7 +241,9 @@ def read_share(dataset, train_idx: np.ndarray, mesh) -> Share:
     raise UserError(f"dataset {dataset.spec.dataset_id!r} has no steps")
   mean = distributed.sum_over_processes(obs.sum(axis=0)) / count
   var = distributed.sum_over_processes(((obs - mean) * (obs - mean)).sum(axis=0)) / count
-  return Share(eps, mine, n, returns, lengths, mean.astype(np.float32), np.sqrt(var).astype(np.float32))
+  return Share(
+    eps, mine, n, returns, lengths, mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+  )
 
 
 def reference_scores(dataset) -> tuple[float | None, float | None]:

@@ -6,7 +6,7 @@ first episode end), acting with a batched deterministic policy.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -19,8 +19,12 @@ def normalised_score(returns, ref_min: float | None, ref_max: float | None):
   return 100.0 * (np.asarray(returns, np.float64) - ref_min) / (ref_max - ref_min)
 
 
-def run_episodes(act: Callable[[np.ndarray], np.ndarray], env_spec: gym.envs.registration.EnvSpec,
-                 num_episodes: int, seed: int) -> np.ndarray:
+def run_episodes(
+  act: Callable[[np.ndarray], np.ndarray],
+  env_spec: gym.envs.registration.EnvSpec,
+  num_episodes: int,
+  seed: int,
+) -> np.ndarray:
   """Returns [num_episodes] undiscounted returns of `act(obs [N, O]) -> actions [N, A]`."""
   envs = gym.make_vec(env_spec, num_envs=num_episodes, vectorization_mode="sync")
   try:
@@ -37,15 +41,17 @@ def run_episodes(act: Callable[[np.ndarray], np.ndarray], env_spec: gym.envs.reg
     envs.close()
 
 
-def evaluate(act, env_spec, num_episodes: int, seed: int, ref_min: float | None,
-             ref_max: float | None) -> dict[str, float | None]:
-  """Mean/std of return and of the normalised score ×100 (None when reference scores are missing)."""
+def evaluate(
+  act, env_spec, num_episodes: int, seed: int, ref_min: float | None, ref_max: float | None
+) -> dict[str, float | None]:
+  """Mean/std of return and of the normalised score ×100 (None when reference scores are
+  missing)."""
   returns = run_episodes(act, env_spec, num_episodes, seed)
   score = normalised_score(returns, ref_min, ref_max)
   return {
-      "return_mean": float(returns.mean()),
-      "return_std": float(returns.std()),
-      "normalised_score": None if score is None else float(score.mean()),
-      "normalised_score_std": None if score is None else float(score.std()),
-      "episodes": int(num_episodes),
+    "return_mean": float(returns.mean()),
+    "return_std": float(returns.std()),
+    "normalised_score": None if score is None else float(score.mean()),
+    "normalised_score_std": None if score is None else float(score.std()),
+    "episodes": int(num_episodes),
   }

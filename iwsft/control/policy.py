@@ -33,8 +33,9 @@ class PolicyConfig:
 class GaussianPolicy(nnx.Module):
   """π(a|s) = N(centre + scale · tanh(μ(s)), (scale · σ)²) per action dimension."""
 
-  def __init__(self, obs_dim: int, act_dim: int, cfg: PolicyConfig = PolicyConfig(), *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, obs_dim: int, act_dim: int, cfg: PolicyConfig = PolicyConfig(), *, rngs: nnx.Rngs
+  ):
     self.cfg = cfg
     widths = (obs_dim, *cfg.hidden)
     self.hidden = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(widths[:-1], widths[1:])])
@@ -84,12 +85,6 @@ class GaussianPolicy(nnx.Module):
     mean, _ = self(obs)
     return self.act_centre[...] + self.act_scale[...] * mean
 
-  def sample(self, key: jax.Array, obs: jax.Array) -> jax.Array:
-    """A stochastic action in environment units, clipped to the action box."""
-    mean, log_std = self(obs)
-    a = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-    return self.act_centre[...] + self.act_scale[...] * jnp.clip(a, -1.0, 1.0)
-
 
 def split_policy(policy: GaussianPolicy):
   """-> (graphdef, params, constants): params are trained, constants (normalisers) are fixed."""
@@ -120,10 +115,12 @@ def make_act_fn(graphdef, constants):
 
 
 def load_policy(path: str, obs_dim: int, act_dim: int, cfg: PolicyConfig = PolicyConfig()):
-  """A saved policy directory (params/ and constants/, as run.py writes) -> GaussianPolicy."""
-  from iwsft import checkpoint
+  """A saved policy directory (params/ and constants/, as pipeline.py writes) -> GaussianPolicy."""
+  from iwsft.io import checkpoint
 
-  graphdef, params, constants = split_policy(GaussianPolicy(obs_dim, act_dim, cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, constants = split_policy(
+    GaussianPolicy(obs_dim, act_dim, cfg, rngs=nnx.Rngs(0))
+  )
   params = checkpoint.restore_state(f"{path}/params", params)
   constants = checkpoint.restore_state(f"{path}/constants", constants)
   return nnx.merge(graphdef, params, constants)

@@ -1,77 +1,77 @@
-"""Default configuration of the language pipeline (sized for a 2-core CPU).
+"""Configuration of the language pipeline (sized for a 2-core CPU): an ml_collections config file.
+
+  experiments/lm.py --config.finetune.steps=800 --config.methods=sft --config.methods=iw_sft
 
 The iw-SFT settings follow the authors' LM recipe (shared/paper.md): temperature 1, sequence
 weights clipped to [0, 16] without batch normalisation, per-token variant clipped to [0.2, 1.8],
 token-mean loss, Adam betas (0.9, 0.95), weight decay 1e-4, cosine schedule with 5% warm-up.
 Their q is the detached current model (q_decay 0); ours defaults to a lagged copy (0.9), as the
-bound asks for a q close to but not equal to the trained policy; set --q_decay=0 for theirs.
+bound asks for a q close to but not equal to the trained policy; set objective.q_decay=0 for theirs.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from iwsft.core.config import objective_section, stage_section
+
 LM_METHODS = ("sft", "iw_sft", "sft_q")
+WEIGHTED = ("iw_sft",)
 STAGES = ("base", "sample", "curate", "finetune", "evaluate")
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.pipeline = "lm"
   c.seed = 0
-  c.stages = ",".join(STAGES)
-  c.methods = ",".join(LM_METHODS)
+  c.stages = STAGES  # any subset, run in this order
+  c.methods = LM_METHODS  # fine-tuning methods; the base model is always evaluated
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
-  c.num_devices = 0
+  c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
 
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()  # a byte-level decoder (lm/model.py)
   c.model.d_model = 64
   c.model.n_layers = 3
   c.model.n_heads = 4
   c.model.d_ff = 256
   c.model.max_len = 64
 
-  c.task = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict()  # worked column additions (lm/task.py)
   c.task.digits = 3
   c.task.demos = 20_000  # noisy demonstrations the base model π_ref is trained on
   c.task.error_rate = 0.05  # random column mistakes
   c.task.carry_error_rate = 0.6  # systematic "forgets the carry" mistakes
-  c.task.sample_prompts = 1_000
+  c.task.sample_prompts = 1_000  # training prompts sampled from π_ref
   c.task.samples_per_prompt = 4
   c.task.sample_temperature = 1.0
-  c.task.eval_problems = 500
+  c.task.eval_problems = 500  # held-out problems for pass@1
 
-  c.base = ml_collections.ConfigDict()
-  c.base.steps = 2_000
-  c.base.batch_size = 64
-  c.base.learning_rate = 3e-3
-  c.base.warmup_steps = 100
+  # Stage 1 trains π_ref on the demonstrations; stage 4 fine-tunes it on the curated samples.
+  lm_stage = dict(schedule="cosine", weight_decay=1e-4, adam_b2=0.95)
+  c.base = stage_section(
+    steps=2_000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **lm_stage
+  )
+  c.finetune = stage_section(
+    steps=400, batch_size=64, learning_rate=3e-4, warmup_steps=20, **lm_stage
+  )
 
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.steps = 400
-  c.finetune.batch_size = 64
-  c.finetune.learning_rate = 3e-4
-  c.finetune.warmup_steps = 20
+  # iw-SFT (fields of core.objectives.ObjectiveConfig); "step" weights each token.
+  c.objective = objective_section(
+    temperature=1.0,
+    w_max=16.0,
+    self_normalise=False,
+    step_w_min=0.2,
+    step_w_max=1.8,
+    reduction="token_mean",
+  )
+  c.quality_beta = 0.1  # SFT(Q): sample ∝ exp(normalised score / beta)
 
-  c.weight_decay = 1e-4
-  c.adam_b2 = 0.95
-
-  c.weighting = "sequence"
-  c.temperature = 1.0
-  c.w_min = 0.0
-  c.w_max = 16.0
-  c.self_normalise = False
-  c.length_normalise = True  # log-ratio averaged over completion tokens (False: summed)
-  c.step_w_min = 0.2
-  c.step_w_max = 1.8
-  c.q_decay = 0.9
-  c.quality_beta = 0.1
-
-  c.eval_temperature = 1.0
+  c.eval_temperature = 1.0  # the sampled pass@1
   c.top_k = 0  # sampling (stage 2 and sampled evaluation) from the k most likely tokens; 0: all
-  c.steps_per_dispatch = 100
+  c.steps_per_dispatch = 100  # updates per jitted call (lax.scan)
 
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-  c.skip_nonfinite = False
+  c.checkpoint_every = 500  # save the training state every this many updates
+  c.keep_checkpoints = 2  # latest checkpoints kept per stage
+  c.skip_nonfinite = False  # skip NaN/inf batches instead of stopping with exit status 1
   return c

@@ -43,8 +43,11 @@ def read_jsonl(path: str) -> list[Record]:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
       raise UserError(f"{where}: malformed JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
-        or not isinstance(obj.get("completion"), str):
+    if (
+      not isinstance(obj, dict)
+      or not isinstance(obj.get("prompt"), str)
+      or not isinstance(obj.get("completion"), str)
+    ):
       raise UserError(f"{where}: need an object with string fields 'prompt' and 'completion'")
     score = obj.get("score")
     if score is not None:
@@ -69,7 +72,9 @@ def prompt_tokens(prompt: str) -> list[int]:
   return [tok.BOS] + tok.encode(prompt)
 
 
-def encode_records(records: list[Record], max_len: int, source: str = "data") -> dict[str, np.ndarray]:
+def encode_records(
+  records: list[Record], max_len: int, source: str = "data"
+) -> dict[str, np.ndarray]:
   """-> {"tokens": [N, max_len] int32, "mask": [N, max_len] float32, "weight": [N] float32 (1)}.
 
   A record longer than the context is a UserError naming its line (1-based) in `source`.
@@ -81,9 +86,14 @@ def encode_records(records: list[Record], max_len: int, source: str = "data") ->
     p = prompt_tokens(r.prompt)
     c = tok.encode(r.completion) + [tok.EOS]
     if len(p) >= max_len:
-      raise UserError(f"{source}:{i + 1}: prompt of {len(p)} tokens does not fit the context of {max_len}")
+      raise UserError(
+        f"{source}:{i + 1}: prompt of {len(p)} tokens does not fit the context of {max_len}"
+      )
     if len(p) + len(c) > max_len:
-      raise UserError(f"{source}:{i + 1}: prompt + completion of {len(p) + len(c)} tokens exceed the context of {max_len}")
-    tokens[i, :len(p) + len(c)] = p + c
-    mask[i, len(p):len(p) + len(c)] = 1.0
+      raise UserError(
+        f"{source}:{i + 1}: prompt + completion of {len(p) + len(c)} tokens exceed "
+        f"the context of {max_len}"
+      )
+    tokens[i, : len(p) + len(c)] = p + c
+    mask[i, len(p) : len(p) + len(c)] = 1.0
   return {"tokens": tokens, "mask": mask, "weight": np.ones(n, np.float32)}

@@ -29,7 +29,9 @@ def _pick(key, logits, temperature: float, top_k: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def generate(graphdef, params, prompts, key, max_new: int, temperature: float = 1.0, top_k: int = 0):
+def generate(
+  graphdef, params, prompts, key, max_new: int, temperature: float = 1.0, top_k: int = 0
+):
   """prompts [B, P] int32 (BOS first) -> completions [B, max_new] (EOS, then PAD)."""
   model = nnx.merge(graphdef, params)
   b, p = prompts.shape
@@ -54,8 +56,9 @@ def generate(graphdef, params, prompts, key, max_new: int, temperature: float = 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def generate_without_cache(graphdef, params, prompts, key, max_new: int, temperature: float = 1.0,
-                           top_k: int = 0):
+def generate_without_cache(
+  graphdef, params, prompts, key, max_new: int, temperature: float = 1.0, top_k: int = 0
+):
   """The same distribution as `generate`, recomputing the whole prefix every step (for checks
   and the benchmark of what the cache saves)."""
   model = nnx.merge(graphdef, params)
@@ -66,8 +69,12 @@ def generate_without_cache(graphdef, params, prompts, key, max_new: int, tempera
     buf, done, key = carry
     logits = model(buf)  # causal: positions after p + i do not affect position p + i - 1
     key, sub = jax.random.split(key)
-    token = _pick(sub, jax.lax.dynamic_index_in_dim(logits, p + i - 1, 1, keepdims=False).astype(jnp.float32),
-                  temperature, top_k)
+    token = _pick(
+      sub,
+      jax.lax.dynamic_index_in_dim(logits, p + i - 1, 1, keepdims=False).astype(jnp.float32),
+      temperature,
+      top_k,
+    )
     out = jnp.where(done, PAD, token)
     done = done | (token == EOS)
     buf = jax.lax.dynamic_update_index_in_dim(buf, out.astype(buf.dtype), p + i, 1)
@@ -77,8 +84,16 @@ def generate_without_cache(graphdef, params, prompts, key, max_new: int, tempera
   return out.T
 
 
-def sample_grouped(graphdef, params, prompts: list[list[int]], key, max_new: int, temperature: float,
-                   top_k: int = 0, batch_size: int = 256) -> list[np.ndarray]:
+def sample_grouped(
+  graphdef,
+  params,
+  prompts: list[list[int]],
+  key,
+  max_new: int,
+  temperature: float,
+  top_k: int = 0,
+  batch_size: int = 256,
+) -> list[np.ndarray]:
   """Prompts of any lengths (each starting with BOS) -> one completion array per prompt, in order.
 
   Prompts are grouped by length and sampled batch_size at a time (the last batch padded to a full
@@ -88,14 +103,16 @@ def sample_grouped(graphdef, params, prompts: list[list[int]], key, max_new: int
   by_len: dict[int, list[int]] = {}
   for i, p in enumerate(prompts):
     by_len.setdefault(len(p), []).append(i)
-  for length, idx in sorted(by_len.items()):
+  for _, idx in sorted(by_len.items()):
     for start in range(0, len(idx), batch_size):
-      chunk = idx[start:start + batch_size]
+      chunk = idx[start : start + batch_size]
       arr = np.array([prompts[i] for i in chunk], np.int32)
       if len(chunk) < batch_size and len(idx) > batch_size:
         arr = np.concatenate([arr, np.repeat(arr[-1:], batch_size - len(chunk), 0)])
       key, sub = jax.random.split(key)
-      res = np.asarray(generate(graphdef, params, jnp.asarray(arr), sub, max_new, temperature, top_k))
+      res = np.asarray(
+        generate(graphdef, params, jnp.asarray(arr), sub, max_new, temperature, top_k)
+      )
       for j, i in enumerate(chunk):
         out[i] = res[j]
   return out

@@ -24,7 +24,7 @@ _STEP = re.compile(r"^(\d)\+(\d)\+(\d)=(\d\d)$")
 
 def make_problems(n: int, digits: int, rng: np.random.Generator) -> list[tuple[int, int]]:
   """n pairs of operands with exactly `digits` digits each."""
-  lo, hi = 10 ** (digits - 1), 10 ** digits
+  lo, hi = 10 ** (digits - 1), 10**digits
   return [(int(a), int(b)) for a, b in rng.integers(lo, hi, (n, 2))]
 
 
@@ -32,8 +32,14 @@ def prompt_text(a: int, b: int) -> str:
   return f"{a}+{b}="
 
 
-def worked_solution(a: int, b: int, digits: int, error_rate: float = 0.0,
-                    rng: np.random.Generator | None = None, carry_error_rate: float = 0.0) -> str:
+def worked_solution(
+  a: int,
+  b: int,
+  digits: int,
+  error_rate: float = 0.0,
+  rng: np.random.Generator | None = None,
+  carry_error_rate: float = 0.0,
+) -> str:
   """The completion for a + b, with the demonstrator's mistakes (see the module docstring)."""
   da, db = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
   steps, answer, carry = [], [], 0
@@ -77,7 +83,11 @@ def verify(prompt: str, completion: str) -> tuple[float, float]:
   for i in range(digits):
     m = _STEP.match(steps[i]) if i < len(steps) else None
     true = int(da[i]) + int(db[i]) + carry
-    if m and (m.group(1), m.group(2), int(m.group(3))) == (da[i], db[i], carry) and int(m.group(4)) == true:
+    if (
+      m
+      and (m.group(1), m.group(2), int(m.group(3))) == (da[i], db[i], carry)
+      and int(m.group(4)) == true
+    ):
       good += 1
     carry = true // 10
   return correct, (good + correct) / (digits + 1)

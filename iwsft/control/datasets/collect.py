@@ -6,7 +6,7 @@ environment; the reference scores of D4RL-style normalisation are stored with it
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -34,10 +34,18 @@ def random_behaviour(action_space: gym.spaces.Box) -> Behaviour:
   return lambda obs, rng: rng.uniform(low, high)
 
 
-def collect_dataset(dataset_id: str, env_id: str, parts: Sequence[tuple[Behaviour, int]], seed: int,
-                    ref_min_score: float | None = None, ref_max_score: float | None = None,
-                    description: str = "", algorithm_name: str = "iwsft",
-                    max_episode_steps: int | None = None, progress: Callable[[int], None] | None = None):
+def collect_dataset(
+  dataset_id: str,
+  env_id: str,
+  parts: Sequence[tuple[Behaviour, int]],
+  seed: int,
+  ref_min_score: float | None = None,
+  ref_max_score: float | None = None,
+  description: str = "",
+  algorithm_name: str = "iwsft",
+  max_episode_steps: int | None = None,
+  progress: Callable[[int], None] | None = None,
+):
   """Records the episodes of each (behaviour, n_episodes) part in turn and writes the dataset.
 
   Episode i is reset with seed + i and its actions drawn with a Generator seeded from (seed, i),
@@ -62,8 +70,9 @@ def collect_dataset(dataset_id: str, env_id: str, parts: Sequence[tuple[Behaviou
   meta = {}
   if ref_min_score is not None and ref_max_score is not None:
     meta = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
-  dataset = env.create_dataset(dataset_id=dataset_id, algorithm_name=algorithm_name,
-                               description=description or None, **meta)
+  dataset = env.create_dataset(
+    dataset_id=dataset_id, algorithm_name=algorithm_name, description=description or None, **meta
+  )
   env.close()
   return dataset
 
@@ -81,10 +90,9 @@ def biased_pendulum_controller(bias: float, noise_std: float = 0.5) -> Behaviour
 
 # Episodes per kind for each profile of the scripted pendulum family.
 PENDULUM_PROFILES = {
-    "small": {"random": 50, "medium": 40, "expert": 15, "medium-replay": 200},
-    "full": {"random": 500, "medium": 1000, "expert": 1000, "medium-replay": 2000},
+  "small": {"random": 50, "medium": 40, "expert": 15, "medium-replay": 200},
+  "full": {"random": 500, "medium": 1000, "expert": 1000, "medium-replay": 2000},
 }
-PENDULUM_KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 
 
 def pendulum_parts(kind: str, profile: str, action_space) -> list[tuple[Behaviour, int]]:
@@ -104,15 +112,26 @@ def pendulum_parts(kind: str, profile: str, action_space) -> list[tuple[Behaviou
   if kind == "medium-replay":
     return [(biased_pendulum_controller(b), 1) for b in np.linspace(3.0, 1.0, n["medium-replay"])]
   if kind == "medium-expert":
-    return pendulum_parts("medium", profile, action_space) + pendulum_parts("expert", profile, action_space)
+    return pendulum_parts("medium", profile, action_space) + pendulum_parts(
+      "expert", profile, action_space
+    )
   raise ValueError(f"unknown kind {kind!r}")
 
 
-def write_episodes(dataset_id: str, env_id: str, episodes, ref_min_score=None, ref_max_score=None,
-                   description: str = "", algorithm_name: str = "iwsft", env_kwargs: dict | None = None):
+def write_episodes(
+  dataset_id: str,
+  env_id: str,
+  episodes,
+  ref_min_score=None,
+  ref_max_score=None,
+  description: str = "",
+  algorithm_name: str = "iwsft",
+  env_kwargs: dict | None = None,
+):
   """Writes already-recorded episodes (e.g. a learner's training episodes) as a Minari dataset.
 
-  episodes: objects with observations [T+1, O], actions [T, A], rewards [T], terminated, truncated, seed.
+  episodes: objects with observations [T+1, O], actions [T, A], rewards [T], terminated, truncated,
+  seed.
   """
   import minari
   from minari.data_collector import EpisodeBuffer
@@ -121,12 +140,25 @@ def write_episodes(dataset_id: str, env_id: str, episodes, ref_min_score=None, r
   buffers = []
   for i, e in enumerate(episodes):
     t = len(e.actions)
-    buffers.append(EpisodeBuffer(
-        id=i, seed=int(e.seed), observations=np.asarray(e.observations), actions=np.asarray(e.actions),
-        rewards=list(map(float, e.rewards)), terminations=[False] * (t - 1) + [bool(e.terminated)],
-        truncations=[False] * (t - 1) + [bool(e.truncated)]))
+    buffers.append(
+      EpisodeBuffer(
+        id=i,
+        seed=int(e.seed),
+        observations=np.asarray(e.observations),
+        actions=np.asarray(e.actions),
+        rewards=list(map(float, e.rewards)),
+        terminations=[False] * (t - 1) + [bool(e.terminated)],
+        truncations=[False] * (t - 1) + [bool(e.truncated)],
+      )
+    )
   meta = {}
   if ref_min_score is not None and ref_max_score is not None:
     meta = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
-  return minari.create_dataset_from_buffers(dataset_id, buffers, env=env.spec, algorithm_name=algorithm_name,
-                                            description=description or None, **meta)
+  return minari.create_dataset_from_buffers(
+    dataset_id,
+    buffers,
+    env=env.spec,
+    algorithm_name=algorithm_name,
+    description=description or None,
+    **meta,
+  )

@@ -5,7 +5,8 @@ exp(logits[i]); logits of -inf exclude a sequence. This one representation cover
 
   BC / SFT on all data        uniform logits (all 0)
   filtered BC (top fraction)  0 for kept sequences, -inf for the rest
-  stratified percentiles      log(multiplicity): the best sequences appear up to len(percentiles) times
+  stratified percentiles      log(multiplicity): the best sequences appear up to len(percentiles)
+  times
   SFT(Q) in "sample" mode     score / β   (sampling ∝ exp(normalised score / β))
 
 Pure numpy: curation happens once, on the host, before training.
@@ -24,7 +25,8 @@ def check_top_fraction(top_fraction: float) -> None:
 
 
 def top_fraction_mask(scores: np.ndarray, top_fraction: float) -> np.ndarray:
-  """[N] scores -> [N] bool: the ceil(top_fraction · N) highest-scoring sequences (ties by index)."""
+  """[N] scores -> [N] bool: the ceil(top_fraction · N) highest-scoring sequences (ties by
+  index)."""
   check_top_fraction(top_fraction)
   n = len(scores)
   if n == 0:
@@ -74,9 +76,15 @@ def quality_weights(scores: np.ndarray, beta: float) -> np.ndarray:
   return w / w.mean()
 
 
-def sampling_logits(scores: np.ndarray, method: str, *, top_fraction: float = 0.1,
-                    percentiles: tuple[float, ...] = (), quality_beta: float = 0.1,
-                    quality_mode: str = "sample") -> np.ndarray:
+def sampling_logits(
+  scores: np.ndarray,
+  method: str,
+  *,
+  top_fraction: float = 0.1,
+  percentiles: tuple[float, ...] = (),
+  quality_beta: float = 0.1,
+  quality_mode: str = "sample",
+) -> np.ndarray:
   """[N] sequence scores (e.g. episode returns) -> [N] float32 sampling logits for a method.
 
   method: "bc" / "sft" (all data), "filtered_bc" / "iw_sft" (curated subset: the top

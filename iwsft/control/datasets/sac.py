@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import gymnasium as gym
@@ -64,7 +64,9 @@ class Actor(nnx.Module):
     """-> (action in [-1, 1], log-prob of it), with the tanh change of variables."""
     mean, log_std = self.dist(obs)
     u = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-    logp = jnp.sum(-0.5 * ((u - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi), -1)
+    logp = jnp.sum(
+      -0.5 * ((u - mean) * jnp.exp(-log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi), -1
+    )
     logp -= jnp.sum(2 * (math.log(2) - u - jax.nn.softplus(-2 * u)), -1)  # log(1 - tanh(u)^2)
     return jnp.tanh(u), logp
 
@@ -102,8 +104,16 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
 
   def init_state():
     log_alpha = jnp.zeros(())
-    return SACState(actor_p, critic_p, jax.tree.map(jnp.array, critic_p), log_alpha, opt.init(actor_p),
-                    opt.init(critic_p), opt.init(log_alpha), jax.random.key_data(jax.random.key(cfg.seed)))
+    return SACState(
+      actor_p,
+      critic_p,
+      jax.tree.map(jnp.array, critic_p),
+      log_alpha,
+      opt.init(actor_p),
+      opt.init(critic_p),
+      opt.init(log_alpha),
+      jax.random.key_data(jax.random.key(cfg.seed)),
+    )
 
   def update(state: SACState, batch):
     key = jax.random.wrap_key_data(state.key)
@@ -111,7 +121,9 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
     actor, alpha = nnx.merge(actor_def, state.actor), jnp.exp(state.log_alpha)
     next_a, next_logp = actor.sample(k_next, batch["next_obs"])
     tq1, tq2 = nnx.merge(critic_def, state.target)(batch["next_obs"], next_a)
-    target = batch["reward"] + cfg.gamma * (1 - batch["terminal"]) * (jnp.minimum(tq1, tq2) - alpha * next_logp)
+    target = batch["reward"] + cfg.gamma * (1 - batch["terminal"]) * (
+      jnp.minimum(tq1, tq2) - alpha * next_logp
+    )
     target = jax.lax.stop_gradient(target)
 
     def critic_loss(p):
@@ -135,8 +147,16 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
     al_upd, alpha_opt = opt.update(al_grad, state.alpha_opt, state.log_alpha)
     log_alpha = optax.apply_updates(state.log_alpha, al_upd)
     target_p = optax.incremental_update(critic_p, state.target, cfg.tau)
-    new = SACState(actor_p, critic_p, target_p, log_alpha, actor_opt, critic_opt, alpha_opt,
-                   jax.random.key_data(key))
+    new = SACState(
+      actor_p,
+      critic_p,
+      target_p,
+      log_alpha,
+      actor_opt,
+      critic_opt,
+      alpha_opt,
+      jax.random.key_data(key),
+    )
     return new, {"critic_loss": c_loss, "actor_loss": a_loss, "alpha": alpha}
 
   @jax.jit
@@ -172,8 +192,9 @@ class Snapshot:
   actor: nnx.State
 
 
-def train_sac(env_id: str, cfg: SACConfig, env_kwargs: dict | None = None,
-              progress: bool = True) -> tuple[list[Snapshot], list[Recorded], Callable]:
+def train_sac(
+  env_id: str, cfg: SACConfig, env_kwargs: dict | None = None, progress: bool = True
+) -> tuple[list[Snapshot], list[Recorded], Callable]:
   """Trains SAC on one environment. Returns (snapshots, recorded training episodes, act) where
   act(actor_params, obs [N, O], key, deterministic) gives actions in [-1, 1] (scale to the box)."""
   env_kwargs = env_kwargs or {}
@@ -185,9 +206,13 @@ def train_sac(env_id: str, cfg: SACConfig, env_kwargs: dict | None = None,
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
   state = init_state()
   n = cfg.total_steps
-  buf = {"obs": np.zeros((n, obs_dim), np.float32), "action": np.zeros((n, act_dim), np.float32),
-         "reward": np.zeros(n, np.float32), "next_obs": np.zeros((n, obs_dim), np.float32),
-         "terminal": np.zeros(n, np.float32)}
+  buf = {
+    "obs": np.zeros((n, obs_dim), np.float32),
+    "action": np.zeros((n, act_dim), np.float32),
+    "reward": np.zeros(n, np.float32),
+    "next_obs": np.zeros((n, obs_dim), np.float32),
+    "terminal": np.zeros(n, np.float32),
+  }
   rng = np.random.default_rng(cfg.seed)
   key = jax.random.key(cfg.seed + 2)
   episode_seed = cfg.seed * 1_000_003
@@ -221,8 +246,17 @@ def train_sac(env_id: str, cfg: SACConfig, env_kwargs: dict | None = None,
     ep_obs.append(next_obs)
     obs = next_obs
     if term or trunc:
-      episodes.append(Recorded(np.array(ep_obs), np.array(ep_act), np.array(ep_rew), bool(term),
-                               bool(trunc), step + 1, episode_seed))
+      episodes.append(
+        Recorded(
+          np.array(ep_obs),
+          np.array(ep_act),
+          np.array(ep_rew),
+          bool(term),
+          bool(trunc),
+          step + 1,
+          episode_seed,
+        )
+      )
       episode_seed += 1
       obs, _ = env.reset(seed=episode_seed)
       ep_obs, ep_act, ep_rew = [obs], [], []
@@ -231,7 +265,9 @@ def train_sac(env_id: str, cfg: SACConfig, env_kwargs: dict | None = None,
       state, metrics = update_many(state, {k: v[idx] for k, v in buf.items()})
     if (step + 1) % cfg.snapshot_every == 0:
       snapshots.append(Snapshot(step + 1, evaluate(state.actor), jax.device_get(state.actor)))
-      bar.set_postfix(eval_return=f"{snapshots[-1].eval_return:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
+      bar.set_postfix(
+        eval_return=f"{snapshots[-1].eval_return:.0f}", min=f"{(time.time() - t0) / 60:.1f}"
+      )
     bar.update(1)
   bar.close()
   env.close()

@@ -20,23 +20,32 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   """Joins the processes of one run; a no-op for a single process.
 
   coordinator_address "host:port" (of process 0) with num_processes and process_id: explicit set-up.
-  coordinator_address "auto": jax detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI),
+  coordinator_address "auto": jax detects the cluster itself (Cloud TPU pod slices, SLURM, Open
+  MPI),
   as it also does when JAX_COORDINATOR_ADDRESS is set. On CPU the processes exchange data through
   gloo collectives.
   """
-  auto = coordinator_address == "auto" or (not coordinator_address and os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  auto = coordinator_address == "auto" or (
+    not coordinator_address and os.environ.get("JAX_COORDINATOR_ADDRESS")
+  )
   if not coordinator_address and not auto:
     if num_processes > 1 or process_id >= 0:
-      raise UserError("--num_processes/--process_id need --coordinator_address (host:port of process 0)")
+      raise UserError(
+        "--num_processes/--process_id need --coordinator_address (host:port of process 0)"
+      )
     return
   if not auto and (num_processes < 1 or not 0 <= process_id < num_processes):
-    raise UserError(f"with --coordinator_address, give --num_processes >= 1 and --process_id in "
-                    f"[0, num_processes), got {num_processes} and {process_id}")
+    raise UserError(
+      f"with --coordinator_address, give --num_processes >= 1 and --process_id in "
+      f"[0, num_processes), got {num_processes} and {process_id}"
+    )
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if auto:
     jax.distributed.initialize()
   else:
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def is_primary() -> bool:

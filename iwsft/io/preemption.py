@@ -17,14 +17,18 @@ class Preempted(Exception):
   """Training stopped on request at `step` after saving a checkpoint."""
 
   def __init__(self, stage: str, step: int, directory: str | None):
-    where = (f"checkpoint saved in {directory}; run the same command again to resume" if directory
-             else "checkpoints are off, nothing was saved")
+    where = (
+      f"checkpoint saved in {directory}; run the same command again to resume"
+      if directory
+      else "checkpoints are off, nothing was saved"
+    )
     super().__init__(f"{stage}: stopped by signal at step {step}; {where}")
     self.stage, self.step, self.directory = stage, step, directory
 
 
 class PreemptionGuard:
-  """Context manager: while active, SIGTERM and SIGINT set `requested` instead of killing the process.
+  """Context manager: while active, SIGTERM and SIGINT set `requested` instead of killing the
+  process.
 
   A second SIGINT while a stop is pending raises KeyboardInterrupt at once, for an impatient user.
   Outside the main thread (where handlers cannot be installed) it does nothing.

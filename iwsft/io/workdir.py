@@ -1,8 +1,7 @@
-"""Command-line plumbing shared by the experiment scripts.
+"""A run's directory: its identity (run.json), finished results, atomic JSON and the metrics log.
 
-Bad input (a UserError, a misspelt or malformed flag) ends as one line on stderr and exit status 2,
-with no traceback and nothing written to the workdir. A stop on SIGTERM/SIGINT after a checkpoint
-exits with status 75 (preemption.EXIT_PREEMPTED); a non-finite loss or gradient with status 1.
+A workdir holds one run. run.json records the settings a resumed run must share; a rerun with other
+settings is refused unless overwrite; a finished run (result.json) is reused, never silently redone.
 """
 
 from __future__ import annotations
@@ -10,56 +9,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
-from absl import app, flags, logging
-
 from iwsft.errors import UserError
-from iwsft.preemption import EXIT_PREEMPTED, Preempted
-
-EXIT_BAD_INPUT = 2
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_BAD_INPUT)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parser, with parse errors reported as one line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
-
-
-def run(main) -> None:
-  """app.run(main) that turns UserError into a one-line error and exit status 2."""
-
-  def wrapped(argv):
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-      return main(argv)
-    except UserError as e:
-      fail(str(e))
-    except Preempted as e:
-      print(f"preempted: {e}", file=sys.stderr)
-      sys.exit(EXIT_PREEMPTED)
-    except FloatingPointError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-
-  app.run(wrapped, flags_parser=parse_flags)
 
 
 def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> str:
-  """Creates `path` if needed; refuses (UserError) a finished run unless overwrite, or an unwritable dir."""
+  """Creates `path` if needed; refuses (UserError) a finished run unless overwrite, or an
+  unwritable dir."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"workdir {path} exists and is not a directory")
   if marker and os.path.exists(os.path.join(path, marker)) and not overwrite:
-    raise UserError(f"workdir {path} already holds a finished run ({marker}); pass --overwrite or choose another --workdir")
+    raise UserError(
+      f"workdir {path} already holds a finished run ({marker}); "
+      "pass --overwrite or choose another --workdir"
+    )
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, ".write-test")
@@ -71,7 +36,9 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
   return path
 
 
-def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "result.json") -> tuple[str, bool]:
+def claim_workdir(
+  path: str, identity: dict, overwrite: bool, marker: str = "result.json"
+) -> tuple[str, bool]:
   """prepare_workdir, then records the run's identity in run.json -> (workdir, whether it changed).
 
   identity: the settings a resumed run must share (JSON-able). An unfinished run with other settings
@@ -79,12 +46,14 @@ def claim_workdir(path: str, identity: dict, overwrite: bool, marker: str = "res
   """
   path = prepare_workdir(path, overwrite, marker)
   previous = _read_identity(path)
-  identity = _canonical(identity)
+  identity = canonical(identity)
   changed = previous is not None and previous != identity
   if changed and not overwrite:
-    raise UserError(f"workdir {path} holds an unfinished run with other settings "
-                    f"({_first_difference(previous, identity)}); run it with the same flags to resume, "
-                    "or pass --overwrite, or choose another --workdir")
+    raise UserError(
+      f"workdir {path} holds an unfinished run with other settings "
+      f"({_first_difference(previous, identity)}); run it with the same flags to resume, "
+      "or pass --overwrite, or choose another --workdir"
+    )
   write_json(os.path.join(path, "run.json"), identity)
   return path, changed
 
@@ -93,14 +62,15 @@ def finished_result(path: str, identity: dict) -> dict | None:
   """The result.json of a finished run in `path` made with exactly these settings, else None."""
   path = os.path.abspath(os.path.expanduser(path))
   result = os.path.join(path, "result.json")
-  if not os.path.exists(result) or _read_identity(path) != _canonical(identity):
+  if not os.path.exists(result) or _read_identity(path) != canonical(identity):
     return None
   with open(result) as f:
     return json.load(f)
 
 
-def _canonical(identity: dict) -> dict:
-  """identity as it reads back from run.json (tuples become lists, keys strings)."""
+def canonical(identity):
+  """identity (or any JSON-able value) as it reads back from run.json (tuples become lists, keys
+  strings)."""
   return json.loads(json.dumps(identity, sort_keys=True, default=float))
 
 
@@ -108,8 +78,13 @@ def _read_identity(path: str) -> dict | None:
   run_json = os.path.join(path, "run.json")
   if not os.path.exists(run_json):
     return None
-  with open(run_json) as f:
-    return json.load(f)
+  try:
+    with open(run_json) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(
+      f"{run_json} is corrupt ({e}); remove it, or choose another --workdir"
+    ) from None
 
 
 def _first_difference(old, new, prefix: str = "") -> str:
@@ -212,60 +187,5 @@ class NullLog(MetricsLog):
     pass
 
 
-def define_distributed_flags() -> None:
-  flags.DEFINE_string("coordinator_address", "", "multi-process runs: host:port of process 0, or "
-                      "'auto' where jax detects the cluster (TPU pod slices, SLURM, Open MPI)")
-  flags.DEFINE_integer("num_processes", 0, "multi-process runs: number of processes (hosts)")
-  flags.DEFINE_integer("process_id", -1, "multi-process runs: this process's index, 0 writes the outputs")
-
-
-def init_distributed() -> None:
-  """jax.distributed set-up from the flags of define_distributed_flags (a no-op for one process)."""
-  from iwsft import distributed
-
-  F = flags.FLAGS
-  distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
-
-
 def _row_line(row: dict) -> str:
   return json.dumps(row, sort_keys=True, default=float) + "\n"
-
-
-def _flat_items(cfg, prefix: str = ""):
-  for key, value in cfg.items():
-    if hasattr(value, "items"):
-      yield from _flat_items(value, f"{prefix}{key}_")
-    else:
-      yield f"{prefix}{key}", (key, value)
-
-
-def define_flags_from_config(cfg, helps: dict[str, str], enums: dict[str, tuple] | None = None) -> None:
-  """One absl flag per config leaf (nested `a.b` becomes `--a_b`), with the config's default."""
-  enums = enums or {}
-  for name, (_, value) in _flat_items(cfg):
-    help_text = helps.get(name, name.replace("_", " "))
-    if name in enums:
-      flags.DEFINE_enum(name, value, list(enums[name]), help_text)
-    elif isinstance(value, bool):
-      flags.DEFINE_bool(name, value, help_text)
-    elif isinstance(value, int):
-      flags.DEFINE_integer(name, value, help_text)
-    elif isinstance(value, float):
-      flags.DEFINE_float(name, value, help_text)
-    else:
-      flags.DEFINE_string(name, value, help_text)
-
-
-def config_from_flags(cfg):
-  """A copy of cfg with every leaf set from the flags that define_flags_from_config made."""
-  cfg = cfg.copy_and_resolve_references()
-
-  def fill(node, prefix):
-    for key, value in node.items():
-      if hasattr(value, "items"):
-        fill(value, f"{prefix}{key}_")
-      else:
-        node[key] = flags.FLAGS[f"{prefix}{key}"].value
-
-  fill(cfg, "")
-  return cfg

@@ -9,13 +9,14 @@ the paper (a row per dataset, a column per method, an average row), `write_csv` 
 from __future__ import annotations
 
 import csv
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 10_000,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+  values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
   """Percentile bootstrap interval of the mean of `values` [n] (resampling with replacement).
 
   One value gives a zero-width interval at that value; seeded, so tables are reproducible.
@@ -41,9 +42,18 @@ def summarise(records: Sequence[dict], level: float = 0.95, seed: int = 0) -> li
     rs = sorted(rs, key=lambda r: r["seed"])
     x = np.array([r["score"] for r in rs], np.float64)
     lo, hi = bootstrap_ci(x, level, seed=seed)
-    rows.append({"dataset": dataset, "method": method, "n": int(x.size), "mean": float(x.mean()),
-                 "std": float(x.std(ddof=1)) if x.size > 1 else 0.0, "ci_low": lo, "ci_high": hi,
-                 "seeds": [r["seed"] for r in rs]})
+    rows.append(
+      {
+        "dataset": dataset,
+        "method": method,
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        "ci_low": lo,
+        "ci_high": hi,
+        "seeds": [r["seed"] for r in rs],
+      }
+    )
   return rows
 
 
@@ -52,27 +62,38 @@ def _ordered(values, order):
   return [v for v in order if v in seen] + [v for v in seen if v not in order] if order else seen
 
 
-def markdown_table(summary: Sequence[dict], methods: Sequence[str] = (), datasets: Sequence[str] = (),
-                   label=lambda d: d) -> str:
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """The one Markdown table writer: a header row, a rule, then one line per row of cells."""
+  lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+  return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def markdown_table(
+  summary: Sequence[dict],
+  methods: Sequence[str] = (),
+  datasets: Sequence[str] = (),
+  label=lambda d: d,
+) -> str:
   """Datasets as rows, methods as columns; cells "mean ± std [ci_low, ci_high]", then an average row
   (mean over datasets of the per-dataset means; only for methods present on every dataset)."""
   cells = {(r["dataset"], r["method"]): r for r in summary}
   methods = _ordered([r["method"] for r in summary], list(methods))
   datasets = _ordered([r["dataset"] for r in summary], list(datasets))
-  lines = ["| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-  for d in datasets:
-    row = []
-    for m in methods:
-      c = cells.get((d, m))
-      row.append("–" if c is None else f"{c['mean']:.1f} ± {c['std']:.1f} [{c['ci_low']:.1f}, {c['ci_high']:.1f}]")
-    lines.append(f"| {label(d)} | " + " | ".join(row) + " |")
+  rows = [[label(d)] + [cell_text(cells.get((d, m))) for m in methods] for d in datasets]
   if len(datasets) > 1:
     avg = []
     for m in methods:
       means = [cells[(d, m)]["mean"] for d in datasets if (d, m) in cells]
       avg.append(f"{np.mean(means):.1f}" if len(means) == len(datasets) else "–")
-    lines.append("| average | " + " | ".join(avg) + " |")
-  return "\n".join(lines)
+    rows.append(["average", *avg])
+  return format_table(["dataset", *methods], rows)
+
+
+def cell_text(row: dict | None) -> str:
+  """A summary row as "mean ± std [ci_low, ci_high]" ("–" for a missing cell)."""
+  if row is None:
+    return "–"
+  return f"{row['mean']:.1f} ± {row['std']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
 
 
 def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:

@@ -12,20 +12,39 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from iwsft.control import collect
+from iwsft.control.datasets import collect
 from iwsft.errors import UserError
+from iwsft.io.report import format_table
 
-ENVS = {"pendulum": "InvertedPendulum-v5", "hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5",
-        "walker2d": "Walker2d-v5"}
+ENVS = {
+  "pendulum": "InvertedPendulum-v5",
+  "hopper": "Hopper-v5",
+  "halfcheetah": "HalfCheetah-v5",
+  "walker2d": "Walker2d-v5",
+}
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 
 # Behaviour-policy training and episodes per kind for the SAC-made locomotion families.
 # small: about 2.5 minutes on 2 cores for Hopper (measured); full: see the README's dataset table.
 SAC_PROFILES = {
-    "small": {"sac": {"total_steps": 30_000, "start_steps": 5_000, "snapshot_every": 2_500, "hidden": (256, 256)},
-              "episodes": {"random": 20, "medium": 20, "expert": 10}},
-    "full": {"sac": {"total_steps": 300_000, "start_steps": 10_000, "snapshot_every": 10_000, "hidden": (256, 256)},
-             "episodes": {"random": 1000, "medium": 1000, "expert": 1000}},
+  "small": {
+    "sac": {
+      "total_steps": 30_000,
+      "start_steps": 5_000,
+      "snapshot_every": 2_500,
+      "hidden": (256, 256),
+    },
+    "episodes": {"random": 20, "medium": 20, "expert": 10},
+  },
+  "full": {
+    "sac": {
+      "total_steps": 300_000,
+      "start_steps": 10_000,
+      "snapshot_every": 10_000,
+      "hidden": (256, 256),
+    },
+    "episodes": {"random": 1000, "medium": 1000, "expert": 1000},
+  },
 }
 
 
@@ -54,7 +73,8 @@ class _Pendulum:
 
 
 class _SACFamily:
-  """Locomotion: SAC is trained once (lazily); expert is the best snapshot, medium the snapshot whose
+  """Locomotion: SAC is trained once (lazily); expert is the best snapshot, medium the snapshot
+  whose
   evaluation return is closest to a third of the way from the random data's return to the expert's
   (D4RL's "a third of the expert", made meaningful for environments with negative returns), and
   medium-replay every training episode up to the medium snapshot."""
@@ -76,7 +96,7 @@ class _SACFamily:
 
   def _train(self):
     if self._trained is None:
-      from iwsft.control import sac
+      from iwsft.control.datasets import sac
 
       p = SAC_PROFILES[self.profile]
       cfg = sac.SACConfig(seed=self.seed, **p["sac"])
@@ -133,7 +153,9 @@ def _behaviour_cache(env: str, profile: str, seed: int) -> str:
   Minari does not list as a dataset."""
   import minari.storage.datasets_root_dir as root
 
-  return os.path.join(root.get_dataset_path(), ".iwsft-behaviour", f"{env}-{profile}-seed{seed}.pkl")
+  return os.path.join(
+    root.get_dataset_path(), ".iwsft-behaviour", f"{env}-{profile}-seed{seed}.pkl"
+  )
 
 
 def _read_cache(path, cfg):
@@ -151,7 +173,9 @@ def _write_cache(path, cfg, snapshots, episodes, seconds):
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "wb") as f:
-    pickle.dump({"config": cfg, "snapshots": snapshots, "episodes": episodes, "seconds": seconds}, f)
+    pickle.dump(
+      {"config": cfg, "snapshots": snapshots, "episodes": episodes, "seconds": seconds}, f
+    )
   os.replace(path + ".tmp", path)
 
 
@@ -183,31 +207,47 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     else:
       family.prepare(kind)  # trains the behaviour policies (or reads them back) outside the timing
       t0 = time.time()
-      meta = dict(ref_min_score=refs.get("random"), ref_max_score=refs.get("expert"),
-                  description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
-                              f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
-                  algorithm_name=f"iwsft-{family.algorithm.replace(' ', '-')}-{kind}")
+      meta = dict(
+        ref_min_score=refs.get("random"),
+        ref_max_score=refs.get("expert"),
+        description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
+        f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
+        algorithm_name=f"iwsft-{family.algorithm.replace(' ', '-')}-{kind}",
+      )
       recorded = family.recorded(kind)
       if recorded is not None:
         ds = collect.write_episodes(did, env_id, recorded, **meta)
       else:
         parts = family.parts(kind)
         with tqdm(total=sum(n for _, n in parts), desc=did, unit="ep", leave=False) as bar:
-          ds = collect.collect_dataset(did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind),
-                                       progress=bar.update, **meta)
+          ds = collect.collect_dataset(
+            did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind), progress=bar.update, **meta
+          )
       built = True
-      ds.storage.update_metadata({"iwsft_seconds": round(time.time() - t0, 1),
-                                  "iwsft_behaviour_seconds": family.train_seconds})
+      ds.storage.update_metadata(
+        {
+          "iwsft_seconds": round(time.time() - t0, 1),
+          "iwsft_behaviour_seconds": family.train_seconds,
+        }
+      )
     returns = np.array([e.rewards.sum() for e in ds.iterate_episodes()])
     if kind in ("random", "expert"):
       refs[kind] = float(returns.mean())
     if kind == "random":
       family.random_return = refs["random"]
     if kind in kinds:
-      rows.append({"dataset": did, "episodes": ds.total_episodes, "steps": ds.total_steps,
-                   "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-                   "seconds": ds.storage.metadata.get("iwsft_seconds"),
-                   "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"), "built": built})
+      rows.append(
+        {
+          "dataset": did,
+          "episodes": ds.total_episodes,
+          "steps": ds.total_steps,
+          "return_mean": float(returns.mean()),
+          "return_std": float(returns.std()),
+          "seconds": ds.storage.metadata.get("iwsft_seconds"),
+          "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"),
+          "built": built,
+        }
+      )
   # random and expert were written before their own reference scores existed: add them now.
   for kind in ("random", "expert"):
     storage = minari.load_dataset(dataset_id(env, profile, kind)).storage
@@ -217,16 +257,26 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
 
 
 def table(rows) -> str:
-  """Markdown: one row per dataset. `seconds` is the time its recording took when it was built (stored
+  """Markdown: one row per dataset. `seconds` is the time its recording took when it was built
+  (stored
   in its metadata, so reused datasets show it too); the SAC behaviour training, shared by an
   environment's kinds, is one line below the table."""
   fmt = lambda x: "n/a" if x is None else f"{x:.1f}"
-  head = "| dataset | episodes | steps | return mean | return std | seconds |\n|---|---|---|---|---|---|"
-  body = [f"| {r['dataset']} | {r['episodes']:,} | {r['steps']:,} | {r['return_mean']:.1f} | "
-          f"{r['return_std']:.1f} | {fmt(r['seconds'])}{'' if r['built'] else ' (reused)'} |" for r in rows]
+  body = [
+    [
+      r["dataset"],
+      f"{r['episodes']:,}",
+      f"{r['steps']:,}",
+      f"{r['return_mean']:.1f}",
+      f"{r['return_std']:.1f}",
+      f"{fmt(r['seconds'])}{'' if r['built'] else ' (reused)'}",
+    ]
+    for r in rows
+  ]
   trained = {}
   for r in rows:
     if r.get("behaviour_seconds") is not None:
       trained.setdefault(r["dataset"].rsplit("/", 1)[0], r["behaviour_seconds"])
   notes = [f"SAC behaviour training for {k}: {v:.1f} seconds" for k, v in trained.items()]
-  return "\n".join([head, *body, *([""] + notes if notes else [])])
+  head = ["dataset", "episodes", "steps", "return mean", "return std", "seconds"]
+  return "\n".join([format_table(head, body), *([""] + notes if notes else [])])

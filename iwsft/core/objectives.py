@@ -41,7 +41,11 @@ class ObjectiveConfig:
   step_w_min, step_w_max: clip range of the per-step weights.
   length_normalise: divide each sequence's log-likelihood and log-ratio by its length.
   reduction: "sequence_mean" averages per-sequence losses over the batch (control); "token_mean"
-    sums weighted token NLL over the batch and divides by the number of tokens (the authors' LM loss).
+    sums weighted token NLL over the batch and divides by the number of tokens (the authors' LM
+    loss).
+  q_decay: the auxiliary policy q follows the trained one, q ← q_decay · q + (1 − q_decay) · θ after
+    every update (0.9, the authors' control recipe); 0 makes q the current policy, detached (their
+    LM recipe).
   """
 
   importance_weighting: Literal["none", "sequence", "step"] = "none"
@@ -53,18 +57,25 @@ class ObjectiveConfig:
   step_w_max: float = 2.0
   length_normalise: bool = True
   reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+  q_decay: float = 0.9
 
   def __post_init__(self):
     if self.importance_weighting not in WEIGHTINGS:
-      raise ValueError(f"importance_weighting must be one of {WEIGHTINGS}, got {self.importance_weighting!r}")
+      raise ValueError(
+        f"importance_weighting must be one of {WEIGHTINGS}, got {self.importance_weighting!r}"
+      )
     if self.reduction not in REDUCTIONS:
       raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
     if not 0.0 <= self.w_min < self.w_max:
       raise ValueError(f"need 0 <= w_min < w_max, got [{self.w_min}, {self.w_max}]")
     if not 0.0 <= self.step_w_min < self.step_w_max:
-      raise ValueError(f"need 0 <= step_w_min < step_w_max, got [{self.step_w_min}, {self.step_w_max}]")
+      raise ValueError(
+        f"need 0 <= step_w_min < step_w_max, got [{self.step_w_min}, {self.step_w_max}]"
+      )
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    if not 0.0 <= self.q_decay < 1.0:
+      raise ValueError(f"q_decay must be in [0, 1), got {self.q_decay}")
 
   @property
   def uses_weights(self) -> bool:
@@ -95,8 +106,9 @@ def sequence_log_ratio(logp_q: Array, logp_ref: Array, mask: Array, cfg: Objecti
   return sequence_logprob(logp_q - logp_ref, mask, cfg.length_normalise)
 
 
-def sequence_weights(logp_q: Array, logp_ref: Array, mask: Array, valid: Array,
-                     cfg: ObjectiveConfig) -> tuple[Array, dict[str, Array]]:
+def sequence_weights(
+  logp_q: Array, logp_ref: Array, mask: Array, valid: Array, cfg: ObjectiveConfig
+) -> tuple[Array, dict[str, Array]]:
   """Per-sequence importance weights w = clip(exp(temp · log-ratio)), optionally self-normalised.
 
   Args:
@@ -114,25 +126,26 @@ def sequence_weights(logp_q: Array, logp_ref: Array, mask: Array, valid: Array,
     w = w * n_valid / jnp.maximum(w.sum(), jnp.finfo(w.dtype).tiny)
   w = jax.lax.stop_gradient(w)
   diag = {
-      "iw/ess_fraction": effective_sample_size(w, valid) / n_valid,
-      "iw/clip_fraction": jnp.sum(clipped * valid) / n_valid,
-      "iw/max_weight": jnp.max(w),
-      "iw/mean_log_ratio": jnp.sum(log_w * valid) / n_valid / cfg.temperature,
+    "iw/ess_fraction": effective_sample_size(w, valid) / n_valid,
+    "iw/clip_fraction": jnp.sum(clipped * valid) / n_valid,
+    "iw/max_weight": jnp.max(w),
+    "iw/mean_log_ratio": jnp.sum(log_w * valid) / n_valid / cfg.temperature,
   }
   return w, diag
 
 
-def step_weights(logp_q: Array, logp_ref: Array, mask: Array,
-                 cfg: ObjectiveConfig) -> tuple[Array, dict[str, Array]]:
+def step_weights(
+  logp_q: Array, logp_ref: Array, mask: Array, cfg: ObjectiveConfig
+) -> tuple[Array, dict[str, Array]]:
   """Per-step weights clip(exp(temp · (log q − log π_ref)), [step_w_min, step_w_max]); [B, T]."""
   log_w = cfg.temperature * (logp_q - logp_ref)
   log_w, clipped = _log_clip(log_w, cfg.step_w_min, cfg.step_w_max)
   w = jax.lax.stop_gradient(jnp.exp(log_w) * mask)
   n = jnp.maximum(mask.sum(), 1.0)
   diag = {
-      "iw/clip_fraction": jnp.sum(clipped * mask) / n,
-      "iw/max_weight": jnp.max(w),
-      "iw/mean_weight": jnp.sum(w) / n,
+    "iw/clip_fraction": jnp.sum(clipped * mask) / n,
+    "iw/max_weight": jnp.max(w),
+    "iw/mean_weight": jnp.sum(w) / n,
   }
   return w, diag
 
@@ -144,8 +157,9 @@ def effective_sample_size(w: Array, valid: Array | None = None) -> Array:
   return jnp.square(w.sum()) / jnp.maximum(jnp.square(w).sum(), jnp.finfo(w.dtype).tiny)
 
 
-def weighted_nll(logp: Array, mask: Array, seq_weight: Array, step_weight: Array | None,
-                 cfg: ObjectiveConfig) -> Array:
+def weighted_nll(
+  logp: Array, mask: Array, seq_weight: Array, step_weight: Array | None, cfg: ObjectiveConfig
+) -> Array:
   """Scalar loss −Σ_i c_i · ℓ_i / Σ_i [valid_i] with ℓ_i the (step-weighted) sequence log-lik.
 
   Args:
@@ -165,8 +179,9 @@ def weighted_nll(logp: Array, mask: Array, seq_weight: Array, step_weight: Array
   return -jnp.sum(seq_weight * per_seq) / n_valid
 
 
-def bound_estimates(logp: Array, logp_q: Array, logp_ref: Array, mask: Array,
-                    reward: Array, cfg: ObjectiveConfig) -> dict[str, Array]:
+def bound_estimates(
+  logp: Array, logp_q: Array, logp_ref: Array, mask: Array, reward: Array, cfg: ObjectiveConfig
+) -> dict[str, Array]:
   """Per-batch estimates of the two lower bounds on J(θ) = E_{π_ref}[R · p_θ/π_ref].
 
   SFT bound:    mean_i R_i (1 + ℓ_θ,i − ℓ_ref,i)
@@ -186,8 +201,14 @@ def bound_estimates(logp: Array, logp_q: Array, logp_ref: Array, mask: Array,
   return {"bound/sft": jax.lax.stop_gradient(sft), "bound/iw_sft": jax.lax.stop_gradient(iw)}
 
 
-def iw_sft_loss(logp: Array, logp_q: Array | None, logp_ref: Array | None, mask: Array,
-                weight: Array, cfg: ObjectiveConfig) -> tuple[Array, dict[str, Array]]:
+def iw_sft_loss(
+  logp: Array,
+  logp_q: Array | None,
+  logp_ref: Array | None,
+  mask: Array,
+  weight: Array,
+  cfg: ObjectiveConfig,
+) -> tuple[Array, dict[str, Array]]:
   """The one loss every method uses: SFT/BC when cfg.importance_weighting == "none", else iw-SFT.
 
   Args:
@@ -213,7 +234,9 @@ def iw_sft_loss(logp: Array, logp_q: Array | None, logp_ref: Array | None, mask:
     metrics.update(diag)
   loss = weighted_nll(logp, mask, seq_w, step_w, cfg)
   metrics["loss"] = loss
-  metrics["nll"] = -jnp.sum(valid * sequence_logprob(logp, mask, cfg.length_normalise)) / jnp.maximum(valid.sum(), 1)
+  metrics["nll"] = -jnp.sum(
+    valid * sequence_logprob(logp, mask, cfg.length_normalise)
+  ) / jnp.maximum(valid.sum(), 1)
   if logp_q is not None and logp_ref is not None:
     metrics.update(bound_estimates(logp, logp_q, logp_ref, mask, valid * weight, cfg))
   return loss, metrics

@@ -23,7 +23,9 @@ def learning_curve(rows: list[dict], path: str, title: str) -> None:
     total += max((r["step"] for r in rows if r["stage"] == s), default=0)
   evals = [r for r in rows if r["kind"] == "eval" and r.get("return_mean") is not None]
   use_norm = bool(evals) and all(r.get("normalised_score") is not None for r in evals)
-  key, label = ("normalised_score", "normalised score ×100") if use_norm else ("return_mean", "return")
+  key, label = (
+    ("normalised_score", "normalised score ×100") if use_norm else ("return_mean", "return")
+  )
   fig, (ax_score, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
   for s in stages:
     ev = [r for r in evals if r["stage"] == s]
@@ -32,7 +34,9 @@ def learning_curve(rows: list[dict], path: str, title: str) -> None:
       y = [r[key] for r in ev]
       std = [r.get("normalised_score_std" if use_norm else "return_std") or 0.0 for r in ev]
       ax_score.plot(x, y, marker="o", label=s)
-      ax_score.fill_between(x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)], alpha=0.2)
+      ax_score.fill_between(
+        x, [a - b for a, b in zip(y, std)], [a + b for a, b in zip(y, std)], alpha=0.2
+      )
     tr = [r for r in rows if r["kind"] == "train" and r["stage"] == s]
     ax_loss.plot([offsets[s] + r["step"] for r in tr], [r["loss"] for r in tr], label=s)
   for s in stages[1:]:
@@ -53,8 +57,9 @@ def _save(fig, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def band_panels(panels: dict[str, dict[str, tuple]], path: str, xlabel: str, ylabel: str,
-                title: str) -> None:
+def band_panels(
+  panels: dict[str, dict[str, tuple]], path: str, xlabel: str, ylabel: str, title: str
+) -> None:
   """One panel per key of `panels` (e.g. a dataset), one line per series with a shaded band.
 
   panels[name][series] = (steps [T], mean [T], low [T], high [T]), e.g. from aggregate.curve_band.
@@ -68,4 +73,15 @@ def band_panels(panels: dict[str, dict[str, tuple]], path: str, xlabel: str, yla
     ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+  _save(fig, path, title)
+
+
+def score_bars(
+  names: list[str], means: list[float], stds: list[float], path: str, ylabel: str, title: str
+) -> None:
+  """A bar per name with an error bar (e.g. a method's score, mean ± std)."""
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.bar(names, means, yerr=stds, capsize=4, color="C0")
+  ax.set(ylabel=ylabel)
+  ax.grid(axis="y", alpha=0.3)
   _save(fig, path, title)

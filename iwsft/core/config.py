@@ -1,0 +1,116 @@
+"""Config sections shared by both pipelines, and the one place that turns them into settings.
+
+A pipeline config (control/config.py, lm/config.py) nests one `stage_section` per training stage
+and one `objective_section`; their keys are exactly the fields of StageConfig and ObjectiveConfig,
+so a new setting is added to the dataclass (with its default) and appears in every config and on
+every command line. `stage_config` / `objective_config` validate a section once and turn bad values
+into a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import optax
+
+from iwsft.core.objectives import ObjectiveConfig
+from iwsft.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """One training stage: steps, batch and optimiser.
+
+  batch_level: "episode" (whole padded sequences) or "step" (single steps; control only).
+  schedule: "constant" (after an optional linear warm-up) or "cosine" (warm-up, then decay to 0).
+  weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+  """
+
+  steps: int = 1000
+  batch_size: int = 64
+  learning_rate: float = 1e-3
+  batch_level: str = "episode"
+  warmup_steps: int = 0
+  schedule: str = "constant"
+  weight_decay: float = 0.0
+  adam_b2: float = 0.999
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise UserError(f"steps must be >= 1, got {self.steps}")
+    if self.batch_size < 1:
+      raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+    if not self.learning_rate > 0:
+      raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
+    if self.batch_level not in ("episode", "step"):
+      raise UserError(f"batch_level must be 'episode' or 'step', got {self.batch_level!r}")
+    if self.schedule not in ("constant", "cosine"):
+      raise UserError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+    if not 0 <= self.warmup_steps < self.steps:
+      raise UserError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+def _section(cls, values: dict) -> ml_collections.ConfigDict:
+  fields = {f.name: f.default for f in dataclasses.fields(cls)}
+  unknown = set(values) - set(fields)
+  if unknown:
+    raise KeyError(f"{cls.__name__} has no fields {sorted(unknown)}")
+  return ml_collections.ConfigDict({**fields, **values})
+
+
+def stage_section(**values) -> ml_collections.ConfigDict:
+  """A config section with every StageConfig field: its defaults, overridden by `values`."""
+  return _section(StageConfig, values)
+
+
+def objective_section(**values) -> ml_collections.ConfigDict:
+  """A config section with every ObjectiveConfig field. Its importance_weighting ("sequence" or
+  "step") applies to the importance-weighted methods; the others train with "none"."""
+  return _section(ObjectiveConfig, {"importance_weighting": "sequence", **values})
+
+
+def stage_config(section, what: str = "stage") -> StageConfig:
+  """A validated StageConfig from a stage_section."""
+  try:
+    return StageConfig(**section.to_dict())
+  except UserError as e:
+    raise UserError(f"{what}: {e}") from None
+
+
+def objective_config(section, weighted: bool) -> ObjectiveConfig:
+  """A validated ObjectiveConfig from an objective_section; weighted=False gives SFT / BC."""
+  values = section.to_dict()
+  if values["importance_weighting"] not in ("sequence", "step"):
+    raise UserError(
+      "objective.importance_weighting must be 'sequence' or 'step', got "
+      f"{values['importance_weighting']!r}"
+    )
+  if not weighted:
+    values["importance_weighting"] = "none"
+  try:
+    return ObjectiveConfig(**values)
+  except ValueError as e:
+    raise UserError(f"objective: {e}") from None
+
+
+def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
+  """Adam(W) with optional linear warm-up and cosine decay to 0 (the authors' fine-tuning
+  schedule)."""
+  if stage.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+      0.0, stage.learning_rate, stage.warmup_steps, stage.steps, end_value=0.0
+    )
+  elif stage.warmup_steps:
+    lr = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, stage.learning_rate, stage.warmup_steps),
+        optax.constant_schedule(stage.learning_rate),
+      ],
+      [stage.warmup_steps],
+    )
+  else:
+    lr = stage.learning_rate
+  if stage.weight_decay:
+    return optax.adamw(lr, b2=stage.adam_b2, weight_decay=stage.weight_decay)
+  return optax.adam(lr, b2=stage.adam_b2)

@@ -1,0 +1,129 @@
+"""Where arrays live: the (data, fsdp) device mesh, FSDP's per-leaf rule, and the sampling pool.
+
+Batches and the sampling pool (the training sequences on the devices) are split over every device
+of the mesh along their leading axis; parameters and optimiser state are replicated, or split over
+the "fsdp" axis when large (state_sharding). The pool is padded to a multiple of the device count,
+and each process supplies only its own rows of it (pool_rows, put_pool).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from iwsft.errors import UserError
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+FSDP_MIN_SIZE = 2**14  # elements; smaller leaves stay replicated under FSDP
+
+
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+  """A (data, fsdp) mesh over the first num_devices devices (all by default).
+
+  fsdp=1 is plain data parallelism with replicated state.
+  """
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise UserError(f"asked for {num_devices} devices, {len(devices)} available")
+    devices = devices[:num_devices]
+  if fsdp < 1 or len(devices) % fsdp:
+    raise UserError(f"fsdp {fsdp} must be a positive divisor of the {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over all devices of the mesh, the rest replicated."""
+  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
+
+
+def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
+  """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): FSDP's rule.
+
+  A leaf of at least min_size elements is split over the "fsdp" axis along its largest dimension
+  that the axis size divides; smaller leaves (biases, norms, step, key) are replicated, since
+  splitting them saves little memory and costs a gather each.
+  """
+  n = mesh.shape[FSDP_AXIS]
+
+  def rule(x):
+    shape = tuple(x.shape)
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return replicated(mesh)
+    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+    if not dims:
+      return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[dims[0]] = FSDP_AXIS
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree.map(rule, state)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size < 1 or batch_size % n:
+    raise UserError(f"batch_size {batch_size} must be a positive multiple of the {n} devices")
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Places a host pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def pool_rows(num_rows: int, mesh: Mesh, process: int | None = None) -> tuple[np.ndarray, int]:
+  """Which rows of a sampling pool of num_rows sequences a process supplies (this one by default).
+
+  Returns (the global indices of the process's rows [R], ascending, in the order put_pool takes
+  them; the padded row count). Indices >= num_rows are padding rows, which come last.
+  """
+  if num_rows < 1:
+    raise UserError("the sampling pool is empty")
+  process = jax.process_index() if process is None else process
+  n = mesh.devices.size
+  padded = -(-num_rows // n) * n
+  slices = batch_sharded(mesh).devices_indices_map((padded,))
+  spans = sorted(
+    {
+      (s[0].start or 0, padded if s[0].stop is None else s[0].stop)
+      for d, s in slices.items()
+      if d.process_index == process
+    }
+  )
+  return np.concatenate([np.arange(a, b) for a, b in spans]), padded
+
+
+def put_pool(local: dict, num_rows: int, mesh: Mesh) -> dict:
+  """The global sampling pool, split over the mesh, built from this process's rows only.
+
+  local: every leaf [R_real, ...], the real rows (< num_rows) of pool_rows(num_rows, mesh) in that
+  order; zero padding rows are appended here. Returns leaves [padded, ...]
+  (jax.make_array_from_process_local_data): no process ever holds the whole pool.
+  """
+  rows, padded = pool_rows(num_rows, mesh)
+  real = int((rows < num_rows).sum())
+  sharding = batch_sharded(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] != real:
+      raise ValueError(f"put_pool: {x.shape[0]} local rows, this process supplies {real}")
+    x = np.concatenate([x, np.zeros((len(rows) - real, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_process_local_data(sharding, x, (padded, *x.shape[1:]))
+
+  return jax.tree.map(put, local)
+
+
+def shard_pool(data: dict, mesh: Mesh) -> dict:
+  """put_pool for a pool every process holds whole on the host ([N, ...] leaves)."""
+  num_rows = len(jax.tree.leaves(data)[0])
+  rows, _ = pool_rows(num_rows, mesh)
+  real = rows[rows < num_rows]
+  return put_pool(jax.tree.map(lambda x: np.asarray(x)[real], data), num_rows, mesh)

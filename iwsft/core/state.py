@@ -1,0 +1,86 @@
+"""The training state: everything that changes during training, as one pytree.
+
+A state may carry a leading seed axis [S, ...] on every leaf (stack_seeds): `loop.fit` then trains
+the S runs in one program with the update vmapped over that axis, each with its own parameters,
+optimiser state and sampling key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """params: the policy π_θ being trained.
+  q_params: the auxiliary policy q of iw-SFT, an exponential moving average of params.
+  ref_params: the frozen reference π_ref (the data's policy, or its stand-in).
+  opt_state: optax state for params.
+  step: number of updates applied (int32 scalar).
+  key: raw uint32 PRNG key [2] for in-graph sampling (raw so checkpoints stay plain arrays).
+  """
+
+  params: Params
+  q_params: Params
+  ref_params: Params
+  opt_state: optax.OptState
+  step: jax.Array
+  key: jax.Array
+
+
+def prng_key(seed: int) -> jax.Array:
+  """A raw uint32[2] key, the form TrainState and checkpoints hold."""
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def init_state(
+  params: Params,
+  optimizer: optax.GradientTransformation,
+  seed: int,
+  ref_params: Params | None = None,
+) -> TrainState:
+  """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
+
+  Every array is copied, so the jitted steps may donate the state's buffers without deleting the
+  caller's arrays.
+  """
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  params = copy(params)
+  return TrainState(
+    params=params,
+    q_params=copy(params),
+    ref_params=copy(params if ref_params is None else ref_params),
+    opt_state=optimizer.init(params),
+    step=jnp.zeros((), jnp.int32),
+    key=prng_key(seed),
+  )
+
+
+def stack_seeds(trees: Sequence):
+  """Runs' pytrees -> one pytree: a single run as it is, several stacked on a leading axis [S,
+  ...]."""
+  if len(trees) == 1:
+    return trees[0]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_seeds(tree, count: int) -> list:
+  """The inverse of stack_seeds: `count` per-run pytrees."""
+  return [tree] if count == 1 else [seed_slice(tree, i) for i in range(count)]
+
+
+def num_seeds(state: TrainState) -> int | None:
+  """S for a state with a seed axis, None for a single run."""
+  return None if state.step.ndim == 0 else int(state.step.shape[0])
+
+
+def seed_slice(tree, i: int | None):
+  """Seed i of a stacked pytree; the tree itself when i is None (a single run)."""
+  return tree if i is None else jax.tree.map(lambda x: x[i], tree)

@@ -1,0 +1,153 @@
+"""The one update step both pipelines use, and the multi-step dispatch that samples its batches.
+
+A pipeline supplies only `logprob_fn(params, batch) -> [B, T]` (per-step log-probs of its model);
+the objective, the optimiser, the auxiliary policy q, the frozen reference π_ref and in-graph
+batch sampling live here, once.
+
+Batches are dicts of arrays with a leading batch axis B: at least
+  "mask":   [B, T] float  real steps / completion tokens
+  "weight": [B]    float  per-sequence data weight (0 marks padding rows)
+plus whatever `logprob_fn` reads (observations, actions, tokens...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
+from iwsft.core.sharding import batch_sharded, check_batch_size, replicated
+from iwsft.core.state import TrainState
+
+Batch = dict[str, jax.Array]
+LogProbFn = Callable[[Any, Batch], jax.Array]
+
+
+def make_update(
+  logprob_fn: LogProbFn,
+  optimizer: optax.GradientTransformation,
+  objective: ObjectiveConfig,
+  track_bounds: bool = False,
+  skip_nonfinite: bool = False,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
+
+  After every step q ← q_decay · q + (1 − q_decay) · θ (objective.q_decay); 0 makes q the current
+    policy itself (detached), as in the authors' language code, and saves a forward pass.
+  track_bounds: also compute the SFT/iw-SFT bound estimates when not importance weighting (costs
+    the π_ref and q forward passes that weighting needs anyway).
+  skip_nonfinite: a batch whose loss or gradient is not finite leaves params, q and the optimiser
+    state unchanged (metric "skipped" = 1) instead of poisoning them; the step count still advances.
+  """
+  q_decay = objective.q_decay
+  need_aux = objective.uses_weights or track_bounds
+
+  def loss_fn(params, state: TrainState, batch: Batch):
+    logp = logprob_fn(params, batch)
+    logp_q = logp_ref = None
+    if need_aux:
+      logp_ref = jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
+      if q_decay == 0.0:
+        logp_q = jax.lax.stop_gradient(logp)
+      else:
+        logp_q = jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
+    return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective)
+
+  def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    q_params = optax.incremental_update(params, state.q_params, step_size=1.0 - q_decay)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new = state.replace(params=params, q_params=q_params, opt_state=opt_state, step=state.step + 1)
+    if skip_nonfinite:
+      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      keep_old = state.replace(step=state.step + 1)
+      new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, keep_old)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new, metrics
+
+  return update
+
+
+def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+  """Draws batch_size sequences i.i.d. with probability ∝ exp(logits[i]); every leaf [N', ...] ->
+  [B, ...].
+
+  logits [N] with N <= N': rows N.. of a padded pool are never drawn, and the draw does not depend
+  on
+  how many there are (so the samples do not depend on the device count).
+  """
+  idx = jax.random.categorical(key, logits, shape=(batch_size,))
+  return jax.tree.map(lambda x: x[idx], data)
+
+
+def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+  """Draws batch_size single steps: a sequence ∝ exp(logits) · length, then a step uniformly in it.
+
+  logits [N] may cover fewer sequences than data holds (a pool padded with rows never drawn).
+
+  Per-step leaves ([N, T, ...], recognised by sharing the mask's [N, T]) become [B, 1, ...];
+  per-sequence leaves ([N, ...]) become [B, ...]. The result is a batch of length-1 sequences,
+  so the same objective applies (the step-level batch of BC).
+  """
+  n, t = data["mask"].shape
+  lengths = data["mask"].sum(axis=1)[: logits.shape[0]]
+  k_seq, k_step = jax.random.split(key)
+  seq_logits = logits + jnp.log(jnp.maximum(lengths, 1e-30))
+  idx = jax.random.categorical(k_seq, seq_logits, shape=(batch_size,))
+  # Real steps of a sequence are its first `length` positions (padding is at the end).
+  pos = jnp.floor(jax.random.uniform(k_step, (batch_size,)) * lengths[idx]).astype(jnp.int32)
+  pos = jnp.minimum(pos, t - 1)
+
+  def take(x):
+    if x.ndim >= 2 and x.shape[:2] == (n, t):
+      return x[idx, pos][:, None]
+    return x[idx]
+
+  return jax.tree.map(take, data)
+
+
+def make_train_steps(
+  update,
+  mesh,
+  batch_size: int,
+  num_steps: int,
+  step_level: bool = False,
+  vmapped: bool = False,
+  state_shardings=None,
+):
+  """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
+
+  Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
+  the devices) with the state's key, so there is no host round trip per step; metrics come
+  back stacked, each [num_steps].
+  vmapped: the state carries a leading seed axis (state.stack_seeds); every seed samples its own
+  batch
+  from the shared data and takes its own step; metrics are [num_steps, S].
+  state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
+  """
+  check_batch_size(batch_size, mesh)
+  sampler = sample_steps if step_level else sample_sequences
+  shard = batch_sharded(mesh)
+
+  def one_step(state: TrainState, data: Batch, logits: jax.Array):
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+    batch = jax.lax.with_sharding_constraint(sampler(sub, data, logits, batch_size), shard)
+    return update(state.replace(key=jax.random.key_data(key)), batch)
+
+  if vmapped:  # the batch's seed axis is left unconstrained, its batch axis split over "data"
+    one_step = jax.vmap(one_step, in_axes=(0, None, None))
+
+  def train_steps(state: TrainState, data: Batch, logits: jax.Array):
+    return jax.lax.scan(lambda st, _: one_step(st, data, logits), state, None, length=num_steps)
+
+  rep = replicated(mesh)
+  st = rep if state_shardings is None else state_shardings
+  return jax.jit(
+    train_steps, in_shardings=(st, shard, rep), out_shardings=(st, rep), donate_argnums=0
+  )
