@@ -141,56 +141,39 @@ def main():
   flops = 6 * args.batch * mlp_macs(11, 3, hidden)
   peak = common.matmul_peak()
   peak_small = common.matmul_peak(n=max(hidden))  # a matmul of the policy's own width: its ceiling
-  rows = []
-  for s in (int(x) for x in args.seeds.split(",")):
-    sps = jax_steps_per_s(data, hidden, args.batch, s, args.steps_per_dispatch, args.repeats)
-    rows.append(
-      {
-        "impl": "iwsft (JAX)",
-        "seeds": s,
-        "steps/s per seed": sps,
-        "updates/s (all seeds)": sps * s,
-        "GFLOP/s": sps * s * flops / 1e9,
-        "% of matmul peak": 100 * sps * s * flops / peak,
-        f"% of {max(hidden)}² matmul": 100 * sps * s * flops / peak_small,
-      }
+  width = f"% of {max(hidden)}² matmul"
+
+  def row(impl: str, seeds: int, sps: float) -> dict:
+    return {
+      "impl": impl,
+      "seeds": seeds,
+      "steps/s per seed": sps,
+      "updates/s (all seeds)": sps * seeds,
+      "GFLOP/s": sps * seeds * flops / 1e9,
+      "% of matmul peak": 100 * sps * seeds * flops / peak,
+      width: 100 * sps * seeds * flops / peak_small,
+    }
+
+  rows = [
+    row(
+      "iwsft (JAX)",
+      s,
+      jax_steps_per_s(data, hidden, args.batch, s, args.steps_per_dispatch, args.repeats),
     )
+    for s in (int(x) for x in args.seeds.split(","))
+  ]
   use_d3 = args.d3rlpy == "yes" or (args.d3rlpy == "auto" and os.path.exists(D3RLPY_PYTHON))
   d3 = None
   if use_d3:
     d3 = d3rlpy_steps_per_s(data, hidden, args.batch, args.d3rlpy_steps, D3RLPY_PYTHON)
-    sps = d3["steps_per_s"]
-    rows.append(
-      {
-        "impl": f"d3rlpy {d3['version']} (torch {d3['torch']})",
-        "seeds": 1,
-        "steps/s per seed": sps,
-        "updates/s (all seeds)": sps,
-        "GFLOP/s": sps * flops / 1e9,
-        "% of matmul peak": 100 * sps * flops / peak,
-        f"% of {max(hidden)}² matmul": 100 * sps * flops / peak_small,
-      }
-    )
+    rows.append(row(f"d3rlpy {d3['version']} (torch {d3['torch']})", 1, d3["steps_per_s"]))
   print(
     f"BC update, Gaussian policy {args.hidden}, batch {args.batch}, Adam; {flops / 1e6:.1f} "
     f"MFLOP per "
     f"update; matmul peak {peak / 1e9:.1f} GFLOP/s (2048²), {peak_small / 1e9:.1f} GFLOP/s "
     f"({max(hidden)}²) on {common.machine()['device']}"
   )
-  print(
-    common.table(
-      rows,
-      [
-        "impl",
-        "seeds",
-        "steps/s per seed",
-        "updates/s (all seeds)",
-        "GFLOP/s",
-        "% of matmul peak",
-        f"% of {max(hidden)}² matmul",
-      ],
-    )
-  )
+  print(common.table(rows, list(rows[0])))
   if d3 is not None:
     print(f"iwsft / d3rlpy (1 seed): {rows[0]['steps/s per seed'] / d3['steps_per_s']:.1f}x")
   path = common.save(

@@ -282,3 +282,16 @@ def jax_leaves(tree):
   import jax
 
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_a_corrupt_run_json_is_one_line_exit_2_and_nothing_is_overwritten(datasets, tmp_path):
+  work = tmp_path / "torn"
+  work.mkdir()
+  (work / "run.json").write_text('{"config": {"dataset": ')
+  (work / "metrics.jsonl").write_text("keep me\n")
+  r = cli(DS + MIXED, f"--workdir={work}", *TINY)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert len(lines) == 1 and "run.json is corrupt" in lines[0], r.stderr
+  assert (work / "run.json").read_text() == '{"config": {"dataset": '
+  assert sorted(os.listdir(work)) == ["metrics.jsonl", "run.json"]

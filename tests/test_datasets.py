@@ -53,8 +53,8 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   recording time, reused or not."""
   import minari
 
-  from iwsft.control import sac
   from iwsft.control.data import episodes_from_minari
+  from iwsft.control.datasets import sac
 
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
   monkeypatch.setitem(

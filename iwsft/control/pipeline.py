@@ -429,7 +429,7 @@ def final_evaluation(run: Run, params: list) -> list[dict]:
 
 
 def _result(run: Run, seed: int, final: dict, wall: float) -> dict:
-  config = run.cfg.to_dict()
+  config = workdir_lib.canonical(run.cfg.to_dict())  # as result.json reads back: tuples as lists
   config["seed"] = seed
   logits, _ = curation_for(run.cfg.method, run.share.returns, run.cfg)
   return {

@@ -202,52 +202,18 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     did = dataset_id(env, profile, kind)
     if did in local and force:
       minari.delete_dataset(did)
-    if did in local and not force:
-      ds, built = minari.load_dataset(did), False
+    built = force or did not in local
+    if built:
+      ds = _record(family, kind, did, env_id, profile, seed, refs)
     else:
-      family.prepare(kind)  # trains the behaviour policies (or reads them back) outside the timing
-      t0 = time.time()
-      meta = dict(
-        ref_min_score=refs.get("random"),
-        ref_max_score=refs.get("expert"),
-        description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
-        f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
-        algorithm_name=f"iwsft-{family.algorithm.replace(' ', '-')}-{kind}",
-      )
-      recorded = family.recorded(kind)
-      if recorded is not None:
-        ds = collect.write_episodes(did, env_id, recorded, **meta)
-      else:
-        parts = family.parts(kind)
-        with tqdm(total=sum(n for _, n in parts), desc=did, unit="ep", leave=False) as bar:
-          ds = collect.collect_dataset(
-            did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind), progress=bar.update, **meta
-          )
-      built = True
-      ds.storage.update_metadata(
-        {
-          "iwsft_seconds": round(time.time() - t0, 1),
-          "iwsft_behaviour_seconds": family.train_seconds,
-        }
-      )
+      ds = minari.load_dataset(did)
     returns = np.array([e.rewards.sum() for e in ds.iterate_episodes()])
     if kind in ("random", "expert"):
       refs[kind] = float(returns.mean())
     if kind == "random":
       family.random_return = refs["random"]
     if kind in kinds:
-      rows.append(
-        {
-          "dataset": did,
-          "episodes": ds.total_episodes,
-          "steps": ds.total_steps,
-          "return_mean": float(returns.mean()),
-          "return_std": float(returns.std()),
-          "seconds": ds.storage.metadata.get("iwsft_seconds"),
-          "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"),
-          "built": built,
-        }
-      )
+      rows.append(_summary(ds, did, returns, built))
   # random and expert were written before their own reference scores existed: add them now.
   for kind in ("random", "expert"):
     storage = minari.load_dataset(dataset_id(env, profile, kind)).storage
@@ -256,10 +222,48 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   return rows
 
 
+def _record(family, kind: str, did: str, env_id: str, profile: str, seed: int, refs: dict):
+  """Records one dataset of a family (its behaviour policies trained or read back first)."""
+  family.prepare(kind)  # trains the behaviour policies (or reads them back) outside the timing
+  t0 = time.time()
+  meta = dict(
+    ref_min_score=refs.get("random"),
+    ref_max_score=refs.get("expert"),
+    description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
+    f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
+    algorithm_name=f"iwsft-{family.algorithm.replace(' ', '-')}-{kind}",
+  )
+  recorded = family.recorded(kind)
+  if recorded is not None:
+    ds = collect.write_episodes(did, env_id, recorded, **meta)
+  else:
+    parts = family.parts(kind)
+    with tqdm(total=sum(n for _, n in parts), desc=did, unit="ep", leave=False) as bar:
+      ds = collect.collect_dataset(
+        did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind), progress=bar.update, **meta
+      )
+  ds.storage.update_metadata(
+    {"iwsft_seconds": round(time.time() - t0, 1), "iwsft_behaviour_seconds": family.train_seconds}
+  )
+  return ds
+
+
+def _summary(ds, did: str, returns: np.ndarray, built: bool) -> dict:
+  return {
+    "dataset": did,
+    "episodes": ds.total_episodes,
+    "steps": ds.total_steps,
+    "return_mean": float(returns.mean()),
+    "return_std": float(returns.std()),
+    "seconds": ds.storage.metadata.get("iwsft_seconds"),
+    "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"),
+    "built": built,
+  }
+
+
 def table(rows) -> str:
   """Markdown: one row per dataset. `seconds` is the time its recording took when it was built
-  (stored
-  in its metadata, so reused datasets show it too); the SAC behaviour training, shared by an
+  (stored in its metadata, so reused datasets show it too); the SAC behaviour training, shared by an
   environment's kinds, is one line below the table."""
   fmt = lambda x: "n/a" if x is None else f"{x:.1f}"
   body = [

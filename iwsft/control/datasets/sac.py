@@ -95,6 +95,31 @@ class SACState(flax.struct.PyTreeNode):
   key: jax.Array
 
 
+def _critic_step(critic_def, opt, cfg: SACConfig, state: SACState, batch, target):
+  """One Adam step of both critics towards the soft Bellman target [B]."""
+
+  def critic_loss(p):
+    q1, q2 = nnx.merge(critic_def, p)(batch["obs"], batch["action"])
+    return jnp.mean((q1 - target) ** 2 + (q2 - target) ** 2)
+
+  c_loss, c_grad = jax.value_and_grad(critic_loss)(state.critic)
+  c_upd, critic_opt = opt.update(c_grad, state.critic_opt, state.critic)
+  return optax.apply_updates(state.critic, c_upd), critic_opt, c_loss
+
+
+def _actor_step(actor_def, critic_def, opt, state: SACState, batch, critic_p, alpha, key):
+  """One Adam step of the actor against the new critics -> (params, opt state, loss, log-probs)."""
+
+  def actor_loss(p):
+    a, logp = nnx.merge(actor_def, p).sample(key, batch["obs"])
+    q1, q2 = nnx.merge(critic_def, critic_p)(batch["obs"], a)
+    return jnp.mean(alpha * logp - jnp.minimum(q1, q2)), logp
+
+  (a_loss, logp), a_grad = jax.value_and_grad(actor_loss, has_aux=True)(state.actor)
+  a_upd, actor_opt = opt.update(a_grad, state.actor_opt, state.actor)
+  return optax.apply_updates(state.actor, a_upd), actor_opt, a_loss, logp
+
+
 def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
   """-> (init_state, update_many, act) as pure functions of explicit state."""
   actor_def, actor_p = nnx.split(Actor(obs_dim, act_dim, cfg.hidden, nnx.Rngs(cfg.seed)))
@@ -104,6 +129,7 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
 
   def init_state():
     log_alpha = jnp.zeros(())
+    key = jax.random.key_data(jax.random.key(cfg.seed))
     return SACState(
       actor_p,
       critic_p,
@@ -112,7 +138,7 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
       opt.init(actor_p),
       opt.init(critic_p),
       opt.init(log_alpha),
-      jax.random.key_data(jax.random.key(cfg.seed)),
+      key,
     )
 
   def update(state: SACState, batch):
@@ -125,23 +151,10 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
       jnp.minimum(tq1, tq2) - alpha * next_logp
     )
     target = jax.lax.stop_gradient(target)
-
-    def critic_loss(p):
-      q1, q2 = nnx.merge(critic_def, p)(batch["obs"], batch["action"])
-      return jnp.mean((q1 - target) ** 2 + (q2 - target) ** 2)
-
-    c_loss, c_grad = jax.value_and_grad(critic_loss)(state.critic)
-    c_upd, critic_opt = opt.update(c_grad, state.critic_opt, state.critic)
-    critic_p = optax.apply_updates(state.critic, c_upd)
-
-    def actor_loss(p):
-      a, logp = nnx.merge(actor_def, p).sample(k_pi, batch["obs"])
-      q1, q2 = nnx.merge(critic_def, critic_p)(batch["obs"], a)
-      return jnp.mean(alpha * logp - jnp.minimum(q1, q2)), logp
-
-    (a_loss, logp), a_grad = jax.value_and_grad(actor_loss, has_aux=True)(state.actor)
-    a_upd, actor_opt = opt.update(a_grad, state.actor_opt, state.actor)
-    actor_p = optax.apply_updates(state.actor, a_upd)
+    critic_p, critic_opt, c_loss = _critic_step(critic_def, opt, cfg, state, batch, target)
+    actor_p, actor_opt, a_loss, logp = _actor_step(
+      actor_def, critic_def, opt, state, batch, critic_p, alpha, k_pi
+    )
     entropy_gap = jax.lax.stop_gradient(-logp.mean() - target_entropy)
     al_grad = entropy_gap  # d/d log_alpha of log_alpha · (−log π − target entropy), averaged
     al_upd, alpha_opt = opt.update(al_grad, state.alpha_opt, state.log_alpha)
@@ -192,6 +205,67 @@ class Snapshot:
   actor: nnx.State
 
 
+class _Episodes:
+  """Collects the learner's training episodes as they finish (env units, seeded resets)."""
+
+  def __init__(self, env, seed: int):
+    self.env, self.seed, self.done = env, seed, []
+    self.start()
+
+  def start(self) -> np.ndarray:
+    obs, _ = self.env.reset(seed=self.seed)
+    self.obs, self.act, self.rew = [obs], [], []
+    return obs
+
+  def add(self, action: np.ndarray, reward: float, next_obs: np.ndarray) -> None:
+    self.act.append(action.astype(np.float32))
+    self.rew.append(reward)
+    self.obs.append(next_obs)
+
+  def end(self, term: bool, trunc: bool, step: int) -> np.ndarray:
+    """Records the finished episode (ending at environment step `step`); returns the next obs."""
+    self.done.append(
+      Recorded(
+        np.array(self.obs),
+        np.array(self.act),
+        np.array(self.rew),
+        bool(term),
+        bool(trunc),
+        step,
+        self.seed,
+      )
+    )
+    self.seed += 1
+    return self.start()
+
+
+def _replay_buffer(n: int, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+  z = lambda *shape: np.zeros(shape, np.float32)
+  return {
+    "obs": z(n, obs_dim),
+    "action": z(n, act_dim),
+    "reward": z(n),
+    "next_obs": z(n, obs_dim),
+    "terminal": z(n),
+  }
+
+
+def _evaluator(eval_env, act, scale, cfg: SACConfig, key):
+  """evaluate(actor_params, index) -> mean return of the deterministic policy over eval_episodes."""
+
+  def evaluate(actor_params, index: int) -> float:
+    o, _ = eval_env.reset(seed=cfg.seed + 10_000 + index)
+    ret, alive = np.zeros(cfg.eval_episodes), np.ones(cfg.eval_episodes, bool)
+    while alive.any():
+      a = np.asarray(act(actor_params, o.astype(np.float32), key, True))
+      o, r, te, tr, _ = eval_env.step(scale(a))
+      ret += np.where(alive, r, 0.0)
+      alive &= ~(te | tr)
+    return float(ret.mean())
+
+  return evaluate
+
+
 def train_sac(
   env_id: str, cfg: SACConfig, env_kwargs: dict | None = None, progress: bool = True
 ) -> tuple[list[Snapshot], list[Recorded], Callable]:
@@ -204,33 +278,13 @@ def train_sac(
   low, high = env.action_space.low, env.action_space.high
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
-  state = init_state()
-  n = cfg.total_steps
-  buf = {
-    "obs": np.zeros((n, obs_dim), np.float32),
-    "action": np.zeros((n, act_dim), np.float32),
-    "reward": np.zeros(n, np.float32),
-    "next_obs": np.zeros((n, obs_dim), np.float32),
-    "terminal": np.zeros(n, np.float32),
-  }
+  state, n = init_state(), cfg.total_steps
+  buf = _replay_buffer(n, obs_dim, act_dim)
   rng = np.random.default_rng(cfg.seed)
   key = jax.random.key(cfg.seed + 2)
-  episode_seed = cfg.seed * 1_000_003
-  obs, _ = env.reset(seed=episode_seed)
-  ep_obs, ep_act, ep_rew = [obs], [], []
-  episodes, snapshots = [], []
-
-  def evaluate(actor_params):
-    o, _ = eval_env.reset(seed=cfg.seed + 10_000 + len(snapshots))
-    ret, alive = np.zeros(cfg.eval_episodes), np.ones(cfg.eval_episodes, bool)
-    while alive.any():
-      a = np.asarray(act(actor_params, o.astype(np.float32), key, True))
-      o, r, te, tr, _ = eval_env.step(scale(a))
-      ret += np.where(alive, r, 0.0)
-      alive &= ~(te | tr)
-    return float(ret.mean())
-
-  t0 = time.time()
+  evaluate = _evaluator(eval_env, act, scale, cfg, key)
+  episodes = _Episodes(env, cfg.seed * 1_000_003)
+  obs, snapshots, t0 = episodes.obs[0], [], time.time()
   bar = tqdm(total=n, desc=f"SAC {env_id}", unit="step", disable=not progress, leave=False)
   for step in range(n):
     if step < cfg.start_steps:
@@ -241,35 +295,17 @@ def train_sac(
     next_obs, r, term, trunc, _ = env.step(scale(a))
     buf["obs"][step], buf["action"][step], buf["reward"][step] = obs, a, r
     buf["next_obs"][step], buf["terminal"][step] = next_obs, float(term)
-    ep_act.append(scale(a).astype(np.float32))
-    ep_rew.append(r)
-    ep_obs.append(next_obs)
-    obs = next_obs
-    if term or trunc:
-      episodes.append(
-        Recorded(
-          np.array(ep_obs),
-          np.array(ep_act),
-          np.array(ep_rew),
-          bool(term),
-          bool(trunc),
-          step + 1,
-          episode_seed,
-        )
-      )
-      episode_seed += 1
-      obs, _ = env.reset(seed=episode_seed)
-      ep_obs, ep_act, ep_rew = [obs], [], []
+    episodes.add(scale(a), r, next_obs)
+    obs = episodes.end(term, trunc, step + 1) if term or trunc else next_obs
     if (step + 1) % cfg.chunk == 0 and step + 1 >= cfg.start_steps:
       idx = rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
-      state, metrics = update_many(state, {k: v[idx] for k, v in buf.items()})
+      state, _ = update_many(state, {k: v[idx] for k, v in buf.items()})
     if (step + 1) % cfg.snapshot_every == 0:
-      snapshots.append(Snapshot(step + 1, evaluate(state.actor), jax.device_get(state.actor)))
-      bar.set_postfix(
-        eval_return=f"{snapshots[-1].eval_return:.0f}", min=f"{(time.time() - t0) / 60:.1f}"
-      )
+      ret = evaluate(state.actor, len(snapshots))
+      snapshots.append(Snapshot(step + 1, ret, jax.device_get(state.actor)))
+      bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
     bar.update(1)
   bar.close()
   env.close()
   eval_env.close()
-  return snapshots, episodes, act
+  return snapshots, episodes.done, act
