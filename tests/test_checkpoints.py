@@ -1,0 +1,163 @@
+"""Pretrained checkpoints against the reference implementation: logits of tiny Llama and Qwen2
+checkpoints made by Hugging Face `transformers` (tests/fixtures/hf_reference.py, its own venv), the
+SmolLM2 tokenizer built from the GGUF against the ids `transformers` gives with it, the KV cache of
+the rotary / grouped-query model, the export round trip, and bad input."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from iwsft.errors import UserError
+from iwsft.lm import checkpoints, tokenizer
+from iwsft.lm.model import LMConfig, Transformer
+from iwsft.lm.sampling import generate, generate_without_cache
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+HF = os.path.join(FIXTURES, "hf")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logits_match_transformers(arch):
+  path = os.path.join(HF, f"tiny-{arch}")
+  cfg, graphdef, params = checkpoints.load_hf(path, max_len=64)
+  assert cfg.positions == "rope" and cfg.mlp == "swiglu" and cfg.kv_heads < cfg.n_heads
+  assert cfg.qkv_bias == (arch == "qwen2") and cfg.tie_embeddings == (arch == "qwen2")
+  ref = np.load(os.path.join(path, "logits.npz"))
+  logits = nnx.merge(graphdef, params)(jnp.asarray(ref["ids"]))
+  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_export_reloads_to_the_same_model(arch, tmp_path):
+  """save_hf writes what load_hf reads back bit for bit (transformers' reload: `make fixtures`)."""
+  cfg, _, params = checkpoints.load_hf(os.path.join(HF, f"tiny-{arch}"), max_len=64)
+  checkpoints.save_hf(str(tmp_path), cfg, params)
+  cfg2, _, params2 = checkpoints.load_hf(str(tmp_path), max_len=64)
+  assert cfg2 == cfg
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  hf = json.load(open(tmp_path / "config.json"))
+  assert hf["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]]
+
+
+def test_kv_cache_decoding_equals_the_full_pass_with_rope_and_gqa():
+  cfg = LMConfig(
+    vocab_size=50,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=48,
+    max_len=24,
+    positions="rope",
+    mlp="swiglu",
+    qkv_bias=True,
+    tie_embeddings=False,
+  )
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  prompts = jnp.asarray(np.random.default_rng(0).integers(3, 50, (3, 5)), jnp.int32)
+  special = (0, 1, 2)
+  a = generate(graphdef, params, prompts, jax.random.key(0), 12, 0.0, 0, special)
+  b = generate_without_cache(graphdef, params, prompts, jax.random.key(0), 12, 0.0, 0, special)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  model = nnx.merge(graphdef, params)
+  full = model(jnp.concatenate([prompts, a[:, :4]], axis=1))
+  _, cache = model.prefill(prompts)
+  for i in range(4):
+    step, cache = model.decode(a[:, i], cache, 5 + i)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, 5 + i]), atol=1e-4)
+
+
+def test_rope_rotates_pairs_by_position_times_frequency():
+  """Against the closed form: dimension j and j + D/2 rotate by angle pos · theta^(-2j/D)."""
+  from iwsft.lm.model import rope
+
+  x = np.random.default_rng(1).normal(size=(1, 1, 3, 8)).astype(np.float32)
+  pos = np.array([0, 1, 5])
+  out = np.asarray(rope(jnp.asarray(x), jnp.asarray(pos), 100.0))
+  for t, p in enumerate(pos):
+    for j in range(4):
+      ang = p * 100.0 ** (-2 * j / 8)
+      a, b = x[0, 0, t, j], x[0, 0, t, j + 4]
+      np.testing.assert_allclose(
+        out[0, 0, t, [j, j + 4]],
+        [a * np.cos(ang) - b * np.sin(ang), b * np.cos(ang) + a * np.sin(ang)],
+        atol=1e-5,
+      )
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+  import gguf
+
+  try:
+    path = checkpoints.smollm2_path()
+  except UserError as e:
+    pytest.skip(str(e))
+  return tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+def test_gguf_tokenizer_gives_the_ids_transformers_gives(smollm2_tokenizer):
+  corpus = json.load(open(os.path.join(FIXTURES, "corpus.json")))
+  expected = json.load(open(os.path.join(HF, "smollm2_ids.json")))["ids"]
+  for text, ids in zip(corpus, expected, strict=True):
+    assert smollm2_tokenizer.encode(text) == ids, text
+    assert smollm2_tokenizer.tok.decode(ids, skip_special_tokens=False) == text  # exact round trip
+
+
+def test_chat_prompt_and_completion_end(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  ids = tok.prompt("What is 2 + 2?")
+  text = tok.tok.decode(ids, skip_special_tokens=False)
+  assert text.endswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+  assert tok.token(tok.eos) == "<|im_end|>" and ids.count(tok.encode("<|im_start|>")[0]) == 3
+  assert tok.decode(tok.encode("4") + [tok.eos] + tok.encode("junk")) == "4"
+  assert [int(c) for c in "1234"] == [
+    int(tok.decode([i])) for i in tok.encode("1234")
+  ]  # digits split
+
+
+BAD = [
+  ("missing", lambda d: shutil.rmtree(d), "not a Hugging Face model directory"),
+  (
+    "corrupt",
+    lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(b"garbage"),
+    "cannot read the checkpoint",
+  ),
+  (
+    "architecture",
+    lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"]),
+    "architecture 'GPT2LMHeadModel' is not supported",
+  ),
+  ("shape", lambda d: _edit_config(d, intermediate_size=48), "has shape"),
+]
+
+
+def _edit_config(d, **changes):
+  path = os.path.join(d, "config.json")
+  config = json.load(open(path))
+  config.update(changes)
+  json.dump(config, open(path, "w"))
+
+
+@pytest.mark.parametrize("name,damage,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_checkpoints_are_user_errors(tmp_path, name, damage, needle):
+  d = tmp_path / "model"
+  shutil.copytree(os.path.join(HF, "tiny-llama"), d)
+  damage(str(d))
+  with pytest.raises(UserError, match=needle):
+    checkpoints.load_hf(str(d))
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, smollm2_tokenizer):
+  d = tmp_path / "model"
+  shutil.copytree(os.path.join(HF, "tiny-llama"), d)
+  smollm2_tokenizer.save(str(d))
+  with pytest.raises(UserError, match="do not fit the model's vocabulary of 96"):
+    checkpoints.load_model(str(d), max_len=64)
