@@ -199,7 +199,7 @@ class LMGrid:
 
   score_label = "pass@1 ×100"
 
-  def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int], task: str = "addition"):
+  def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int]):
     from iwsft.lm.config import LM_METHODS
 
     bad = [m for m in methods if m not in LM_METHODS]
@@ -208,7 +208,10 @@ class LMGrid:
     self.cfg = cfg.copy_and_resolve_references()
     if methods:
       self.cfg.methods = tuple(methods)
-    self.methods, self.seeds, self.task = ["base", *self.cfg.methods], seeds, task
+    from iwsft.lm.task import make_task
+
+    self.methods, self.seeds = ["base", *self.cfg.methods], seeds
+    task = make_task(self.cfg.task).name
     self.datasets = [f"{task} pass@1 ({mode})" for mode in ("greedy", "sampled")]
 
   def identity(self) -> dict:
@@ -254,7 +257,27 @@ class LMGrid:
     return out
 
   def figures(self, recs: list[dict], workdir: str) -> list[str]:
-    return []
+    """weights.png: the importance-weight diagnostics of each weighted method over fine-tuning."""
+    panels: dict[str, dict[str, list]] = {}
+    for seed in {r["seed"] for r in recs}:
+      rows = workdir_lib.read_rows(os.path.join(workdir, f"seed_{seed}", "metrics.jsonl"))
+      for method in ("iw_sft", "iw_sft_step"):
+        tr = [row for row in rows if row["kind"] == "train" and row["stage"] == method]
+        for key in ("iw/ess_fraction", "iw/clip_fraction", "iw/mean_log_ratio", "iw/mean_weight"):
+          if tr and key in tr[0]:
+            curve = ([row["step"] for row in tr], [row[key] for row in tr])
+            panels.setdefault(key, {}).setdefault(method, []).append(curve)
+    if not panels:
+      return []
+    bands = {k: {m: report.curve_band(c) for m, c in s.items()} for k, s in panels.items()}
+    plots.band_panels(
+      bands,
+      os.path.join(workdir, "weights.png"),
+      "fine-tuning step",
+      "value",
+      f"importance-weight diagnostics, mean and 95% CI over {len(self.seeds)} seeds",
+    )
+    return ["weights.png"]
 
 
 CELL_COLUMNS = [

@@ -161,3 +161,70 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, smollm2_tok
   smollm2_tokenizer.save(str(d))
   with pytest.raises(UserError, match="do not fit the model's vocabulary of 96"):
     checkpoints.load_model(str(d), max_len=64)
+
+
+def test_chat_sum_verifier_on_hand_written_answers():
+  from iwsft.lm.task import ChatSum
+
+  t = ChatSum(2)
+  q = t.prompt(47, 85)
+  assert q == "What is 47 + 85?" and t.response_prefix(q) == "47 + 85 = "
+  assert t.verify(q, "132.") == (1.0, 1.0)
+  assert t.verify(q, "132, since 7 + 5 = 12") == (1.0, 1.0)  # the first integer counts
+  assert t.verify(q, "122") == (0.0, 2 / 3)
+  assert t.verify(q, "1,232") == (0.0, 2 / 4)  # thousands separators are read
+  assert t.verify(q, "a lot") == (0.0, 0.0)
+
+
+def test_a_pretrained_model_fine_tunes_on_user_records_and_evaluates(tmp_path, smollm2_tokenizer):
+  """The pipeline with a Hugging Face directory as π_ref (a tiny random Llama with SmolLM2's
+  tokenizer and chat template): every method fine-tunes the top block only, on user records, with
+  π_ref's log-probs computed once; evaluation runs the chat task."""
+  from iwsft.lm.config import get_config
+  from iwsft.lm.pipeline import run_lm
+
+  cfg_m = LMConfig(
+    vocab_size=smollm2_tokenizer.vocab_size,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=48,
+    max_len=64,
+    positions="rope",
+    mlp="swiglu",
+  )
+  model_dir = tmp_path / "model"
+  checkpoints.save_hf(
+    str(model_dir), cfg_m, nnx.state(Transformer(cfg_m, rngs=nnx.Rngs(0))), smollm2_tokenizer
+  )
+  data = tmp_path / "data.jsonl"
+  data.write_text(
+    "".join(
+      json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}.", "score": 1.0}) + "\n"
+      for a, b in [(12, 30), (45, 21), (8, 70)]
+    )
+  )
+  cfg = get_config("smollm2")
+  cfg.model.update(path=str(model_dir), train_layers=1)
+  cfg.update(data=str(data), stages=("finetune", "evaluate"), steps_per_dispatch=2)
+  cfg.task.update(eval_problems=4, max_new=4)
+  cfg.finetune.update(steps=4, batch_size=2, warmup_steps=1)
+  result = run_lm(cfg, str(tmp_path / "run"), quiet=True)
+  assert set(result["models"]) == {"base", "sft", "iw_sft", "iw_sft_step", "sft_q"}
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  iw = [r for r in rows if r["stage"] == "iw_sft" and r["kind"] == "train"]
+  assert iw and all(0 < r["iw/ess_fraction"] <= 1 for r in iw)
+  a = checkpoints.load_hf(str(model_dir), 64)[2]
+  from iwsft.io import checkpoint
+
+  b = checkpoint.restore_state(str(tmp_path / "run" / "sft" / "params"), a)
+  assert np.array_equal(
+    np.asarray(a["embed"]["embedding"][...]), np.asarray(b["embed"]["embedding"][...])
+  )
+  assert np.array_equal(
+    np.asarray(a["blocks"][0]["up"]["kernel"][...]), np.asarray(b["blocks"][0]["up"]["kernel"][...])
+  )  # frozen
+  assert not np.array_equal(
+    np.asarray(a["blocks"][1]["up"]["kernel"][...]), np.asarray(b["blocks"][1]["up"]["kernel"][...])
+  )  # trained

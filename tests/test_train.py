@@ -248,3 +248,16 @@ def test_fsdp_splits_large_weights_and_trains_like_one_device():
     np.testing.assert_allclose(r["loss"], r["loss_one"], rtol=1e-4)
     # Adam (lr 1e-3, 6 steps) moves weights by up to 6e-3; reduction order differs across meshes
     assert r["max_param_diff"] < 5e-4
+
+
+def test_precomputed_reference_log_probs_give_the_same_update():
+  """A batch carrying π_ref's log-probs ("logp_ref") updates exactly as one that makes the update
+  compute them from ref_params."""
+  params, opt, update, batch, logprob = _setup(q_decay=0.5)
+  ref = jax.tree.map(lambda x: x + 0.05, params)
+  state = iwsft.init_state(params, opt, 0, ref)
+  with_ref = {**batch, "logp_ref": np.asarray(logprob(ref, batch))}
+  a, ma = jax.jit(update)(state, batch)
+  b, mb = jax.jit(update)(state, with_ref)
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import ml_collections
 import optax
 
@@ -24,7 +25,9 @@ class StageConfig:
 
   batch_level: "episode" (whole padded sequences) or "step" (single steps; control only).
   schedule: "constant" (after an optional linear warm-up) or "cosine" (warm-up, then decay to 0).
-  weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+  weight_decay: AdamW's decoupled weight decay of weight matrices (0: plain Adam); norms and
+    biases are not decayed (as Hugging Face's Trainer).
+  clip_norm: clip the gradient to this global norm first (0: no clipping).
   """
 
   steps: int = 1000
@@ -35,6 +38,7 @@ class StageConfig:
   schedule: str = "constant"
   weight_decay: float = 0.0
   adam_b2: float = 0.999
+  clip_norm: float = 0.0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -47,6 +51,8 @@ class StageConfig:
       raise UserError(f"batch_level must be 'episode' or 'step', got {self.batch_level!r}")
     if self.schedule not in ("constant", "cosine"):
       raise UserError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+    if self.clip_norm < 0 or self.weight_decay < 0:
+      raise UserError("clip_norm and weight_decay must be >= 0")
     if not 0 <= self.warmup_steps < self.steps:
       raise UserError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
@@ -111,6 +117,11 @@ def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
     )
   else:
     lr = stage.learning_rate
-  if stage.weight_decay:
-    return optax.adamw(lr, b2=stage.adam_b2, weight_decay=stage.weight_decay)
-  return optax.adam(lr, b2=stage.adam_b2)
+  if stage.weight_decay:  # decoupled decay of matrices only: not of norms, biases (or scalars)
+    decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    opt = optax.adamw(lr, b2=stage.adam_b2, weight_decay=stage.weight_decay, mask=decay)
+  else:
+    opt = optax.adam(lr, b2=stage.adam_b2)
+  if stage.clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(stage.clip_norm), opt)
+  return opt

@@ -7,7 +7,8 @@ batch sampling live here, once.
 Batches are dicts of arrays with a leading batch axis B: at least
   "mask":   [B, T] float  real steps / completion tokens
   "weight": [B]    float  per-sequence data weight (0 marks padding rows)
-plus whatever `logprob_fn` reads (observations, actions, tokens...).
+plus whatever `logprob_fn` reads (observations, actions, tokens...), and optionally
+  "logp_ref": [B, T] float  π_ref's step log-probs, computed once ahead (π_ref is frozen)
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def make_update(
     logp = logprob_fn(params, batch)
     logp_q = logp_ref = None
     if need_aux:
-      logp_ref = jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
+      if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
+        logp_ref = batch["logp_ref"]
+      else:
+        logp_ref = jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
       if q_decay == 0.0:
         logp_q = jax.lax.stop_gradient(logp)
       else:

@@ -15,29 +15,38 @@ import ml_collections
 
 from iwsft.core.config import objective_section, stage_section
 
-LM_METHODS = ("sft", "iw_sft", "sft_q")
-WEIGHTED = ("iw_sft",)
+LM_METHODS = ("sft", "iw_sft", "iw_sft_step", "sft_q")
+WEIGHTED = ("iw_sft", "iw_sft_step")  # iw_sft_step: one weight per token
+PRESETS = ("tiny", "smollm2")
 STAGES = ("base", "sample", "curate", "finetune", "evaluate")
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  """preset "tiny": a byte-level model trained from scratch on worked additions (π_ref);
+  "smollm2": the pretrained SmolLM2-135M-Instruct as π_ref on natural-language additions."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown language preset {preset!r}; choose from {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
   c.pipeline = "lm"
   c.seed = 0
   c.stages = STAGES  # any subset, run in this order
-  c.methods = LM_METHODS  # fine-tuning methods; the base model is always evaluated
+  c.methods = ("sft", "iw_sft", "sft_q")  # of LM_METHODS; the base model is always evaluated
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
 
-  c.model = ml_collections.ConfigDict()  # a byte-level decoder (lm/model.py)
+  c.model = ml_collections.ConfigDict()  # lm/model.py's LMConfig, or a pretrained checkpoint
+  c.model.path = ""  # "": the byte-level model below; "smollm2", a Hugging Face dir or a .gguf file
   c.model.d_model = 64
   c.model.n_layers = 3
   c.model.n_heads = 4
   c.model.d_ff = 256
-  c.model.max_len = 64
+  c.model.max_len = 64  # the context (tokens)
+  c.model.dtype = "float32"  # compute type ("bfloat16" halves activations; parameters stay float32)
+  c.model.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
 
-  c.task = ml_collections.ConfigDict()  # worked column additions (lm/task.py)
+  c.task = ml_collections.ConfigDict()  # lm/task.py
+  c.task.kind = "columns"  # "columns": worked column additions; "chat_sum": "What is a + b?"
   c.task.digits = 3
   c.task.demos = 20_000  # noisy demonstrations the base model π_ref is trained on
   c.task.error_rate = 0.05  # random column mistakes
@@ -46,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.samples_per_prompt = 4
   c.task.sample_temperature = 1.0
   c.task.eval_problems = 500  # held-out problems for pass@1
+  c.task.max_new = 0  # tokens sampled per completion; 0: what the context leaves after the prompt
 
   # Stage 1 trains π_ref on the demonstrations; stage 4 fine-tunes it on the curated samples.
   lm_stage = dict(schedule="cosine", weight_decay=1e-4, adam_b2=0.95)
@@ -70,8 +80,37 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_temperature = 1.0  # the sampled pass@1
   c.top_k = 0  # sampling (stage 2 and sampled evaluation) from the k most likely tokens; 0: all
   c.steps_per_dispatch = 100  # updates per jitted call (lax.scan)
+  # π_ref's log-probs of the fine-tuning data once, not in every batch (where the data is at most
+  # one epoch of the stage, so that it costs less)
+  c.precompute_ref = False
 
-  c.checkpoint_every = 500  # save the training state every this many updates
+  c.checkpoint_every = 500  # save the training state every this many updates; 0: never
   c.keep_checkpoints = 2  # latest checkpoints kept per stage
   c.skip_nonfinite = False  # skip NaN/inf batches instead of stopping with exit status 1
+  if preset == "smollm2":
+    _smollm2(c)
   return c
+
+
+def _smollm2(c: ml_collections.ConfigDict) -> None:
+  """The paper's LM experiment in miniature, at a 2-core CPU's scale, with the authors' LM recipe:
+  q the current model detached, sequence weights exp(mean token log-ratio) clipped to [0, 16],
+  per-token clip [0.2, 1.8], the loss a per-sequence token mean, AdamW (0.9, 0.95) with weight
+  decay 1e-4 on matrices, gradient clipping at 1.0, cosine schedule with 5% warm-up."""
+  c.model.update(path="smollm2", max_len=64, train_layers=6)
+  c.precompute_ref = True
+  c.task.update(
+    kind="chat_sum",
+    digits=2,
+    sample_prompts=256,
+    samples_per_prompt=4,
+    sample_temperature=0.7,
+    eval_problems=100,
+    max_new=8,
+  )
+  c.methods = LM_METHODS
+  c.eval_temperature = 0.7
+  c.finetune.update(steps=40, batch_size=8, learning_rate=3e-5, warmup_steps=2, clip_norm=1.0)
+  c.objective.update(reduction="sequence_mean", q_decay=0.0)
+  c.steps_per_dispatch = 10
+  c.checkpoint_every = 0

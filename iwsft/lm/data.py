@@ -1,8 +1,9 @@
 """JSON-lines records {"prompt", "completion", "score" (optional)} -> padded token arrays.
 
 Users bring their own curated data in this format; the task stages write it too. Every bad line
-is a UserError naming the file and line. Sequences are [BOS] prompt completion [EOS], padded with
-PAD to the context; the loss mask covers completion tokens and EOS only (never prompt or padding).
+is a UserError naming the file and line. Sequences are the tokenizer's prompt, the completion and
+EOS, padded to the context; the loss mask covers completion tokens and EOS only (never prompt or
+padding).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import numpy as np
 
 from iwsft.errors import UserError
-from iwsft.lm import tokenizer as tok
+from iwsft.lm.tokenizer import ByteTokenizer
+
+BYTES = ByteTokenizer()
 
 
 @dataclasses.dataclass
@@ -68,23 +71,26 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def prompt_tokens(prompt: str) -> list[int]:
-  return [tok.BOS] + tok.encode(prompt)
+def prompt_tokens(prompt: str, tokenizer=BYTES, prefix: str = "") -> list[int]:
+  """A prompt's ids: the tokenizer's (chat) rendering of it, then the response prefix's tokens."""
+  return tokenizer.prompt(prompt) + (tokenizer.encode(prefix) if prefix else [])
 
 
 def encode_records(
-  records: list[Record], max_len: int, source: str = "data"
+  records: list[Record], max_len: int, source: str = "data", tokenizer=BYTES, prefix=None
 ) -> dict[str, np.ndarray]:
   """-> {"tokens": [N, max_len] int32, "mask": [N, max_len] float32, "weight": [N] float32 (1)}.
 
-  A record longer than the context is a UserError naming its line (1-based) in `source`.
+  Each row is the prompt's ids (prompt_tokens, with prefix(prompt) as the response prefix), the
+  completion's and the tokenizer's EOS, then padding. A record longer than the context is a
+  UserError naming its line (1-based) in `source`.
   """
   n = len(records)
-  tokens = np.full((n, max_len), tok.PAD, np.int32)
+  tokens = np.full((n, max_len), tokenizer.pad, np.int32)
   mask = np.zeros((n, max_len), np.float32)
   for i, r in enumerate(records):
-    p = prompt_tokens(r.prompt)
-    c = tok.encode(r.completion) + [tok.EOS]
+    p = prompt_tokens(r.prompt, tokenizer, prefix(r.prompt) if prefix else "")
+    c = tokenizer.encode(r.completion) + [tokenizer.eos]
     if len(p) >= max_len:
       raise UserError(
         f"{source}:{i + 1}: prompt of {len(p)} tokens does not fit the context of {max_len}"

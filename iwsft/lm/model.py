@@ -198,13 +198,31 @@ def token_logprobs(model: Transformer, tokens):
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def make_logprob_fn(graphdef):
-  """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"])."""
+def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0):
+  """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"]).
+
+  0 < train_layers < n_layers: only the top train_layers of the n_layers blocks and the final norm
+  get gradients; the embedding (tied to the output) and the lower blocks are held constant, so the
+  backward pass stops at the lowest trained block.
+  """
 
   def logprob_fn(params, batch):
+    if 0 < train_layers < n_layers:
+      params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x),
+        params,
+      )
     return token_logprobs(nnx.merge(graphdef, params), batch["tokens"])
 
   return logprob_fn
+
+
+def trainable(path, n_layers: int, train_layers: int) -> bool:
+  """Whether a parameter (by its tree path) trains when only the top train_layers blocks do."""
+  keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+  if "blocks" in keys:
+    return int(keys[keys.index("blocks") + 1]) >= n_layers - train_layers
+  return "embed" not in keys and "pos" not in keys
 
 
 def param_count(params) -> int:

