@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets datasets-full lm sweep bench fixtures test test-slow clean
+.PHONY: install demo datasets datasets-full lm lm-smollm2 sweep bench fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ datasets-full: install  ## the full (D4RL-sized) locomotion datasets; prints eac
 
 lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 	$(PY) experiments/lm.py --workdir=runs/lm --seeds=0,1,2
+
+lm-smollm2: install  ## the paper's LM experiment in miniature: SmolLM2-135M-Instruct, 3 seeds, tables with CIs
+	$(PY) experiments/sweep.py --config=iwsft/lm/config.py:smollm2 --workdir=runs/smollm2 --seeds=0,1,2
 
 sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium-replay/medium-expert x 5 seeds
 	$(PY) experiments/sweep.py --workdir=runs/sweep

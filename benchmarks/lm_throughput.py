@@ -37,12 +37,28 @@ SIZES = {  # tiny is the language pipeline's default model
   "small": LMConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=128),
   "medium": LMConfig(d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_len=128),
   "large": LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_len=256),
+  # SmolLM2-135M-Instruct's shape (random weights: throughput does not depend on them), at the
+  # pretrained experiment's context
+  "smollm2": LMConfig(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    max_len=64,
+    positions="rope",
+    rope_theta=1e5,
+    mlp="swiglu",
+    norm_eps=1e-5,
+  ),
 }
 
 
 def matmul_params(cfg: LMConfig) -> int:
-  per_layer = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_ff
-  return cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+  d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+  return cfg.n_layers * (2 * d * d + 2 * d * kv + mlp) + d * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: LMConfig) -> int:

@@ -228,3 +228,63 @@ def test_a_pretrained_model_fine_tunes_on_user_records_and_evaluates(tmp_path, s
   assert not np.array_equal(
     np.asarray(a["blocks"][1]["up"]["kernel"][...]), np.asarray(b["blocks"][1]["up"]["kernel"][...])
   )  # trained
+
+
+CLI_BAD = [
+  ("nowhere", "does not exist"),
+  ("arch", "architecture 'GPT2LMHeadModel' is not supported"),
+  ("no-tokenizer", "has no tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize("case,needle", CLI_BAD, ids=[c[0] for c in CLI_BAD])
+def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_path, case, needle):
+  import subprocess
+  import sys
+
+  model = tmp_path / case
+  if case != "nowhere":
+    shutil.copytree(os.path.join(HF, "tiny-llama"), model)
+  if case == "arch":
+    _edit_config(str(model), architectures=["GPT2LMHeadModel"])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = tmp_path / "work"
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(root, "experiments", "lm.py"),
+      "--config=" + os.path.join(root, "iwsft", "lm", "config.py") + ":smollm2",
+      f"--config.model.path={model}",
+      f"--workdir={work}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
+  assert not work.exists()
+
+
+def test_a_chat_prompt_longer_than_the_context_is_a_user_error(tmp_path, smollm2_tokenizer):
+  from iwsft.lm.config import get_config
+  from iwsft.lm.pipeline import LMRun
+
+  cfg_m = LMConfig(
+    vocab_size=smollm2_tokenizer.vocab_size,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    d_ff=16,
+    max_len=64,
+    positions="rope",
+    mlp="swiglu",
+  )
+  checkpoints.save_hf(
+    str(tmp_path / "m"), cfg_m, nnx.state(Transformer(cfg_m, rngs=nnx.Rngs(0))), smollm2_tokenizer
+  )
+  cfg = get_config("smollm2")
+  cfg.model.update(path=str(tmp_path / "m"), max_len=32)
+  with pytest.raises(UserError, match="model.max_len 32 is too short"):
+    LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)
+  assert not (tmp_path / "w").exists()
