@@ -70,8 +70,8 @@ def main(argv):
     [r["normalised_score"] for r in results],
     [r["normalised_score_std"] for r in results],
     os.path.join(workdir, "scores.png"),
-    "normalised score ×100 (mean ± std over episodes)",
-    f"{dataset} (seed {F.seed})",
+    "normalised score ×100",
+    f"{dataset} (seed {F.seed}; mean ± std over episodes)",
   )
   print(
     f"table: {workdir}/table.md  plot: {workdir}/scores.png  curves: {workdir}/<method>/curve.png"
