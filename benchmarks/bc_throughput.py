@@ -119,7 +119,7 @@ def d3rlpy_steps_per_s(data, hidden, batch: int, steps: int, python: str) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def _args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument(
     "--hidden", default="256,256", help="policy widths (d3rlpy's comparison used 256,256)"
@@ -135,7 +135,11 @@ def main():
     help="compare with d3rlpy (auto: if .venv-d3rlpy exists)",
   )
   p.add_argument("--d3rlpy_steps", type=int, default=2000)
-  args = p.parse_args()
+  return p.parse_args()
+
+
+def main():
+  args = _args()
   hidden = tuple(int(x) for x in args.hidden.split(","))
   data = synthetic_data(100, 1000, 11, 3)
   flops = 6 * args.batch * mlp_macs(11, 3, hidden)

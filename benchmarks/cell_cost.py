@@ -76,14 +76,18 @@ def stage_seconds_per_update(
   return common.median_seconds(call, repeats) / steps_per_dispatch
 
 
-def main():
+def _args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--length", type=int, default=1000, help="episode length of the synthetic data")
   p.add_argument("--episodes", type=int, default=300)
   p.add_argument("--steps_per_dispatch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2)
-  args = p.parse_args()
+  return p.parse_args()
+
+
+def main():
+  args = _args()
   cfg = get_config()
   settings = validate(cfg)
   hidden = settings.policy.hidden
