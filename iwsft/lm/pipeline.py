@@ -296,6 +296,16 @@ class LMRun:
     )
     return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
+  def _pool(self, source: str, base) -> tuple[list, dict]:
+    """The records of a fine-tuning source and their encoded pool; with precompute_ref, π_ref's
+    log-probs too, where the data is at most one epoch of the stage (so that it costs less)."""
+    records = self.user_records if source == self.cfg.data else lm_data.read_jsonl(source)
+    data = self.encode(records, source)
+    stage = self.finetune_stage
+    if self.cfg.precompute_ref and len(records) <= stage.steps * stage.batch_size:
+      data = self._with_ref_logprobs(data, base)
+    return records, data
+
   def _with_ref_logprobs(self, data: dict, base) -> dict:
     """The pool with π_ref's log-probs ("logp_ref" [N, T]), computed once (π_ref is frozen)."""
     logprob = jax.jit(make_logprob_fn(self.graphdef))
@@ -394,21 +404,18 @@ class LMRun:
 
   def finetune(self):
     base = self.load("base")
+    pools = {}  # source -> (records, encoded pool): the curated set serves several methods
     for method in self.methods:
       if self.done(method, "params"):
         self.say(f"finetune: reusing {method}/params")
         continue
       if self.user_records is not None:
-        records, source = self.user_records, self.cfg.data
+        source = self.cfg.data
       else:
         source = self.path("scored.jsonl" if method == "sft_q" else "curated.jsonl")
-        records = lm_data.read_jsonl(source)
-      data = self.encode(records, source)
-      if (
-        self.cfg.precompute_ref
-        and len(records) <= self.finetune_stage.steps * self.finetune_stage.batch_size
-      ):
-        data = self._with_ref_logprobs(data, base)  # cheaper than a π_ref pass in every batch
+      if source not in pools:
+        pools[source] = self._pool(source, base)
+      records, data = pools[source]
       logits = np.zeros(len(records), np.float32)
       if method == "sft_q":
         logits = curation.quality_logits(
