@@ -24,6 +24,7 @@ TINY = [
   "--config.eval.final_episodes=5",
   "--config.steps_per_dispatch=20",
 ]
+TINY.append("--config.policy.normalise_observations=true")  # the tests below check the statistics
 DS = "--config.dataset="
 NO_PERCENTILES = "--config.curation.percentiles=()"
 
@@ -111,6 +112,21 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
     np.asarray(policy.obs_std[...]), np.maximum(real.std(axis=0), 1e-3), rtol=1e-5
   )
   np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
+
+
+def test_observations_are_not_normalised_when_switched_off(datasets, tmp_path):
+  """The paper preset's default, as the authors' control code: the policy stores mean 0, std 1."""
+  from iwsft.control.config import get_config
+  from iwsft.control.pipeline import prepare
+
+  cfg = get_config()
+  assert not cfg.policy.normalise_observations and get_config("cpu").policy.normalise_observations
+  cfg.update(dataset=MIXED, num_devices=1)
+  cfg.reference.batch_size = 8
+  cfg.finetune.batch_size = 8
+  run = prepare(cfg, [0], quiet=True)
+  assert np.all(np.asarray(run.constants["obs_mean"][...]) == 0)
+  assert np.all(np.asarray(run.constants["obs_std"][...]) == 1)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ CONTROL = [
   "--config.eval.final_episodes=2",
   "--config.steps_per_dispatch=10",
   "--config.checkpoint_every=20",
+  "--config.policy.normalise_observations=true",
 ]
 
 

@@ -83,6 +83,16 @@ def test_step_weights_match_numpy():
   np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-5, atol=1e-30)
 
 
+def test_step_weights_with_the_authors_normalisation_match_numpy():
+  """Divided by their sum over all B x T entries, where each padding entry counts exp(0) = 1."""
+  _, lq, lref, mask, _ = batch()
+  cfg = ObjectiveConfig("step", temperature=10.0, step_w_max=2.0, step_normalise=True)
+  w, _ = obj.step_weights(lq, lref, mask, cfg)
+  raw = np.clip(np.exp(10.0 * (lq.astype(np.float64) - lref)), 0.0, 2.0)
+  total = (raw * mask).sum() + (1 - mask).sum()
+  np.testing.assert_allclose(np.asarray(w), raw * mask / total, rtol=1e-5, atol=1e-30)
+
+
 def np_loss(logp, mask, seq_w, step_w, length_normalise):
   per = []
   for i in range(len(mask)):

@@ -34,6 +34,7 @@ RUN = [
   "--config.eval.final_episodes=3",
   "--config.steps_per_dispatch=10",
   "--config.checkpoint_every=20",
+  "--config.policy.normalise_observations=true",
 ]
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 

@@ -51,6 +51,9 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c.policy = ml_collections.ConfigDict()
   c.policy.hidden = (256, 256, 256)  # hidden widths of the policy MLP
   c.policy.state_dependent_std = False  # the authors' log-std is a free parameter
+  # standardise observations with the training data's mean and std (stored in the policy); the
+  # authors' control code does not, so the paper preset does not either
+  c.policy.normalise_observations = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # evaluate every this many updates; 0: only at the end
@@ -75,6 +78,7 @@ def _scale_to_cpu(c: ml_collections.ConfigDict, sweep: bool) -> None:
   whole-episode batches 4x as long as medium's: batches of 8 episodes and 400 updates there.
   """
   c.eval.update(every=200, episodes=5, final_episodes=20)
+  c.policy.normalise_observations = True  # as the CPU presets' published numbers were made
   c.steps_per_dispatch = 100
   c.reference.update(batch_level="step", batch_size=256, steps=3000)
   c.finetune.update(steps=600, batch_size=32, warmup_steps=50, learning_rate=1e-4)

@@ -195,7 +195,10 @@ def prepare(cfg, seeds: list[int], quiet: bool) -> Run:
     policy = GaussianPolicy(
       len(share.obs_mean), action_space.shape[0], settings.policy, rngs=nnx.Rngs(s)
     )
-    policy.set_normalisation(share.obs_mean, share.obs_std, action_space.low, action_space.high)
+    mean, std = share.obs_mean, share.obs_std
+    if not cfg.policy.normalise_observations:
+      mean, std = np.zeros_like(mean), np.ones_like(std)
+    policy.set_normalisation(mean, std, action_space.low, action_space.high)
     built.append(split_policy(policy))
   # The normalisation comes from the data, not the seed: one graphdef and constants for all.
   return Run(

@@ -46,6 +46,8 @@ class ObjectiveConfig:
   q_decay: the auxiliary policy q follows the trained one, q ← q_decay · q + (1 − q_decay) · θ after
     every update (0.9, the authors' control recipe); 0 makes q the current policy, detached (their
     LM recipe).
+  step_normalise: divide the per-step weights by their sum over all B × T entries, a padding entry
+    counting 1 (the authors' control code does this; it rescales the loss by about 1 / (B·T)).
   """
 
   importance_weighting: Literal["none", "sequence", "step"] = "none"
@@ -58,6 +60,7 @@ class ObjectiveConfig:
   length_normalise: bool = True
   reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
   q_decay: float = 0.9
+  step_normalise: bool = False
 
   def __post_init__(self):
     if self.importance_weighting not in WEIGHTINGS:
@@ -140,7 +143,10 @@ def step_weights(
   """Per-step weights clip(exp(temp · (log q − log π_ref)), [step_w_min, step_w_max]); [B, T]."""
   log_w = cfg.temperature * (logp_q - logp_ref)
   log_w, clipped = _log_clip(log_w, cfg.step_w_min, cfg.step_w_max)
-  w = jax.lax.stop_gradient(jnp.exp(log_w) * mask)
+  w = jnp.exp(log_w) * mask
+  if cfg.step_normalise:
+    w = w / jnp.sum(jnp.where(mask > 0, w, 1.0))
+  w = jax.lax.stop_gradient(w)
   n = jnp.maximum(mask.sum(), 1.0)
   diag = {
     "iw/clip_fraction": jnp.sum(clipped * mask) / n,
