@@ -154,9 +154,8 @@ def main():
     f"on {common.machine()['device']}"
   )
   print(common.table(rows, list(rows[0])))
-  path = common.save(
-    "lm_throughput", {"batch": args.batch, "matmul_peak_flops": peak, "rows": rows}
-  )
+  name = "lm_throughput" if args.sizes == "tiny,small,medium" else f"lm_throughput-{args.sizes}"
+  path = common.save(name, {"batch": args.batch, "matmul_peak_flops": peak, "rows": rows})
   print(f"-> {path}")
 
 
