@@ -288,3 +288,17 @@ def test_a_chat_prompt_longer_than_the_context_is_a_user_error(tmp_path, smollm2
   with pytest.raises(UserError, match="model.max_len 32 is too short"):
     LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)
   assert not (tmp_path / "w").exists()
+
+
+def test_bfloat16_compute_stays_close_to_the_float32_reference():
+  import dataclasses
+
+  cfg, _, params = checkpoints.load_hf(os.path.join(HF, "tiny-llama"), max_len=64)
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(bf16, rngs=nnx.Rngs(0))))[0]
+  ref = np.load(os.path.join(HF, "tiny-llama", "logits.npz"))
+  logits = nnx.merge(graphdef, params)(jnp.asarray(ref["ids"]))
+  assert logits.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    np.asarray(logits, np.float32), ref["logits"], atol=0.15
+  )  # 8-bit mantissa
