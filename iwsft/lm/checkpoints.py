@@ -14,6 +14,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -162,8 +163,6 @@ def _params(cfg: LMConfig, pure: dict):
   """(graphdef, params) of Transformer(cfg) holding the given pure-dict state; shapes checked."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   expected = nnx.to_pure_dict(params)
-  import jax
-
   got = jax.tree_util.tree_flatten_with_path(pure)[0]
   want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   for path, x in got:
