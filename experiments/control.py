@@ -1,7 +1,7 @@
 """Train and evaluate one method on one Minari dataset.
 
   python experiments/control.py --config=iwsft/control/config.py:cpu \
-      --config.dataset=iwsft/hopper-small/medium-replay-v0 --config.method=iw_sft \
+      --config.dataset=iwsft/hopper-small/medium-replay-v1 --config.method=iw_sft \
       --workdir=runs/hopper-iw_sft
 
 --config is an ml_collections config file (default: iwsft/control/config.py, the authors' recipe;

@@ -1,80 +1,98 @@
-"""The README's main job: build the small datasets if missing (for Hopper: train SAC behaviour
-policies first), then train BC (= π_ref), filtered BC and iw-SFT on the medium-replay dataset,
-evaluate them, print a table and save a plot.
+"""The README's main job: BC (= π_ref), filtered BC and iw-SFT on the small Hopper medium-replay
+dataset, three seeds trained together (vmapped), then a table of the score's mean ± std over seeds
+with a 95% bootstrap CI of the mean, and a plot.
 
-  python experiments/demo.py --workdir=runs/demo [--env=pendulum]
+  python experiments/demo.py --workdir=runs/demo [--seeds=0,1,2] [--env=pendulum]
 
-Settings are the `cpu` preset of iwsft/control/config.py, scaled for a 2-core CPU (a few minutes);
-the authors' GPU recipe is the default of experiments/control.py. All three methods share one π_ref,
-trained once.
+The small Hopper family ships with the project (iwsft/control/datasets/shipped), so every machine
+trains on the same episodes; other families are built first when missing. Settings are the `cpu`
+preset of iwsft/control/config.py (a 2-core CPU's scale), overridable as --config.<key>=<value>;
+the authors' GPU recipe is the default of experiments/control.py. All methods share one π_ref per
+seed, trained once.
 """
 
 import os
 
 from absl import flags
 
-from iwsft.control import datasets
-from iwsft.control.config import get_config
-from iwsft.control.pipeline import run_control
-from iwsft.io import cli, plots
-from iwsft.io.report import format_table
+from iwsft.control import config, datasets
+from iwsft.control.pipeline import run_control_seeds
+from iwsft.io import cli, plots, report
 
+cli.define_config(
+  cli.config_file(config) + ":cpu",
+  "the recipe: a control config file[:preset]; override values with --config.<key>=<value>",
+)
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per method)")
 flags.DEFINE_enum("env", "hopper", list(datasets.ENVS), "environment family (its small profile)")
 flags.DEFINE_string("kind", "medium-replay", "dataset kind to train on")
 flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compare")
-flags.DEFINE_integer("seed", 0, "seed of every run")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds, trained together")
 flags.DEFINE_bool("overwrite", False, "replace finished runs in --workdir")
+
+
+def summary_table(results: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+  """{method: per-seed results} -> (Markdown table, report.summarise rows) of normalised scores."""
+  records = [
+    {"dataset": r["dataset"], "method": m, "seed": r["seed"], "score": r["normalised_score"]}
+    for m, rs in results.items()
+    for r in rs
+  ]
+  summary = report.summarise(records)
+  returns = {m: [r["return_mean"] for r in rs] for m, rs in results.items()}
+  rows = [
+    [
+      s["method"],
+      report.cell_text(s),
+      " / ".join(f"{r['normalised_score']:.1f}" for r in results[s["method"]]),
+      f"{sum(returns[s['method']]) / len(returns[s['method']]):.1f}",
+    ]
+    for s in summary
+  ]
+  head = ["method", "score: mean ± std [95% CI]", "per seed", "mean return"]
+  return report.format_table(head, rows), summary
 
 
 def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
+  seeds = [int(s) for s in F.seeds]
   rows = datasets.build(F.env, "small", [F.kind], seed=0, force=False)
   print(datasets.table(rows))
   dataset = rows[0]["dataset"]
   workdir = os.path.abspath(F.workdir)
-  results = []
+  results = {}
   for method in F.methods:
-    cfg = get_config("cpu")
-    cfg.update(dataset=dataset, method=method, seed=F.seed)
-    results.append(
-      run_control(
-        cfg,
-        os.path.join(workdir, method),
-        F.overwrite,
-        reference_dir=os.path.join(workdir, "reference"),
-      )
+    cfg = F.config.copy_and_resolve_references()
+    cfg.update(dataset=dataset, method=method)
+    results[method] = run_control_seeds(
+      cfg,
+      seeds,
+      os.path.join(workdir, method),
+      F.overwrite,
+      reference_dir=os.path.join(workdir, "reference"),
     )
-  table = format_table(
-    ["method", "normalised score", "return", "wall time (s)"],
-    [
-      [
-        r["method"],
-        f"{r['normalised_score']:.1f} ± {r['normalised_score_std']:.1f}",
-        f"{r['return_mean']:.1f} ± {r['return_std']:.1f}",
-        f"{r['wall_time_s']:.0f}",
-      ]
-      for r in results
-    ],
-  )
+  table, summary = summary_table(results)
+  first = next(iter(results.values()))[0]
   text = (
-    f"{dataset}, seed {F.seed}, final evaluation over {results[0]['eval_episodes']} "
-    f"episodes:\n{table}"
+    f"{dataset}, seeds {', '.join(map(str, seeds))} (trained together), normalised score x100 of "
+    f"the final evaluation over {first['eval_episodes']} episodes per seed:\n{table}"
   )
   print("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text + "\n")
   plots.score_bars(
-    [r["method"] for r in results],
-    [r["normalised_score"] for r in results],
-    [r["normalised_score_std"] for r in results],
+    [s["method"] for s in summary],
+    [s["mean"] for s in summary],
+    [(s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) for s in summary],
     os.path.join(workdir, "scores.png"),
     "normalised score ×100",
-    f"{dataset} (seed {F.seed}; mean ± std over episodes)",
+    f"{dataset}\nmean over seeds {', '.join(map(str, seeds))}, 95% bootstrap CI",
+    points=[[r["normalised_score"] for r in results[s["method"]]] for s in summary],
   )
   print(
-    f"table: {workdir}/table.md  plot: {workdir}/scores.png  curves: {workdir}/<method>/curve.png"
+    f"table: {workdir}/table.md  plot: {workdir}/scores.png  "
+    f"curves: {workdir}/<method>/seed_<s>/curve.png"
   )
 
 

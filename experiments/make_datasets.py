@@ -3,7 +3,7 @@ medium-expert, each with ref_min_score (random) and ref_max_score (expert) for n
 
   python experiments/make_datasets.py --env=pendulum --profile=small
 
-Ids: iwsft/<env>-small/<kind>-v0 for the small profile, iwsft/<env>/<kind>-v0 for full. Existing
+Ids: iwsft/<env>-small/<kind>-v1 for the small profile, iwsft/<env>/<kind>-v1 for full. Existing
 datasets are reused unless --force; the same --seed gives the same data. Behaviour policies of the
 `pendulum` family are a scripted controller with a quality knob (iwsft.control.collect); those of
 hopper, halfcheetah and walker2d are snapshots of a SAC learner trained first (iwsft.control.sac).

@@ -311,3 +311,64 @@ def test_a_corrupt_run_json_is_one_line_exit_2_and_nothing_is_overwritten(datase
   assert len(lines) == 1 and "run.json is corrupt" in lines[0], r.stderr
   assert (work / "run.json").read_text() == '{"config": {"dataset": '
   assert sorted(os.listdir(work)) == ["metrics.jsonl", "run.json"]
+
+
+def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, tmp_path):
+  """A dataset recorded in InvertedPendulum-v5 (1000 steps) that names a 37-step copy of it for
+  evaluation: the run's evaluation environment is that copy (recover_environment(eval_env=True))."""
+  from types import SimpleNamespace
+
+  import gymnasium as gym
+  import minari
+
+  from iwsft.control.datasets.collect import write_episodes
+  from iwsft.control.pipeline import prepare
+
+  episodes = [
+    SimpleNamespace(
+      observations=e.observations,
+      actions=e.actions,
+      rewards=e.rewards,
+      terminated=e.terminations[-1],
+      truncated=e.truncations[-1],
+      seed=i,
+    )
+    for i, e in enumerate(minari.load_dataset(EXPERT).sample_episodes(4))
+  ]
+  did = "iwsft/pendulum-test/eval-env-v0"
+  short = gym.make("InvertedPendulum-v5", max_episode_steps=37).spec
+  write_episodes(did, "InvertedPendulum-v5", episodes, 5.0, 37.0, eval_env=short)
+  cfg = _tiny_config("bc")
+  cfg.update(dataset=did, num_devices=1)
+  cfg.reference.batch_size = 4
+  run = prepare(cfg, [0], quiet=True)
+  assert gym.spec("InvertedPendulum-v5").max_episode_steps == 1000
+  assert run.env_spec.max_episode_steps == 37
+
+
+def test_download_with_no_reachable_remote_is_one_line_exit_2(datasets, tmp_path):
+  """--download of a remote Minari id when the hub cannot be reached (HF_ENDPOINT points at a
+  closed local port, so the test never touches the network): one line, exit 2, no retries, nothing
+  written."""
+  import time
+
+  env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}
+  t0 = time.time()
+  r = subprocess.run(
+    [
+      sys.executable,
+      "experiments/control.py",
+      f"--workdir={tmp_path / 'work'}",
+      *TINY,
+      "--config.dataset=mujoco/hopper/medium-v0",
+      "--config.download=True",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+  )
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert len(lines) == 1 and "unreachable" in lines[0] and "127.0.0.1:9" in lines[0], r.stderr
+  assert time.time() - t0 < 30 and not (tmp_path / "work").exists()

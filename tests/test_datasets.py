@@ -5,12 +5,24 @@ import pytest
 
 from iwsft.control import datasets
 
+# A SAC profile of seconds, with no target and no family checks (its policies are far too weak).
+TINY = {
+  "sac": {
+    "total_steps": 1_200,
+    "start_steps": 400,
+    "snapshot_every": 400,
+    "hidden": (16, 16),
+    "eval_episodes": 2,
+  },
+  "episodes": {"random": 3, "medium": 2, "expert": 2},
+}
+
 
 @pytest.fixture(scope="module")
 def family():
   """Builds the whole small family once (about 10 s) -> {kind: summary row}."""
   rows = datasets.build("pendulum", "small", list(datasets.KINDS), seed=0, force=False)
-  return {r["dataset"].split("/")[-1].removesuffix("-v0"): r for r in rows}
+  return {r["dataset"].split("/")[-1].rsplit("-v", 1)[0]: r for r in rows}
 
 
 def test_returns_order_expert_medium_random_and_replay_is_spread(family):
@@ -57,20 +69,7 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   from iwsft.control.datasets import sac
 
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-  monkeypatch.setitem(
-    datasets.SAC_PROFILES,
-    "tiny",
-    {
-      "sac": {
-        "total_steps": 1_200,
-        "start_steps": 400,
-        "snapshot_every": 400,
-        "hidden": (16, 16),
-        "eval_episodes": 2,
-      },
-      "episodes": {"random": 3, "medium": 2, "expert": 2},
-    },
-  )
+  monkeypatch.setitem(datasets.SAC_PROFILES, "tiny", TINY)
   calls = []
   train = sac.train_sac
   monkeypatch.setattr(sac, "train_sac", lambda *a, **k: calls.append(1) or train(*a, **k))
@@ -85,10 +84,10 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   after = episodes_from_minari(minari.load_dataset(did))
   np.testing.assert_array_equal(before.actions, after.actions)
 
-  expert = next(r for r in again if r["dataset"].endswith("expert-v0"))
+  expert = next(r for r in again if "/expert-v" in r["dataset"])
   stored = minari.load_dataset(expert["dataset"]).storage.metadata["iwsft_seconds"]
   assert (
-    not expert["built"] and expert["seconds"] == stored >= 0
+    expert["origin"] == "reused" and expert["seconds"] == stored >= 0
   )  # the time stored when it was built
   assert first[0]["behaviour_seconds"] == again[0]["behaviour_seconds"] > 0
   text = datasets.table(again)
@@ -96,3 +95,53 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   assert (
     f"SAC behaviour training for iwsft/hopper: {first[0]['behaviour_seconds']:.1f} seconds" in text
   )
+
+
+def test_family_checks_against_hand_computed_thresholds():
+  """random 0, expert 100 (gap 100): medium must lie in [15, 70]; with medium 33, medium-replay
+  needs enough episodes whose 10th-90th percentile spread is at least 33 / 4 = 8.25."""
+  rng = np.random.default_rng(0)
+  good = {
+    "random": np.zeros(5),
+    "medium": np.full(5, 33.0),
+    "expert": np.full(5, 100.0),
+    "medium-replay": np.linspace(0, 40, 60),  # p90 - p10 = 32
+  }
+  assert datasets.check_family(good, 90.0, 50) == []
+  bad = lambda **kinds: datasets.check_family({**good, **kinds}, 90.0, 50)
+  assert "not clearly between" in bad(medium=np.full(5, 14.0))[0]
+  assert "not clearly between" in bad(medium=np.full(5, 71.0))[0]
+  assert "below the target 90.0" in bad(expert=np.full(5, 89.0))[0]
+  assert "not above" in bad(expert=np.zeros(5))[0]
+  assert "fewer than 50" in bad(**{"medium-replay": np.linspace(0, 40, 49)})[0]
+  narrow = 20.0 + rng.uniform(-4.0, 4.0, 60)  # p90 - p10 < 8 < 8.25
+  assert "less than a quarter of medium − random (33.0)" in bad(**{"medium-replay": narrow})[0]
+
+
+def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monkeypatch):
+  import minari
+
+  from iwsft.errors import UserError
+
+  monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+  monkeypatch.setitem(
+    datasets.SAC_PROFILES, "tiny", {**TINY, "checks": {"min_replay_episodes": 10**6}}
+  )
+  with pytest.raises(UserError, match="failed its quality checks .*fewer than 1000000.*deleted"):
+    datasets.build("hopper", "tiny", ["medium-replay"], seed=0, force=False)
+  assert minari.list_local_datasets() == {}
+
+
+def test_the_small_hopper_family_is_installed_from_the_shipped_copy(tmp_path, monkeypatch):
+  """No SAC run: the shipped files are copied byte for byte, and say so in the table."""
+  from iwsft.control.datasets import sac, shipped
+
+  monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+  monkeypatch.setattr(sac, "train_sac", lambda *a, **k: pytest.fail("trained SAC"))
+  rows = datasets.build("hopper", "small", ["medium-replay"], seed=0, force=False)
+  ids = {datasets.dataset_id("hopper", "small", k) for k in datasets.KINDS}
+  assert ids == set(shipped.shipped_ids())
+  assert [r["origin"] for r in rows] == ["shipped"]
+  for did in ids - {datasets.dataset_id("hopper", "small", "medium-expert")}:  # not needed here
+    assert shipped.digest(did, str(tmp_path)) == shipped.digest(did)
+  assert "(shipped)" in datasets.table(rows)

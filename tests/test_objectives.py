@@ -93,35 +93,37 @@ def test_step_weights_with_the_authors_normalisation_match_numpy():
   np.testing.assert_allclose(np.asarray(w), raw * mask / total, rtol=1e-5, atol=1e-30)
 
 
-def np_loss(logp, mask, seq_w, step_w, length_normalise):
+def np_loss(logp, mask, seq_w, step_w, length_normalise, valid):
   per = []
   for i in range(len(mask)):
     k = int(mask[i].sum())
     s = (logp[i, :k] * (1.0 if step_w is None else step_w[i, :k])).sum()
     per.append(s / k if length_normalise else s)
   per = np.array(per)
-  return -(seq_w * per).sum() / (seq_w > 0).sum()
+  return -(seq_w * per).sum() / valid.sum()
 
 
 @pytest.mark.parametrize("length_normalise", [True, False])
 def test_weighted_nll_matches_numpy(length_normalise):
   logp, lq, lref, mask, _ = batch()
   seq_w = np.array([0.5, 2.0, 1.0, 0.0, 1.5, 1.0], np.float32)
+  valid = np.array([1, 1, 1, 1, 1, 0], np.float32)  # row 3: real data whose weight is 0
   step_w = RNG.uniform(0, 2, logp.shape).astype(np.float32)
   cfg = ObjectiveConfig(length_normalise=length_normalise)
   for sw in (None, step_w):
-    got = obj.weighted_nll(logp, mask, seq_w, sw, cfg)
+    got = obj.weighted_nll(logp, mask, seq_w * valid, sw, cfg, valid)
     np.testing.assert_allclose(
-      float(got), np_loss(logp, mask, seq_w, sw, length_normalise), rtol=1e-5
+      float(got), np_loss(logp, mask, seq_w * valid, sw, length_normalise, valid), rtol=1e-5
     )
 
 
 def test_token_mean_reduction_matches_numpy():
   logp, _, _, mask, _ = batch()
   seq_w = np.array([0.5, 2.0, 1.0, 0.0, 1.5, 1.0], np.float32)
+  valid = np.ones(len(mask), np.float32)
   cfg = ObjectiveConfig(reduction="token_mean")
-  got = obj.weighted_nll(logp, mask, seq_w, None, cfg)
-  tokens = mask[seq_w > 0].sum()
+  got = obj.weighted_nll(logp, mask, seq_w, None, cfg, valid)
+  tokens = mask.sum()  # a real row with weight 0 still counts its tokens
   np.testing.assert_allclose(float(got), -(seq_w[:, None] * mask * logp).sum() / tokens, rtol=1e-5)
 
 
@@ -153,7 +155,9 @@ def test_gradient_does_not_flow_through_q_when_q_is_the_policy():
   cfg = ObjectiveConfig("sequence", temperature=1.0)
   f = lambda lp: obj.iw_sft_loss(lp, jax.lax.stop_gradient(lp), lref, mask, weight, cfg)[0]
   w, _ = obj.sequence_weights(logp, lref, mask, weight, cfg)
-  g_manual = jax.grad(lambda lp: obj.weighted_nll(lp, mask, w, None, cfg))(jnp.asarray(logp))
+  g_manual = jax.grad(lambda lp: obj.weighted_nll(lp, mask, w, None, cfg, weight))(
+    jnp.asarray(logp)
+  )
   np.testing.assert_allclose(
     np.asarray(jax.grad(f)(jnp.asarray(logp))), np.asarray(g_manual), rtol=1e-6
   )
@@ -180,6 +184,22 @@ def test_padding_rows_do_not_count():
   full, _ = obj.iw_sft_loss(logp, lq, lref, mask, weight, cfg)
   part, _ = obj.iw_sft_loss(logp[:5], lq[:5], lref[:5], mask[:5], weight[:5], cfg)
   np.testing.assert_allclose(float(full), float(part), rtol=1e-6)
+
+
+def test_an_underflowed_weight_does_not_rescale_the_loss():
+  """One episode whose tempered log-ratio is -200 gets weight exp(-200) = 0 in float32; the loss
+  still averages over all 6 real episodes (numpy in float64, where that weight is ~1e-87)."""
+  logp, lq, lref, mask, lengths = batch()
+  lq = lq.copy()
+  lq[2] = lref[2] - 20.0 * mask[2]  # mean log-ratio -20, times temperature 10
+  weight = np.ones(len(mask), np.float32)
+  cfg = ObjectiveConfig("sequence", temperature=10.0, self_normalise=False)
+  loss, _ = obj.iw_sft_loss(logp, lq, lref, mask, weight, cfg)
+  ratio = ((lq - lref).astype(np.float64) * mask).sum(1) / lengths
+  w = np.clip(np.exp(10.0 * ratio), 0.0, 1000.0)
+  assert w[2] < 1e-80
+  ell = (logp.astype(np.float64) * mask).sum(1) / lengths
+  np.testing.assert_allclose(float(loss), -(w * ell).sum() / len(mask), rtol=1e-5)
 
 
 def test_config_rejects_bad_settings():

@@ -31,7 +31,7 @@ def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PAT
   from iwsft.control.data import episodes_from_minari, reference_scores
 
   rows = {
-    r["dataset"].split("/")[-1].removesuffix("-v0"): r
+    r["dataset"].split("/")[-1].rsplit("-v", 1)[0]: r
     for r in ds_lib.build("hopper", "small", list(ds_lib.KINDS), seed=0, force=False)
   }
   assert (
@@ -47,3 +47,25 @@ def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PAT
     eps = episodes_from_minari(ds)
     assert eps.num_steps == row["steps"]
     np.testing.assert_allclose(eps.returns.mean(), row["return_mean"], rtol=1e-9)
+
+
+def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
+  from iwsft.control.datasets.sac import TargetNotReached
+
+  base = dict(start_steps=200, snapshot_every=200, hidden=(16, 16), eval_episodes=2)
+  kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False}
+  # a target met at once: training stops after total_steps, as without one
+  snaps, _, _ = train_sac(
+    "InvertedPendulum-v5",
+    SACConfig(total_steps=400, max_steps=2000, target_return=0.0, **base),
+    **kw,
+  )
+  assert [s.step for s in snaps] == [200, 400]
+  with pytest.raises(TargetNotReached, match=r"in 800 steps, below the target 1000000000: raise max_steps"):
+    train_sac(
+      "InvertedPendulum-v5",
+      SACConfig(total_steps=400, max_steps=800, target_return=1e9, **base),
+      **kw,
+    )
+  with pytest.raises(ValueError, match="max_steps"):
+    SACConfig(total_steps=400, max_steps=100, target_return=1.0)

@@ -72,6 +72,7 @@ def load_dataset(dataset_id: str, download: bool = False):
         f"dataset {dataset_id!r} is not in {datasets_path()} (local ids: {shown}); "
         "build it with experiments/make_datasets.py or pass --download"
       )
+    _check_remote(dataset_id)
     try:
       minari.download_dataset(dataset_id)
     except Exception as e:  # network errors, unknown remote ids
@@ -84,6 +85,34 @@ def load_dataset(dataset_id: str, download: bool = False):
     raise UserError(
       f"could not read dataset {dataset_id!r}: {type(e).__name__}: {e}".splitlines()[0]
     ) from e
+
+
+def _check_remote(dataset_id: str, timeout: float = 5.0) -> None:
+  """Fails in one line, before Minari's client retries for half a minute, when the remote that
+  holds the dataset (MINARI_REMOTE, Minari's default hf://farama-minari) cannot be reached."""
+  import socket
+  from urllib.parse import urlparse
+
+  remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+  kind = remote.split("://", 1)[0]
+  if kind == "hf":
+    try:
+      from huggingface_hub import constants
+    except ImportError:
+      raise UserError("downloading needs Minari's hf extra: pip install 'minari[hf]'") from None
+    url = urlparse(constants.ENDPOINT)
+  elif kind == "gcp":
+    url = urlparse("https://storage.googleapis.com")
+  else:
+    return
+  port = url.port or (443 if url.scheme == "https" else 80)
+  try:
+    socket.create_connection((url.hostname, port), timeout=timeout).close()
+  except OSError as e:
+    raise UserError(
+      f"cannot download {dataset_id!r}: Minari's remote {remote} ({url.hostname}:{port}) is "
+      f"unreachable ({e.strerror or e}); build datasets locally with experiments/make_datasets.py"
+    ) from None
 
 
 def check_spaces(dataset) -> tuple[int, int]:

@@ -219,9 +219,11 @@ def prepare(cfg, seeds: list[int], quiet: bool) -> Run:
 
 
 def _environment(dataset, name: str):
-  """(the dataset's environment spec, its action space), checked against the data."""
+  """(the spec of the dataset's evaluation environment, its action space), checked against the
+  data. Minari's evaluation environment is the one the dataset names for evaluation, or the one
+  that recorded it where it names none."""
   try:
-    env = dataset.recover_environment()
+    env = dataset.recover_environment(eval_env=True)
   except Exception as e:
     raise UserError(f"cannot create the environment of {name!r}: {type(e).__name__}: {e}") from None
   data_lib.check_matches_env(dataset, env.action_space, env.observation_space, name)

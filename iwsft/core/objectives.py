@@ -164,25 +164,32 @@ def effective_sample_size(w: Array, valid: Array | None = None) -> Array:
 
 
 def weighted_nll(
-  logp: Array, mask: Array, seq_weight: Array, step_weight: Array | None, cfg: ObjectiveConfig
+  logp: Array,
+  mask: Array,
+  seq_weight: Array,
+  step_weight: Array | None,
+  cfg: ObjectiveConfig,
+  valid: Array,
 ) -> Array:
-  """Scalar loss −Σ_i c_i · ℓ_i / Σ_i [valid_i] with ℓ_i the (step-weighted) sequence log-lik.
+  """Scalar loss −Σ_i c_i · ℓ_i / Σ_i valid_i with ℓ_i the (step-weighted) sequence log-lik.
 
   Args:
     logp: [B, T] log-probs under the trained policy (differentiated).
     mask: [B, T] step mask.
-    seq_weight: [B] per-sequence weight c_i (0 marks padding rows).
+    seq_weight: [B] per-sequence weight c_i (data weight times importance weight).
     step_weight: [B, T] per-step weights, or None for 1.
+    valid: [B] 1 for rows of real data, 0 for padding rows. The denominator counts these, not the
+      rows whose final weight is > 0, so an importance weight that underflows to 0 does not rescale
+      the whole batch's loss.
   """
   sw = mask if step_weight is None else step_weight * mask
   if cfg.reduction == "token_mean":
-    tokens = jnp.maximum(jnp.sum(mask * (seq_weight[:, None] > 0)), 1.0)
+    tokens = jnp.maximum(jnp.sum(mask * valid[:, None]), 1.0)
     return -jnp.sum(seq_weight[:, None] * sw * logp) / tokens
   per_seq = jnp.sum(sw * logp, axis=-1)
   if cfg.length_normalise:
     per_seq = per_seq / sequence_lengths(mask)
-  n_valid = jnp.maximum(jnp.sum(seq_weight > 0), 1)
-  return -jnp.sum(seq_weight * per_seq) / n_valid
+  return -jnp.sum(seq_weight * per_seq) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def bound_estimates(
@@ -238,7 +245,7 @@ def iw_sft_loss(
   elif cfg.importance_weighting == "step":
     step_w, diag = step_weights(logp_q, logp_ref, mask, cfg)
     metrics.update(diag)
-  loss = weighted_nll(logp, mask, seq_w, step_w, cfg)
+  loss = weighted_nll(logp, mask, seq_w, step_w, cfg, valid)
   metrics["loss"] = loss
   metrics["nll"] = -jnp.sum(
     valid * sequence_logprob(logp, mask, cfg.length_normalise)

@@ -77,11 +77,21 @@ def band_panels(
 
 
 def score_bars(
-  names: list[str], means: list[float], stds: list[float], path: str, ylabel: str, title: str
+  names: list[str],
+  means: list[float],
+  errors: list[tuple[float, float]],
+  path: str,
+  ylabel: str,
+  title: str,
+  points: list[list[float]] | None = None,
 ) -> None:
-  """A bar per name with an error bar (e.g. a method's score, mean ± std)."""
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.bar(names, means, yerr=stds, capsize=4, color="C0")
+  """A bar per name with an error bar (below, above) the mean, e.g. a 95% CI; `points` draws each
+  name's individual values (its seeds) over the bar."""
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  yerr = [[e[0] for e in errors], [e[1] for e in errors]]
+  ax.bar(names, means, yerr=yerr, capsize=4, color="C0", alpha=0.8)
+  for i, values in enumerate(points or []):
+    ax.scatter([i] * len(values), values, color="k", s=14, zorder=3)
   ax.set(ylabel=ylabel)
   ax.grid(axis="y", alpha=0.3)
   _save(fig, path, title)

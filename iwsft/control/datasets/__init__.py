@@ -1,6 +1,24 @@
 """The project's own D4RL-style Minari datasets: build (families and tables), collect (scripted
 behaviour and recording), sac (the SAC learner whose snapshots are the locomotion behaviours)."""
 
-from iwsft.control.datasets.build import ENVS, KINDS, SAC_PROFILES, build, dataset_id, table
+from iwsft.control.datasets.build import (
+  ENVS,
+  KINDS,
+  SAC_PROFILES,
+  VERSION,
+  build,
+  check_family,
+  dataset_id,
+  table,
+)
 
-__all__ = ["ENVS", "KINDS", "SAC_PROFILES", "build", "dataset_id", "table"]
+__all__ = [
+  "ENVS",
+  "KINDS",
+  "SAC_PROFILES",
+  "VERSION",
+  "build",
+  "check_family",
+  "dataset_id",
+  "table",
+]

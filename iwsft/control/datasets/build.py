@@ -1,7 +1,9 @@
 """Building the project's own D4RL-style Minari datasets (random, medium, medium-replay, expert,
 medium-expert) with reference scores, for experiments/make_datasets.py and the demo.
 
-Ids: iwsft/<env>-small/<kind>-v0 for the small profile, iwsft/<env>/<kind>-v0 for full.
+Ids: iwsft/<env>-small/<kind>-v1 for the small profile, iwsft/<env>/<kind>-v1 for full. Before
+anything is kept, the family's data is checked for a spread of quality (check_family); a family
+that fails is deleted and the build ends with the reasons.
 """
 
 import os
@@ -12,7 +14,8 @@ import gymnasium as gym
 import numpy as np
 from tqdm.auto import tqdm
 
-from iwsft.control.datasets import collect
+from iwsft.control.data import datasets_path
+from iwsft.control.datasets import collect, shipped
 from iwsft.errors import UserError
 from iwsft.io.report import format_table
 
@@ -24,32 +27,78 @@ ENVS = {
 }
 KINDS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 
-# Behaviour-policy training and episodes per kind for the SAC-made locomotion families.
-# small: about 2.5 minutes on 2 cores for Hopper (measured); full: see the README's dataset table.
+# D4RL's expert reference returns (REF_MAX_SCORE) of the v2 locomotion datasets.
+D4RL_EXPERT = {"hopper": 3234.3, "halfcheetah": 12135.0, "walker2d": 4592.3}
+
+# Behaviour-policy training, episodes per kind and the family's quality checks, per profile. SAC
+# trains total_steps, then on until a snapshot's evaluation return reaches the environment's target
+# (an error at max_steps). Small: minutes on 2 cores; full: experts at 80% of D4RL's.
 SAC_PROFILES = {
   "small": {
     "sac": {
       "total_steps": 30_000,
+      "max_steps": 100_000,
       "start_steps": 5_000,
       "snapshot_every": 2_500,
       "hidden": (256, 256),
     },
+    "targets": {"hopper": 600.0, "halfcheetah": 1500.0, "walker2d": 600.0},
     "episodes": {"random": 20, "medium": 20, "expert": 10},
+    "checks": {"min_replay_episodes": 50},
   },
   "full": {
     "sac": {
       "total_steps": 300_000,
+      "max_steps": 1_000_000,
       "start_steps": 10_000,
       "snapshot_every": 10_000,
       "hidden": (256, 256),
+      "eval_episodes": 10,
     },
+    "targets": {env: 0.8 * ret for env, ret in D4RL_EXPERT.items()},
     "episodes": {"random": 1000, "medium": 1000, "expert": 1000},
+    "checks": {"min_replay_episodes": 100},
   },
 }
+# The scripted pendulum family is checked alike (its episode counts: collect.PENDULUM_PROFILES).
+PENDULUM_CHECKS = {"small": {"min_replay_episodes": 50}, "full": {"min_replay_episodes": 100}}
+VERSION = 1  # of every family's ids; v0 was recorded by SAC runs of a fixed length, unchecked
+
+
+def check_family(returns: dict, min_expert: float | None, min_replay_episodes: int) -> list[str]:
+  """The spread of quality a D4RL-style family must have, checked on its data.
+
+  returns: {kind: episode returns [N]} with random, medium and expert (and medium-replay if built).
+  With gap = expert − random (mean returns): medium at least 15% of the gap above random and 30%
+  below expert; the expert at least min_expert; medium-replay (a learner's episodes up to medium)
+  at least min_replay_episodes episodes whose 10th and 90th return percentiles lie a quarter of
+  medium − random apart. -> the failed checks (none: passed).
+  """
+  r, m, e = (float(np.mean(returns[k])) for k in ("random", "medium", "expert"))
+  gap, fails = e - r, []
+  if gap <= 0:
+    return [f"the expert data's return ({e:.1f}) is not above the random data's ({r:.1f})"]
+  if m - r < 0.15 * gap or e - m < 0.3 * gap:
+    fails.append(
+      f"medium's return ({m:.1f}) is not clearly between random's ({r:.1f}) and expert's ({e:.1f})"
+    )
+  if min_expert is not None and e < min_expert:
+    fails.append(f"the expert data's return ({e:.1f}) is below the target {min_expert:.1f}")
+  replay = returns.get("medium-replay")
+  if replay is not None:
+    if len(replay) < min_replay_episodes:
+      fails.append(f"medium-replay has {len(replay)} episodes, fewer than {min_replay_episodes}")
+    spread = float(np.percentile(replay, 90) - np.percentile(replay, 10))
+    if spread < 0.25 * (m - r):
+      fails.append(
+        f"medium-replay's returns spread over {spread:.1f}, less than a quarter of medium − random"
+        f" ({m - r:.1f})"
+      )
+  return fails
 
 
 def dataset_id(env: str, profile: str, kind: str) -> str:
-  return f"iwsft/{env}{'-small' if profile == 'small' else ''}/{kind}-v0"
+  return f"iwsft/{env}{'-small' if profile == 'small' else ''}/{kind}-v{VERSION}"
 
 
 class _Pendulum:
@@ -58,9 +107,12 @@ class _Pendulum:
   algorithm = "scripted controller"
   train_seconds = None
 
+  target = None
+
   def __init__(self, env_id, profile, seed):
     self.space = gym.make(env_id).action_space
     self.profile = profile
+    self.checks = PENDULUM_CHECKS.get(profile)
 
   def prepare(self, kind):
     pass
@@ -81,8 +133,11 @@ class _SACFamily:
 
   algorithm = "SAC"
 
-  def __init__(self, env_id, profile, seed, cache_path=None):
-    self.env_id, self.profile, self.seed = env_id, profile, seed
+  def __init__(self, env, env_id, profile, seed, cache_path=None):
+    self.env, self.env_id, self.profile, self.seed = env, env_id, profile, seed
+    p = SAC_PROFILES[profile]
+    self.target = p.get("targets", {}).get(env)
+    self.checks = p.get("checks")
     env = gym.make(env_id)
     self.space, self.obs_dim = env.action_space, env.observation_space.shape[0]
     self.cache_path = cache_path
@@ -99,7 +154,7 @@ class _SACFamily:
       from iwsft.control.datasets import sac
 
       p = SAC_PROFILES[self.profile]
-      cfg = sac.SACConfig(seed=self.seed, **p["sac"])
+      cfg = sac.SACConfig(seed=self.seed, target_return=self.target, **p["sac"])
       _, _, act = sac.make_sac(self.obs_dim, self.space.shape[0], cfg)
       cached = _read_cache(self.cache_path, cfg)
       if cached is None:
@@ -180,7 +235,8 @@ def _write_cache(path, cfg, snapshots, episodes, seconds):
 
 
 def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
-  """Builds (or reuses) the datasets; returns one summary row per dataset."""
+  """Builds (or reuses) the datasets; returns one summary row per dataset. A missing dataset that
+  ships with the project (shipped.py; seed 0 only) is installed from its copy unless `force`."""
   import minari
 
   unknown = set(kinds) - set(KINDS)
@@ -192,34 +248,57 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   if env == "pendulum":
     family = _Pendulum(env_id, profile, seed)
   else:
-    family = _SACFamily(env_id, profile, seed, _behaviour_cache(env, profile, seed))
-  # Reference scores need the random and expert data, so they are built first.
+    family = _SACFamily(env, env_id, profile, seed, _behaviour_cache(env, profile, seed))
+  # Reference scores need the random and expert data, so they are built first; the family checks
+  # need medium too.
   order = ["random", "expert"] + [k for k in KINDS if k not in ("random", "expert")]
-  needed = [k for k in order if k in kinds or k in ("random", "expert")]
+  needed = [k for k in order if k in kinds or k in ("random", "expert", "medium")]
   local = minari.list_local_datasets()
-  rows, refs = [], {}
+  rows, refs, family_returns, origins = [], {}, {}, {}
   for kind in needed:
     did = dataset_id(env, profile, kind)
     if did in local and force:
       minari.delete_dataset(did)
-    built = force or did not in local
-    if built:
+    origin = "reused"
+    if force or did not in local:
+      origin = "built"
+      if not force and seed == 0 and shipped.install(did, datasets_path()):
+        origin = "shipped"
+    if origin == "built":
       ds = _record(family, kind, did, env_id, profile, seed, refs)
     else:
       ds = minari.load_dataset(did)
     returns = np.array([e.rewards.sum() for e in ds.iterate_episodes()])
+    family_returns[kind], origins[did] = returns, origin
     if kind in ("random", "expert"):
       refs[kind] = float(returns.mean())
     if kind == "random":
       family.random_return = refs["random"]
     if kind in kinds:
-      rows.append(_summary(ds, did, returns, built))
+      rows.append(_summary(ds, did, returns, origin))
+  _check_built(family, family_returns, origins)
   # random and expert were written before their own reference scores existed: add them now.
   for kind in ("random", "expert"):
     storage = minari.load_dataset(dataset_id(env, profile, kind)).storage
     if storage.metadata.get("ref_min_score") is None:
       storage.update_metadata({"ref_min_score": refs["random"], "ref_max_score": refs["expert"]})
   return rows
+
+
+def _check_built(family, returns: dict, origins: dict) -> None:
+  """Runs check_family when this call recorded data; on failure deletes what it recorded."""
+  import minari
+
+  if family.checks is None or "built" not in origins.values():
+    return
+  fails = check_family(returns, family.target, **family.checks)
+  if fails:
+    built = [did for did, origin in origins.items() if origin == "built"]
+    for did in built:
+      minari.delete_dataset(did)
+    raise UserError(
+      f"the family failed its quality checks ({'; '.join(fails)}); deleted {', '.join(built)}"
+    )
 
 
 def _record(family, kind: str, did: str, env_id: str, profile: str, seed: int, refs: dict):
@@ -248,7 +327,7 @@ def _record(family, kind: str, did: str, env_id: str, profile: str, seed: int, r
   return ds
 
 
-def _summary(ds, did: str, returns: np.ndarray, built: bool) -> dict:
+def _summary(ds, did: str, returns: np.ndarray, origin: str) -> dict:
   return {
     "dataset": did,
     "episodes": ds.total_episodes,
@@ -257,7 +336,7 @@ def _summary(ds, did: str, returns: np.ndarray, built: bool) -> dict:
     "return_std": float(returns.std()),
     "seconds": ds.storage.metadata.get("iwsft_seconds"),
     "behaviour_seconds": ds.storage.metadata.get("iwsft_behaviour_seconds"),
-    "built": built,
+    "origin": origin,  # "built" here, "reused" (found locally) or "shipped" (installed copy)
   }
 
 
@@ -273,7 +352,7 @@ def table(rows) -> str:
       f"{r['steps']:,}",
       f"{r['return_mean']:.1f}",
       f"{r['return_std']:.1f}",
-      f"{fmt(r['seconds'])}{'' if r['built'] else ' (reused)'}",
+      f"{fmt(r['seconds'])}{'' if r['origin'] == 'built' else ' (' + r['origin'] + ')'}",
     ]
     for r in rows
   ]

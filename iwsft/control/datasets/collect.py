@@ -127,11 +127,12 @@ def write_episodes(
   description: str = "",
   algorithm_name: str = "iwsft",
   env_kwargs: dict | None = None,
+  eval_env=None,
 ):
   """Writes already-recorded episodes (e.g. a learner's training episodes) as a Minari dataset.
 
   episodes: objects with observations [T+1, O], actions [T, A], rewards [T], terminated, truncated,
-  seed.
+  seed. eval_env: the environment (spec) meant for evaluation, when it is not the recording one.
   """
   import minari
   from minari.data_collector import EpisodeBuffer
@@ -158,6 +159,7 @@ def write_episodes(
     dataset_id,
     buffers,
     env=env.spec,
+    eval_env=eval_env,
     algorithm_name=algorithm_name,
     description=description or None,
     **meta,

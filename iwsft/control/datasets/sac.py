@@ -24,6 +24,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from iwsft.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class SACConfig:
@@ -38,6 +40,22 @@ class SACConfig:
   snapshot_every: int = 5_000
   eval_episodes: int = 5
   seed: int = 0
+  # Train on past total_steps, snapshot by snapshot, until a snapshot's evaluation return reaches
+  # target_return; reaching max_steps first is an error (TargetNotReached). None: total_steps only.
+  target_return: float | None = None
+  max_steps: int = 0
+
+  def __post_init__(self):
+    if self.target_return is not None and self.max_steps < self.total_steps:
+      raise ValueError(f"max_steps ({self.max_steps}) must be >= total_steps ({self.total_steps})")
+
+  @property
+  def step_cap(self) -> int:
+    return self.total_steps if self.target_return is None else self.max_steps
+
+
+class TargetNotReached(UserError):
+  """SAC's best evaluation return stayed below SACConfig.target_return within max_steps."""
 
 
 def _mlp(sizes, rngs):
@@ -269,8 +287,10 @@ def _evaluator(eval_env, act, scale, cfg: SACConfig, key):
 def train_sac(
   env_id: str, cfg: SACConfig, env_kwargs: dict | None = None, progress: bool = True
 ) -> tuple[list[Snapshot], list[Recorded], Callable]:
-  """Trains SAC on one environment. Returns (snapshots, recorded training episodes, act) where
-  act(actor_params, obs [N, O], key, deterministic) gives actions in [-1, 1] (scale to the box)."""
+  """Trains SAC on one environment for cfg.total_steps, then on until a snapshot reaches
+  cfg.target_return (if set; TargetNotReached at cfg.max_steps). Returns (snapshots, recorded
+  training episodes, act) where act(actor_params, obs [N, O], key, deterministic) gives actions in
+  [-1, 1] (scale to the box)."""
   env_kwargs = env_kwargs or {}
   env = gym.make(env_id, **env_kwargs)
   eval_env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **env_kwargs)] * cfg.eval_episodes)
@@ -278,7 +298,7 @@ def train_sac(
   low, high = env.action_space.low, env.action_space.high
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
-  state, n = init_state(), cfg.total_steps
+  state, n = init_state(), cfg.step_cap
   buf = _replay_buffer(n, obs_dim, act_dim)
   rng = np.random.default_rng(cfg.seed)
   key = jax.random.key(cfg.seed + 2)
@@ -300,12 +320,27 @@ def train_sac(
     if (step + 1) % cfg.chunk == 0 and step + 1 >= cfg.start_steps:
       idx = rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
       state, _ = update_many(state, {k: v[idx] for k, v in buf.items()})
+    bar.update(1)
     if (step + 1) % cfg.snapshot_every == 0:
       ret = evaluate(state.actor, len(snapshots))
       snapshots.append(Snapshot(step + 1, ret, jax.device_get(state.actor)))
       bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
-    bar.update(1)
+      if _reached(cfg, step + 1, snapshots):
+        break
   bar.close()
   env.close()
   eval_env.close()
+  best = max((s.eval_return for s in snapshots), default=float("-inf"))
+  if cfg.target_return is not None and best < cfg.target_return:
+    raise TargetNotReached(
+      f"SAC on {env_id} reached an evaluation return of {best:.0f} in {n:,} steps, below the "
+      f"target {cfg.target_return:.0f}: raise max_steps or try another seed"
+    )
   return snapshots, episodes.done, act
+
+
+def _reached(cfg: SACConfig, steps: int, snapshots: list[Snapshot]) -> bool:
+  """Whether training may stop: total_steps done and, with a target, a snapshot at or above it."""
+  if steps < cfg.total_steps:
+    return False
+  return cfg.target_return is None or max(s.eval_return for s in snapshots) >= cfg.target_return
