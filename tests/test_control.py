@@ -83,8 +83,14 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
     "--config.curation.top_fraction=0.25",
     f"--workdir={work}",
     *TINY,
+    "--config.eval.every=20",
   )
   assert r.returncode == 0, r.stderr[-2000:]
+  # stderr is not a terminal here: no progress bar, one summary line per evaluation
+  assert "\r" not in r.stderr
+  notes = [line for line in r.stderr.splitlines() if line.startswith("iw_sft ")]
+  assert [n.split(":")[0] for n in notes] == ["iw_sft 20/40", "iw_sft 40/40"], r.stderr
+  assert all("normalised_score" in n for n in notes)
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == "iw_sft" and result["dataset"] == MIXED and result["seed"] == 0
   assert result["curated_episodes"] == 10 and result["eval_episodes"] == 5

@@ -61,7 +61,9 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
     **kw,
   )
   assert [s.step for s in snaps] == [200, 400]
-  with pytest.raises(TargetNotReached, match=r"in 800 steps, below the target 1000000000: raise max_steps"):
+  with pytest.raises(
+    TargetNotReached, match=r"in 800 steps, below the target 1000000000: raise max_steps"
+  ):
     train_sac(
       "InvertedPendulum-v5",
       SACConfig(total_steps=400, max_steps=800, target_return=1e9, **base),

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from iwsft.core.sharding import pool_rows, put_replicated, shard_pool, state_sharding
 from iwsft.core.state import TrainState, num_seeds, seed_slice
 from iwsft.core.step import make_train_steps
+from iwsft.io import progress
 from iwsft.io.distributed import to_host
 from iwsft.io.preemption import Preempted
 
@@ -85,9 +85,7 @@ def fit(
   compiled = {}
   if run.hooks.evaluate is not None and run.hooks.eval_every > 0 and done == 0:
     run.evaluate(state, 0)
-  with tqdm(
-    total=steps, initial=done, desc=name, unit="step", dynamic_ncols=True, leave=False
-  ) as bar:
+  with progress.bar(steps, name, initial=done) as bar:
     while done < steps:
       n = _next_chunk(done, steps, chunk, run.hooks.eval_every)
       if n not in compiled:
@@ -109,6 +107,9 @@ def fit(
         shown = _mean_of(eval_rows, run.hooks.postfix_key)
         if shown is not None:
           postfix[run.hooks.postfix_key] = f"{shown:.3g}"
+        progress.note(
+          bar, f"{name} {done}/{steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items())
+        )
       bar.update(n)
       bar.set_postfix(postfix)
       run.save_or_stop(state, previous, done, steps, eval_rows)

@@ -12,11 +12,11 @@ import time
 
 import gymnasium as gym
 import numpy as np
-from tqdm.auto import tqdm
 
 from iwsft.control.data import datasets_path
 from iwsft.control.datasets import collect, shipped
 from iwsft.errors import UserError
+from iwsft.io import progress
 from iwsft.io.report import format_table
 
 ENVS = {
@@ -317,7 +317,7 @@ def _record(family, kind: str, did: str, env_id: str, profile: str, seed: int, r
     ds = collect.write_episodes(did, env_id, recorded, **meta)
   else:
     parts = family.parts(kind)
-    with tqdm(total=sum(n for _, n in parts), desc=did, unit="ep", leave=False) as bar:
+    with progress.bar(sum(n for _, n in parts), did, unit="ep") as bar:
       ds = collect.collect_dataset(
         did, env_id, parts, seed=seed + 100_000 * KINDS.index(kind), progress=bar.update, **meta
       )

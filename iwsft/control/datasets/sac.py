@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from iwsft.errors import UserError
+from iwsft.io import progress as progress_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +305,7 @@ def train_sac(
   evaluate = _evaluator(eval_env, act, scale, cfg, key)
   episodes = _Episodes(env, cfg.seed * 1_000_003)
   obs, snapshots, t0 = episodes.obs[0], [], time.time()
-  bar = tqdm(total=n, desc=f"SAC {env_id}", unit="step", disable=not progress, leave=False)
+  bar = progress_lib.bar(n, f"SAC {env_id}", enabled=progress)
   for step in range(n):
     if step < cfg.start_steps:
       a = rng.uniform(-1, 1, act_dim)
@@ -325,6 +325,8 @@ def train_sac(
       ret = evaluate(state.actor, len(snapshots))
       snapshots.append(Snapshot(step + 1, ret, jax.device_get(state.actor)))
       bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
+      if progress:
+        progress_lib.note(bar, f"SAC {env_id} {step + 1:,}/{n:,} steps: eval return {ret:.1f}")
       if _reached(cfg, step + 1, snapshots):
         break
   bar.close()
