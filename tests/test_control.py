@@ -378,3 +378,59 @@ def test_download_with_no_reachable_remote_is_one_line_exit_2(datasets, tmp_path
   lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
   assert len(lines) == 1 and "unreachable" in lines[0] and "127.0.0.1:9" in lines[0], r.stderr
   assert time.time() - t0 < 30 and not (tmp_path / "work").exists()
+
+
+def test_exported_policy_is_the_mean_action_and_a_video_is_recorded(datasets, tmp_path):
+  """policy.jaxexport, run through jax.export alone, equals the mean action computed in numpy from
+  the saved weights (normalise, ReLU MLP, tanh, scale to the box), at batch sizes 1 and 7; the run
+  also wrote the video of its final policy."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  work = tmp_path / "run"
+  r = cli(
+    DS + MIXED, "--config.method=bc", f"--workdir={work}", *TINY, "--config.eval.video_episodes=1"
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  policy_dir = work / "policy"
+  with open(policy_dir / "policy.jaxexport", "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  info = json.loads((policy_dir / "policy.json").read_text())
+  assert info["obs_dim"] == 4 and info["act_dim"] == 1 and info["env_id"] == "InvertedPendulum-v5"
+  ckpt = ocp.StandardCheckpointer()
+  params = ckpt.restore(policy_dir / "params")
+  consts = ckpt.restore(policy_dir / "constants")
+  np_val = lambda x: np.asarray(x["value"] if isinstance(x, dict) else x, np.float64)
+  layers = [params["hidden"][k] for k in sorted(params["hidden"], key=int)] + [params["mean_head"]]
+  obs = np.random.default_rng(0).normal(size=(7, 4)).astype(np.float32)
+  x = (obs - np_val(consts["obs_mean"])) / np_val(consts["obs_std"])
+  for i, layer in enumerate(layers):
+    x = x @ np_val(layer["kernel"]) + np_val(layer["bias"])
+    x = np.maximum(x, 0) if i < len(layers) - 1 else np.tanh(x)
+  expected = np_val(consts["act_centre"]) + np_val(consts["act_scale"]) * x
+  np.testing.assert_allclose(np.asarray(exported.call(obs)), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(exported.call(obs[:1])), expected[:1], rtol=1e-5, atol=1e-6)
+  result = json.loads((work / "result.json").read_text())
+  assert (work / "video.gif").stat().st_size > 10_000 and (work / "video_frames.png").exists()
+  final = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()][-1]
+  assert len(final["video_returns"]) == 1 and result["return_mean"] > 0
+
+
+def test_example_drives_the_exported_policy_without_iwsft(datasets, tmp_path):
+  work = tmp_path / "run"
+  assert cli(DS + MIXED, "--config.method=bc", f"--workdir={work}", *TINY).returncode == 0
+  env = {**os.environ, "PYTHONPATH": ""}
+  code = (
+    "import sys, runpy; sys.modules['iwsft'] = None; sys.argv = ['x', sys.argv[1], '--episodes=2'];"
+    " runpy.run_path('examples/run_exported_policy.py', run_name='__main__')"
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", code, str(work / "policy")],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [line for line in r.stdout.splitlines() if "episode" in line]
+  assert len(lines) == 2 and all("return" in line for line in lines)

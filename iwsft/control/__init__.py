@@ -1,1 +1,7 @@
 """Continuous-control pipeline: Gaussian policies on Minari offline datasets."""
+
+import os
+
+# MuJoCo picks its off-screen OpenGL backend when first imported: EGL renders on machines without
+# a display (OSMesa fails on these machines). A value set by the user wins.
+os.environ.setdefault("MUJOCO_GL", "egl")

@@ -59,6 +59,7 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c.eval.every = 500  # evaluate every this many updates; 0: only at the end
   c.eval.episodes = 10  # episodes per evaluation during training
   c.eval.final_episodes = 100  # episodes of the final evaluation
+  c.eval.video_episodes = 0  # record this many final-policy episodes to video.gif (MUJOCO_GL=egl)
 
   c.steps_per_dispatch = 50  # updates per jitted call (lax.scan)
   c.checkpoint_every = 1000  # save the training state every this many updates

@@ -17,7 +17,11 @@ Writes to the workdir (per seed under seed_<s>/ when several train together):
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
   result.json     method, dataset, seed, config, final normalised score and raw return, wall time
   curve.png       learning curve
-  policy/         the final policy: params and constants (observation/action normalisation), orbax
+  tensorboard/    the metrics rows as TensorBoard event files
+  policy/         the final policy: params and constants (observation/action normalisation), orbax,
+                  and policy.jaxexport + policy.json, the policy as StableHLO (control/export.py)
+  video.gif       with eval.video_episodes > 0: those episodes of the final policy, and
+  video_frames.png  six frames of them side by side
   reference/      π_ref the same way, plus reference.json; reused by runs that share the same
                   reference_dir, dataset and reference settings
 """
@@ -34,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from iwsft.control import data as data_lib
+from iwsft.control import export, video
 from iwsft.control.config import METHODS, WEIGHTED
 from iwsft.control.evaluate import evaluate
 from iwsft.control.policy import (
@@ -54,7 +59,16 @@ from iwsft.io import checkpoint, distributed, plots
 from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 
-OUTPUTS = ("checkpoints", "metrics.jsonl", "result.json", "policy", "curve.png")
+OUTPUTS = (
+  "checkpoints",
+  "metrics.jsonl",
+  "tensorboard",
+  "result.json",
+  "policy",
+  "curve.png",
+  "video.gif",
+  "video_frames.png",
+)
 TRAIN_EVAL_SEED, FINAL_EVAL_SEED = 1000, 10_000  # evaluation episodes' seed offsets
 
 
@@ -105,6 +119,8 @@ def validate(cfg) -> Settings:
     raise UserError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
   if cfg.eval.episodes < 1 or cfg.eval.final_episodes < 1 or cfg.eval.every < 0:
     raise UserError("eval.episodes and eval.final_episodes must be >= 1, eval.every >= 0")
+  if cfg.eval.video_episodes < 0:
+    raise UserError(f"eval.video_episodes must be >= 0, got {cfg.eval.video_episodes}")
   checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
   curation.check_top_fraction(cfg.curation.top_fraction)
   if cfg.curation.quality_mode not in ("sample", "weight"):
@@ -418,16 +434,37 @@ def final_evaluation(run: Run, params: list) -> list[dict]:
   """Saves each seed's policy and evaluates it over eval.final_episodes episodes."""
   steps = (run.settings.finetune or run.settings.reference).steps
   finals = []
-  for d, log, p, ev in zip(
-    run.out_dirs, run.logs, params, _evaluators(run, run.cfg.eval.final_episodes, FINAL_EVAL_SEED)
+  for d, log, p, ev, seed in zip(
+    run.out_dirs,
+    run.logs,
+    params,
+    _evaluators(run, run.cfg.eval.final_episodes, FINAL_EVAL_SEED),
+    run.seeds,
   ):
     checkpoint.save_state(os.path.join(d, "policy", "params"), p)
     checkpoint.save_state(os.path.join(d, "policy", "constants"), run.constants)
     final = ev(p)
+    if distributed.is_primary():
+      export.export_policy(run.graphdef, p, run.constants, os.path.join(d, "policy"), run.env_spec)
+      if run.cfg.eval.video_episodes > 0:
+        final["video_returns"] = _video(run, p, d, seed + FINAL_EVAL_SEED)
     log.drop(lambda r: r.get("stage") == "final")
     log({"kind": "eval", "stage": "final", "step": steps, **final})
     finals.append(final)
   return finals
+
+
+def _video(run: Run, params, out_dir: str, seed: int) -> list[float]:
+  """Records eval.video_episodes episodes (the final evaluation's first reset seeds) to video.gif
+  and video_frames.png; returns their returns."""
+  act = make_act_fn(run.graphdef, run.constants)
+  frames, returns = video.record_episodes(
+    lambda o: act(params, o), run.env_spec, run.cfg.eval.video_episodes, seed
+  )
+  video.write_video(
+    frames, os.path.join(out_dir, "video.gif"), os.path.join(out_dir, "video_frames.png")
+  )
+  return returns
 
 
 # ----------------------------------------------------------------------------- write

@@ -1,0 +1,48 @@
+"""Videos of a policy's evaluation episodes: an animated GIF and a strip of frames (PNG).
+
+MuJoCo renders off-screen through EGL on machines without a display (iwsft.control sets
+MUJOCO_GL=egl unless it is set; OSMesa fails on these machines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+SIZE = 240  # pixels, square
+MAX_FRAMES = 150  # per episode: longer episodes are subsampled evenly
+
+
+def record_episodes(
+  act: Callable[[np.ndarray], np.ndarray], env_spec, episodes: int, seed: int
+) -> tuple[list[np.ndarray], list[float]]:
+  """Runs `episodes` episodes (reset seeds seed, seed + 1, ...) of act(obs [1, O]) -> [1, A] with
+  rendering; -> (frames [H, W, 3] uint8 of all episodes in turn, the episodes' returns)."""
+  env = gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE)
+  frames, returns = [], []
+  try:
+    for i in range(episodes):
+      obs, _ = env.reset(seed=seed + i)
+      shots, total, done = [env.render()], 0.0, False
+      while not done:
+        action = np.asarray(act(obs[None].astype(np.float32)), np.float64)[0]
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total, done = total + float(reward), terminated or truncated
+        shots.append(env.render())
+      keep = np.unique(np.linspace(0, len(shots) - 1, min(len(shots), MAX_FRAMES)).astype(int))
+      frames += [shots[k] for k in keep]
+      returns.append(total)
+  finally:
+    env.close()
+  return frames, returns
+
+
+def write_video(frames: list[np.ndarray], gif_path: str, strip_path: str, fps: int = 30) -> None:
+  """frames -> an animated GIF and a PNG of 6 evenly spaced frames side by side."""
+  import imageio.v3 as iio
+
+  iio.imwrite(gif_path, np.stack(frames), duration=1000 / fps, loop=0)
+  picks = np.linspace(0, len(frames) - 1, min(6, len(frames))).astype(int)
+  iio.imwrite(strip_path, np.concatenate([frames[k] for k in picks], axis=1))
