@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
+export MUJOCO_GL ?= egl  # off-screen rendering for evaluation videos (OSMesa fails here)
 
 .PHONY: install demo datasets datasets-full lm lm-smollm2 sweep bench fixtures test test-slow clean
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install  ## the README's main job: small datasets, then BC / filtered BC / iw-SFT
+demo: install  ## the README's main job: BC / filtered BC / iw-SFT x 3 seeds on the shipped Hopper data
 	$(PY) experiments/demo.py --workdir=runs/demo --overwrite
 
 datasets: install  ## the small profile of every dataset kind

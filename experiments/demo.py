@@ -28,6 +28,7 @@ flags.DEFINE_enum("env", "hopper", list(datasets.ENVS), "environment family (its
 flags.DEFINE_string("kind", "medium-replay", "dataset kind to train on")
 flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compare")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds, trained together")
+flags.DEFINE_integer("video_episodes", 1, "final-policy episodes recorded per seed (video.gif)")
 flags.DEFINE_bool("overwrite", False, "replace finished runs in --workdir")
 
 
@@ -65,6 +66,7 @@ def main(argv):
   for method in F.methods:
     cfg = F.config.copy_and_resolve_references()
     cfg.update(dataset=dataset, method=method)
+    cfg.eval.video_episodes = F.video_episodes
     results[method] = run_control_seeds(
       cfg,
       seeds,
@@ -92,7 +94,7 @@ def main(argv):
   )
   print(
     f"table: {workdir}/table.md  plot: {workdir}/scores.png  "
-    f"curves: {workdir}/<method>/seed_<s>/curve.png"
+    f"curves and videos: {workdir}/<method>/seed_<s>/{{curve.png,video.gif}}"
   )
 
 
