@@ -62,7 +62,7 @@ class ControlGrid:
     return {
       k: v
       for k, v in self.cfg.to_dict().items()
-      if k not in ("dataset", "method", "seed", "num_devices")
+      if k not in ("dataset", "method", "seed", "num_devices", "log")
     }
 
   def cells(self, workdir: str, dataset: str, method: str) -> dict[int, tuple[str, dict]]:
@@ -216,7 +216,9 @@ class LMGrid:
 
   def identity(self) -> dict:
     return {
-      k: v for k, v in self.cfg.to_dict().items() if k not in ("seed", "stages", "num_devices")
+      k: v
+      for k, v in self.cfg.to_dict().items()
+      if k not in ("seed", "stages", "num_devices", "log")
     }
 
   def _result(self, workdir: str, seed: int) -> str:
@@ -311,6 +313,8 @@ def run_sweep(
     say("\n".join(grid.describe(g) for g in todo))
     return {}
   _claim(workdir, {"pipeline": grid.cfg.pipeline, "config": grid.identity()}, overwrite)
+  if not grid.cfg.log.wandb_group:  # the sweep's runs as one group in W&B
+    grid.cfg.log.wandb_group = os.path.basename(workdir)
   todo = grid.plan(workdir)  # after any removal by _claim
   say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
   grid.prepare()

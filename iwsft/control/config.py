@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from iwsft.core.config import objective_section, stage_section
+from iwsft.core.config import log_section, objective_section, stage_section
 
 METHODS = ("bc", "filtered_bc", "iw_sft", "sft_q", "iw_sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_q")  # the methods that use importance weights
@@ -60,6 +60,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c.eval.episodes = 10  # episodes per evaluation during training
   c.eval.final_episodes = 100  # episodes of the final evaluation
   c.eval.video_episodes = 0  # record this many final-policy episodes to video.gif (MUJOCO_GL=egl)
+
+  # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard), Weights & Biases (wandb,
+  # wandb_project, wandb_mode offline|online, wandb_group).
+  c.log = log_section()
 
   c.steps_per_dispatch = 50  # updates per jitted call (lax.scan)
   c.checkpoint_every = 1000  # save the training state every this many updates

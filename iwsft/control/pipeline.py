@@ -55,7 +55,7 @@ from iwsft.core.objectives import ObjectiveConfig
 from iwsft.core.state import init_state, stack_seeds, unstack_seeds
 from iwsft.core.step import make_update
 from iwsft.errors import UserError
-from iwsft.io import checkpoint, distributed, plots
+from iwsft.io import checkpoint, distributed, plots, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 
@@ -111,6 +111,7 @@ class Settings:
   reference_objective: ObjectiveConfig
   objective: ObjectiveConfig
   policy: PolicyConfig
+  tracking: tracking.TrackingConfig
 
 
 def validate(cfg) -> Settings:
@@ -146,6 +147,7 @@ def validate(cfg) -> Settings:
     reference_objective,
     objective,
     PolicyConfig(hidden=hidden, state_dependent_std=cfg.policy.state_dependent_std),
+    tracking.tracking_config(cfg.log),
   )
 
 
@@ -249,7 +251,7 @@ def _environment(dataset, name: str):
 
 def _identity(run: Run, reference_dir: str, per_seed_dirs: bool) -> dict:
   """The settings a resumed run must share (the device count may change: checkpoints reshard)."""
-  config = {k: v for k, v in run.cfg.to_dict().items() if k != "num_devices"}
+  config = {k: v for k, v in run.cfg.to_dict().items() if k not in ("num_devices", "log")}
   identity = {"config": config, "reference_dir": reference_dir}
   if per_seed_dirs:
     config.pop("seed")
@@ -285,8 +287,11 @@ def _claim(run: Run, workdir: str, identity: dict, overwrite: bool, per_seed_dir
   run.workdir = os.path.abspath(os.path.expanduser(workdir))
   run.out_dirs = [os.path.normpath(os.path.join(run.workdir, d)) for d in seed_dirs]
   distributed.barrier("workdir")
+  config = run.cfg.to_dict()
   run.logs = [
-    workdir_lib.MetricsLog(os.path.join(d, "metrics.jsonl")) if primary else workdir_lib.NullLog()
+    tracking.open_log(os.path.join(d, "metrics.jsonl"), run.settings.tracking, config=config)
+    if primary
+    else workdir_lib.NullLog()
     for d in run.out_dirs
   ]
 

@@ -17,6 +17,7 @@ import optax
 
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.errors import UserError
+from iwsft.io.tracking import TrackingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ def objective_section(**values) -> ml_collections.ConfigDict:
   """A config section with every ObjectiveConfig field. Its importance_weighting ("sequence" or
   "step") applies to the importance-weighted methods; the others train with "none"."""
   return _section(ObjectiveConfig, {"importance_weighting": "sequence", **values})
+
+
+def log_section(**values) -> ml_collections.ConfigDict:
+  """A config section with every TrackingConfig field: TensorBoard on, W&B off."""
+  return _section(TrackingConfig, values)
 
 
 def stage_config(section, what: str = "stage") -> StageConfig:

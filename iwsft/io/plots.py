@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -89,9 +90,18 @@ def score_bars(
   name's individual values (its seeds) over the bar."""
   fig, ax = plt.subplots(figsize=(5, 3.8))
   yerr = [[e[0] for e in errors], [e[1] for e in errors]]
-  ax.bar(names, means, yerr=yerr, capsize=4, color="C0", alpha=0.8)
+  ax.bar(names, means, yerr=yerr, capsize=6, color="C0", alpha=0.6, ecolor="0.25")
   for i, values in enumerate(points or []):
-    ax.scatter([i] * len(values), values, color="k", s=14, zorder=3)
+    ax.scatter(
+      i + 0.12 * (np.arange(len(values)) - (len(values) - 1) / 2),
+      values,
+      color="C1",
+      s=18,
+      zorder=3,
+      label="seeds" if i == 0 else None,
+    )
+  if points:
+    ax.legend(loc="best", fontsize=8)
   ax.set(ylabel=ylabel)
   ax.grid(axis="y", alpha=0.3)
   _save(fig, path, title)

@@ -116,22 +116,18 @@ def write_json(path: str, obj: Any) -> None:
 
 class MetricsLog:
   """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps every row;
-  the same rows go to TensorBoard event files in tensorboard/ beside it (io/tensorboard.py).
+  `sinks` get every row too (TensorBoard, W&B: io/tracking.py).
 
   Opening an existing file keeps its rows (a run resumes) but drops a torn last line left by a kill
   in the middle of a write. drop(pred) removes rows atomically, e.g. those logged after the
   checkpoint a stage resumes from.
   """
 
-  def __init__(self, path: str, tensorboard: bool = True):
+  def __init__(self, path: str, sinks=()):
     self.path = path
     self._rewrite(self.rows())
     self._f = open(path, "a")
-    self._tb = None
-    if tensorboard:
-      from iwsft.io.tensorboard import TensorBoard
-
-      self._tb = TensorBoard(os.path.join(os.path.dirname(os.path.abspath(path)), "tensorboard"))
+    self._sinks = list(sinks)  # also called with every row, closed with the log (io/tracking.py)
 
   def rows(self) -> list[dict]:
     return read_rows(self.path)
@@ -155,13 +151,13 @@ class MetricsLog:
   def __call__(self, row: dict) -> None:
     self._f.write(_row_line(row))
     self._f.flush()
-    if self._tb is not None:
-      self._tb(row)
+    for sink in self._sinks:
+      sink(row)
 
   def close(self) -> None:
     self._f.close()
-    if self._tb is not None:
-      self._tb.close()
+    for sink in self._sinks:
+      sink.close()
 
 
 def read_rows(path: str) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from iwsft.core.config import objective_section, stage_section
+from iwsft.core.config import log_section, objective_section, stage_section
 
 LM_METHODS = ("sft", "iw_sft", "iw_sft_step", "sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_step")  # iw_sft_step: one weight per token
@@ -84,6 +84,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # one epoch of the stage, so that it costs less)
   c.precompute_ref = False
 
+  # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard), Weights & Biases (wandb,
+  # wandb_project, wandb_mode offline|online, wandb_group).
+  c.log = log_section()
   c.checkpoint_every = 500  # save the training state every this many updates; 0: never
   c.keep_checkpoints = 2  # latest checkpoints kept per stage
   c.skip_nonfinite = False  # skip NaN/inf batches instead of stopping with exit status 1

@@ -33,7 +33,7 @@ from iwsft.core.loop import Hooks, fit
 from iwsft.core.state import init_state
 from iwsft.core.step import make_update
 from iwsft.errors import UserError
-from iwsft.io import checkpoint, distributed
+from iwsft.io import checkpoint, distributed, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.io.report import format_table
@@ -137,7 +137,7 @@ class LMRun:
     identity = {
       k: v
       for k, v in cfg.to_dict().items()
-      if k not in ("stages", "methods", "num_devices", "fsdp")
+      if k not in ("stages", "methods", "num_devices", "fsdp", "log")
     }
     self.primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -147,13 +147,16 @@ class LMRun:
         workdir_lib.remove_outputs(self.workdir, OUTPUTS)
     distributed.barrier("workdir")
     self.log = (
-      workdir_lib.MetricsLog(self.path("metrics.jsonl")) if self.primary else workdir_lib.NullLog()
+      tracking.open_log(self.path("metrics.jsonl"), self.tracking, config=cfg.to_dict())
+      if self.primary
+      else workdir_lib.NullLog()
     )
     self.guard = PreemptionGuard()
 
   def _validate(self, cfg) -> None:
     """Every setting checked once, before anything is written."""
     self.stages = _subset(cfg.stages, STAGES, "stages")
+    self.tracking = tracking.tracking_config(cfg.log)
     self.methods = _subset(cfg.methods, LM_METHODS, "methods")
     self.task = make_task(cfg.task)
     if cfg.model.path:  # a pretrained π_ref, its own tokenizer and chat template

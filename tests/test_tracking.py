@@ -1,4 +1,5 @@
-"""TensorBoard event files hold the metrics.jsonl rows, read back with an independent reader."""
+"""Experiment tracking: TensorBoard event files hold the metrics.jsonl rows (read back with an
+independent reader); a Weights & Biases run logs them offline, with no network."""
 
 import json
 import os
@@ -46,3 +47,28 @@ def test_a_control_run_writes_its_metrics_to_tensorboard(datasets, tmp_path):
     steps, values = zip(*points)
     assert [s for s, _ in scalars[tag]] == list(steps), tag
     np.testing.assert_allclose([v for _, v in scalars[tag]], values, rtol=1e-6, err_msg=tag)
+
+
+def test_wandb_logs_a_run_offline(datasets, tmp_path):
+  """--config.log.wandb=true with the default offline mode: a W&B run directory under the workdir
+  whose transaction log names the metrics and their values (no network is used)."""
+  import glob
+
+  from test_control import DS, MIXED, TINY, cli
+
+  work = tmp_path / "run"
+  r = cli(
+    DS + MIXED, "--config.method=iw_sft", f"--workdir={work}", *TINY, "--config.log.wandb=true"
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  logs = glob.glob(str(work / "wandb" / "offline-run-*" / "run-*.wandb"))
+  assert len(logs) == 1, os.listdir(work)
+  raw = open(logs[0], "rb").read()
+  final = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()][-1]
+  for tag in ("iw_sft/train/loss", "iw_sft/train/iw/ess_fraction", "final/eval/return_mean"):
+    assert tag.encode() in raw, tag
+  # the value follows its tag, as W&B's JSON writes floats (shortest repr, whole numbers bare)
+  value = repr(float(final["return_mean"])).removesuffix(".0")
+  assert value.encode() in raw.split(b"final/eval/return_mean", 1)[1][:40], value
+  result = json.loads((work / "result.json").read_text())
+  assert "log" in result["config"] and result["config"]["log"]["wandb"] is True
