@@ -1,8 +1,9 @@
-"""The README's main job: BC (= π_ref), filtered BC and iw-SFT on the small Hopper medium-replay
-dataset, three seeds trained together (vmapped), then a table of the score's mean ± std over seeds
-with a 95% bootstrap CI of the mean, and a plot.
+"""The README's main job: BC (= π_ref), filtered BC and iw-SFT on the small Hopper medium-expert
+dataset (medium and expert episodes mixed: something to curate), three seeds trained together
+(vmapped), then a table of the score's mean ± std over seeds with a 95% bootstrap CI of the mean,
+a bar plot and a video of each final policy.
 
-  python experiments/demo.py --workdir=runs/demo [--seeds=0,1,2] [--env=pendulum]
+  python experiments/demo.py --workdir=runs/demo [--kind=medium-replay] [--seeds=0,1,2]
 
 The small Hopper family ships with the project (iwsft/control/datasets/shipped), so every machine
 trains on the same episodes; other families are built first when missing. Settings are the `cpu`
@@ -25,7 +26,7 @@ cli.define_config(
 )
 flags.DEFINE_string("workdir", "runs/demo", "output directory (one sub-directory per method)")
 flags.DEFINE_enum("env", "hopper", list(datasets.ENVS), "environment family (its small profile)")
-flags.DEFINE_string("kind", "medium-replay", "dataset kind to train on")
+flags.DEFINE_string("kind", "medium-expert", "dataset kind to train on")
 flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compare")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds, trained together")
 flags.DEFINE_integer("video_episodes", 1, "final-policy episodes recorded per seed (video.gif)")

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_main_job_curation_beats_bc_by_more_than_the_seed_spread(datasets, tmp_path):  # noqa: ARG001
   """Filtered BC and iw-SFT each beat BC by more than the seed spread (the larger of the two seed
-  standard deviations) on the shipped Hopper medium-replay data, as the README's table shows."""
+  standard deviations) on the shipped Hopper medium-expert data, as the README's table shows."""
   work = tmp_path / "demo"
   r = subprocess.run(
     [sys.executable, "experiments/demo.py", f"--workdir={work}"],
@@ -35,3 +35,4 @@ def test_main_job_curation_beats_bc_by_more_than_the_seed_spread(datasets, tmp_p
     spread = max(bc.std(ddof=1), scores[method].std(ddof=1))
     assert scores[method].mean() - bc.mean() > spread, scores
   assert (work / "scores.png").stat().st_size > 10_000 and (work / "table.md").exists()
+  assert all((work / m / "seed_0" / "video.gif").exists() for m in scores)
