@@ -20,7 +20,7 @@ def record_episodes(
 ) -> tuple[list[np.ndarray], list[float]]:
   """Runs `episodes` episodes (reset seeds seed, seed + 1, ...) of act(obs [1, O]) -> [1, A] with
   rendering; -> (frames [H, W, 3] uint8 of all episodes in turn, the episodes' returns)."""
-  env = gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE)
+  env = _render_env(env_spec)
   frames, returns = [], []
   try:
     for i in range(episodes):
@@ -37,6 +37,22 @@ def record_episodes(
   finally:
     env.close()
   return frames, returns
+
+
+def _render_env(env_spec):
+  """The environment rendering to arrays, through the model's "track" camera (it follows the
+  body, as the locomotion models define it) where there is one."""
+  import mujoco
+
+  env = gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE)
+  model = getattr(env.unwrapped, "model", None)
+  if model is None:  # not a MuJoCo environment
+    return env
+  names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
+  if "track" not in names:
+    return env
+  env.close()
+  return gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE, camera_name="track")
 
 
 def write_video(frames: list[np.ndarray], gif_path: str, strip_path: str, fps: int = 30) -> None:
