@@ -4,6 +4,7 @@ plots.
   python experiments/sweep.py --workdir=runs/sweep                    # the default CPU sweep
   (control)
   python experiments/sweep.py --config=iwsft/lm/config.py --workdir=runs/lm-sweep --seeds=0,1,2
+  python experiments/sweep.py --dataset_configs=configs/control/hopper_medium_replay.py,...
 
 --config picks the pipeline and its settings: the control config at a preset (default
 iwsft/control/config.py:cpu-sweep, the 2-core scale with fine-tuning batches of 8 episodes; :cpu is
@@ -43,6 +44,12 @@ flags.DEFINE_list(
   ["medium", "medium-replay", "medium-expert"],
   "control: dataset kinds of --env/--profile (built when missing), or Minari ids",
 )
+flags.DEFINE_list(
+  "dataset_configs",
+  [],
+  "control: per-dataset config files (configs/control/*.py[:preset]); each adds its dataset, "
+  "trained with that file's settings (--datasets then defaults to none)",
+)
 flags.DEFINE_string("env", "hopper", "control: environment family of dataset kinds")
 flags.DEFINE_enum(
   "profile", "small", ["small", "full"], "control: dataset profile of dataset kinds"
@@ -74,7 +81,14 @@ def control_grid(F, cfg, seeds) -> sweep.ControlGrid:
 
   if F.seeds_per_group < 0:
     raise UserError("--seeds_per_group must be >= 0")
-  kinds = [d for d in F.datasets if "/" not in d]
+  configs = {}
+  for spec in F.dataset_configs:
+    c = control_config.load_file(spec)
+    if c.get("pipeline") != "control":
+      raise UserError(f"--dataset_configs: {spec} is not a control config")
+    configs[c.dataset] = c
+  datasets = F.datasets if F["datasets"].present or not configs else []
+  kinds = [d for d in datasets if "/" not in d]
   if kinds and F.env not in ds.ENVS:
     raise UserError(f"--env must be one of {', '.join(ds.ENVS)}")
   bad = [k for k in kinds if k not in ds.KINDS]
@@ -82,7 +96,7 @@ def control_grid(F, cfg, seeds) -> sweep.ControlGrid:
     raise UserError(
       f"--datasets: unknown kinds {bad}; choose from {', '.join(ds.KINDS)} or give Minari ids"
     )
-  ids = [d if "/" in d else ds.dataset_id(F.env, F.profile, d) for d in F.datasets]
+  ids = [d if "/" in d else ds.dataset_id(F.env, F.profile, d) for d in datasets]
   return sweep.ControlGrid(
     cfg,
     F.methods or control_config.METHODS,
@@ -90,6 +104,7 @@ def control_grid(F, cfg, seeds) -> sweep.ControlGrid:
     seeds,
     F.seeds_per_group,
     (F.env, F.profile, kinds) if kinds else None,
+    configs,
   )
 
 

@@ -45,6 +45,7 @@ class ControlGrid:
     seeds: Sequence[int],
     seeds_per_group: int,
     build: tuple[str, str, list[str]] | None = None,
+    configs: dict | None = None,
   ):
     from iwsft.control.config import METHODS
 
@@ -53,17 +54,24 @@ class ControlGrid:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     self.cfg, self.methods, self.datasets, self.seeds = cfg, list(methods), list(datasets), seeds
     self.seeds_per_group, self.build = seeds_per_group, build
+    # datasets with a config file of their own (configs/control/): their cells use it, not cfg
+    self.configs = dict(configs or {})
+    self.datasets += [d for d in self.configs if d not in self.datasets]
 
   @staticmethod
   def slug(dataset: str) -> str:
     return dataset.replace("/", "__")
 
   def identity(self) -> dict:
-    return {
-      k: v
-      for k, v in self.cfg.to_dict().items()
-      if k not in ("dataset", "method", "seed", "num_devices", "log")
-    }
+    identity = self._settings(self.cfg)
+    if self.configs:
+      identity["dataset_configs"] = {d: self._settings(c) for d, c in self.configs.items()}
+    return identity
+
+  @staticmethod
+  def _settings(cfg) -> dict:
+    skip = ("dataset", "method", "seed", "num_devices", "log")
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
 
   def cells(self, workdir: str, dataset: str, method: str) -> dict[int, tuple[str, dict]]:
     """Finished cells of (dataset, method): {seed: (cell directory, result)}."""
@@ -99,8 +107,9 @@ class ControlGrid:
     from iwsft.control.pipeline import run_control_seeds
 
     dataset, method, seeds = group
-    cfg = self.cfg.copy_and_resolve_references()
+    cfg = self.configs.get(dataset, self.cfg).copy_and_resolve_references()
     cfg.update(dataset=dataset, method=method)
+    cfg.log = self.cfg.log.copy_and_resolve_references()
     base = os.path.join(workdir, self.slug(dataset))
     run_control_seeds(
       cfg,

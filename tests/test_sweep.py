@@ -2,6 +2,7 @@
 skips finished cells and ends in the tables and plots."""
 
 import csv
+import glob
 import json
 import os
 import signal
@@ -171,6 +172,8 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
     (["--methods=ppo"], "unknown"),
     (["--seeds=0,0"], "distinct"),
     (["--datasets=huge"], "unknown kinds"),
+    (["--dataset_configs=configs/control/nowhere.py"], "does not exist"),
+    (["--dataset_configs=iwsft/lm/config.py"], "not a control config"),
   ],
 )
 def test_bad_sweep_input_is_one_line_exit_2(datasets, tmp_path, args, needle):
@@ -183,6 +186,51 @@ def test_bad_sweep_input_is_one_line_exit_2(datasets, tmp_path, args, needle):
   )
   assert r.returncode == 2 and needle in r.stderr, r.stderr[-1000:]
   assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_a_per_dataset_config_file_sets_its_cells(datasets, tmp_path):
+  """--dataset_configs: the file names the dataset and its settings; its cells are trained with
+  them (here 30 reference updates and 16 hidden units, not the sweep's --config)."""
+  conf = tmp_path / "mixed.py"
+  conf.write_text(
+    "from iwsft.control.config import dataset_recipe\n\n\n"
+    "def get_config(preset='cpu-sweep'):\n"
+    f"  c = dataset_recipe({MIXED!r}, preset)\n"
+    "  c.policy.hidden = (16,)\n"
+    "  c.reference.update(steps=30, batch_size=8)\n"
+    "  c.eval.update(every=0, final_episodes=2)\n"
+    "  return c\n"
+  )
+  work = tmp_path / "sweep"
+  r = subprocess.run(
+    [sys.executable, CLI, f"--workdir={work}", f"--dataset_configs={conf}", "--methods=bc"]
+    + ["--seeds=0"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  results = glob.glob(str(work / MIXED.replace("/", "__") / "bc" / "*" / "seed_0" / "result.json"))
+  assert len(results) == 1
+  config = json.loads(open(results[0]).read())["config"]
+  assert config["dataset"] == MIXED and config["reference"]["steps"] == 30
+  assert config["policy"]["hidden"] == [16]
+  assert "| dataset | bc |" in (work / "table.md").read_text()
+
+
+def test_the_shipped_configs_load_and_name_their_datasets():
+  from iwsft.control import datasets
+  from iwsft.control.config import load_file
+
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "control", "*.py"))):
+    name = os.path.basename(path).removesuffix(".py")
+    env, _, kind = name.partition("_")
+    profile = "small" if kind.startswith("small_") else "full"
+    kind = kind.removeprefix("small_").replace("_", "-")
+    c = load_file(path)
+    assert c.dataset == datasets.dataset_id(env, profile, kind), path
+    assert load_file(path + ":cpu").finetune.batch_size == 32
 
 
 LM_TINY = [

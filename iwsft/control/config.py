@@ -76,6 +76,33 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   return c
 
 
+def dataset_recipe(dataset: str, preset: str = "paper") -> ml_collections.ConfigDict:
+  """The recipe of a preset on one dataset: what each per-dataset file in configs/control/
+  returns (as CORL keeps one file per dataset; a dataset's own settings go there)."""
+  c = get_config(preset)
+  c.dataset = dataset
+  return c
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """A config file "path.py" or "path.py:arg" -> its get_config(arg) (UserError if it fails)."""
+  import importlib.util
+  import os
+
+  from iwsft.errors import UserError
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} does not exist")
+  try:
+    module_spec = importlib.util.spec_from_file_location("iwsft_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # noqa: BLE001  the file's own error, as one line
+    raise UserError(f"config file {spec!r} failed to load: {type(e).__name__}: {e}") from None
+
+
 def _scale_to_cpu(c: ml_collections.ConfigDict, sweep: bool) -> None:
   """The recipe at a 2-core CPU's scale: fewer, smaller updates and evaluations, same objectives.
 

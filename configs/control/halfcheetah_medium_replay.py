@@ -1,0 +1,10 @@
+"""iwsft/halfcheetah/medium-replay-v1 (HalfCheetah, full profile): the authors' recipe.
+
+experiments/control.py --config=configs/control/halfcheetah_medium_replay.py[:cpu]
+"""
+
+from iwsft.control.config import dataset_recipe
+
+
+def get_config(preset: str = "paper"):
+  return dataset_recipe("iwsft/halfcheetah/medium-replay-v1", preset)

@@ -1,0 +1,10 @@
+"""iwsft/hopper/medium-replay-v1 (Hopper, full profile): the authors' recipe.
+
+experiments/control.py --config=configs/control/hopper_medium_replay.py[:cpu]
+"""
+
+from iwsft.control.config import dataset_recipe
+
+
+def get_config(preset: str = "paper"):
+  return dataset_recipe("iwsft/hopper/medium-replay-v1", preset)

@@ -1,0 +1,10 @@
+"""iwsft/walker2d/medium-expert-v1 (Walker2d, full profile): the authors' recipe.
+
+experiments/control.py --config=configs/control/walker2d_medium_expert.py[:cpu]
+"""
+
+from iwsft.control.config import dataset_recipe
+
+
+def get_config(preset: str = "paper"):
+  return dataset_recipe("iwsft/walker2d/medium-expert-v1", preset)
