@@ -13,6 +13,7 @@ seed, trained once.
 """
 
 import os
+import shutil
 
 from absl import flags
 
@@ -63,6 +64,8 @@ def main(argv):
   print(datasets.table(rows))
   dataset = rows[0]["dataset"]
   workdir = os.path.abspath(F.workdir)
+  if F.overwrite:  # the methods' shared π_ref goes too (it may be of another dataset or recipe)
+    shutil.rmtree(os.path.join(workdir, "reference"), ignore_errors=True)
   results = {}
   for method in F.methods:
     cfg = F.config.copy_and_resolve_references()

@@ -201,6 +201,12 @@ def test_tiny_run_of_all_stages(tmp_path):
   metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   iw = [r for r in metrics if r["stage"] == "iw_sft" and r["kind"] == "train"]
   assert iw and all("iw/ess_fraction" in r for r in iw)
+  from test_tracking import read_scalars  # the same rows in TensorBoard, with the same names
+
+  events = read_scalars(str(tmp_path / "tensorboard"))
+  assert events["iw_sft/train/iw/ess_fraction"] == [
+    (r["step"], pytest.approx(r["iw/ess_fraction"])) for r in iw
+  ]
   # A stage rerun alone reuses the others' outputs.
   cfg.stages = ("evaluate",)
   again = run_lm(cfg, str(tmp_path), quiet=True)

@@ -57,6 +57,7 @@ OUTPUTS = (
   "result.json",
   "table.md",
   "metrics.jsonl",
+  "tensorboard",
 )
 
 
