@@ -259,11 +259,7 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     did = dataset_id(env, profile, kind)
     if did in local and force:
       minari.delete_dataset(did)
-    origin = "reused"
-    if force or did not in local:
-      origin = "built"
-      if not force and seed == 0 and shipped.install(did, datasets_path()):
-        origin = "shipped"
+    origin = _origin(did, did in local and not force, force, seed)
     if origin == "built":
       ds = _record(family, kind, did, env_id, profile, seed, refs)
     else:
@@ -283,6 +279,16 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
     if storage.metadata.get("ref_min_score") is None:
       storage.update_metadata({"ref_min_score": refs["random"], "ref_max_score": refs["expert"]})
   return rows
+
+
+def _origin(did: str, local: bool, force: bool, seed: int) -> str:
+  """Where a dataset comes from: "reused" (local), "shipped" (installed now from the project's
+  copy: seed 0, not forced) or "built" (to be recorded)."""
+  if local:
+    return "reused"
+  if not force and seed == 0 and shipped.install(did, datasets_path()):
+    return "shipped"
+  return "built"
 
 
 def _check_built(family, returns: dict, origins: dict) -> None:
