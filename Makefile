@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
-# off-screen rendering for evaluation videos (OSMesa fails on these machines)
-export MUJOCO_GL ?= egl
 
 .PHONY: install demo datasets datasets-full lm lm-smollm2 sweep bench fixtures test test-slow clean
 

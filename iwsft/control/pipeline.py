@@ -438,6 +438,7 @@ def finetune(run: Run, ref_params: list) -> list:
 def final_evaluation(run: Run, params: list) -> list[dict]:
   """Saves each seed's policy and evaluates it over eval.final_episodes episodes."""
   steps = (run.settings.finetune or run.settings.reference).steps
+  act = make_act_fn(run.graphdef, run.constants)  # for the videos: compiled once for all seeds
   finals = []
   for d, log, p, ev, seed in zip(
     run.out_dirs,
@@ -452,20 +453,17 @@ def final_evaluation(run: Run, params: list) -> list[dict]:
     if distributed.is_primary():
       export.export_policy(run.graphdef, p, run.constants, os.path.join(d, "policy"), run.env_spec)
       if run.cfg.eval.video_episodes > 0:
-        final["video_returns"] = _video(run, p, d, seed + FINAL_EVAL_SEED)
+        final["video_returns"] = _video(run, lambda o, p=p: act(p, o), d, seed + FINAL_EVAL_SEED)
     log.drop(lambda r: r.get("stage") == "final")
     log({"kind": "eval", "stage": "final", "step": steps, **final})
     finals.append(final)
   return finals
 
 
-def _video(run: Run, params, out_dir: str, seed: int) -> list[float]:
-  """Records eval.video_episodes episodes (the final evaluation's first reset seeds) to video.gif
-  and video_frames.png; returns their returns."""
-  act = make_act_fn(run.graphdef, run.constants)
-  frames, returns = video.record_episodes(
-    lambda o: act(params, o), run.env_spec, run.cfg.eval.video_episodes, seed
-  )
+def _video(run: Run, act, out_dir: str, seed: int) -> list[float]:
+  """Records eval.video_episodes episodes of act(obs [1, O]) -> [1, A] (the final evaluation's
+  first reset seeds) to video.gif and video_frames.png; returns their returns."""
+  frames, returns = video.record_episodes(act, run.env_spec, run.cfg.eval.video_episodes, seed)
   video.write_video(
     frames, os.path.join(out_dir, "video.gif"), os.path.join(out_dir, "video_frames.png")
   )

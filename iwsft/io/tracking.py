@@ -1,7 +1,7 @@
 """Experiment tracking: where a run's metrics rows go besides metrics.jsonl.
 
 Both pipelines open their logs through `open_log`, which adds to metrics.jsonl
-  - TensorBoard event files in tensorboard/ beside it (on by default; io/tensorboard.py), and
+  - TensorBoard event files in tensorboard/ beside it (on by default; tensorboardX), and
   - a Weights & Biases run (off by default; `--config.log.wandb=true`, offline unless
     `--config.log.wandb_mode=online`; `pip install 'iwsft[wandb]'`),
 all with the same tags, "<stage>/<train|eval>/<metric name of metrics.jsonl>".

@@ -12,7 +12,6 @@ Layout: shipped/<dataset id>/data/{main_data.hdf5, metadata.json}, as Minari sto
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
@@ -40,13 +39,3 @@ def install(dataset_id: str, datasets_path: str) -> bool:
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   os.replace(tmp, dst)
   return True
-
-
-def digest(dataset_id: str, datasets_path: str | None = None) -> str:
-  """SHA-256 of a dataset's main_data.hdf5 (shipped copy, or the one under datasets_path)."""
-  root = ROOT if datasets_path is None else datasets_path
-  h = hashlib.sha256()
-  with open(os.path.join(root, dataset_id, "data", "main_data.hdf5"), "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
