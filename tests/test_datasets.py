@@ -149,3 +149,13 @@ def test_the_small_hopper_family_is_installed_from_the_shipped_copy(tmp_path, mo
     installed = open(os.path.join(tmp_path, data), "rb").read()
     assert installed == open(os.path.join(shipped.ROOT, data), "rb").read()
   assert "(shipped)" in datasets.table(rows)
+
+
+def test_a_run_on_a_shipped_dataset_installs_it_when_missing(tmp_path, monkeypatch):
+  """load_dataset (every run's way in) installs a shipped dataset that is not local, so a fresh
+  clone can train on experiments/control.py's default dataset without building anything."""
+  from iwsft.control.data import load_dataset
+
+  monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+  ds = load_dataset(datasets.dataset_id("hopper", "small", "medium-replay"))
+  assert ds.total_episodes == 256 and ds.total_steps == 7412

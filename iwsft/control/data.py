@@ -61,10 +61,15 @@ def datasets_path() -> str:
 
 
 def load_dataset(dataset_id: str, download: bool = False):
-  """The MinariDataset for an id; downloads it only when asked; a UserError lists local ids."""
+  """The MinariDataset for an id: local, else installed from the project's shipped copy
+  (datasets/shipped.py), else downloaded when asked; a UserError lists the local ids."""
   import minari
 
+  from iwsft.control.datasets import shipped
+
   local = sorted(minari.list_local_datasets())
+  if dataset_id not in local and shipped.install(dataset_id, datasets_path()):
+    local.append(dataset_id)
   if dataset_id not in local:
     if not download:
       shown = ", ".join(local) if local else "none"
