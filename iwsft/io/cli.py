@@ -53,6 +53,7 @@ def run(main) -> None:
 
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets stdout lines in order with stderr
     try:
       return main(argv)
     except UserError as e:
