@@ -65,6 +65,11 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   # wandb_project, wandb_mode offline|online, wandb_group).
   c.log = log_section()
 
+  # Exact savings (the same objective, computed with less work): episode batches packed, so the
+  # policy runs on their real steps only, not on padding (core/packing.py); π_ref's log-probs
+  # computed once over the data for fine-tuning, not in every batch (π_ref is frozen).
+  c.pack_batches = True
+  c.precompute_ref = True
   c.steps_per_dispatch = 50  # updates per jitted call (lax.scan)
   c.checkpoint_every = 1000  # save the training state every this many updates
   c.keep_checkpoints = 2  # latest checkpoints kept (the best evaluated one is kept too)

@@ -48,12 +48,12 @@ from iwsft.control.policy import (
   make_logprob_fn,
   split_policy,
 )
-from iwsft.core import curation, objectives, sharding
+from iwsft.core import curation, objectives, packing, sharding
 from iwsft.core.config import StageConfig, make_optimizer, objective_config, stage_config
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.core.state import init_state, stack_seeds, unstack_seeds
-from iwsft.core.step import make_update
+from iwsft.core.step import make_update, pool_logprobs
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, distributed, plots, tracking
 from iwsft.io import workdir as workdir_lib
@@ -331,6 +331,8 @@ def train_stage(
 ) -> list:
   """One stage for every seed (vmapped when several); returns the trained params, one per seed."""
   logprob_fn = make_logprob_fn(run.graphdef, run.constants)
+  if run.cfg.pack_batches:
+    logprob_fn = packing.markov_logprob(logprob_fn)  # the policy is Markov: log π(a_t | s_t)
   optimizer = make_optimizer(stage)
   update = make_update(
     logprob_fn,
@@ -364,10 +366,18 @@ def train_stage(
     guard=run.guard,
     on_resume=lambda step: [log.drop_stage_after(name, step) for log in run.logs],
   )
+  pool = run.share.pool(weight, run.mesh)
+  seed_data = {}
+  if ref_params is not None and run.cfg.precompute_ref:
+    ref = sharding.put_replicated(stack_seeds(refs), run.mesh)
+    seed_data["logp_ref"] = pool_logprobs(logprob_fn, ref, pool, run.mesh, len(run.seeds) > 1)
+  capacity = None
+  if run.cfg.pack_batches:
+    capacity = packing.capacity(run.share.lengths, logits, stage.batch_size, len(run.seeds))
   state = fit(
     update,
     state,
-    run.share.pool(weight, run.mesh),
+    pool,
     logits,
     mesh=run.mesh,
     name=name,
@@ -376,6 +386,8 @@ def train_stage(
     step_level=stage.batch_level == "step",
     steps_per_dispatch=run.cfg.steps_per_dispatch,
     hooks=hooks,
+    seed_data=seed_data,
+    capacity=capacity,
   )
   return unstack_seeds(distributed.to_host(state.params), len(run.seeds))
 

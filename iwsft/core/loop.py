@@ -15,7 +15,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from iwsft.core.sharding import pool_rows, put_replicated, shard_pool, state_sharding
+from iwsft.core.sharding import (
+  batch_sharded,
+  pool_rows,
+  put_replicated,
+  seed_pool_sharded,
+  shard_pool,
+  state_sharding,
+)
 from iwsft.core.state import TrainState, num_seeds, seed_slice
 from iwsft.core.step import make_train_steps
 from iwsft.io import progress
@@ -66,12 +73,18 @@ def fit(
   step_level: bool = False,
   steps_per_dispatch: int = 100,
   hooks: Hooks | None = None,
+  seed_data=None,
+  capacity: int | None = None,
 ) -> TrainState:
   """Trains `state` for `steps` updates of `update` on batches drawn from `data`; returns it.
 
   data: the sampling pool, either host arrays every process holds whole ([N, ...], of which each
     process places only its rows) or the global arrays of sharding.put_pool.
   logits: [N] host array, the same in every process: sequence i is drawn ∝ exp(logits[i]).
+  seed_data: pool leaves that differ per seed, as make_train_steps takes them (π_ref's log-probs
+    from reference_logprobs), or None.
+  capacity: packed sequence batches of this many step slots (make_train_steps; packing.capacity
+    chooses one), or None for padded batches.
   A state with a seed axis (state.stack_seeds) is trained with the update vmapped over seeds.
   Chunk boundaries depend only on the step count, so a resumed run dispatches exactly the
   computations of an uninterrupted one. A non-finite loss or gradient that was not skipped stops
@@ -81,6 +94,7 @@ def fit(
   run = _Run(name, state, hooks or Hooks(), mesh)
   state, done = run.start(state)
   data, logits = _place_pool(data, logits, mesh)
+  seed_data = _place_seed_data(seed_data, data, mesh, run.seeds is not None)
   chunk = max(1, min(steps_per_dispatch, run.hooks.eval_every or steps))
   compiled = {}
   if run.hooks.evaluate is not None and run.hooks.eval_every > 0 and done == 0:
@@ -97,8 +111,9 @@ def fit(
           step_level,
           vmapped=run.seeds is not None,
           state_shardings=run.shardings,
+          capacity=capacity,
         )
-      state, metrics = compiled[n](state, data, logits)
+      state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n
       postfix = run.after_chunk(to_host(metrics), previous, done)
       eval_rows = None
@@ -134,6 +149,22 @@ def _place_pool(data, logits, mesh: Mesh):
       f"fit: a pool of {pool_size} rows for {len(logits)} logits on {mesh.devices.size} devices"
     )
   return data, put_replicated(logits, mesh)
+
+
+def _place_seed_data(seed_data, data, mesh: Mesh, vmapped: bool) -> dict:
+  """Per-seed pool leaves on the mesh ([S, N', ...] if vmapped, else [N', ...]), checked against
+  the pool's N' rows."""
+  if not seed_data:
+    return {}
+  rows = len(jax.tree.leaves(data)[0])
+  sharding = seed_pool_sharded(mesh) if vmapped else batch_sharded(mesh)
+  for k, x in seed_data.items():
+    if x.shape[int(vmapped)] != rows:
+      raise ValueError(f"fit: seed_data[{k!r}] has shape {x.shape} for a pool of {rows} rows")
+  return {
+    k: x if isinstance(x, jax.Array) and x.sharding == sharding else jax.device_put(x, sharding)
+    for k, x in seed_data.items()
+  }
 
 
 def _mean_of(rows: Sequence[Row] | None, key: str | None) -> float | None:

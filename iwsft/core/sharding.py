@@ -44,6 +44,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
 
 
+def seed_pool_sharded(mesh: Mesh) -> NamedSharding:
+  """Per-seed pool leaves [S, N, ...]: the seed axis whole on every device, the rows split as the
+  pool's."""
+  return NamedSharding(mesh, P(None, (DATA_AXIS, FSDP_AXIS)))
+
+
 def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
   """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): FSDP's rule.
 

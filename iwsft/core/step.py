@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
-from iwsft.core.sharding import batch_sharded, check_batch_size, replicated
+from iwsft.core.packing import gather_packed
+from iwsft.core.sharding import batch_sharded, check_batch_size, replicated, seed_pool_sharded
 from iwsft.core.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -78,15 +79,37 @@ def make_update(
   return update
 
 
-def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
-  """Draws batch_size sequences i.i.d. with probability ∝ exp(logits[i]); every leaf [N', ...] ->
-  [B, ...].
+def pool_logprobs(
+  logprob_fn: LogProbFn, params, data: Batch, mesh, vmapped: bool = False, rows: int = 16
+) -> jax.Array:
+  """logprob_fn over every row of a placed pool (put_pool), once: π_ref's log-probs, for the
+  make_train_steps seed_data "logp_ref" (π_ref is frozen, so no batch needs to recompute them).
 
-  logits [N] with N <= N': rows N.. of a padded pool are never drawn, and the draw does not depend
-  on
-  how many there are (so the samples do not depend on the device count).
+  Returns [N', T], or [S, N', T] for params with a leading seed axis (vmapped), split over the
+  devices as the pool. Rows are computed `rows` at a time, so memory stays that of a batch.
   """
-  idx = jax.random.categorical(key, logits, shape=(batch_size,))
+
+  def over_pool(p, d):
+    one = lambda row: logprob_fn(p, jax.tree.map(lambda x: x[None], row))[0]
+    return jax.lax.map(one, d, batch_size=rows)
+
+  out = seed_pool_sharded(mesh) if vmapped else batch_sharded(mesh)
+  fn = jax.vmap(over_pool, in_axes=(0, None)) if vmapped else over_pool
+  return jax.jit(fn, out_shardings=out)(params, data)
+
+
+def draw_sequences(key: jax.Array, logits: jax.Array, batch_size: int) -> jax.Array:
+  """batch_size sequence indices [B] drawn i.i.d. with probability ∝ exp(logits[i]), logits [N].
+
+  Rows N.. of a pool padded beyond the logits are never drawn, and the draw does not depend on how
+  many there are (so the samples do not depend on the device count).
+  """
+  return jax.random.categorical(key, logits, shape=(batch_size,))
+
+
+def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+  """The padded batch of draw_sequences: every leaf [N', ...] -> [B, ...]."""
+  idx = draw_sequences(key, logits, batch_size)
   return jax.tree.map(lambda x: x[idx], data)
 
 
@@ -124,34 +147,78 @@ def make_train_steps(
   step_level: bool = False,
   vmapped: bool = False,
   state_shardings=None,
+  capacity: int | None = None,
 ):
-  """`train_steps(state, data, logits) -> (state, metrics)`: num_steps updates in one dispatch.
+  """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
+  dispatch.
 
   Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
   the devices) with the state's key, so there is no host round trip per step; metrics come
   back stacked, each [num_steps].
   vmapped: the state carries a leading seed axis (state.stack_seeds); every seed samples its own
-  batch
-  from the shared data and takes its own step; metrics are [num_steps, S].
+    batch from the shared data and takes its own step; metrics are [num_steps, S].
+  seed_data: pool leaves that differ per seed (π_ref's "logp_ref" [N', T]), joined to that seed's
+    pool; [S, N', ...] when vmapped (seed_pool_sharded), {} for none.
   state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
+  capacity: sequence batches are packed into this many step slots (core.packing; the update's
+    logprob_fn must take packed batches, packing.markov_logprob), and a step whose batch holds
+    more real steps, in any seed, is computed padded; metrics add "batch/steps" (real steps) and
+    "batch/padded" (1 for such a step). None: always padded. Ignored for step-level batches.
   """
   check_batch_size(batch_size, mesh)
-  sampler = sample_steps if step_level else sample_sequences
   shard = batch_sharded(mesh)
+  n_dev = mesh.devices.size
+  if step_level:
+    capacity = None
+  if capacity is not None:
+    capacity = -(-capacity // n_dev) * n_dev  # packed leaves are split over the devices too
+  seeded = jax.vmap if vmapped else (lambda f: f)  # seed axis left unconstrained in the batch
 
-  def one_step(state: TrainState, data: Batch, logits: jax.Array):
+  def split_key(state: TrainState):
     key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-    batch = jax.lax.with_sharding_constraint(sampler(sub, data, logits, batch_size), shard)
-    return update(state.replace(key=jax.random.key_data(key)), batch)
+    return jax.random.key_data(key), sub
 
-  if vmapped:  # the batch's seed axis is left unconstrained, its batch axis split over "data"
-    one_step = jax.vmap(one_step, in_axes=(0, None, None))
+  def train_steps(state: TrainState, data: Batch, logits: jax.Array, seed_data: Batch):
+    lengths = data["mask"].sum(axis=1).astype(jnp.int32)
 
-  def train_steps(state: TrainState, data: Batch, logits: jax.Array):
-    return jax.lax.scan(lambda st, _: one_step(st, data, logits), state, None, length=num_steps)
+    def take(state, sd, key, batch_of):
+      batch = jax.lax.with_sharding_constraint(batch_of({**data, **sd}), shard)
+      return update(state.replace(key=key), batch)
+
+    def one_step(state: TrainState, _):
+      key, sub = seeded(split_key)(state)
+      if capacity is None:
+        sampler = sample_steps if step_level else sample_sequences
+        return seeded(
+          lambda st, sd, k, s: take(st, sd, k, lambda d: sampler(s, d, logits, batch_size))
+        )(state, seed_data, key, sub)
+      idx = seeded(lambda s: draw_sequences(s, logits, batch_size))(sub)
+      steps = lengths[idx].sum(axis=-1)
+      fits = jnp.max(steps) <= capacity
+
+      def packed(st):
+        return seeded(
+          lambda st, sd, k, i: take(st, sd, k, lambda d: gather_packed(d, i, lengths, capacity))
+        )(st, seed_data, key, idx)
+
+      def padded(st):
+        return seeded(
+          lambda st, sd, k, i: take(st, sd, k, lambda d: jax.tree.map(lambda x: x[i], d))
+        )(st, seed_data, key, idx)
+
+      state, metrics = jax.lax.cond(fits, packed, padded, state)
+      fell_back = jnp.broadcast_to(1.0 - fits.astype(jnp.float32), steps.shape)
+      return state, {**metrics, "batch/steps": steps.astype(jnp.float32), "batch/padded": fell_back}
+
+    return jax.lax.scan(one_step, state, None, length=num_steps)
 
   rep = replicated(mesh)
   st = rep if state_shardings is None else state_shardings
-  return jax.jit(
-    train_steps, in_shardings=(st, shard, rep), out_shardings=(st, rep), donate_argnums=0
+  seed_shard = seed_pool_sharded(mesh) if vmapped else shard
+  jitted = jax.jit(
+    train_steps,
+    in_shardings=(st, shard, rep, seed_shard),
+    out_shardings=(st, rep),
+    donate_argnums=0,
   )
+  return lambda state, data, logits, seed_data=None: jitted(state, data, logits, seed_data or {})
