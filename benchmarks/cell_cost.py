@@ -1,15 +1,19 @@
-"""Cost of one control sweep cell at the authors' scale (preset 'paper'), from measured update
-rates.
+"""Cost of one control sweep cell at the authors' scale (preset 'paper'), before and after the
+exact speed-ups, from update rates measured in one run.
 
-  python benchmarks/cell_cost.py [--seeds=5] [--length=1000]
+  python benchmarks/cell_cost.py [--datasets=ID,...,fixed:1000] [--seeds=5]
 
-A full-recipe cell is two stages: π_ref (BC, config.reference: whole-episode batches) and the method
-(iw-SFT, with its extra π_ref and q forward passes). This times a few dispatches of each stage's
-real
-update on Hopper-shaped episodes of `--length` steps, with `--seeds` vmapped seeds, and multiplies
-by the recipe's step counts. Evaluation (eval_every / eval_episodes / final_eval_episodes of full
-Hopper episodes) is costed with the env steps/s measured by eval_throughput.py if its result file
-exists, else left out (and said so).
+A full-recipe cell is two stages: π_ref (BC, 10,000 updates on batches of 128 whole episodes) and
+the method (iw-SFT, 2,000 updates on 256 episodes of the curated top percentiles, with q's and
+π_ref's log-probs and the bound estimates). For each dataset this times a few dispatches of both
+stages' real update (5 vmapped seeds), in two variants of the same objective:
+  before  batches padded to the longest episode; π_ref's log-probs computed in every batch
+  after   packed batches (core/packing.py, pack_batches); π_ref's log-probs computed once over the
+          data (pool_logprobs, precompute_ref), that one-off time added to the cell
+and multiplies by the recipe's step counts. Data: a local Minari dataset's own episodes (their
+lengths decide what unpadding saves), or fixed:L, synthetic episodes all L steps long (nothing to
+unpad). Evaluation (the same in both variants) is costed with the env steps/s of
+eval_throughput.py if its result file exists.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -27,60 +32,118 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import iwsft  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bc_throughput import synthetic_data  # noqa: E402
+from iwsft.control import data as data_lib  # noqa: E402
 from iwsft.control.config import get_config  # noqa: E402
-from iwsft.control.pipeline import validate  # noqa: E402
+from iwsft.control.pipeline import curation_for, validate  # noqa: E402
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy  # noqa: E402
+from iwsft.core import packing  # noqa: E402
 from iwsft.core.config import make_optimizer  # noqa: E402
-from iwsft.core.objectives import ObjectiveConfig  # noqa: E402
+
+VARIANTS = {"before": False, "after": True}  # the exact speed-ups off / on
 
 
-def stage_seconds_per_update(
-  data,
-  hidden,
-  stage,
-  objective: ObjectiveConfig,
-  seeds: int,
-  bounds: bool,
-  steps_per_dispatch: int,
-  repeats: int,
-) -> float:
+def load(spec: str, episodes: int) -> tuple[dict, np.ndarray]:
+  """-> (pool arrays [N, T, ...], episode returns [N]) of a Minari id or fixed:L."""
+  if spec.startswith("fixed:"):
+    d = synthetic_data(episodes, int(spec.split(":")[1]), 11, 3)
+    return d, np.random.default_rng(0).normal(size=episodes)
+  eps = data_lib.episodes_from_minari(data_lib.load_dataset(spec))
+  return eps.device_data(), eps.returns
+
+
+def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[float, float]:
+  """(seconds per update, one-off seconds) of a stage with `args.seeds` vmapped seeds."""
+  settings = validate(cfg)
+  stage = getattr(settings, stage_name)
+  finetune = stage_name == "finetune"
+  objective = settings.objective if finetune else settings.reference_objective
+  method = cfg.method if finetune else "bc"
   obs, act = data["observations"].shape[-1], data["actions"].shape[-1]
   policies = [
-    split_policy(GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(s)))
-    for s in range(seeds)
+    split_policy(
+      GaussianPolicy(obs, act, PolicyConfig(hidden=settings.policy.hidden), rngs=nnx.Rngs(s))
+    )
+    for s in range(args.seeds)
   ]
   graphdef, _, consts = policies[0]
+  logprob_fn = make_logprob_fn(graphdef, consts)
+  if fast:
+    logprob_fn = packing.markov_logprob(logprob_fn)
   optimizer = make_optimizer(stage)
-  update = iwsft.make_update(
-    make_logprob_fn(graphdef, consts), optimizer, objective, track_bounds=bounds
-  )  # as the pipeline: bounds tracked while fine-tuning
-  states = [iwsft.init_state(p, optimizer, s) for s, (_, p, _) in enumerate(policies)]
+  update = iwsft.make_update(logprob_fn, optimizer, objective, track_bounds=finetune)
+  ref = iwsft.stack_seeds([p for _, p, _ in policies])
+  states = [iwsft.init_state(p, optimizer, s, p) for s, (_, p, _) in enumerate(policies)]
   mesh = iwsft.make_mesh()
-  state = iwsft.put_replicated(states[0] if seeds == 1 else iwsft.stack_seeds(states), mesh)
+  state = iwsft.put_replicated(iwsft.stack_seeds(states), mesh)
   pool = iwsft.shard_pool(data, mesh)
-  logits = iwsft.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
+  logits, _ = curation_for(method, returns, cfg)
+  capacity, seed_data, one_off = None, {}, 0.0
+  if fast:
+    lengths = data["mask"].sum(1).astype(np.int64)
+    capacity = packing.capacity(lengths, logits, stage.batch_size, args.seeds)
+    if finetune:
+      t0 = time.perf_counter()
+      seed_data["logp_ref"] = jax.block_until_ready(
+        iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, True)
+      )
+      one_off = time.perf_counter() - t0  # includes its compilation: an upper bound
   steps = iwsft.make_train_steps(
     update,
     mesh,
     stage.batch_size,
-    steps_per_dispatch,
+    args.steps_per_dispatch,
     step_level=stage.batch_level == "step",
-    vmapped=seeds > 1,
+    vmapped=True,
+    capacity=capacity,
   )
+  logits = iwsft.put_replicated(logits, mesh)
   box = [state]
 
   def call():
-    box[0], metrics = steps(box[0], pool, logits)
+    box[0], metrics = steps(box[0], pool, logits, seed_data)
     jax.block_until_ready(metrics["loss"])
 
-  return common.median_seconds(call, repeats) / steps_per_dispatch
+  return common.median_seconds(call, args.repeats) / args.steps_per_dispatch, one_off
+
+
+def cell(spec: str, args, cfg, eval_steps_per_s: float | None) -> list[dict]:
+  data, returns = load(spec, args.episodes)
+  mask = data["mask"]
+  rows = []
+  for variant, fast in VARIANTS.items():
+    ref_s, ref_once = stage_cost(data, returns, cfg, "reference", fast, args)
+    ft_s, ft_once = stage_cost(data, returns, cfg, "finetune", fast, args)
+    train_h = (cfg.reference.steps * ref_s + cfg.finetune.steps * ft_s + ref_once + ft_once) / 3600
+    evals = (cfg.reference.steps + cfg.finetune.steps) // cfg.eval.every + 2
+    env_steps = (evals * cfg.eval.episodes + cfg.eval.final_episodes) * 1000 * args.seeds
+    eval_h = None if eval_steps_per_s is None else env_steps / eval_steps_per_s / 3600
+    rows.append(
+      {
+        "data": spec,
+        "episodes": int(mask.shape[0]),
+        "padded / real steps": float(mask.size / mask.sum()),
+        "variant": variant,
+        "π_ref s/update": ref_s,
+        "iw-SFT s/update": ft_s,
+        "one-off s": ref_once + ft_once,
+        "training h": train_h,
+        "evaluation h": "n/a" if eval_h is None else eval_h,
+        "cell h (5 seeds)": train_h + (eval_h or 0.0),
+      }
+    )
+  rows[1]["vs before"] = rows[0]["cell h (5 seeds)"] / rows[1]["cell h (5 seeds)"]
+  return rows
 
 
 def _args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument(
+    "--datasets",
+    default="iwsft/hopper-small/medium-replay-v1,iwsft/hopper-small/medium-expert-v1,fixed:1000",
+    help="Minari ids (local or shipped) and/or fixed:L",
+  )
   p.add_argument("--seeds", type=int, default=5)
-  p.add_argument("--length", type=int, default=1000, help="episode length of the synthetic data")
-  p.add_argument("--episodes", type=int, default=300)
+  p.add_argument("--episodes", type=int, default=300, help="episodes of fixed:L data")
   p.add_argument("--steps_per_dispatch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=2)
   return p.parse_args()
@@ -88,59 +151,21 @@ def _args():
 
 def main():
   args = _args()
-  cfg = get_config()
-  settings = validate(cfg)
-  hidden = settings.policy.hidden
-  data = synthetic_data(args.episodes, args.length, 11, 3)
-  ref_stage, ft_stage = settings.reference, settings.finetune
-  ref_s = stage_seconds_per_update(
-    data,
-    hidden,
-    ref_stage,
-    settings.reference_objective,
-    args.seeds,
-    False,
-    args.steps_per_dispatch,
-    args.repeats,
-  )
-  ft_s = stage_seconds_per_update(
-    data,
-    hidden,
-    ft_stage,
-    settings.objective,
-    args.seeds,
-    True,
-    args.steps_per_dispatch,
-    args.repeats,
-  )
-  train_h = (cfg.reference.steps * ref_s + ft_stage.steps * ft_s) / 3600
-  evals = (
-    cfg.reference.steps // cfg.eval.every + ft_stage.steps // cfg.eval.every + 2
-  ) * cfg.eval.episodes + cfg.eval.final_episodes
-  env_steps = evals * args.length * args.seeds
+  cfg = get_config()  # the paper preset
   eval_file = os.path.join(common.RESULTS, f"eval_throughput-{jax.devices()[0].platform}.json")
-  eval_h = None
+  eval_sps = None
   if os.path.exists(eval_file):
-    rows = json.load(open(eval_file))["rows"]
-    eval_h = env_steps / max(r["env steps/s"] for r in rows) / 3600
-  row = {
-    "seeds (vmapped)": args.seeds,
-    "π_ref s/update": ref_s,
-    "iw-SFT s/update": ft_s,
-    "π_ref steps": cfg.reference.steps,
-    "iw-SFT steps": ft_stage.steps,
-    "training h": train_h,
-    "evaluation h": "n/a" if eval_h is None else eval_h,
-    "cell h (all seeds)": train_h + (eval_h or 0.0),
-  }
+    eval_sps = max(r["env steps/s"] for r in json.load(open(eval_file))["rows"])
+  rows = [r for spec in args.datasets.split(",") for r in cell(spec, args, cfg, eval_sps)]
   print(
-    f"Full-recipe control cell (preset paper: π_ref batch {cfg.reference.batch_size} episodes, "
-    f"iw-SFT batch {ft_stage.batch_size} episodes of {args.length} steps, MLP {hidden}) on "
-    f"{common.machine()['device']} x{jax.device_count()}; evaluation: {env_steps:,} env steps"
-    + ("" if eval_h is not None else " (not costed: run eval_throughput.py first)")
+    f"Full-recipe control cell (preset paper: π_ref {cfg.reference.steps:,} updates x "
+    f"{cfg.reference.batch_size} episodes, iw-SFT {cfg.finetune.steps:,} x "
+    f"{cfg.finetune.batch_size} episodes, MLP {tuple(cfg.policy.hidden)}, {args.seeds} seeds "
+    f"vmapped) on {common.machine()['device']} x{jax.device_count()}"
+    + ("" if eval_sps else "; evaluation not costed (run eval_throughput.py first)")
   )
-  print(common.table([row], list(row)))
-  print(f"-> {common.save('cell_cost', {'row': row, 'env_steps': env_steps})}")
+  print(common.table(rows, list(rows[1])))
+  print(f"-> {common.save('cell_cost', {'rows': rows})}")
 
 
 if __name__ == "__main__":

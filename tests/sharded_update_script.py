@@ -53,11 +53,24 @@ def main(out):
   state3, metrics3 = steps3(
     state3, iwsft.shard_pool(data, mesh), iwsft.put_replicated(logits, mesh)
   )
+  # 4) packed episode batches (capacity below the padded 16 x 9 slots) with π_ref precomputed.
+  packed_logprob = iwsft.markov_logprob(logprob)
+  update4 = iwsft.make_update(
+    packed_logprob, opt, ObjectiveConfig("sequence", temperature=10.0, q_decay=0.9)
+  )
+  pool = iwsft.shard_pool(data, mesh)
+  state4 = iwsft.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
+  seed_data = {"logp_ref": iwsft.pool_logprobs(packed_logprob, state4.ref_params, pool, mesh)}
+  steps4 = iwsft.make_train_steps(update4, mesh, batch_size=16, num_steps=8, capacity=88)
+  state4, metrics4 = steps4(state4, pool, iwsft.put_replicated(logits, mesh), seed_data)
   leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})
   leaves.update({f"q{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.q_params))})
   leaves.update({f"c{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state3.params))})
+  leaves.update({f"d{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state4.params))})
   leaves["loss"] = np.asarray(metrics2["loss"])
+  leaves["loss_packed"] = np.asarray(metrics4["loss"])
+  leaves["padded_steps"] = np.asarray(metrics4["batch/padded"])
   leaves["loss_steps"] = np.asarray(metrics3["loss"])
   leaves["devices"] = np.array(len(jax.devices()))
   np.savez(out, **leaves)

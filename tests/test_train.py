@@ -149,6 +149,9 @@ def test_update_is_the_same_on_1_and_8_devices(tmp_path):
   assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
   keys = [k for k in one.files if k != "devices"]
   assert any(k.startswith("a") for k in keys) and any(k.startswith("b") for k in keys)
+  assert any(k.startswith("d") for k in keys)  # packed batches with π_ref precomputed
+  # the packed batches and the padded fallback both occur, on the same steps on 1 and 8 devices
+  assert 0 < one["padded_steps"].mean() < 1
   for k in keys:
     np.testing.assert_allclose(eight[k], one[k], atol=1e-5, rtol=1e-5, err_msg=k)
 

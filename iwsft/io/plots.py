@@ -88,7 +88,7 @@ def score_bars(
 ) -> None:
   """A bar per name with an error bar (below, above) the mean, e.g. a 95% CI; `points` draws each
   name's individual values (its seeds) over the bar."""
-  fig, ax = plt.subplots(figsize=(5, 3.8))
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(names)), 3.8 + 0.3 * (len(names) > 4)))
   yerr = [[e[0] for e in errors], [e[1] for e in errors]]
   ax.bar(names, means, yerr=yerr, capsize=6, color="C0", alpha=0.6, ecolor="0.25")
   for i, values in enumerate(points or []):
@@ -103,5 +103,9 @@ def score_bars(
   if points:
     ax.legend(loc="best", fontsize=8)
   ax.set(ylabel=ylabel)
+  if len(names) > 4:  # long lists of names: slanted, so they do not overlap
+    ax.tick_params(axis="x", labelrotation=30)
+    for label in ax.get_xticklabels():
+      label.set_horizontalalignment("right")
   ax.grid(axis="y", alpha=0.3)
   _save(fig, path, title)

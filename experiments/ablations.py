@@ -1,0 +1,201 @@
+"""Ablations of iw-SFT on one mixed dataset: does importance weighting change the result over
+filtered BC, and when?
+
+  python experiments/ablations.py --workdir=runs/ablations [--dataset=ID] [--seeds=0,1,2,3,4]
+
+Every variant is iw-SFT with one setting moved from the recipe (--config, default the `cpu`
+preset), compared with filtered BC of the same fine-tuning length, which trains on the same curated
+episodes from the same π_ref:
+  temperature      1, 3, 10 (the recipe), 30
+  q_decay          0 (q is the current policy, detached), 0.9 (the recipe), 0.99
+  fine-tuning      the recipe's steps, and --long times as many (iw-SFT and filtered BC)
+All runs share one π_ref per seed (trained once) and train their seeds together (vmapped). Per
+seed, a variant and filtered BC differ only in the weighting, so the table gives the paired
+difference (variant − filtered BC, per seed) with its 95% bootstrap CI next to each score, and
+the weights' diagnostics averaged over fine-tuning (effective sample size as a fraction of the
+batch, largest weight, fraction clipped, mean log q/π_ref per step). Rerunning skips finished runs.
+Writes to --workdir: table.md, table.csv, ablations.png, and one run directory per variant.
+"""
+
+import os
+
+import numpy as np
+from absl import flags
+
+from iwsft.control import config
+from iwsft.control.pipeline import run_control_seeds
+from iwsft.io import cli, plots, report
+from iwsft.io import workdir as workdir_lib
+
+cli.define_config(
+  cli.config_file(config) + ":cpu",
+  "the recipe: a control config file[:preset]; override values with --config.<key>=<value>",
+)
+flags.DEFINE_string("workdir", "runs/ablations", "output directory (one sub-directory per run)")
+flags.DEFINE_string("dataset", "iwsft/hopper-small/medium-replay-v1", "a mixed dataset (Minari id)")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds, trained together")
+flags.DEFINE_list("temperatures", ["1", "3", "10", "30"], "iw-SFT temperatures")
+flags.DEFINE_list("q_decays", ["0", "0.9", "0.99"], "iw-SFT q decays")
+flags.DEFINE_integer("long", 5, "the long fine-tuning is this many times the recipe's steps")
+
+DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
+
+
+def variants(cfg, temperatures, q_decays, long: int) -> list[tuple[str, str, str, dict]]:
+  """(name, ablated setting, baseline name, config overrides) of every run, baselines first."""
+  steps = cfg.finetune.steps
+  base_t, base_q = float(cfg.objective.temperature), float(cfg.objective.q_decay)
+  out = [
+    ("bc", "π_ref", "", {"method": "bc"}),
+    ("filtered_bc", "baseline", "", {"method": "filtered_bc"}),
+    (
+      f"filtered_bc x{long}",
+      "baseline",
+      "",
+      {"method": "filtered_bc", "finetune.steps": long * steps},
+    ),
+  ]
+  recipe = f"iw_sft (T={base_t:g}, q={base_q:g})"
+  out.append((recipe, "recipe", "filtered_bc", {"method": "iw_sft"}))
+  for t in temperatures:
+    if t != base_t:
+      out.append((f"iw_sft T={t:g}", "temperature", "filtered_bc", {"objective.temperature": t}))
+  for q in q_decays:
+    if q != base_q:
+      out.append((f"iw_sft q={q:g}", "q_decay", "filtered_bc", {"objective.q_decay": q}))
+  out.append(
+    (
+      f"iw_sft x{long}",
+      "fine-tuning length",
+      f"filtered_bc x{long}",
+      {"finetune.steps": long * steps},
+    )
+  )
+  return out
+
+
+def _configure(cfg, dataset: str, overrides: dict):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.update(dataset=dataset, method="iw_sft")
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    target = cfg[section] if section else cfg
+    target[name] = value
+  if cfg.finetune.warmup_steps >= cfg.finetune.steps:
+    cfg.finetune.warmup_steps = cfg.finetune.steps // 10
+  return cfg
+
+
+def diagnostics(run_dir: str, seed: int, stage: str) -> dict[str, float]:
+  """The weight diagnostics of one seed's fine-tuning, averaged over its train rows."""
+  rows = workdir_lib.read_rows(os.path.join(run_dir, f"seed_{seed}", "metrics.jsonl"))
+  rows = [r for r in rows if r["kind"] == "train" and r["stage"] == stage]
+  return {k: float(np.mean([r[k] for r in rows])) for k in DIAGNOSTICS if rows and k in rows[0]}
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "=._" else "_" for c in name).strip("_")
+
+
+def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]], seeds) -> list[dict]:
+  """One row per run: score mean/std/CI, paired difference to its baseline, diagnostics."""
+  rows = []
+  for name, (what, base, results, diags) in runs.items():
+    scores = np.array([r["normalised_score"] for r in results])
+    lo, hi = report.bootstrap_ci(scores)
+    row = {
+      "run": name,
+      "ablates": what,
+      "mean": float(scores.mean()),
+      "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+      "ci_low": lo,
+      "ci_high": hi,
+      "per_seed": [round(float(s), 1) for s in scores],
+    }
+    if base:
+      diff = scores - np.array([r["normalised_score"] for r in runs[base][2]])
+      d_lo, d_hi = report.bootstrap_ci(diff)
+      row.update(baseline=base, diff=float(diff.mean()), diff_low=d_lo, diff_high=d_hi)
+    for k in DIAGNOSTICS:
+      values = [d[k] for d in diags if k in d]
+      if values:
+        row[k] = float(np.mean(values))
+    rows.append(row)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  fmt = lambda r, k, f="{:.2f}": f.format(r[k]) if k in r else "–"
+  body = [
+    [
+      r["run"],
+      r["ablates"],
+      report.cell_text(r),
+      " / ".join(f"{s:.1f}" for s in r["per_seed"]),
+      f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]" if "diff" in r else "–",
+      fmt(r, "iw/ess_fraction"),
+      fmt(r, "iw/max_weight", "{:.1f}"),
+      fmt(r, "iw/clip_fraction"),
+      fmt(r, "iw/mean_log_ratio", "{:.3f}"),
+    ]
+    for r in rows
+  ]
+  head = [
+    "run",
+    "ablates",
+    "score: mean ± std [95% CI]",
+    "per seed",
+    "− filtered BC, paired [95% CI]",
+    "ESS / batch",
+    "max w",
+    "clipped",
+    "mean log q/π_ref",
+  ]
+  return report.format_table(head, body)
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  F = flags.FLAGS
+  seeds = [int(s) for s in F.seeds]
+  workdir = os.path.abspath(F.workdir)
+  todo = variants(
+    F.config, [float(t) for t in F.temperatures], [float(q) for q in F.q_decays], F.long
+  )
+  runs = {}
+  for name, what, base, overrides in todo:
+    cfg = _configure(F.config, F.dataset, overrides)
+    run_dir = os.path.join(workdir, _slug(name))
+    results = run_control_seeds(
+      cfg, seeds, run_dir, reference_dir=os.path.join(workdir, "reference")
+    )
+    diags = [diagnostics(run_dir, s, cfg.method) for s in seeds] if cfg.method == "iw_sft" else []
+    runs[name] = (what, base, results, diags)
+  rows = summarise(runs, seeds)
+  first = next(iter(runs.values()))[2][0]
+  text = (
+    f"{F.dataset}, seeds {', '.join(map(str, seeds))} (trained together, one π_ref per seed), "
+    f"normalised score x100 of the final evaluation over {first['eval_episodes']} episodes per "
+    f"seed; weight diagnostics averaged over fine-tuning:\n{table(rows)}"
+  )
+  print("\n" + text)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(text + "\n")
+  fields = ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
+  report.write_csv(
+    os.path.join(workdir, "table.csv"), rows, fields + ["diff_low", "diff_high", *DIAGNOSTICS]
+  )
+  plots.score_bars(
+    [r["run"] for r in rows],
+    [r["mean"] for r in rows],
+    [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
+    os.path.join(workdir, "ablations.png"),
+    "normalised score ×100",
+    f"{F.dataset}: iw-SFT ablations\nmean over seeds, 95% bootstrap CI",
+    points=[r["per_seed"] for r in rows],
+  )
+  print(f"table: {workdir}/table.md  plot: {workdir}/ablations.png")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,89 @@
+"""experiments/ablations.py on the small mixed test dataset: the runs it makes and the table it
+derives from them, recomputed here from each run's own result.json and metrics.jsonl."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from conftest import MIXED
+from test_control import NO_PERCENTILES, ROOT, TINY
+
+
+def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_path):
+  work = tmp_path / "abl"
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "ablations.py"),
+      f"--workdir={work}",
+      f"--dataset={MIXED}",
+      "--seeds=0,1",
+      "--temperatures=1,10",
+      "--q_decays=0,0.9",
+      "--long=2",
+      *TINY,
+      NO_PERCENTILES,
+      "--config.curation.top_fraction=0.25",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
+  want = [
+    "bc",
+    "filtered_bc",
+    "filtered_bc x2",
+    "iw_sft (T=10, q=0.9)",
+    "iw_sft T=1",
+    "iw_sft q=0",
+    "iw_sft x2",
+  ]
+  assert list(rows) == want
+
+  def scores(run):
+    res = json.loads((work / run / "result.json").read_text())["results"]
+    return np.array([x["normalised_score"] for x in res]), res
+
+  dirs = {
+    "filtered_bc": "filtered_bc",
+    "filtered_bc x2": "filtered_bc_x2",
+    "iw_sft T=1": "iw_sft_T=1",
+    "iw_sft q=0": "iw_sft_q=0",
+    "iw_sft x2": "iw_sft_x2",
+  }
+  for run, base in (
+    ("iw_sft T=1", "filtered_bc"),
+    ("iw_sft q=0", "filtered_bc"),
+    ("iw_sft x2", "filtered_bc x2"),
+  ):
+    mine, res = scores(dirs[run])
+    theirs, _ = scores(dirs[base])
+    assert rows[run]["baseline"] == base
+    np.testing.assert_allclose(float(rows[run]["diff"]), np.mean(mine - theirs), atol=1e-9)
+    np.testing.assert_allclose(float(rows[run]["mean"]), np.mean(mine), atol=1e-9)
+    ess = []
+    for s in (0, 1):
+      lines = (work / dirs[run] / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()
+      train = [json.loads(x) for x in lines]
+      ess += [
+        np.mean(
+          [x["iw/ess_fraction"] for x in train if x["kind"] == "train" and x["stage"] == "iw_sft"]
+        )
+      ]
+    np.testing.assert_allclose(float(rows[run]["iw/ess_fraction"]), np.mean(ess), rtol=1e-9)
+    assert 0 < np.mean(ess) <= 1
+  _, res = scores("iw_sft_T=1")
+  assert res[0]["config"]["objective"]["temperature"] == 1.0
+  _, res = scores("iw_sft_x2")
+  assert res[0]["config"]["finetune"]["steps"] == 80
+  # one π_ref per seed, trained once and shared: bc's policy is it
+  assert (work / "reference" / "reference.json").exists()
+  assert not (work / "filtered_bc" / "reference").exists()
+  assert (work / "ablations.png").stat().st_size > 10_000
+  assert rows["filtered_bc"]["diff"] == ""  # baselines have no paired difference
