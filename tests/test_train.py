@@ -109,21 +109,23 @@ def test_sgd_step_follows_the_weighted_bc_gradient():
   chex.assert_trees_all_close(new.params, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_sample_sequences_follows_logits():
+@pytest.mark.parametrize("inverse_cdf", [False, True])
+def test_sample_sequences_follows_logits(inverse_cdf):
   data = {"mask": np.ones((4, 3), np.float32), "weight": np.arange(4, dtype=np.float32)}
   logits = jnp.log(jnp.array([0.0, 1.0, 3.0, 0.0]))
-  b = iwsft.sample_sequences(jax.random.key(0), data, logits, 4000)
+  b = iwsft.sample_sequences(jax.random.key(0), data, logits, 4000, inverse_cdf)
   counts = np.bincount(np.asarray(b["weight"]).astype(int), minlength=4)
   assert counts[0] == 0 and counts[3] == 0
   np.testing.assert_allclose(counts[2] / counts[1], 3.0, rtol=0.15)
 
 
-def test_sample_steps_only_draws_real_steps_uniformly():
+@pytest.mark.parametrize("inverse_cdf", [False, True])
+def test_sample_steps_only_draws_real_steps_uniformly(inverse_cdf):
   n, t = 3, 4
   mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
   step_id = np.arange(n * t, dtype=np.float32).reshape(n, t)
   data = {"mask": mask, "weight": np.ones(n, np.float32), "id": step_id}
-  b = iwsft.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000)
+  b = iwsft.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000, inverse_cdf)
   chex.assert_shape(b["id"], (7000, 1))
   chex.assert_shape(b["weight"], (7000,))
   ids = np.asarray(b["id"]).ravel().astype(int)

@@ -388,6 +388,7 @@ def train_stage(
     hooks=hooks,
     seed_data=seed_data,
     capacity=capacity,
+    inverse_cdf=True,
   )
   return unstack_seeds(distributed.to_host(state.params), len(run.seeds))
 

@@ -75,6 +75,7 @@ def fit(
   hooks: Hooks | None = None,
   seed_data=None,
   capacity: int | None = None,
+  inverse_cdf: bool = False,
 ) -> TrainState:
   """Trains `state` for `steps` updates of `update` on batches drawn from `data`; returns it.
 
@@ -85,6 +86,8 @@ def fit(
     from reference_logprobs), or None.
   capacity: packed sequence batches of this many step slots (make_train_steps; packing.capacity
     chooses one), or None for padded batches.
+  inverse_cdf: how sequences are drawn (step.draw_sequences: the same distribution, a cheaper
+    stream for large pools).
   A state with a seed axis (state.stack_seeds) is trained with the update vmapped over seeds.
   Chunk boundaries depend only on the step count, so a resumed run dispatches exactly the
   computations of an uninterrupted one. A non-finite loss or gradient that was not skipped stops
@@ -112,6 +115,7 @@ def fit(
           vmapped=run.seeds is not None,
           state_shardings=run.shardings,
           capacity=capacity,
+          inverse_cdf=inverse_cdf,
         )
       state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n

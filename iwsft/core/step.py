@@ -98,22 +98,34 @@ def pool_logprobs(
   return jax.jit(fn, out_shardings=out)(params, data)
 
 
-def draw_sequences(key: jax.Array, logits: jax.Array, batch_size: int) -> jax.Array:
+def draw_sequences(
+  key: jax.Array, logits: jax.Array, batch_size: int, inverse_cdf: bool = False
+) -> jax.Array:
   """batch_size sequence indices [B] drawn i.i.d. with probability ∝ exp(logits[i]), logits [N].
 
   Rows N.. of a pool padded beyond the logits are never drawn, and the draw does not depend on how
   many there are (so the samples do not depend on the device count).
+  inverse_cdf: one uniform per draw and a search of the cumulative probabilities, instead of
+    Gumbel-max's B × N random numbers (256 draws from 2,000 episodes: 26 ms against 0.8 ms on 2 CPU
+    cores). The same distribution, another random stream; False keeps the stream the language
+    pipeline's published numbers were made with.
   """
+  if inverse_cdf:
+    return jax.random.choice(key, logits.shape[0], (batch_size,), p=jax.nn.softmax(logits))
   return jax.random.categorical(key, logits, shape=(batch_size,))
 
 
-def sample_sequences(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+def sample_sequences(
+  key: jax.Array, data: Batch, logits: jax.Array, batch_size: int, inverse_cdf: bool = False
+) -> Batch:
   """The padded batch of draw_sequences: every leaf [N', ...] -> [B, ...]."""
-  idx = draw_sequences(key, logits, batch_size)
+  idx = draw_sequences(key, logits, batch_size, inverse_cdf)
   return jax.tree.map(lambda x: x[idx], data)
 
 
-def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int) -> Batch:
+def sample_steps(
+  key: jax.Array, data: Batch, logits: jax.Array, batch_size: int, inverse_cdf: bool = False
+) -> Batch:
   """Draws batch_size single steps: a sequence ∝ exp(logits) · length, then a step uniformly in it.
 
   logits [N] may cover fewer sequences than data holds (a pool padded with rows never drawn).
@@ -126,7 +138,7 @@ def sample_steps(key: jax.Array, data: Batch, logits: jax.Array, batch_size: int
   lengths = data["mask"].sum(axis=1)[: logits.shape[0]]
   k_seq, k_step = jax.random.split(key)
   seq_logits = logits + jnp.log(jnp.maximum(lengths, 1e-30))
-  idx = jax.random.categorical(k_seq, seq_logits, shape=(batch_size,))
+  idx = draw_sequences(k_seq, seq_logits, batch_size, inverse_cdf)
   # Real steps of a sequence are its first `length` positions (padding is at the end).
   pos = jnp.floor(jax.random.uniform(k_step, (batch_size,)) * lengths[idx]).astype(jnp.int32)
   pos = jnp.minimum(pos, t - 1)
@@ -148,6 +160,7 @@ def make_train_steps(
   vmapped: bool = False,
   state_shardings=None,
   capacity: int | None = None,
+  inverse_cdf: bool = False,
 ):
   """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
   dispatch.
@@ -164,6 +177,7 @@ def make_train_steps(
     logprob_fn must take packed batches, packing.markov_logprob), and a step whose batch holds
     more real steps, in any seed, is computed padded; metrics add "batch/steps" (real steps) and
     "batch/padded" (1 for such a step). None: always padded. Ignored for step-level batches.
+  inverse_cdf: how sequences are drawn (draw_sequences).
   """
   check_batch_size(batch_size, mesh)
   shard = batch_sharded(mesh)
@@ -190,9 +204,11 @@ def make_train_steps(
       if capacity is None:
         sampler = sample_steps if step_level else sample_sequences
         return seeded(
-          lambda st, sd, k, s: take(st, sd, k, lambda d: sampler(s, d, logits, batch_size))
+          lambda st, sd, k, s: take(
+            st, sd, k, lambda d: sampler(s, d, logits, batch_size, inverse_cdf)
+          )
         )(state, seed_data, key, sub)
-      idx = seeded(lambda s: draw_sequences(s, logits, batch_size))(sub)
+      idx = seeded(lambda s: draw_sequences(s, logits, batch_size, inverse_cdf))(sub)
       steps = lengths[idx].sum(axis=-1)
       fits = jnp.max(steps) <= capacity
 
