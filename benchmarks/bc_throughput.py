@@ -4,9 +4,10 @@ with 1..S vmapped seeds, and against d3rlpy's BC on the same data in the same ru
   python benchmarks/bc_throughput.py                 # JAX numbers (+ d3rlpy if .venv-d3rlpy exists)
   make bench                                         # everything, installing d3rlpy's own venv
 
-The update is the one every control run uses (iwsft.iwsft.make_update + make_train_steps: batches
-sampled in the graph, `--steps_per_dispatch` updates per jitted call, donated state) with the BC
-objective on single steps (batch_level=step), a Gaussian policy and Adam. FLOPs per update are
+The update is the one every control run uses (iwsft.make_update + make_train_steps: batches
+sampled in the graph by inverse-CDF draws, `--steps_per_dispatch` updates per jitted call, donated
+state) with the BC objective on single steps (batch_level=step), a Gaussian policy and Adam; one
+more row draws by Gumbel-max, as the pipeline did before. FLOPs per update are
 analytic: 6 · batch · (multiply-adds of the MLP) (forward 2, backward 4); Adam's element-wise work
 is left out. d3rlpy (its own virtual environment: it pins gymnasium 1.0) trains BC with a stochastic
 policy of the same widths, batch and optimiser on the same transitions, written to an .npz file.
@@ -59,9 +60,16 @@ def synthetic_data(episodes: int, length: int, obs: int, act: int, seed: int = 0
 
 
 def jax_steps_per_s(
-  data, hidden, batch: int, seeds: int, steps_per_dispatch: int, repeats: int
+  data,
+  hidden,
+  batch: int,
+  seeds: int,
+  steps_per_dispatch: int,
+  repeats: int,
+  inverse_cdf: bool = True,
 ) -> float:
-  """Updates per second of each seed's run (S seeds advance together)."""
+  """Updates per second of each seed's run (S seeds advance together); inverse_cdf: how steps are
+  drawn (step.draw_sequences; the control pipeline's way by default)."""
   obs, act = data["observations"].shape[-1], data["actions"].shape[-1]
   graphdef, _, consts = split_policy(
     GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(0))
@@ -81,7 +89,13 @@ def jax_steps_per_s(
   pool = iwsft.shard_pool(data, mesh)
   logits = iwsft.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
   steps = iwsft.make_train_steps(
-    update, mesh, batch, steps_per_dispatch, step_level=True, vmapped=seeds > 1
+    update,
+    mesh,
+    batch,
+    steps_per_dispatch,
+    step_level=True,
+    vmapped=seeds > 1,
+    inverse_cdf=inverse_cdf,
   )
   box = [state]
 
@@ -166,6 +180,10 @@ def main():
     )
     for s in (int(x) for x in args.seeds.split(","))
   ]
+  gumbel = jax_steps_per_s(
+    data, hidden, args.batch, 1, args.steps_per_dispatch, args.repeats, inverse_cdf=False
+  )
+  rows.append(row("iwsft (JAX), Gumbel-max draws (before)", 1, gumbel))
   use_d3 = args.d3rlpy == "yes" or (args.d3rlpy == "auto" and os.path.exists(D3RLPY_PYTHON))
   d3 = None
   if use_d3:

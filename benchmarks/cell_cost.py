@@ -7,9 +7,11 @@ A full-recipe cell is two stages: π_ref (BC, 10,000 updates on batches of 128 w
 the method (iw-SFT, 2,000 updates on 256 episodes of the curated top percentiles, with q's and
 π_ref's log-probs and the bound estimates). For each dataset this times a few dispatches of both
 stages' real update (5 vmapped seeds), in two variants of the same objective:
-  before  batches padded to the longest episode; π_ref's log-probs computed in every batch
+  before  batches padded to the longest episode; π_ref's log-probs computed in every batch;
+          episodes drawn by Gumbel-max (B × N random numbers a batch)
   after   packed batches (core/packing.py, pack_batches); π_ref's log-probs computed once over the
-          data (pool_logprobs, precompute_ref), that one-off time added to the cell
+          data (pool_logprobs, precompute_ref), that one-off time added to the cell; episodes drawn
+          by inverse-CDF sampling (step.draw_sequences)
 and multiplies by the recipe's step counts. Data: a local Minari dataset's own episodes (their
 lengths decide what unpadding saves), or fixed:L, synthetic episodes all L steps long (nothing to
 unpad). Evaluation (the same in both variants) is costed with the env steps/s of
@@ -66,6 +68,7 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
     for s in range(args.seeds)
   ]
   graphdef, _, consts = policies[0]
+  vmapped = args.seeds > 1
   logprob_fn = make_logprob_fn(graphdef, consts)
   if fast:
     logprob_fn = packing.markov_logprob(logprob_fn)
@@ -84,7 +87,7 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
     if finetune:
       t0 = time.perf_counter()
       seed_data["logp_ref"] = jax.block_until_ready(
-        iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, True)
+        iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, vmapped)
       )
       one_off = time.perf_counter() - t0  # includes its compilation: an upper bound
   steps = iwsft.make_train_steps(
@@ -93,8 +96,9 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
     stage.batch_size,
     args.steps_per_dispatch,
     step_level=stage.batch_level == "step",
-    vmapped=True,
+    vmapped=vmapped,
     capacity=capacity,
+    inverse_cdf=fast,
   )
   logits = iwsft.put_replicated(logits, mesh)
   box = [state]
@@ -128,10 +132,11 @@ def cell(spec: str, args, cfg, eval_steps_per_s: float | None) -> list[dict]:
         "one-off s": ref_once + ft_once,
         "training h": train_h,
         "evaluation h": "n/a" if eval_h is None else eval_h,
-        "cell h (5 seeds)": train_h + (eval_h or 0.0),
+        f"cell h ({args.seeds} seeds)": train_h + (eval_h or 0.0),
       }
     )
-  rows[1]["vs before"] = rows[0]["cell h (5 seeds)"] / rows[1]["cell h (5 seeds)"]
+  cell_h = f"cell h ({args.seeds} seeds)"
+  rows[1]["vs before"] = rows[0][cell_h] / rows[1][cell_h]
   return rows
 
 

@@ -61,7 +61,7 @@ def main(out):
   pool = iwsft.shard_pool(data, mesh)
   state4 = iwsft.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
   seed_data = {"logp_ref": iwsft.pool_logprobs(packed_logprob, state4.ref_params, pool, mesh)}
-  steps4 = iwsft.make_train_steps(update4, mesh, batch_size=16, num_steps=8, capacity=88)
+  steps4 = iwsft.make_train_steps(update4, mesh, batch_size=16, num_steps=8, capacity=56)
   state4, metrics4 = steps4(state4, pool, iwsft.put_replicated(logits, mesh), seed_data)
   leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})

@@ -1,16 +1,19 @@
-"""Packed sequence batches: the real steps of the sampled sequences laid end to end.
+"""Packed sequence batches: the real steps of the batch's distinct sequences laid end to end.
 
 For a model whose step log-probs depend only on that step's own inputs (a Markov policy,
-log π(a_t | s_t)), a batch of B sequences padded to T steps needs the model only at its K = Σ
-lengths real steps. A packed batch computes it over a fixed capacity of C slots (K ≤ C ≪ B·T for
-episodes of mixed lengths) and puts the values back at their [B, T] places, zeros elsewhere, so the
-objective sees exactly the padded batch's inputs: the same sequences, the same per-step values
-(up to float rounding), the same loss and gradient. A batch whose K exceeds C is computed padded
-instead (core.step), so results never depend on C; C only decides how often that happens.
+log π(a_t | s_t)), a batch of B sequences padded to T steps needs the model only at the K real
+steps of its distinct sequences (a sequence drawn twice, as curation's oversampling does, has the
+same log-probs in both rows). A packed batch computes them over a fixed capacity of C slots
+(K ≤ C ≪ B·T for episodes of mixed lengths) and puts the values back at their [B, T] places, zeros
+elsewhere, so the objective sees exactly the padded batch's inputs: the same sequences, the same
+per-step values (up to float rounding), the same loss and gradient. A batch whose K exceeds C is
+computed padded instead (core.step), so results never depend on C; C only decides how often that
+happens.
 
 Layout of a packed batch: the per-sequence leaves [B, ...] and the rank-2 per-step leaves (mask,
 logp_ref) [B, T] as in a padded batch, plus PACKED: {each per-step leaf [C, 1, ...], "row" [C],
-"pos" [C], "valid" [C]}: slot c holds step pos[c] of sequence row[c] when valid[c] is 1.
+"pos" [C], "valid" [C], "inverse" [B]}: slot c holds step pos[c] of distinct sequence row[c] when
+valid[c] is 1, and batch row b is distinct sequence inverse[b].
 """
 
 from __future__ import annotations
@@ -39,13 +42,28 @@ def plan(lengths: jax.Array, capacity: int) -> dict[str, jax.Array]:
   return {"row": row, "pos": jnp.where(valid, pos, 0), "valid": valid.astype(jnp.float32)}
 
 
+def distinct(idx: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The distinct sequences of a batch idx [B] of a pool with these lengths [N] -> (their indices
+  [B], padded with N; their lengths [B], 0 for padding; inverse [B]: row b is distinct
+  inverse[b])."""
+  n = lengths.shape[0]
+  uniq, inverse = jnp.unique(idx, size=idx.shape[0], fill_value=n, return_inverse=True)
+  return uniq, jnp.concatenate([lengths, jnp.zeros(1, lengths.dtype)])[uniq], inverse.reshape(-1)
+
+
+def distinct_steps(idx: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Real steps of the distinct sequences of a batch idx [B]: what a packed batch holds."""
+  return distinct(idx, lengths)[1].sum()
+
+
 def gather_packed(data: dict, idx: jax.Array, lengths: jax.Array, capacity: int) -> dict:
   """The packed batch of sequences idx [B] of a pool (leaves [N, T, ...] or [N, ...]) whose
   sequence lengths are lengths [N]."""
   n, t = data["mask"].shape
-  slots = plan(lengths[idx], capacity)
-  seq, pos = idx[slots["row"]], slots["pos"]
-  batch, packed = {}, dict(slots)
+  uniq, uniq_lengths, inverse = distinct(idx, lengths)
+  slots = plan(uniq_lengths, capacity)
+  seq, pos = jnp.minimum(uniq[slots["row"]], n - 1), slots["pos"]
+  batch, packed = {}, {**slots, "inverse": inverse}
   for k, x in data.items():
     if not is_step_leaf(x, n, t):
       batch[k] = x[idx]
@@ -58,10 +76,9 @@ def gather_packed(data: dict, idx: jax.Array, lengths: jax.Array, capacity: int)
 
 
 def unpack(values: jax.Array, packed: dict, shape: tuple[int, int]) -> jax.Array:
-  """Per-slot values [C] -> [B, T] at their sequences' steps, 0 at padding (gradients flow)."""
-  return (
-    jnp.zeros(shape, values.dtype).at[packed["row"], packed["pos"]].add(values * packed["valid"])
-  )
+  """Per-slot values [C] -> [B, T] at their rows' steps, 0 at padding (gradients flow)."""
+  per_distinct = jnp.zeros(shape, values.dtype).at[packed["row"], packed["pos"]]
+  return per_distinct.add(values * packed["valid"])[packed["inverse"]]
 
 
 def markov_logprob(logprob_fn):
@@ -73,7 +90,7 @@ def markov_logprob(logprob_fn):
     if PACKED not in batch:
       return logprob_fn(params, batch)
     packed = batch[PACKED]
-    steps = {k: v for k, v in packed.items() if k not in ("row", "pos", "valid")}
+    steps = {k: v for k, v in packed.items() if k not in ("row", "pos", "valid", "inverse")}
     return unpack(logprob_fn(params, steps)[:, 0], packed, batch["mask"].shape)
 
   return fn
@@ -88,16 +105,18 @@ def capacity(
   multiple: int = 64,
   draws: int = 4000,
 ) -> int | None:
-  """Slots C such that a batch of batch_size sequences drawn ∝ exp(logits) [N] from sequences of
-  these lengths [N] fits, in all `seeds` batches of a step at once, with probability `quantile`
-  (estimated from `draws` simulated steps, with a fixed seed: the same C on every process). A
-  multiple of `multiple`; None when packing would save less than a tenth of the padded B·T."""
+  """Slots C such that the distinct sequences of a batch of batch_size drawn ∝ exp(logits) [N]
+  from sequences of these lengths [N] fit, in all `seeds` batches of a step at once, with
+  probability `quantile` (estimated from `draws` simulated steps, with a fixed seed: the same C on
+  every process). A multiple of `multiple`; None when packing would save less than a tenth of the
+  padded B·T."""
   lengths = np.asarray(lengths, np.int64)
   p = np.exp(logits - np.max(logits))
   p = p / p.sum()
   rng = np.random.default_rng(0)
-  idx = rng.choice(len(lengths), size=(draws, seeds, batch_size), p=p)
-  totals = lengths[idx].sum(axis=-1).max(axis=-1)
+  idx = np.sort(rng.choice(len(lengths), size=(draws, seeds, batch_size), p=p), axis=-1)
+  first = np.concatenate([np.ones_like(idx[..., :1], bool), idx[..., 1:] != idx[..., :-1]], -1)
+  totals = (lengths[idx] * first).sum(axis=-1).max(axis=-1)
   c = int(-(-np.quantile(totals, quantile, method="higher") // multiple) * multiple)
   padded = batch_size * int(lengths.max())
   return c if c <= 0.9 * padded else None

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
-from iwsft.core.packing import gather_packed
+from iwsft.core.packing import distinct_steps, gather_packed
 from iwsft.core.sharding import batch_sharded, check_batch_size, replicated, seed_pool_sharded
 from iwsft.core.state import TrainState
 
@@ -175,7 +175,8 @@ def make_train_steps(
   state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
   capacity: sequence batches are packed into this many step slots (core.packing; the update's
     logprob_fn must take packed batches, packing.markov_logprob), and a step whose batch holds
-    more real steps, in any seed, is computed padded; metrics add "batch/steps" (real steps) and
+    more distinct real steps, in any seed, is computed padded; metrics add "batch/steps" (the
+    distinct sequences' real steps) and
     "batch/padded" (1 for such a step). None: always padded. Ignored for step-level batches.
   inverse_cdf: how sequences are drawn (draw_sequences).
   """
@@ -209,7 +210,7 @@ def make_train_steps(
           )
         )(state, seed_data, key, sub)
       idx = seeded(lambda s: draw_sequences(s, logits, batch_size, inverse_cdf))(sub)
-      steps = lengths[idx].sum(axis=-1)
+      steps = seeded(lambda i: distinct_steps(i, lengths))(idx)
       fits = jnp.max(steps) <= capacity
 
       def packed(st):
