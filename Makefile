@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets datasets-full lm lm-smollm2 sweep bench fixtures test test-slow clean
+.PHONY: install demo datasets datasets-full lm lm-smollm2 sweep ablations bench fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ lm-smollm2: install  ## the paper's LM experiment in miniature: SmolLM2-135M-Ins
 
 sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium-replay/medium-expert x 5 seeds
 	$(PY) experiments/sweep.py --workdir=runs/sweep
+
+ablations: install  ## iw-SFT's temperature, q decay and fine-tuning length against filtered BC, Hopper small medium-replay x 5 seeds
+	$(PY) experiments/ablations.py --workdir=runs/ablations
 
 .venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv, for the BC comparison only
 	$(PYTHON) -m venv .venv-d3rlpy

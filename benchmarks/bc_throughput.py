@@ -106,6 +106,60 @@ def jax_steps_per_s(
   return steps_per_dispatch / common.median_seconds(call, repeats)
 
 
+def breakdown(data, hidden, batch: int, steps: int, repeats: int) -> dict[str, float]:
+  """Microseconds per update of the BC step's parts, each run `steps` times in one lax.scan (each
+  iteration depends on the last, so nothing is hoisted out of the loop): drawing the batch, the
+  policy's forward pass, forward + backward, the update on a fixed batch (+ Adam, q's copy),
+  and the whole step as training runs it."""
+  import jax.numpy as jnp
+
+  obs, act = data["observations"].shape[-1], data["actions"].shape[-1]
+  graphdef, params, consts = split_policy(
+    GaussianPolicy(obs, act, PolicyConfig(hidden=hidden), rngs=nnx.Rngs(0))
+  )
+  logprob = make_logprob_fn(graphdef, consts)
+  optimizer = make_optimizer(StageConfig(steps=10**9, batch_size=batch, learning_rate=1e-3))
+  update = iwsft.make_update(logprob, optimizer, ObjectiveConfig("none"))
+  pool = jax.tree.map(jnp.asarray, data)
+  logits = jnp.zeros(len(data["mask"]))
+  fixed = iwsft.sample_steps(jax.random.key(0), pool, logits, batch, True)
+  loss = lambda p, b: -jnp.mean(logprob(p, b))
+
+  def draw(key, _):
+    key, sub = jax.random.split(key)
+    b = iwsft.sample_steps(sub, pool, logits, batch, True)
+    return jax.random.fold_in(key, b["observations"][0, 0, 0].astype(jnp.int32)), None
+
+  def forward(c, _):
+    b = {**fixed, "observations": fixed["observations"] + c * 1e-30}
+    return c + jnp.sum(logprob(params, b)), None
+
+  def backward(p, _):
+    g = jax.grad(loss)(p, fixed)
+    return jax.tree.map(lambda a, b: a - 1e-9 * b, p, g), None
+
+  def fixed_update(st, _):
+    return update(st, fixed)[0], None
+
+  state = iwsft.init_state(params, optimizer, 0)
+  parts = {
+    "draw a batch": (draw, jax.random.key(1)),
+    "forward": (forward, jnp.zeros(())),
+    "forward + backward": (backward, params),
+    "update on a fixed batch (+ Adam, q)": (fixed_update, state),
+  }
+  out = {}
+  for name, (body, init) in parts.items():
+    run = jax.jit(lambda c, body=body: jax.lax.scan(body, c, None, length=steps)[0])
+    out[name] = (
+      1e6
+      * common.median_seconds(lambda r=run, c=init: jax.block_until_ready(r(c)), repeats)
+      / steps
+    )
+  out["whole step (training)"] = 1e6 / jax_steps_per_s(data, hidden, batch, 1, steps, repeats)
+  return out
+
+
 def d3rlpy_steps_per_s(data, hidden, batch: int, steps: int, python: str) -> dict:
   """Runs benchmarks/d3rlpy_bc.py in d3rlpy's venv on the same transitions."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +203,7 @@ def _args():
     help="compare with d3rlpy (auto: if .venv-d3rlpy exists)",
   )
   p.add_argument("--d3rlpy_steps", type=int, default=2000)
+  p.add_argument("--breakdown", choices=["yes", "no"], default="yes", help="time the step's parts")
   return p.parse_args()
 
 
@@ -198,6 +253,19 @@ def main():
   print(common.table(rows, list(rows[0])))
   if d3 is not None:
     print(f"iwsft / d3rlpy (1 seed): {rows[0]['steps/s per seed'] / d3['steps_per_s']:.1f}x")
+  parts = None
+  if args.breakdown == "yes":
+    parts = breakdown(data, hidden, args.batch, args.steps_per_dispatch, args.repeats)
+    floor = 1e6 * flops / peak_small
+    print(
+      f"Where one update's time goes (µs; its FLOPs at the {max(hidden)}² matmul rate take "
+      f"{floor:.0f}):"
+    )
+    print(
+      common.table(
+        [{"part": k, "µs per update": v} for k, v in parts.items()], ["part", "µs per update"]
+      )
+    )
   path = common.save(
     "bc_throughput",
     {
@@ -208,6 +276,7 @@ def main():
       "matmul_width_flops": peak_small,
       "rows": rows,
       "d3rlpy": d3,
+      "breakdown_us": parts,
     },
   )
   print(f"-> {path}")

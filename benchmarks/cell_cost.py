@@ -149,7 +149,7 @@ def _args():
   )
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--episodes", type=int, default=300, help="episodes of fixed:L data")
-  p.add_argument("--steps_per_dispatch", type=int, default=2)
+  p.add_argument("--steps_per_dispatch", type=int, default=4)
   p.add_argument("--repeats", type=int, default=2)
   return p.parse_args()
 
