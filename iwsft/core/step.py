@@ -176,8 +176,8 @@ def make_train_steps(
   capacity: sequence batches are packed into this many step slots (core.packing; the update's
     logprob_fn must take packed batches, packing.markov_logprob), and a step whose batch holds
     more distinct real steps, in any seed, is computed padded; metrics add "batch/steps" (the
-    distinct sequences' real steps) and
-    "batch/padded" (1 for such a step). None: always padded. Ignored for step-level batches.
+    distinct sequences' real steps) and "batch/padded" (1 for such a step). None: always padded.
+    Ignored for step-level batches.
   inverse_cdf: how sequences are drawn (draw_sequences).
   """
   check_batch_size(batch_size, mesh)
@@ -200,33 +200,29 @@ def make_train_steps(
       batch = jax.lax.with_sharding_constraint(batch_of({**data, **sd}), shard)
       return update(state.replace(key=key), batch)
 
-    def one_step(state: TrainState, _):
+    def padded_step(state: TrainState, _):
       key, sub = seeded(split_key)(state)
-      if capacity is None:
-        sampler = sample_steps if step_level else sample_sequences
-        return seeded(
-          lambda st, sd, k, s: take(
-            st, sd, k, lambda d: sampler(s, d, logits, batch_size, inverse_cdf)
-          )
-        )(state, seed_data, key, sub)
+      sampler = sample_steps if step_level else sample_sequences
+      draw = lambda s: lambda d: sampler(s, d, logits, batch_size, inverse_cdf)
+      return seeded(lambda st, sd, k, s: take(st, sd, k, draw(s)))(state, seed_data, key, sub)
+
+    def packed_step(state: TrainState, _):
+      key, sub = seeded(split_key)(state)
       idx = seeded(lambda s: draw_sequences(s, logits, batch_size, inverse_cdf))(sub)
       steps = seeded(lambda i: distinct_steps(i, lengths))(idx)
       fits = jnp.max(steps) <= capacity
+      packed = lambda i: lambda d: gather_packed(d, i, lengths, capacity)
+      padded = lambda i: lambda d: jax.tree.map(lambda x: x[i], d)
 
-      def packed(st):
-        return seeded(
-          lambda st, sd, k, i: take(st, sd, k, lambda d: gather_packed(d, i, lengths, capacity))
-        )(st, seed_data, key, idx)
+      def step_with(gather):
+        per_seed = lambda st, sd, k, i: take(st, sd, k, gather(i))
+        return lambda st: seeded(per_seed)(st, seed_data, key, idx)
 
-      def padded(st):
-        return seeded(
-          lambda st, sd, k, i: take(st, sd, k, lambda d: jax.tree.map(lambda x: x[i], d))
-        )(st, seed_data, key, idx)
-
-      state, metrics = jax.lax.cond(fits, packed, padded, state)
+      state, metrics = jax.lax.cond(fits, step_with(packed), step_with(padded), state)
       fell_back = jnp.broadcast_to(1.0 - fits.astype(jnp.float32), steps.shape)
       return state, {**metrics, "batch/steps": steps.astype(jnp.float32), "batch/padded": fell_back}
 
+    one_step = padded_step if capacity is None else packed_step
     return jax.lax.scan(one_step, state, None, length=num_steps)
 
   rep = replicated(mesh)
