@@ -154,9 +154,12 @@ def test_a_run_resumes_on_another_device_count(uninterrupted, tmp_path, first, t
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert len(result["devices"]) == then
-  # 8 devices add the batch's steps up in another order; 600 Adam updates amplify that rounding
+  # 8 devices add the batch's steps up in another order, and 600 Adam updates amplify that
+  # rounding in the few weights whose gradients hover near 0: nearly every weight agrees to 1e-5,
+  # none is off by more than 2e-3 (a resume from the wrong state is off everywhere)
   for a, b in zip(params(work), params(uninterrupted), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-4)
+    diff = np.abs(np.asarray(a, np.float64) - b)
+    assert np.quantile(diff, 0.99) < 1e-4 and diff.max() < 2e-3, (np.median(diff), diff.max())
   steps = [(r["stage"], r["step"]) for r in rows(work) if r["kind"] == "train"]
   assert steps == [(r["stage"], r["step"]) for r in rows(uninterrupted) if r["kind"] == "train"]
 
