@@ -16,7 +16,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from iwsft.core.sharding import (
-  batch_sharded,
   pool_rows,
   put_replicated,
   seed_pool_sharded,
@@ -83,7 +82,7 @@ def fit(
     process places only its rows) or the global arrays of sharding.put_pool.
   logits: [N] host array, the same in every process: sequence i is drawn ∝ exp(logits[i]).
   seed_data: pool leaves that differ per seed, as make_train_steps takes them (π_ref's log-probs
-    from reference_logprobs), or None.
+    from step.pool_logprobs), or None.
   capacity: packed sequence batches of this many step slots (make_train_steps; packing.capacity
     chooses one), or None for padded batches.
   inverse_cdf: how sequences are drawn (step.draw_sequences: the same distribution, a cheaper
@@ -161,7 +160,7 @@ def _place_seed_data(seed_data, data, mesh: Mesh, vmapped: bool) -> dict:
   if not seed_data:
     return {}
   rows = len(jax.tree.leaves(data)[0])
-  sharding = seed_pool_sharded(mesh) if vmapped else batch_sharded(mesh)
+  sharding = seed_pool_sharded(mesh, vmapped)
   for k, x in seed_data.items():
     if x.shape[int(vmapped)] != rows:
       raise ValueError(f"fit: seed_data[{k!r}] has shape {x.shape} for a pool of {rows} rows")

@@ -44,9 +44,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
 
 
-def seed_pool_sharded(mesh: Mesh) -> NamedSharding:
+def seed_pool_sharded(mesh: Mesh, vmapped: bool = True) -> NamedSharding:
   """Per-seed pool leaves [S, N, ...]: the seed axis whole on every device, the rows split as the
-  pool's."""
+  pool's; a single run's [N, ...] (vmapped False) split as the pool."""
+  if not vmapped:
+    return batch_sharded(mesh)
   return NamedSharding(mesh, P(None, (DATA_AXIS, FSDP_AXIS)))
 
 

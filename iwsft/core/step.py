@@ -93,7 +93,7 @@ def pool_logprobs(
     one = lambda row: logprob_fn(p, jax.tree.map(lambda x: x[None], row))[0]
     return jax.lax.map(one, d, batch_size=rows)
 
-  out = seed_pool_sharded(mesh) if vmapped else batch_sharded(mesh)
+  out = seed_pool_sharded(mesh, vmapped)
   fn = jax.vmap(over_pool, in_axes=(0, None)) if vmapped else over_pool
   return jax.jit(fn, out_shardings=out)(params, data)
 
@@ -227,7 +227,7 @@ def make_train_steps(
 
   rep = replicated(mesh)
   st = rep if state_shardings is None else state_shardings
-  seed_shard = seed_pool_sharded(mesh) if vmapped else shard
+  seed_shard = seed_pool_sharded(mesh, vmapped)
   jitted = jax.jit(
     train_steps,
     in_shardings=(st, shard, rep, seed_shard),
