@@ -81,15 +81,15 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
   pool = iwsft.shard_pool(data, mesh)
   logits, _ = curation_for(method, returns, cfg)
   capacity, seed_data, one_off = None, {}, 0.0
-  if fast:
+  if fast and stage.batch_level == "episode":  # as the pipeline: single steps have no padding
     lengths = data["mask"].sum(1).astype(np.int64)
     capacity = packing.capacity(lengths, logits, stage.batch_size, args.seeds)
-    if finetune:
-      t0 = time.perf_counter()
-      seed_data["logp_ref"] = jax.block_until_ready(
-        iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, vmapped)
-      )
-      one_off = time.perf_counter() - t0  # includes its compilation: an upper bound
+  if fast and finetune:
+    t0 = time.perf_counter()
+    seed_data["logp_ref"] = jax.block_until_ready(
+      iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, vmapped)
+    )
+    one_off = time.perf_counter() - t0  # includes its compilation: an upper bound
   steps = iwsft.make_train_steps(
     update,
     mesh,

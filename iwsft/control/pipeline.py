@@ -372,7 +372,7 @@ def train_stage(
     ref = sharding.put_replicated(stack_seeds(refs), run.mesh)
     seed_data["logp_ref"] = pool_logprobs(logprob_fn, ref, pool, run.mesh, len(run.seeds) > 1)
   capacity = None
-  if run.cfg.pack_batches:
+  if run.cfg.pack_batches and stage.batch_level == "episode":  # single steps have no padding
     capacity = packing.capacity(run.share.lengths, logits, stage.batch_size, len(run.seeds))
   state = fit(
     update,
