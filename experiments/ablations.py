@@ -97,23 +97,24 @@ def _slug(name: str) -> str:
   return "".join(c if c.isalnum() or c in "=._" else "_" for c in name).strip("_")
 
 
-def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]], seeds) -> list[dict]:
-  """One row per run: score mean/std/CI, paired difference to its baseline, diagnostics."""
+def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[dict]:
+  """One row per run: report.summarise's score mean/std/CI, the paired difference to its
+  baseline, the diagnostics."""
+  records = [
+    {"dataset": r["dataset"], "method": name, "seed": r["seed"], "score": r["normalised_score"]}
+    for name, (_, _, results, _) in runs.items()
+    for r in results
+  ]
+  summary = {s["method"]: s for s in report.summarise(records)}
+  by_seed = lambda results: {r["seed"]: r["normalised_score"] for r in results}
   rows = []
   for name, (what, base, results, diags) in runs.items():
-    scores = np.array([r["normalised_score"] for r in results])
-    lo, hi = report.bootstrap_ci(scores)
-    row = {
-      "run": name,
-      "ablates": what,
-      "mean": float(scores.mean()),
-      "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
-      "ci_low": lo,
-      "ci_high": hi,
-      "per_seed": [round(float(s), 1) for s in scores],
-    }
+    scores = by_seed(results)
+    row = {"run": name, "ablates": what, **summary[name]}
+    row["per_seed"] = [round(float(scores[s]), 1) for s in row["seeds"]]
     if base:
-      diff = scores - np.array([r["normalised_score"] for r in runs[base][2]])
+      theirs = by_seed(runs[base][2])
+      diff = np.array([scores[s] - theirs[s] for s in row["seeds"]])
       d_lo, d_hi = report.bootstrap_ci(diff)
       row.update(baseline=base, diff=float(diff.mean()), diff_low=d_lo, diff_high=d_hi)
     for k in DIAGNOSTICS:
@@ -171,7 +172,7 @@ def main(argv):
     )
     diags = [diagnostics(run_dir, s, cfg.method) for s in seeds] if cfg.method == "iw_sft" else []
     runs[name] = (what, base, results, diags)
-  rows = summarise(runs, seeds)
+  rows = summarise(runs)
   first = next(iter(runs.values()))[2][0]
   text = (
     f"{F.dataset}, seeds {', '.join(map(str, seeds))} (trained together, one π_ref per seed), "
