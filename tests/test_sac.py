@@ -71,3 +71,60 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
     )
   with pytest.raises(ValueError, match="max_steps"):
     SACConfig(total_steps=400, max_steps=100, target_return=1.0)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+  """Interrupted at step 700 of 1,200 and run again, training continues from the last episode
+  boundary saved and ends with the snapshots and episodes of an uninterrupted run."""
+  from iwsft.control.datasets import sac
+
+  cfg = SACConfig(
+    total_steps=1200, start_steps=200, snapshot_every=200, hidden=(16, 16), eval_episodes=2
+  )
+  kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False}
+  whole_snaps, whole_eps, _ = train_sac("InvertedPendulum-v5", cfg, **kw)
+
+  real_bar, starts = sac.progress_lib.bar, []
+
+  def interrupting_bar(total, desc, initial=0, **k):
+    b, first, done = real_bar(total, desc, initial=initial, **k), not starts, [initial]
+    starts.append(initial)
+    update = b.update
+
+    def update_or_stop(n):
+      if first and done[0] >= 700:
+        raise KeyboardInterrupt
+      done[0] += n
+      update(n)
+
+    b.update = update_or_stop
+    return b
+
+  monkeypatch.setattr(sac.progress_lib, "bar", interrupting_bar)
+  ckpt = str(tmp_path / "run.ckpt")
+  with pytest.raises(KeyboardInterrupt):
+    train_sac("InvertedPendulum-v5", cfg, checkpoint=ckpt, checkpoint_seconds=0.0, **kw)
+  snaps, eps, _ = train_sac("InvertedPendulum-v5", cfg, checkpoint=ckpt, **kw)
+  assert 650 <= starts[1] <= 700  # resumed at the last episode end (episodes here: <= 50 steps)
+
+  assert [(s.step, s.eval_return) for s in snaps] == [(s.step, s.eval_return) for s in whole_snaps]
+  for a, b in zip(snaps, whole_snaps, strict=True):
+    for x, y in zip(jax_leaves(a.actor), jax_leaves(b.actor), strict=True):
+      np.testing.assert_array_equal(x, y)
+  assert len(eps) == len(whole_eps)
+  for a, b in zip(eps, whole_eps, strict=True):
+    np.testing.assert_array_equal(a.actions, b.actions)
+    np.testing.assert_array_equal(a.observations, b.observations)
+    assert (a.seed, a.end_step) == (b.seed, b.end_step)
+  assert snaps[-1].seconds > 0
+
+  # A checkpoint of another configuration is not resumed.
+  other = SACConfig(**{**cfg.__dict__, "seed": 1})
+  train_sac("InvertedPendulum-v5", other, checkpoint=ckpt, **kw)
+  assert starts[2] == 0
+
+
+def jax_leaves(tree):
+  import jax
+
+  return jax.tree.leaves(tree)

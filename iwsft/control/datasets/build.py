@@ -158,10 +158,12 @@ class _SACFamily:
       _, _, act = sac.make_sac(self.obs_dim, self.space.shape[0], cfg)
       cached = _read_cache(self.cache_path, cfg)
       if cached is None:
-        t0 = time.time()
-        snaps, episodes, act = sac.train_sac(self.env_id, cfg)
-        self.train_seconds = time.time() - t0
+        partial = None if self.cache_path is None else self.cache_path + ".partial"
+        snaps, episodes, act = sac.train_sac(self.env_id, cfg, checkpoint=partial)
+        self.train_seconds = snaps[-1].seconds  # over every resumed part of the training
         _write_cache(self.cache_path, cfg, snaps, episodes, self.train_seconds)
+        if partial is not None and os.path.exists(partial):
+          os.remove(partial)
       else:
         snaps, episodes, self.train_seconds = cached
       expert = max(snaps, key=lambda s: s.eval_return)

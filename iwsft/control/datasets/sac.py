@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -221,6 +222,7 @@ class Snapshot:
   step: int
   eval_return: float
   actor: nnx.State
+  seconds: float | None = None  # training time to this snapshot, over resumed runs too
 
 
 class _Episodes:
@@ -284,13 +286,72 @@ def _evaluator(eval_env, act, scale, cfg: SACConfig, key):
   return evaluate
 
 
+@dataclasses.dataclass
+class _Progress:
+  """Everything a training run carries between environment steps: what a checkpoint holds.
+
+  It is saved only at an episode boundary, where the training environment's next state is a
+  function of the next reset seed (`episodes.seed`), so a resumed run continues exactly."""
+
+  step: int
+  state: SACState
+  buf: dict[str, np.ndarray]
+  rng: np.random.Generator
+  key: jax.Array
+  snapshots: list[Snapshot]
+  done: list[Recorded]
+  next_seed: int
+  seconds: float  # training time before this process
+
+
+def _save(path: str, cfg: SACConfig, run: _Progress) -> None:
+  """Writes the run to `path` atomically (the replay buffer up to its step only)."""
+  import pickle
+
+  saved = dataclasses.replace(
+    run,
+    state=jax.device_get(run.state),
+    buf={k: v[: run.step] for k, v in run.buf.items()},
+    key=np.asarray(jax.random.key_data(run.key)),
+  )
+  with open(path + ".tmp", "wb") as f:
+    pickle.dump({"config": cfg, "run": saved}, f, protocol=pickle.HIGHEST_PROTOCOL)
+  os.replace(path + ".tmp", path)
+
+
+def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
+  """The run saved at `path` by the same config, its buffer grown back to n steps; else None."""
+  import pickle
+
+  if path is None or not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    saved = pickle.load(f)
+  if saved["config"] != cfg:
+    return None
+  run = saved["run"]
+  for k, v in run.buf.items():
+    run.buf[k] = np.concatenate([v, np.zeros((n - len(v), *v.shape[1:]), v.dtype)])
+  run.key = jax.random.wrap_key_data(jnp.asarray(run.key))
+  return run
+
+
 def train_sac(
-  env_id: str, cfg: SACConfig, env_kwargs: dict | None = None, progress: bool = True
+  env_id: str,
+  cfg: SACConfig,
+  env_kwargs: dict | None = None,
+  progress: bool = True,
+  checkpoint: str | None = None,
+  checkpoint_seconds: float = 600.0,
 ) -> tuple[list[Snapshot], list[Recorded], Callable]:
   """Trains SAC on one environment for cfg.total_steps, then on until a snapshot reaches
   cfg.target_return (if set; TargetNotReached at cfg.max_steps). Returns (snapshots, recorded
   training episodes, act) where act(actor_params, obs [N, O], key, deterministic) gives actions in
-  [-1, 1] (scale to the box)."""
+  [-1, 1] (scale to the box).
+
+  checkpoint: a file the run is saved to at the first episode end `checkpoint_seconds` after the
+  last save, and resumed from (exactly, on the same machine) when it holds a run of this config.
+  It is left in place (resuming from it ends where this run ends): the caller removes it."""
   env_kwargs = env_kwargs or {}
   env = gym.make(env_id, **env_kwargs)
   eval_env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **env_kwargs)] * cfg.eval_episodes)
@@ -298,37 +359,53 @@ def train_sac(
   low, high = env.action_space.low, env.action_space.high
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
-  state, n = init_state(), cfg.step_cap
-  buf = _replay_buffer(n, obs_dim, act_dim)
-  rng = np.random.default_rng(cfg.seed)
-  key = jax.random.key(cfg.seed + 2)
-  evaluate = _evaluator(eval_env, act, scale, cfg, key)
-  episodes = _Episodes(env, cfg.seed * 1_000_003)
-  obs, snapshots, t0 = episodes.obs[0], [], time.time()
-  bar = progress_lib.bar(n, f"SAC {env_id}", enabled=progress)
-  for step in range(n):
+  n = cfg.step_cap
+  run = _load(checkpoint, cfg, n) or _Progress(
+    0,
+    init_state(),
+    _replay_buffer(n, obs_dim, act_dim),
+    np.random.default_rng(cfg.seed),
+    jax.random.key(cfg.seed + 2),
+    [],
+    [],
+    cfg.seed * 1_000_003,
+    0.0,
+  )
+  evaluate = _evaluator(eval_env, act, scale, cfg, jax.random.key(cfg.seed + 2))
+  episodes = _Episodes(env, run.next_seed)
+  episodes.done = run.done
+  obs, t0, saved_at = episodes.obs[0], time.time() - run.seconds, time.time()
+  bar = progress_lib.bar(n, f"SAC {env_id}", initial=run.step, enabled=progress)
+  if run.step and progress:
+    progress_lib.note(bar, f"SAC {env_id}: resumed at step {run.step:,} from {checkpoint}")
+  buf, snapshots = run.buf, run.snapshots
+  for step in range(run.step, n):
     if step < cfg.start_steps:
-      a = rng.uniform(-1, 1, act_dim)
+      a = run.rng.uniform(-1, 1, act_dim)
     else:
-      key, sub = jax.random.split(key)
-      a = np.asarray(act(state.actor, obs[None].astype(np.float32), sub, False))[0]
+      run.key, sub = jax.random.split(run.key)
+      a = np.asarray(act(run.state.actor, obs[None].astype(np.float32), sub, False))[0]
     next_obs, r, term, trunc, _ = env.step(scale(a))
     buf["obs"][step], buf["action"][step], buf["reward"][step] = obs, a, r
     buf["next_obs"][step], buf["terminal"][step] = next_obs, float(term)
     episodes.add(scale(a), r, next_obs)
     obs = episodes.end(term, trunc, step + 1) if term or trunc else next_obs
     if (step + 1) % cfg.chunk == 0 and step + 1 >= cfg.start_steps:
-      idx = rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
-      state, _ = update_many(state, {k: v[idx] for k, v in buf.items()})
+      idx = run.rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
+      run.state, _ = update_many(run.state, {k: v[idx] for k, v in buf.items()})
     bar.update(1)
     if (step + 1) % cfg.snapshot_every == 0:
-      ret = evaluate(state.actor, len(snapshots))
-      snapshots.append(Snapshot(step + 1, ret, jax.device_get(state.actor)))
+      ret = evaluate(run.state.actor, len(snapshots))
+      snapshots.append(Snapshot(step + 1, ret, jax.device_get(run.state.actor), time.time() - t0))
       bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
       if progress:
         progress_lib.note(bar, f"SAC {env_id} {step + 1:,}/{n:,} steps: eval return {ret:.1f}")
       if _reached(cfg, step + 1, snapshots):
         break
+    if checkpoint and (term or trunc) and time.time() - saved_at >= checkpoint_seconds:
+      run.step, run.next_seed, run.seconds = step + 1, episodes.seed, time.time() - t0
+      _save(checkpoint, cfg, run)
+      saved_at = time.time()
   bar.close()
   env.close()
   eval_env.close()
