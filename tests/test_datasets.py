@@ -159,3 +159,45 @@ def test_a_run_on_a_shipped_dataset_installs_it_when_missing(tmp_path, monkeypat
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
   ds = load_dataset(datasets.dataset_id("hopper", "small", "medium-replay"))
   assert ds.total_episodes == 256 and ds.total_steps == 7412
+
+
+def test_episodes_recorded_side_by_side_do_not_depend_on_their_neighbours():
+  """Episode i is reset with seed + i and acts from Generator (seed, i), whatever the width."""
+  import gymnasium as gym
+
+  from iwsft.control.datasets.collect import random_behaviour, record_episodes
+
+  env_id, space = "Hopper-v5", gym.make("Hopper-v5").action_space
+  alone = record_episodes(env_id, random_behaviour(space), range(3, 8), seed=50, width=1)
+  side = record_episodes(env_id, random_behaviour(space), range(3, 8), seed=50, width=4)
+  assert [e.seed for e in side] == [53, 54, 55, 56, 57]
+  for a, b in zip(alone, side, strict=True):
+    np.testing.assert_array_equal(a.observations, b.observations)
+    np.testing.assert_array_equal(a.actions, b.actions)
+    np.testing.assert_array_equal(a.rewards, b.rewards)
+  env, e = gym.make(env_id), side[2]  # index 5, computed here step by step
+  obs, _ = env.reset(seed=55)
+  rng = np.random.default_rng([50, 5])
+  np.testing.assert_array_equal(e.observations[0], obs)
+  for t, action in enumerate(e.actions):
+    np.testing.assert_array_equal(action, rng.uniform(space.low, space.high).astype(np.float32))
+    obs, r, term, trunc, _ = env.step(action)
+    np.testing.assert_array_equal(e.observations[t + 1], obs)
+    assert e.rewards[t] == r and (term or trunc) == (t == len(e.actions) - 1)
+  assert e.terminated == term and e.truncated == trunc
+
+
+def test_the_numpy_sampler_is_the_actor_with_its_noise_given():
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from iwsft.control.datasets.sac import Actor, numpy_sampler
+
+  actor = Actor(11, 3, (32, 32), nnx.Rngs(0))
+  obs = np.random.default_rng(0).normal(size=(7, 11)).astype(np.float32)
+  noise = np.random.default_rng(1).normal(size=(7, 3)).astype(np.float32)
+  mean, log_std = actor.dist(jnp.asarray(obs))
+  expected = np.tanh(np.asarray(mean) + np.exp(np.asarray(log_std)) * noise)
+  got = numpy_sampler(nnx.state(actor))(obs, noise)
+  assert got.shape == (7, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

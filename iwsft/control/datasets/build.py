@@ -155,11 +155,10 @@ class _SACFamily:
 
       p = SAC_PROFILES[self.profile]
       cfg = sac.SACConfig(seed=self.seed, target_return=self.target, **p["sac"])
-      _, _, act = sac.make_sac(self.obs_dim, self.space.shape[0], cfg)
       cached = _read_cache(self.cache_path, cfg)
       if cached is None:
         partial = None if self.cache_path is None else self.cache_path + ".partial"
-        snaps, episodes, act = sac.train_sac(self.env_id, cfg, checkpoint=partial)
+        snaps, episodes, _ = sac.train_sac(self.env_id, cfg, checkpoint=partial)
         self.train_seconds = snaps[-1].seconds  # over every resumed part of the training
         _write_cache(self.cache_path, cfg, snaps, episodes, self.train_seconds)
         if partial is not None and os.path.exists(partial):
@@ -171,19 +170,17 @@ class _SACFamily:
       lo = self.random_return if self.random_return is not None else 0.0
       target = lo + (expert.eval_return - lo) / 3
       medium = min(before, key=lambda s: abs(s.eval_return - target))
-      self._trained = {"expert": expert, "medium": medium, "episodes": episodes, "act": act}
+      self._trained = {"expert": expert, "medium": medium, "episodes": episodes}
     return self._trained
 
   def _actor(self, snap):
-    import jax
+    from iwsft.control.datasets import sac
 
-    t = self._train()
-    low, high = self.space.low, self.space.high
+    sample, low, high = sac.numpy_sampler(snap.actor), self.space.low, self.space.high
 
-    def behaviour(obs, rng):
-      key = jax.random.key(int(rng.integers(2**31)))
-      a = np.asarray(t["act"](snap.actor, obs[None].astype(np.float32), key, False))[0]
-      return low + (a + 1.0) * (high - low) / 2
+    def behaviour(obs, rngs):
+      noise = np.stack([r.standard_normal(low.shape, np.float32) for r in rngs])
+      return low + (sample(obs, noise) + 1.0) * (high - low) / 2
 
     return behaviour
 

@@ -1,18 +1,35 @@
-"""Recording Minari datasets locally with `minari.DataCollector` (no internet needed).
+"""Recording Minari datasets locally (no internet needed).
 
 A dataset is a sequence of (behaviour policy, number of episodes) parts recorded in one
-environment; the reference scores of D4RL-style normalisation are stored with it.
+environment; the reference scores of D4RL-style normalisation are stored with it. A part's
+episodes run side by side in `width` environments, with one call of the behaviour per step of
+them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 
-# A behaviour policy: (observation [O], numpy Generator) -> action [A].
-Behaviour = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# A behaviour policy, batched: (observations [N, O], one numpy Generator per row) -> actions [N, A].
+# Row i may draw only from its own Generator, so an episode's data does not depend on its
+# neighbours.
+Behaviour = Callable[[np.ndarray, Sequence[np.random.Generator]], np.ndarray]
+
+
+@dataclasses.dataclass
+class Episode:
+  """One recorded episode: observations [T+1, O], actions [T, A] (env units), rewards [T]."""
+
+  observations: np.ndarray
+  actions: np.ndarray
+  rewards: np.ndarray
+  terminated: bool
+  truncated: bool
+  seed: int
 
 
 def pendulum_controller(noise_std: float) -> Behaviour:
@@ -23,15 +40,71 @@ def pendulum_controller(noise_std: float) -> Behaviour:
   """
   gains = np.array([1.0, 20.0, 2.0, 2.0])
 
-  def act(obs, rng):
-    return np.clip([gains @ obs + noise_std * rng.standard_normal()], -3.0, 3.0)
+  def act(obs, rngs):
+    noise = np.array([r.standard_normal() for r in rngs])
+    return np.clip(obs @ gains + noise_std * noise, -3.0, 3.0)[:, None]
 
   return act
 
 
 def random_behaviour(action_space: gym.spaces.Box) -> Behaviour:
   low, high = action_space.low, action_space.high
-  return lambda obs, rng: rng.uniform(low, high)
+  return lambda obs, rngs: np.stack([r.uniform(low, high) for r in rngs])
+
+
+class _Slot:
+  """One of the side-by-side environments and the episode it is recording."""
+
+  def __init__(self, env_id: str, kwargs: dict):
+    self.env, self.index = gym.make(env_id, **kwargs), None
+
+  def start(self, index: int, seed: int) -> None:
+    self.index, self.rng = index, np.random.default_rng([seed, index])
+    obs, _ = self.env.reset(seed=seed + index)
+    self.obs, self.actions, self.rewards = [obs], [], []
+
+  def step(self, action: np.ndarray, seed: int) -> Episode | None:
+    """Steps the environment; -> the finished episode when this step ended it."""
+    obs, r, term, trunc, _ = self.env.step(action)
+    self.obs.append(obs), self.actions.append(action), self.rewards.append(float(r))
+    if not (term or trunc):
+      return None
+    obs, act, rew = np.array(self.obs), np.array(self.actions), np.array(self.rewards)
+    episode = Episode(obs, act, rew, bool(term), bool(trunc), seed + self.index)
+    self.index = None
+    return episode
+
+
+def record_episodes(
+  env_id: str,
+  behaviour: Behaviour,
+  indices: Sequence[int],
+  seed: int,
+  width: int = 16,
+  max_episode_steps: int | None = None,
+  progress: Callable[[int], None] | None = None,
+) -> list[Episode]:
+  """Records one episode per index i (reset with seed + i, actions drawn from a Generator seeded
+  with (seed, i)), `width` at a time. -> the episodes in the order of `indices`."""
+  kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+  slots = [_Slot(env_id, kwargs) for _ in range(min(width, len(indices)))]
+  todo, done = list(indices)[::-1], {}
+  for slot in slots:
+    slot.start(todo.pop(), seed)
+  while live := [s for s in slots if s.index is not None]:
+    obs = np.stack([s.obs[-1] for s in live])
+    actions = np.asarray(behaviour(obs, [s.rng for s in live]), np.float32)
+    for slot, action in zip(live, actions):
+      index = slot.index
+      if (episode := slot.step(action, seed)) is not None:
+        done[index] = episode
+        if todo:
+          slot.start(todo.pop(), seed)
+        if progress:
+          progress(1)
+  for slot in slots:
+    slot.env.close()
+  return [done[i] for i in indices]
 
 
 def collect_dataset(
@@ -45,36 +118,31 @@ def collect_dataset(
   algorithm_name: str = "iwsft",
   max_episode_steps: int | None = None,
   progress: Callable[[int], None] | None = None,
+  width: int = 16,
 ):
   """Records the episodes of each (behaviour, n_episodes) part in turn and writes the dataset.
 
-  Episode i is reset with seed + i and its actions drawn with a Generator seeded from (seed, i),
-  so the same seed gives the same data. Returns the MinariDataset.
+  The dataset's episode i is reset with seed + i and its actions drawn with a Generator seeded
+  from (seed, i), so the same seed gives the same data. Returns the MinariDataset.
   """
-  import minari
-
-  kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-  env = minari.DataCollector(gym.make(env_id, **kwargs), record_infos=False)
-  i = 0
+  episodes, first = [], 0
   for behaviour, n_episodes in parts:
-    for _ in range(n_episodes):
-      rng = np.random.default_rng([seed, i])
-      obs, _ = env.reset(seed=seed + i)
-      while True:
-        obs, _, terminated, truncated, _ = env.step(np.asarray(behaviour(obs, rng), np.float32))
-        if terminated or truncated:
-          break
-      i += 1
-      if progress:
-        progress(1)
-  meta = {}
-  if ref_min_score is not None and ref_max_score is not None:
-    meta = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
-  dataset = env.create_dataset(
-    dataset_id=dataset_id, algorithm_name=algorithm_name, description=description or None, **meta
+    indices = range(first, first + n_episodes)
+    episodes += record_episodes(
+      env_id, behaviour, indices, seed, width, max_episode_steps, progress
+    )
+    first += n_episodes
+  env_kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+  return write_episodes(
+    dataset_id,
+    env_id,
+    episodes,
+    ref_min_score,
+    ref_max_score,
+    description,
+    algorithm_name,
+    env_kwargs=env_kwargs,
   )
-  env.close()
-  return dataset
 
 
 def biased_pendulum_controller(bias: float, noise_std: float = 0.5) -> Behaviour:
@@ -132,7 +200,7 @@ def write_episodes(
   """Writes already-recorded episodes (e.g. a learner's training episodes) as a Minari dataset.
 
   episodes: objects with observations [T+1, O], actions [T, A], rewards [T], terminated, truncated,
-  seed. eval_env: the environment (spec) meant for evaluation, when it is not the recording one.
+  seed. eval_env: the environment (spec) meant for evaluation; by default the recording one.
   """
   import minari
   from minari.data_collector import EpisodeBuffer
@@ -159,7 +227,7 @@ def write_episodes(
     dataset_id,
     buffers,
     env=env.spec,
-    eval_env=eval_env,
+    eval_env=eval_env or env.spec,  # minari warns when it is left to default to env
     algorithm_name=algorithm_name,
     description=description or None,
     **meta,

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from iwsft.control.datasets.collect import Episode
 from iwsft.errors import UserError
 from iwsft.io import progress as progress_lib
 
@@ -204,17 +205,27 @@ def make_sac(obs_dim: int, act_dim: int, cfg: SACConfig):
   return init_state, update_many, act
 
 
-@dataclasses.dataclass
-class Recorded:
-  """A finished training episode: observations [T+1, O], actions [T, A] (env units), rewards [T]."""
+def numpy_sampler(actor_params: nnx.State) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """The actor as a numpy function for recording data: sample(obs [N, O], noise [N, A]) ->
+  tanh(mean + std · noise) [N, A] in [-1, 1], float32 (Actor.sample with its noise given)."""
+  net = nnx.to_pure_dict(jax.device_get(actor_params))["net"]
+  layers = [(np.asarray(net[i]["kernel"]), np.asarray(net[i]["bias"])) for i in sorted(net)]
 
-  observations: np.ndarray
-  actions: np.ndarray
-  rewards: np.ndarray
-  terminated: bool
-  truncated: bool
-  end_step: int
-  seed: int
+  def sample(obs, noise):
+    x = np.asarray(obs, np.float32)
+    for w, b in layers[:-1]:
+      x = np.maximum(x @ w + b, 0.0)
+    mean, log_std = np.split(x @ layers[-1][0] + layers[-1][1], 2, axis=-1)
+    return np.tanh(mean + np.exp(np.clip(log_std, -5.0, 2.0)) * noise)
+
+  return sample
+
+
+@dataclasses.dataclass
+class Recorded(Episode):
+  """A finished training episode, ending at environment step end_step."""
+
+  end_step: int = 0
 
 
 @dataclasses.dataclass
@@ -251,8 +262,8 @@ class _Episodes:
         np.array(self.rew),
         bool(term),
         bool(trunc),
-        step,
         self.seed,
+        end_step=step,
       )
     )
     self.seed += 1
