@@ -46,6 +46,7 @@ bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write bench
 	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes
 	$(PY) benchmarks/lm_throughput.py
 	$(PY) benchmarks/eval_throughput.py
+	$(PY) benchmarks/collect_throughput.py
 	$(PY) benchmarks/cell_cost.py
 
 .venv-hf/.installed:  ## transformers + torch (CPU) in their own venv: the reference for tests/fixtures
