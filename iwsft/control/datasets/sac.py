@@ -347,6 +347,12 @@ def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
   return run
 
 
+def _fresh(cfg: SACConfig, state: SACState, obs_dim: int, act_dim: int) -> _Progress:
+  buf = _replay_buffer(cfg.step_cap, obs_dim, act_dim)
+  rng, key = np.random.default_rng(cfg.seed), jax.random.key(cfg.seed + 2)
+  return _Progress(0, state, buf, rng, key, [], [], cfg.seed * 1_000_003, 0.0)
+
+
 def train_sac(
   env_id: str,
   cfg: SACConfig,
@@ -371,17 +377,7 @@ def train_sac(
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
   n = cfg.step_cap
-  run = _load(checkpoint, cfg, n) or _Progress(
-    0,
-    init_state(),
-    _replay_buffer(n, obs_dim, act_dim),
-    np.random.default_rng(cfg.seed),
-    jax.random.key(cfg.seed + 2),
-    [],
-    [],
-    cfg.seed * 1_000_003,
-    0.0,
-  )
+  run = _load(checkpoint, cfg, n) or _fresh(cfg, init_state(), obs_dim, act_dim)
   evaluate = _evaluator(eval_env, act, scale, cfg, jax.random.key(cfg.seed + 2))
   episodes = _Episodes(env, run.next_seed)
   episodes.done = run.done
