@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
+import threadpoolctl
 
 # A behaviour policy, batched: (observations [N, O], one numpy Generator per row) -> actions [N, A].
 # Row i may draw only from its own Generator, so an episode's data does not depend on its
@@ -91,6 +92,16 @@ def record_episodes(
   todo, done = list(indices)[::-1], {}
   for slot in slots:
     slot.start(todo.pop(), seed)
+  # A behaviour's matmuls are [width, 256]-sized: BLAS threads cost more than they save.
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    _run(slots, behaviour, todo, done, seed, progress)
+  for slot in slots:
+    slot.env.close()
+  return [done[i] for i in indices]
+
+
+def _run(slots, behaviour, todo, done, seed, progress) -> None:
+  """Steps the slots until every episode of `todo` is in `done`."""
   while live := [s for s in slots if s.index is not None]:
     obs = np.stack([s.obs[-1] for s in live])
     actions = np.asarray(behaviour(obs, [s.rng for s in live]), np.float32)
@@ -102,9 +113,6 @@ def record_episodes(
           slot.start(todo.pop(), seed)
         if progress:
           progress(1)
-  for slot in slots:
-    slot.env.close()
-  return [done[i] for i in indices]
 
 
 def collect_dataset(
