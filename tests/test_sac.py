@@ -62,7 +62,8 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
   )
   assert [s.step for s in snaps] == [200, 400]
   with pytest.raises(
-    TargetNotReached, match=r"in 800 steps, below the target 1000000000: raise max_steps"
+    TargetNotReached,
+    match=r"did not reach the target 1000000000 in two evaluations in a row within 800 steps",
   ):
     train_sac(
       "InvertedPendulum-v5",
@@ -71,6 +72,21 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
     )
   with pytest.raises(ValueError, match="max_steps"):
     SACConfig(total_steps=400, max_steps=100, target_return=1.0)
+
+
+def test_training_stops_when_two_evaluations_in_a_row_reach_the_target():
+  """A spike above the target followed by a fall is not enough; nor is anything before
+  total_steps."""
+  from iwsft.control.datasets.sac import Snapshot, _reached
+
+  cfg = SACConfig(total_steps=300, max_steps=1000, target_return=600.0)
+  snaps = lambda *returns: [Snapshot(100 * (i + 1), r, None) for i, r in enumerate(returns)]
+  assert not _reached(cfg, 300, snaps(100, 900, 300))  # the spike at 200, then a fall
+  assert not _reached(cfg, 300, snaps(100, 599.9, 700))
+  assert _reached(cfg, 300, snaps(100, 600, 700))
+  assert not _reached(cfg, 200, snaps(650, 700))  # before total_steps
+  assert not _reached(cfg, 300, snaps(700))  # one evaluation only
+  assert _reached(SACConfig(total_steps=300), 300, snaps(0, 0, 0))  # no target
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):

@@ -77,8 +77,8 @@ def check_family(returns: dict, min_expert: float | None, min_replay_episodes: i
   r, m, e = (float(np.mean(returns[k])) for k in ("random", "medium", "expert"))
   gap, fails = e - r, []
   if gap <= 0:
-    return [f"the expert data's return ({e:.1f}) is not above the random data's ({r:.1f})"]
-  if m - r < 0.15 * gap or e - m < 0.3 * gap:
+    fails.append(f"the expert data's return ({e:.1f}) is not above the random data's ({r:.1f})")
+  elif m - r < 0.15 * gap or e - m < 0.3 * gap:
     fails.append(
       f"medium's return ({m:.1f}) is not clearly between random's ({r:.1f}) and expert's ({e:.1f})"
     )
@@ -125,11 +125,11 @@ class _Pendulum:
 
 
 class _SACFamily:
-  """Locomotion: SAC is trained once (lazily); expert is the best snapshot, medium the snapshot
-  whose
-  evaluation return is closest to a third of the way from the random data's return to the expert's
-  (D4RL's "a third of the expert", made meaningful for environments with negative returns), and
-  medium-replay every training episode up to the medium snapshot."""
+  """Locomotion: SAC is trained once (lazily); expert is the snapshot it stopped on (with a
+  target; else the best), medium the snapshot before it whose evaluation return is closest to a
+  third of the way from the random data's return to the expert's (D4RL's "a third of the expert",
+  made meaningful for environments with negative returns), and medium-replay every training
+  episode up to the medium snapshot."""
 
   algorithm = "SAC"
 
@@ -165,7 +165,9 @@ class _SACFamily:
           os.remove(partial)
       else:
         snaps, episodes, self.train_seconds = cached
-      expert = max(snaps, key=lambda s: s.eval_return)
+      # with a target, training stopped on the snapshot that reached it the second time in a row;
+      # the best of many noisy evaluations would overstate its data's return
+      expert = snaps[-1] if self.target is not None else max(snaps, key=lambda s: s.eval_return)
       before = [s for s in snaps if s.step <= expert.step]
       lo = self.random_return if self.random_return is not None else 0.0
       target = lo + (expert.eval_return - lo) / 3

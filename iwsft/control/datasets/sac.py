@@ -42,7 +42,7 @@ class SACConfig:
   snapshot_every: int = 5_000
   eval_episodes: int = 5
   seed: int = 0
-  # Train on past total_steps, snapshot by snapshot, until a snapshot's evaluation return reaches
+  # Train on past total_steps, snapshot by snapshot, until two snapshots in a row reach
   # target_return; reaching max_steps first is an error (TargetNotReached). None: total_steps only.
   target_return: float | None = None
   max_steps: int = 0
@@ -57,7 +57,7 @@ class SACConfig:
 
 
 class TargetNotReached(UserError):
-  """SAC's best evaluation return stayed below SACConfig.target_return within max_steps."""
+  """SAC did not reach SACConfig.target_return in two evaluations in a row within max_steps."""
 
 
 def _mlp(sizes, rngs):
@@ -282,13 +282,17 @@ def _replay_buffer(n: int, obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
 
 
 def _evaluator(eval_env, act, scale, cfg: SACConfig, key):
-  """evaluate(actor_params, index) -> mean return of the deterministic policy over eval_episodes."""
+  """evaluate(actor_params, index) -> mean return over eval_episodes of the policy's sampled
+  actions: the behaviour the datasets are recorded with, so a snapshot's return estimates its
+  data's."""
 
   def evaluate(actor_params, index: int) -> float:
     o, _ = eval_env.reset(seed=cfg.seed + 10_000 + index)
+    k = jax.random.fold_in(key, index)
     ret, alive = np.zeros(cfg.eval_episodes), np.ones(cfg.eval_episodes, bool)
     while alive.any():
-      a = np.asarray(act(actor_params, o.astype(np.float32), key, True))
+      k, sub = jax.random.split(k)
+      a = np.asarray(act(actor_params, o.astype(np.float32), sub, False))
       o, r, te, tr, _ = eval_env.step(scale(a))
       ret += np.where(alive, r, 0.0)
       alive &= ~(te | tr)
@@ -361,7 +365,7 @@ def train_sac(
   checkpoint: str | None = None,
   checkpoint_seconds: float = 600.0,
 ) -> tuple[list[Snapshot], list[Recorded], Callable]:
-  """Trains SAC on one environment for cfg.total_steps, then on until a snapshot reaches
+  """Trains SAC on one environment for cfg.total_steps, then on until two snapshots in a row reach
   cfg.target_return (if set; TargetNotReached at cfg.max_steps). Returns (snapshots, recorded
   training episodes, act) where act(actor_params, obs [N, O], key, deterministic) gives actions in
   [-1, 1] (scale to the box).
@@ -416,17 +420,21 @@ def train_sac(
   bar.close()
   env.close()
   eval_env.close()
-  best = max((s.eval_return for s in snapshots), default=float("-inf"))
-  if cfg.target_return is not None and best < cfg.target_return:
+  if not _reached(cfg, n, snapshots):
+    best = max((s.eval_return for s in snapshots), default=float("-inf"))
     raise TargetNotReached(
-      f"SAC on {env_id} reached an evaluation return of {best:.0f} in {n:,} steps, below the "
-      f"target {cfg.target_return:.0f}: raise max_steps or try another seed"
+      f"SAC on {env_id} did not reach the target {cfg.target_return:.0f} in two evaluations in a"
+      f" row within {n:,} steps (best {best:.0f}): raise max_steps or try another seed"
     )
   return snapshots, episodes.done, act
 
 
 def _reached(cfg: SACConfig, steps: int, snapshots: list[Snapshot]) -> bool:
-  """Whether training may stop: total_steps done and, with a target, a snapshot at or above it."""
+  """Whether training may stop: total_steps done and, with a target, the last two snapshots at or
+  above it (one lucky evaluation is not enough)."""
   if steps < cfg.total_steps:
     return False
-  return cfg.target_return is None or max(s.eval_return for s in snapshots) >= cfg.target_return
+  last = snapshots[-2:]
+  return cfg.target_return is None or (
+    len(last) == 2 and min(s.eval_return for s in last) >= cfg.target_return
+  )
