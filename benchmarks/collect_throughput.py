@@ -49,12 +49,7 @@ def per_step_jax(env_id: str, episodes: int) -> float:
 
 def batched_numpy(env_id: str, episodes: int, width: int) -> float:
   params, _, space = _actor(env_id)
-  sample = sac.numpy_sampler(params)
-
-  def behaviour(obs, rngs):
-    return sample(obs, np.stack([r.standard_normal(space.shape, np.float32) for r in rngs]))
-
-  return _steps_per_s(env_id, _scaled(space, behaviour), episodes, width)
+  return _steps_per_s(env_id, sac.numpy_behaviour(params, space), episodes, width)
 
 
 def _steps_per_s(env_id, behaviour, episodes, width) -> float:

@@ -1,5 +1,6 @@
 """The SAC behaviour-policy learner and the locomotion datasets it makes."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -125,7 +126,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkey
 
   assert [(s.step, s.eval_return) for s in snaps] == [(s.step, s.eval_return) for s in whole_snaps]
   for a, b in zip(snaps, whole_snaps, strict=True):
-    for x, y in zip(jax_leaves(a.actor), jax_leaves(b.actor), strict=True):
+    for x, y in zip(jax.tree.leaves(a.actor), jax.tree.leaves(b.actor), strict=True):
       np.testing.assert_array_equal(x, y)
   assert len(eps) == len(whole_eps)
   for a, b in zip(eps, whole_eps, strict=True):
@@ -138,9 +139,3 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkey
   other = SACConfig(**{**cfg.__dict__, "seed": 1})
   train_sac("InvertedPendulum-v5", other, checkpoint=ckpt, **kw)
   assert starts[2] == 0
-
-
-def jax_leaves(tree):
-  import jax
-
-  return jax.tree.leaves(tree)

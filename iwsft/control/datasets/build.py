@@ -178,13 +178,7 @@ class _SACFamily:
   def _actor(self, snap):
     from iwsft.control.datasets import sac
 
-    sample, low, high = sac.numpy_sampler(snap.actor), self.space.low, self.space.high
-
-    def behaviour(obs, rngs):
-      noise = np.stack([r.standard_normal(low.shape, np.float32) for r in rngs])
-      return low + (sample(obs, noise) + 1.0) * (high - low) / 2
-
-    return behaviour
+    return sac.numpy_behaviour(snap.actor, self.space)
 
   def parts(self, kind):
     n = SAC_PROFILES[self.profile]["episodes"]

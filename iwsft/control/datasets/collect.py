@@ -60,18 +60,18 @@ class _Slot:
     self.env, self.index = gym.make(env_id, **kwargs), None
 
   def start(self, index: int, seed: int) -> None:
-    self.index, self.rng = index, np.random.default_rng([seed, index])
-    obs, _ = self.env.reset(seed=seed + index)
+    self.index, self.seed, self.rng = index, seed + index, np.random.default_rng([seed, index])
+    obs, _ = self.env.reset(seed=self.seed)
     self.obs, self.actions, self.rewards = [obs], [], []
 
-  def step(self, action: np.ndarray, seed: int) -> Episode | None:
+  def step(self, action: np.ndarray) -> Episode | None:
     """Steps the environment; -> the finished episode when this step ended it."""
     obs, r, term, trunc, _ = self.env.step(action)
     self.obs.append(obs), self.actions.append(action), self.rewards.append(float(r))
     if not (term or trunc):
       return None
     obs, act, rew = np.array(self.obs), np.array(self.actions), np.array(self.rewards)
-    episode = Episode(obs, act, rew, bool(term), bool(trunc), seed + self.index)
+    episode = Episode(obs, act, rew, bool(term), bool(trunc), self.seed)
     self.index = None
     return episode
 
@@ -107,7 +107,7 @@ def _run(slots, behaviour, todo, done, seed, progress) -> None:
     actions = np.asarray(behaviour(obs, [s.rng for s in live]), np.float32)
     for slot, action in zip(live, actions):
       index = slot.index
-      if (episode := slot.step(action, seed)) is not None:
+      if (episode := slot.step(action)) is not None:
         done[index] = episode
         if todo:
           slot.start(todo.pop(), seed)

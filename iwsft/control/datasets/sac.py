@@ -221,6 +221,18 @@ def numpy_sampler(actor_params: nnx.State) -> Callable[[np.ndarray, np.ndarray],
   return sample
 
 
+def numpy_behaviour(actor_params: nnx.State, space: gym.spaces.Box):
+  """The actor as a recording behaviour (collect.Behaviour): obs [N, O], one Generator per row ->
+  sampled actions [N, A] in the box, each row's noise from its own Generator."""
+  sample, low, high = numpy_sampler(actor_params), space.low, space.high
+
+  def behaviour(obs, rngs):
+    noise = np.stack([r.standard_normal(low.shape, np.float32) for r in rngs])
+    return low + (sample(obs, noise) + 1.0) * (high - low) / 2
+
+  return behaviour
+
+
 @dataclasses.dataclass
 class Recorded(Episode):
   """A finished training episode, ending at environment step end_step."""
