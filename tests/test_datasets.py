@@ -120,6 +120,20 @@ def test_family_checks_against_hand_computed_thresholds():
   assert "less than a quarter of medium − random (33.0)" in bad(**{"medium-replay": narrow})[0]
 
 
+def test_medium_replay_runs_past_medium_only_to_reach_its_minimum():
+  from iwsft.control.datasets import sac
+
+  ends = [1_000, 2_000, 3_000, 4_000, 5_000]
+  eps = [sac.Recorded(None, None, None, False, True, 0, end_step=s) for s in ends]
+  steps = lambda medium, at_least: [
+    e.end_step for e in datasets.replay_episodes(eps, medium, at_least)
+  ]
+  assert steps(3_500, 2) == [1_000, 2_000, 3_000]  # up to medium: more than the minimum
+  assert steps(3_000, 0) == [1_000, 2_000, 3_000]  # an episode ending at the snapshot is in
+  assert steps(1_500, 4) == [1_000, 2_000, 3_000, 4_000]  # the next ones fill the minimum
+  assert steps(1_500, 9) == ends  # no more than the learner played
+
+
 def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monkeypatch):
   import minari
 

@@ -9,6 +9,7 @@ from iwsft.control.datasets.build import (
   build,
   check_family,
   dataset_id,
+  replay_episodes,
   table,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
   "build",
   "check_family",
   "dataset_id",
+  "replay_episodes",
   "table",
 ]
