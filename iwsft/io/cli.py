@@ -48,6 +48,20 @@ def one_line(e: BaseException) -> str:
   return head if tail in head else f"{head} {tail}"
 
 
+ONE_XLA_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def use_one_xla_thread() -> None:
+  """Runs XLA's CPU ops on one thread (benchmarks/sac_throughput.py: SAC's small matmuls run
+  faster so than spread over 2 cores, and two jobs then share the machine). Must come before jax
+  starts its backend."""
+  from jax._src import xla_bridge  # no public way to ask whether the backend has started
+
+  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    raise RuntimeError("use_one_xla_thread() after jax started its backend has no effect")
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_XLA_THREAD}".strip()
+
+
 def run(main) -> None:
   """app.run(main) that turns UserError into a one-line error and exit status 2."""
 
