@@ -19,6 +19,13 @@ flags.DEFINE_enum("profile", "small", list(SAC_PROFILES), "dataset sizes")
 flags.DEFINE_list("kinds", list(KINDS), "which kinds to build")
 flags.DEFINE_integer("seed", 0, "data seed")
 flags.DEFINE_bool("force", False, "rebuild datasets that exist")
+flags.DEFINE_integer(
+  "sac_max_steps",
+  None,
+  "SAC's step cap instead of the profile's; raised after a 'did not reach the target' error, the"
+  " training resumes from its last checkpoint",
+  lower_bound=1,
+)
 flags.DEFINE_bool(
   "one_xla_thread",
   True,
@@ -33,7 +40,7 @@ def main(argv):
   F = flags.FLAGS
   if F.one_xla_thread:
     cli.use_one_xla_thread()
-  print(table(build(F.env, F.profile, F.kinds, F.seed, F.force)))
+  print(table(build(F.env, F.profile, F.kinds, F.seed, F.force, F.sac_max_steps)))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PAT
 
 def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
   from iwsft.control.datasets.sac import TargetNotReached
+  from iwsft.errors import UserError
 
   base = dict(start_steps=200, snapshot_every=200, hidden=(16, 16), eval_episodes=2)
   kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False}
@@ -71,8 +72,47 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
       SACConfig(total_steps=400, max_steps=800, target_return=1e9, **base),
       **kw,
     )
-  with pytest.raises(ValueError, match="max_steps"):
+  with pytest.raises(UserError, match="max_steps"):
     SACConfig(total_steps=400, max_steps=100, target_return=1.0)
+
+
+def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
+  tmp_path, monkeypatch
+):
+  """TargetNotReached at 600 steps, then the same recipe with max_steps 1,000 resumes from the
+  last checkpoint and ends where a run capped at 1,000 from the start ends (compared through
+  the checkpoints both write at every episode end)."""
+  import pickle
+
+  from iwsft.control.datasets import sac
+  from iwsft.control.datasets.sac import TargetNotReached
+
+  real_bar, starts = sac.progress_lib.bar, []
+  monkeypatch.setattr(
+    sac.progress_lib, "bar", lambda *a, **k: starts.append(k["initial"]) or real_bar(*a, **k)
+  )
+  base = dict(total_steps=400, target_return=1e9, start_steps=200, snapshot_every=200)
+  base.update(hidden=(16, 16), eval_episodes=2)
+  kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False, "checkpoint_seconds": 0.0}
+  run = lambda cap, path: train_sac(
+    "InvertedPendulum-v5", SACConfig(max_steps=cap, **base), checkpoint=str(path), **kw
+  )
+  for cap, path in (
+    (600, tmp_path / "raised"),
+    (1000, tmp_path / "raised"),
+    (1000, tmp_path / "whole"),
+  ):
+    with pytest.raises(TargetNotReached, match=f"within {cap:,} steps"):
+      run(cap, path)
+  assert 550 <= starts[1] <= 600 and starts[2] == 0  # the raised cap resumed; the other is new
+  raised, whole = (pickle.load(open(tmp_path / p, "rb"))["run"] for p in ("raised", "whole"))
+  assert raised.step == whole.step > 950 and raised.next_seed == whole.next_seed  # episodes <= 50
+  assert [(s.step, s.eval_return) for s in raised.snapshots] == [
+    (s.step, s.eval_return) for s in whole.snapshots
+  ]
+  assert [s.step for s in whole.snapshots] == [200, 400, 600, 800]
+  for x, y in zip(jax.tree.leaves(raised.state), jax.tree.leaves(whole.state), strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_training_stops_when_two_evaluations_in_a_row_reach_the_target():

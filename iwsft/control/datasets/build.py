@@ -141,8 +141,9 @@ class _SACFamily:
 
   algorithm = "SAC"
 
-  def __init__(self, env, env_id, profile, seed, cache_path=None):
+  def __init__(self, env, env_id, profile, seed, cache_path=None, max_steps=None):
     self.env, self.env_id, self.profile, self.seed = env, env_id, profile, seed
+    self.max_steps = max_steps  # overrides the profile's SAC step cap
     p = SAC_PROFILES[profile]
     self.target = p.get("targets", {}).get(env)
     self.checks = p.get("checks")
@@ -162,7 +163,8 @@ class _SACFamily:
       from iwsft.control.datasets import sac
 
       p = SAC_PROFILES[self.profile]
-      cfg = sac.SACConfig(seed=self.seed, target_return=self.target, **p["sac"])
+      cap = {} if self.max_steps is None else {"max_steps": self.max_steps}
+      cfg = sac.SACConfig(seed=self.seed, target_return=self.target, **{**p["sac"], **cap})
       cached = _read_cache(self.cache_path, cfg)
       if cached is None:
         partial = None if self.cache_path is None else self.cache_path + ".partial"
@@ -222,7 +224,9 @@ def _read_cache(path, cfg):
     return None
   with open(path, "rb") as f:
     saved = pickle.load(f)
-  if saved["config"] != cfg:  # another recipe: train again
+  from iwsft.control.datasets import sac
+
+  if not sac._continues(saved["config"], cfg, saved["snapshots"][-1].step):  # another recipe
     return None
   return saved["snapshots"], saved["episodes"], saved["seconds"]
 
@@ -238,9 +242,13 @@ def _write_cache(path, cfg, snapshots, episodes, seconds):
   os.replace(path + ".tmp", path)
 
 
-def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
+def build(
+  env: str, profile: str, kinds, seed: int, force: bool, max_steps: int | None = None
+) -> list[dict]:
   """Builds (or reuses) the datasets; returns one summary row per dataset. A missing dataset that
-  ships with the project (shipped.py; seed 0 only) is installed from its copy unless `force`."""
+  ships with the project (shipped.py; seed 0 only) is installed from its copy unless `force`.
+  max_steps: SAC's step cap instead of the profile's (raised after a TargetNotReached, training
+  resumes from its checkpoint)."""
   import minari
 
   unknown = set(kinds) - set(KINDS)
@@ -252,7 +260,8 @@ def build(env: str, profile: str, kinds, seed: int, force: bool) -> list[dict]:
   if env == "pendulum":
     family = _Pendulum(env_id, profile, seed)
   else:
-    family = _SACFamily(env, env_id, profile, seed, _behaviour_cache(env, profile, seed))
+    cache = _behaviour_cache(env, profile, seed)
+    family = _SACFamily(env, env_id, profile, seed, cache, max_steps)
   # Reference scores need the random and expert data, so they are built first; the family checks
   # need medium too.
   order = ["random", "expert"] + [k for k in KINDS if k not in ("random", "expert")]

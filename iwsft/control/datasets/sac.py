@@ -49,7 +49,7 @@ class SACConfig:
 
   def __post_init__(self):
     if self.target_return is not None and self.max_steps < self.total_steps:
-      raise ValueError(f"max_steps ({self.max_steps}) must be >= total_steps ({self.total_steps})")
+      raise UserError(f"max_steps ({self.max_steps}) must be >= total_steps ({self.total_steps})")
 
   @property
   def step_cap(self) -> int:
@@ -346,17 +346,25 @@ def _save(path: str, cfg: SACConfig, run: _Progress) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _continues(saved: SACConfig, cfg: SACConfig, step: int) -> bool:
+  """Whether a run saved at `step` under `saved` continues under `cfg`: the same config, or one
+  with max_steps raised (or lowered to no less than the step). Training does not depend on the
+  step cap until it stops there, so a run that ended in TargetNotReached goes on exactly."""
+  return dataclasses.replace(saved, max_steps=cfg.max_steps) == cfg and step <= cfg.step_cap
+
+
 def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
-  """The run saved at `path` by the same config, its buffer grown back to n steps; else None."""
+  """The run saved at `path` by this config (or one with another max_steps: _continues), its
+  buffer grown to n steps; else None."""
   import pickle
 
   if path is None or not os.path.exists(path):
     return None
   with open(path, "rb") as f:
     saved = pickle.load(f)
-  if saved["config"] != cfg:
-    return None
   run = saved["run"]
+  if not _continues(saved["config"], cfg, run.step):
+    return None
   for k, v in run.buf.items():
     run.buf[k] = np.concatenate([v, np.zeros((n - len(v), *v.shape[1:]), v.dtype)])
   run.key = jax.random.wrap_key_data(jnp.asarray(run.key))
@@ -436,7 +444,8 @@ def train_sac(
     best = max((s.eval_return for s in snapshots), default=float("-inf"))
     raise TargetNotReached(
       f"SAC on {env_id} did not reach the target {cfg.target_return:.0f} in two evaluations in a"
-      f" row within {n:,} steps (best {best:.0f}): raise max_steps or try another seed"
+      f" row within {n:,} steps (best {best:.0f}): raise max_steps (training resumes from its"
+      " last checkpoint) or try another seed"
     )
   return snapshots, episodes.done, act
 
