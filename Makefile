@@ -47,6 +47,7 @@ bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write bench
 	$(PY) benchmarks/lm_throughput.py
 	$(PY) benchmarks/eval_throughput.py
 	$(PY) benchmarks/collect_throughput.py
+	$(PY) benchmarks/sac_throughput.py
 	$(PY) benchmarks/cell_cost.py
 
 .venv-hf/.installed:  ## transformers + torch (CPU) in their own venv: the reference for tests/fixtures

@@ -52,9 +52,8 @@ ONE_XLA_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thread
 
 
 def use_one_xla_thread() -> None:
-  """Runs XLA's CPU ops on one thread (benchmarks/sac_throughput.py: SAC's small matmuls run
-  faster so than spread over 2 cores, and two jobs then share the machine). Must come before jax
-  starts its backend."""
+  """Runs XLA's CPU ops on one thread, so that jobs of small matmuls (SAC) can share the cores
+  (benchmarks/sac_throughput.py). Must come before jax starts its backend."""
   from jax._src import xla_bridge  # no public way to ask whether the backend has started
 
   if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
