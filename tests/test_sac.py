@@ -179,3 +179,25 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkey
   other = SACConfig(**{**cfg.__dict__, "seed": 1})
   train_sac("InvertedPendulum-v5", other, checkpoint=ckpt, **kw)
   assert starts[2] == 0
+
+
+def test_one_xla_thread_is_set_before_jax_starts_and_refused_after():
+  import os
+  import subprocess
+  import sys
+
+  from iwsft.io import cli
+
+  code = "from iwsft.io import cli; cli.use_one_xla_thread(); import jax, os; jax.numpy.zeros(1)"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+    [sys.executable, "-c", code + "; print(os.environ['XLA_FLAGS'])"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert out.stdout.strip() == cli.ONE_XLA_THREAD
+  jax.numpy.zeros(1).block_until_ready()  # this process's backend has started
+  with pytest.raises(RuntimeError, match="no effect"):
+    cli.use_one_xla_thread()
