@@ -409,45 +409,59 @@ def train_sac(
   bar = progress_lib.bar(n, f"SAC {env_id}", initial=run.step, enabled=progress)
   if run.step and progress:
     progress_lib.note(bar, f"SAC {env_id}: resumed at step {run.step:,} from {checkpoint}")
-  buf, snapshots = run.buf, run.snapshots
   for step in range(run.step, n):
-    if step < cfg.start_steps:
-      a = run.rng.uniform(-1, 1, act_dim)
-    else:
-      run.key, sub = jax.random.split(run.key)
-      a = np.asarray(act(run.state.actor, obs[None].astype(np.float32), sub, False))[0]
-    next_obs, r, term, trunc, _ = env.step(scale(a))
-    buf["obs"][step], buf["action"][step], buf["reward"][step] = obs, a, r
-    buf["next_obs"][step], buf["terminal"][step] = next_obs, float(term)
-    episodes.add(scale(a), r, next_obs)
-    obs = episodes.end(term, trunc, step + 1) if term or trunc else next_obs
+    obs, ended = _env_step(env, episodes, run, act, scale, cfg, obs, step)
     if (step + 1) % cfg.chunk == 0 and step + 1 >= cfg.start_steps:
       idx = run.rng.integers(0, step + 1, (cfg.chunk, cfg.batch_size))
-      run.state, _ = update_many(run.state, {k: v[idx] for k, v in buf.items()})
+      run.state, _ = update_many(run.state, {k: v[idx] for k, v in run.buf.items()})
     bar.update(1)
     if (step + 1) % cfg.snapshot_every == 0:
-      ret = evaluate(run.state.actor, len(snapshots))
-      snapshots.append(Snapshot(step + 1, ret, jax.device_get(run.state.actor), time.time() - t0))
-      bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{(time.time() - t0) / 60:.1f}")
-      if progress:
-        progress_lib.note(bar, f"SAC {env_id} {step + 1:,}/{n:,} steps: eval return {ret:.1f}")
-      if _reached(cfg, step + 1, snapshots):
+      _snapshot(run, evaluate, step + 1, time.time() - t0, bar, f"SAC {env_id}", progress)
+      if _reached(cfg, step + 1, run.snapshots):
         break
-    if checkpoint and (term or trunc) and time.time() - saved_at >= checkpoint_seconds:
+    if checkpoint and ended and time.time() - saved_at >= checkpoint_seconds:
       run.step, run.next_seed, run.seconds = step + 1, episodes.seed, time.time() - t0
       _save(checkpoint, cfg, run)
       saved_at = time.time()
   bar.close()
   env.close()
   eval_env.close()
-  if not _reached(cfg, n, snapshots):
-    best = max((s.eval_return for s in snapshots), default=float("-inf"))
+  if not _reached(cfg, n, run.snapshots):
+    best = max((s.eval_return for s in run.snapshots), default=float("-inf"))
     raise TargetNotReached(
       f"SAC on {env_id} did not reach the target {cfg.target_return:.0f} in two evaluations in a"
       f" row within {n:,} steps (best {best:.0f}): raise max_steps (training resumes from its"
       " last checkpoint) or try another seed"
     )
-  return snapshots, episodes.done, act
+  return run.snapshots, episodes.done, act
+
+
+def _env_step(env, episodes: _Episodes, run: _Progress, act, scale, cfg: SACConfig, obs, step):
+  """One training environment step at `step` (uniform actions before cfg.start_steps), stored in
+  the replay buffer and the episode being recorded -> (next observation, whether an episode
+  ended)."""
+  if step < cfg.start_steps:
+    a = run.rng.uniform(-1, 1, env.action_space.shape[0])
+  else:
+    run.key, sub = jax.random.split(run.key)
+    a = np.asarray(act(run.state.actor, obs[None].astype(np.float32), sub, False))[0]
+  next_obs, r, term, trunc, _ = env.step(scale(a))
+  buf = run.buf
+  buf["obs"][step], buf["action"][step], buf["reward"][step] = obs, a, r
+  buf["next_obs"][step], buf["terminal"][step] = next_obs, float(term)
+  episodes.add(scale(a), r, next_obs)
+  if term or trunc:
+    return episodes.end(term, trunc, step + 1), True
+  return next_obs, False
+
+
+def _snapshot(run: _Progress, evaluate, steps: int, seconds: float, bar, name: str, progress):
+  """Evaluates the actor after `steps` steps and keeps it as a snapshot (one summary line)."""
+  ret = evaluate(run.state.actor, len(run.snapshots))
+  run.snapshots.append(Snapshot(steps, ret, jax.device_get(run.state.actor), seconds))
+  bar.set_postfix(eval_return=f"{ret:.0f}", min=f"{seconds / 60:.1f}")
+  if progress:
+    progress_lib.note(bar, f"{name} {steps:,}/{bar.total:,} steps: eval return {ret:.1f}")
 
 
 def _reached(cfg: SACConfig, steps: int, snapshots: list[Snapshot]) -> bool:
