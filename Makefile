@@ -21,8 +21,10 @@ demo: install  ## the README's main job: BC / filtered BC / iw-SFT x 3 seeds on 
 datasets: install  ## the small profile of every dataset kind
 	$(PY) experiments/make_datasets.py --profile=small
 
-datasets-full: install  ## the full (D4RL-sized) locomotion datasets; prints each environment's table
-	for env in hopper halfcheetah walker2d; do $(PY) experiments/make_datasets.py --env=$$env --profile=full || exit 1; done
+FULL_ENVS := hopper halfcheetah walker2d
+datasets-full: $(addprefix datasets-full-,$(FULL_ENVS))  ## the full (D4RL-sized) locomotion datasets; `make -j2 datasets-full` builds two at a time
+datasets-full-%: install  ## one environment's full family (resumes an interrupted SAC run)
+	$(PY) experiments/make_datasets.py --env=$* --profile=full
 
 lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 	$(PY) experiments/lm.py --workdir=runs/lm --seeds=0,1,2
