@@ -80,8 +80,8 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   tmp_path, monkeypatch
 ):
   """TargetNotReached at 600 steps, then the same recipe with max_steps 1,000 resumes from the
-  last checkpoint and ends where a run capped at 1,000 from the start ends (compared through
-  the checkpoints both write at every episode end)."""
+  last episode end before 600 and ends where a run capped at 1,000 from the start ends (compared
+  through the checkpoints both write at every episode end of their last snapshot interval)."""
   import pickle
 
   from iwsft.control.datasets import sac
@@ -93,7 +93,7 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   )
   base = dict(total_steps=400, target_return=1e9, start_steps=200, snapshot_every=200)
   base.update(hidden=(16, 16), eval_episodes=2)
-  kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False, "checkpoint_seconds": 0.0}
+  kw = {"env_kwargs": {"max_episode_steps": 50}, "progress": False, "checkpoint_seconds": 1e9}
   run = lambda cap, path: train_sac(
     "InvertedPendulum-v5", SACConfig(max_steps=cap, **base), checkpoint=str(path), **kw
   )

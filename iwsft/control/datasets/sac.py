@@ -391,7 +391,8 @@ def train_sac(
   [-1, 1] (scale to the box).
 
   checkpoint: a file the run is saved to at the first episode end `checkpoint_seconds` after the
-  last save, and resumed from (exactly, on the same machine) when it holds a run of this config.
+  last save (and at every episode end of the step cap's last snapshot interval), and resumed from
+  (exactly, on the same machine) when it holds a run of this config.
   It is left in place (resuming from it ends where this run ends): the caller removes it."""
   env_kwargs = env_kwargs or {}
   env = gym.make(env_id, **env_kwargs)
@@ -419,7 +420,9 @@ def train_sac(
       _snapshot(run, evaluate, step + 1, time.time() - t0, bar, f"SAC {env_id}", progress)
       if _reached(cfg, step + 1, run.snapshots):
         break
-    if checkpoint and ended and time.time() - saved_at >= checkpoint_seconds:
+    # the last snapshot interval saves at every episode end: a raised cap then resumes close by
+    last_stretch = step + 1 > n - cfg.snapshot_every
+    if checkpoint and ended and (last_stretch or time.time() - saved_at >= checkpoint_seconds):
       run.step, run.next_seed, run.seconds = step + 1, episodes.seed, time.time() - t0
       _save(checkpoint, cfg, run)
       saved_at = time.time()
