@@ -146,6 +146,8 @@ def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monk
   with pytest.raises(UserError, match="failed its quality checks .*fewer than 1000000.*deleted"):
     datasets.build("hopper", "tiny", ["medium-replay"], seed=0, force=False)
   assert minari.list_local_datasets() == {}
+  curve = tmp_path / ".iwsft-behaviour" / "hopper-tiny-seed0.png"  # kept with the SAC policies
+  assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_small_hopper_family_is_installed_from_the_shipped_copy(tmp_path, monkeypatch):

@@ -109,3 +109,25 @@ def score_bars(
       label.set_horizontalalignment("right")
   ax.grid(axis="y", alpha=0.3)
   _save(fig, path, title)
+
+
+def behaviour_training(
+  steps: list[int],
+  returns: list[float],
+  marks: dict[str, tuple[int, float]],
+  path: str,
+  title: str,
+  target: float | None = None,
+) -> None:
+  """A behaviour learner's evaluation return against environment steps, with the snapshots chosen
+  as behaviours marked (marks[name] = (step, return)) and the return it trained towards."""
+  fig, ax = plt.subplots(figsize=(6.0, 3.6))
+  ax.plot(steps, returns, marker=".", color="C0", label="evaluation (sampled actions)")
+  for i, (name, (step, ret)) in enumerate(marks.items()):
+    ax.scatter([step], [ret], s=70, color=f"C{i + 1}", zorder=3, label=name)
+  if target is not None:
+    ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target:,.0f}")
+  ax.set(xlabel="environment steps", ylabel="return")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path, title)

@@ -8,6 +8,7 @@ that fails is deleted and the build ends with the reasons.
 
 import os
 import pickle
+import sys
 import time
 
 import gymnasium as gym
@@ -183,7 +184,21 @@ class _SACFamily:
       target = lo + (expert.eval_return - lo) / 3
       medium = min(before, key=lambda s: abs(s.eval_return - target))
       self._trained = {"expert": expert, "medium": medium, "episodes": episodes}
+      self._plot(snaps)
     return self._trained
+
+  def _plot(self, snaps) -> None:
+    """SAC's learning curve with the medium and expert snapshots, beside the cached policies."""
+    from iwsft.io import plots
+
+    if self.cache_path is None:
+      return
+    path = self.cache_path.removesuffix(".pkl") + ".png"
+    marks = {k: (self._trained[k].step, self._trained[k].eval_return) for k in ("medium", "expert")}
+    steps, returns = [s.step for s in snaps], [s.eval_return for s in snaps]
+    title = f"SAC on {self.env_id} ({self.profile} profile, seed {self.seed})"
+    plots.behaviour_training(steps, returns, marks, path, title, self.target)
+    print(f"SAC's learning curve: {path}", file=sys.stderr)
 
   def _actor(self, snap):
     from iwsft.control.datasets import sac

@@ -341,6 +341,7 @@ def _save(path: str, cfg: SACConfig, run: _Progress) -> None:
     buf={k: v[: run.step] for k, v in run.buf.items()},
     key=np.asarray(jax.random.key_data(run.key)),
   )
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "wb") as f:
     pickle.dump({"config": cfg, "run": saved}, f, protocol=pickle.HIGHEST_PROTOCOL)
   os.replace(path + ".tmp", path)
