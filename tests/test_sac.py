@@ -86,6 +86,7 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
 
   from iwsft.control.datasets import sac
   from iwsft.control.datasets.sac import TargetNotReached
+  from iwsft.errors import UserError
 
   real_bar, starts = sac.progress_lib.bar, []
   monkeypatch.setattr(
@@ -105,6 +106,8 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
     with pytest.raises(TargetNotReached, match=f"within {cap:,} steps"):
       run(cap, path)
   assert 550 <= starts[1] <= 600 and starts[2] == 0  # the raised cap resumed; the other is new
+  with pytest.raises(UserError, match="past the step cap 500: raise max_steps"):
+    run(500, tmp_path / "raised")  # a cap below the saved step would throw the run away
   raised, whole = (pickle.load(open(tmp_path / p, "rb"))["run"] for p in ("raised", "whole"))
   assert raised.step == whole.step > 950 and raised.next_seed == whole.next_seed  # episodes <= 50
   assert [(s.step, s.eval_return) for s in raised.snapshots] == [

@@ -364,6 +364,11 @@ def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
   with open(path, "rb") as f:
     saved = pickle.load(f)
   run = saved["run"]
+  if dataclasses.replace(saved["config"], max_steps=cfg.max_steps) == cfg and run.step > n:
+    raise UserError(
+      f"{path} holds this run at step {run.step:,}, past the step cap {n:,}: raise max_steps"
+      " (or delete the file to start again)"
+    )
   if not _continues(saved["config"], cfg, run.step):
     return None
   for k, v in run.buf.items():
