@@ -347,16 +347,21 @@ def _save(path: str, cfg: SACConfig, run: _Progress) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _same_recipe(saved: SACConfig, cfg: SACConfig) -> bool:
+  """Whether two configs differ in max_steps at most: training does not depend on the step cap
+  until it stops there, so a run that ended in TargetNotReached goes on exactly."""
+  return dataclasses.replace(saved, max_steps=cfg.max_steps) == cfg
+
+
 def _continues(saved: SACConfig, cfg: SACConfig, step: int) -> bool:
-  """Whether a run saved at `step` under `saved` continues under `cfg`: the same config, or one
-  with max_steps raised (or lowered to no less than the step). Training does not depend on the
-  step cap until it stops there, so a run that ended in TargetNotReached goes on exactly."""
-  return dataclasses.replace(saved, max_steps=cfg.max_steps) == cfg and step <= cfg.step_cap
+  """Whether a run saved at `step` under `saved` continues under `cfg`: the same recipe
+  (_same_recipe), with a step cap no lower than the step."""
+  return _same_recipe(saved, cfg) and step <= cfg.step_cap
 
 
 def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
-  """The run saved at `path` by this config (or one with another max_steps: _continues), its
-  buffer grown to n steps; else None."""
+  """The run saved at `path` by this recipe (_same_recipe), its buffer grown to n steps; else
+  None. A cap n below its step is an error (starting over would overwrite it)."""
   import pickle
 
   if path is None or not os.path.exists(path):
@@ -364,13 +369,13 @@ def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
   with open(path, "rb") as f:
     saved = pickle.load(f)
   run = saved["run"]
-  if dataclasses.replace(saved["config"], max_steps=cfg.max_steps) == cfg and run.step > n:
+  if not _same_recipe(saved["config"], cfg):
+    return None
+  if run.step > n:
     raise UserError(
       f"{path} holds this run at step {run.step:,}, past the step cap {n:,}: raise max_steps"
       " (or delete the file to start again)"
     )
-  if not _continues(saved["config"], cfg, run.step):
-    return None
   for k, v in run.buf.items():
     run.buf[k] = np.concatenate([v, np.zeros((n - len(v), *v.shape[1:]), v.dtype)])
   run.key = jax.random.wrap_key_data(jnp.asarray(run.key))
