@@ -17,7 +17,7 @@ Writes to the workdir (per seed under seed_<s>/ when several train together):
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
   result.json     method, dataset, seed, config, final normalised score and raw return, wall time
   curve.png       learning curve
-  tensorboard/    the metrics rows as TensorBoard event files
+  tensorboard/    the metrics rows as TensorBoard event files, one directory per stage
   policy/         the final policy: params and constants (observation/action normalisation), orbax,
                   and policy.jaxexport + policy.json, the policy as StableHLO (control/export.py)
   video.gif       with eval.video_episodes > 0: those episodes of the final policy, and
@@ -467,7 +467,7 @@ def final_evaluation(run: Run, params: list) -> list[dict]:
       export.export_policy(run.graphdef, p, run.constants, os.path.join(d, "policy"), run.env_spec)
       if run.cfg.eval.video_episodes > 0:
         final["video_returns"] = _video(run, lambda o, p=p: act(p, o), d, seed + FINAL_EVAL_SEED)
-    log.drop(lambda r: r.get("stage") == "final")
+    log.drop_stage_after("final", 0)
     log({"kind": "eval", "stage": "final", "step": steps, **final})
     finals.append(final)
   return finals

@@ -1,9 +1,11 @@
 """Experiment tracking: where a run's metrics rows go besides metrics.jsonl.
 
 Both pipelines open their logs through `open_log`, which adds to metrics.jsonl
-  - TensorBoard event files in tensorboard/ beside it (on by default; tensorboardX), and
+  - TensorBoard event files in tensorboard/<stage>/ beside it (on by default; tensorboardX; rows
+    dropped when a stage resumes from a checkpoint are purged there too), and
   - a Weights & Biases run (off by default; `--config.log.wandb=true`, offline unless
-    `--config.log.wandb_mode=online`; `pip install 'iwsft[wandb]'`),
+    `--config.log.wandb_mode=online`; `pip install 'iwsft[wandb]'`; a resumed stage logs its
+    steps again there, since W&B keeps what a run has logged),
 all with the same tags, "<stage>/<train|eval>/<metric name of metrics.jsonl>".
 """
 
@@ -58,20 +60,47 @@ def scalars(row: dict) -> tuple[str, int, dict[str, float]]:
 
 
 class _TensorBoard:
-  def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter
+  """One event-file directory per stage, tensorboard/<stage>/, since TensorBoard's purge on a
+  resume hides every tag of a directory at and past a step, and stages count steps separately."""
 
-    self.writer = SummaryWriter(logdir=logdir, flush_secs=30)
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+    self.writers: dict = {}
+    self.purge_from: dict[str, int] = {}
+
+  def _writer(self, stage: str):
+    if stage not in self.writers:
+      from tensorboardX import SummaryWriter
+
+      logdir = os.path.join(self.logdir, stage)
+      earlier = len(os.listdir(logdir)) if os.path.isdir(logdir) else 0
+      self.writers[stage] = SummaryWriter(
+        logdir=logdir,
+        flush_secs=30,
+        purge_step=self.purge_from.pop(stage, None),
+        # a file of its own even when opened within the second of the last one (a fast resume)
+        filename_suffix=f".{earlier:04d}",
+      )
+    return self.writers[stage]
 
   def __call__(self, row: dict) -> None:
-    _, step, values = scalars(row)
+    stage, step, values = scalars(row)
+    writer = self._writer(stage)
     for tag, value in values.items():
-      self.writer.add_scalar(tag, value, step)
+      writer.add_scalar(tag, value, step)
     if row.get("kind") == "eval":
-      self.writer.flush()
+      writer.flush()
+
+  def purge(self, stage: str, step: int) -> None:
+    """The stage's rows past `step` were dropped (all of them for step 0): its next event file
+    starts with a purge marker, so TensorBoard hides what the earlier files hold from there on."""
+    if stage in self.writers:
+      self.writers.pop(stage).close()
+    self.purge_from[stage] = step + 1 if step else 0
 
   def close(self) -> None:
-    self.writer.close()
+    for writer in self.writers.values():
+      writer.close()
 
 
 class _Wandb:

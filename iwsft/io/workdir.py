@@ -145,8 +145,12 @@ class MetricsLog:
     self._f = open(self.path, "a")
 
   def drop_stage_after(self, stage: str, step: int) -> None:
-    """Removes the rows of `stage` past `step` (all of them for step 0: the stage starts afresh)."""
+    """Removes the rows of `stage` past `step` (all of them for step 0: the stage starts afresh),
+    here and in the sinks that can (TensorBoard)."""
     self.drop(lambda r: r.get("stage") == stage and (step == 0 or r.get("step", 0) > step))
+    for sink in self._sinks:
+      if hasattr(sink, "purge"):
+        sink.purge(stage, step)
 
   def __call__(self, row: dict) -> None:
     self._f.write(_row_line(row))
@@ -179,6 +183,7 @@ class NullLog(MetricsLog):
 
   def __init__(self):
     self.path = ""
+    self._sinks = []
 
   def rows(self) -> list[dict]:
     return []
