@@ -70,8 +70,7 @@ class ControlGrid:
 
   @staticmethod
   def _settings(cfg) -> dict:
-    skip = ("dataset", "method", "seed", "num_devices", "log")
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    return workdir_lib.result_settings(cfg, "dataset", "method", "seed")
 
   def cells(self, workdir: str, dataset: str, method: str) -> dict[int, tuple[str, dict]]:
     """Finished cells of (dataset, method): {seed: (cell directory, result)}."""
@@ -224,11 +223,7 @@ class LMGrid:
     self.datasets = [f"{task} pass@1 ({mode})" for mode in ("greedy", "sampled")]
 
   def identity(self) -> dict:
-    return {
-      k: v
-      for k, v in self.cfg.to_dict().items()
-      if k not in ("seed", "stages", "num_devices", "log")
-    }
+    return workdir_lib.result_settings(self.cfg, "seed", "stages")
 
   def _result(self, workdir: str, seed: int) -> str:
     return os.path.join(workdir, f"seed_{seed}", "result.json")

@@ -269,3 +269,28 @@ def test_metrics_log_drops_a_torn_line_and_rows_after_a_step(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert read_rows(str(tmp_path / "absent.jsonl")) == []
+
+
+@pytest.mark.parametrize("pipeline", ["control", "lm"])
+def test_a_workdir_resumes_under_other_execution_settings_only(tmp_path, pipeline):
+  """run.json records what decides a result: a rerun with another device count, sharding or
+  metrics sink may resume; one with another learning rate is refused, and run.json stays."""
+  from iwsft.control import config as control_config
+  from iwsft.io import workdir
+  from iwsft.lm import config as lm_config
+
+  make = {"control": control_config.get_config, "lm": lm_config.get_config}[pipeline]
+  path = str(tmp_path / "run")
+  workdir.claim_workdir(path, workdir.result_settings(make()), overwrite=False)
+  recorded = open(os.path.join(path, "run.json")).read()
+  moved = make()
+  moved.num_devices, moved.log.tensorboard = 1, False
+  if "fsdp" in moved:
+    moved.fsdp = 2
+  _, changed = workdir.claim_workdir(path, workdir.result_settings(moved), overwrite=False)
+  assert not changed and open(os.path.join(path, "run.json")).read() == recorded
+  other = make()
+  other.finetune.learning_rate *= 2
+  with pytest.raises(UserError, match="other settings .*finetune"):
+    workdir.claim_workdir(path, workdir.result_settings(other), overwrite=False)
+  assert open(os.path.join(path, "run.json")).read() == recorded

@@ -251,7 +251,7 @@ def _environment(dataset, name: str):
 
 def _identity(run: Run, reference_dir: str, per_seed_dirs: bool) -> dict:
   """The settings a resumed run must share (the device count may change: checkpoints reshard)."""
-  config = {k: v for k, v in run.cfg.to_dict().items() if k not in ("num_devices", "log")}
+  config = workdir_lib.result_settings(run.cfg)
   identity = {"config": config, "reference_dir": reference_dir}
   if per_seed_dirs:
     config.pop("seed")

@@ -36,6 +36,18 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
   return path
 
 
+# How a run executes, not what it computes: the device count and sharding (checkpoints reshard)
+# and where its metrics go. No identity holds them, so a run may resume with other values.
+EXECUTION_SETTINGS = ("num_devices", "fsdp", "log")
+
+
+def result_settings(cfg, *also: str) -> dict:
+  """A ConfigDict's values that decide a result: all but EXECUTION_SETTINGS and the keys `also`
+  (those the caller's identity records its own way, or lets vary between calls)."""
+  skip = EXECUTION_SETTINGS + also
+  return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+
+
 def claim_workdir(
   path: str, identity: dict, overwrite: bool, marker: str = "result.json"
 ) -> tuple[str, bool]:

@@ -135,11 +135,7 @@ class LMRun:
       sharding.check_batch_size(stage.batch_size, self.mesh)
     self.user_records = self._user_records(cfg)
     # Stages and methods may differ between calls on one workdir; the device count may change too.
-    identity = {
-      k: v
-      for k, v in cfg.to_dict().items()
-      if k not in ("stages", "methods", "num_devices", "fsdp", "log")
-    }
+    identity = workdir_lib.result_settings(cfg, "stages", "methods")
     self.primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     if self.primary:
