@@ -128,6 +128,9 @@ class _Wandb:
       self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
     self.run.log({**values, f"{stage}/step": step})
 
+  def purge(self, stage: str, step: int) -> None:
+    """Nothing to hide: W&B keeps what a run logged, so a resumed stage's steps appear twice."""
+
   def close(self) -> None:
     self.run.finish()
 

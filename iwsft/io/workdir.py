@@ -128,7 +128,8 @@ def write_json(path: str, obj: Any) -> None:
 
 class MetricsLog:
   """metrics.jsonl: one JSON object per line, appended and flushed, so a killed run keeps every row;
-  `sinks` get every row too (TensorBoard, W&B: io/tracking.py).
+  `sinks` get every row too, and each stage's drop_stage_after as sink.purge(stage, step)
+  (TensorBoard, W&B: io/tracking.py).
 
   Opening an existing file keeps its rows (a run resumes) but drops a torn last line left by a kill
   in the middle of a write. drop(pred) removes rows atomically, e.g. those logged after the
@@ -158,11 +159,10 @@ class MetricsLog:
 
   def drop_stage_after(self, stage: str, step: int) -> None:
     """Removes the rows of `stage` past `step` (all of them for step 0: the stage starts afresh),
-    here and in the sinks that can (TensorBoard)."""
+    here and in the sinks (those that can hide rows, TensorBoard, do)."""
     self.drop(lambda r: r.get("stage") == stage and (step == 0 or r.get("step", 0) > step))
     for sink in self._sinks:
-      if hasattr(sink, "purge"):
-        sink.purge(stage, step)
+      sink.purge(stage, step)
 
   def __call__(self, row: dict) -> None:
     self._f.write(_row_line(row))
