@@ -5,7 +5,8 @@ filtered BC, and when?
 
 Every variant is iw-SFT with one setting moved from the recipe (--config, default the `cpu`
 preset), compared with filtered BC of the same fine-tuning length, which trains on the same curated
-episodes from the same π_ref:
+episodes from the same π_ref (--method=iw_sft_q: iw-SFT(Q) against SFT(Q), its unweighted
+counterpart on the same quality-sampled episodes):
   temperature      1, 3, 10 (the recipe), 30
   q_decay          0 (q is the current policy, detached), 0.9 (the recipe), 0.99
   fine-tuning      the recipe's steps, and --long times as many (iw-SFT and filtered BC)
@@ -27,6 +28,10 @@ from iwsft.control.pipeline import run_control_seeds
 from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
+# Each weighted method and the method it reduces to without importance weights.
+BASELINE = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
+DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
+
 cli.define_config(
   cli.config_file(config) + ":cpu",
   "the recipe: a control config file[:preset]; override values with --config.<key>=<value>",
@@ -37,46 +42,40 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds, trained together")
 flags.DEFINE_list("temperatures", ["1", "3", "10", "30"], "iw-SFT temperatures")
 flags.DEFINE_list("q_decays", ["0", "0.9", "0.99"], "iw-SFT q decays")
 flags.DEFINE_integer("long", 5, "the long fine-tuning is this many times the recipe's steps")
+flags.DEFINE_enum(
+  "method", "iw_sft", list(BASELINE), "the weighted method whose settings are ablated"
+)
 
-DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
 
-
-def variants(cfg, temperatures, q_decays, long: int) -> list[tuple[str, str, str, dict]]:
-  """(name, ablated setting, baseline name, config overrides) of every run, baselines first."""
+def variants(
+  cfg, temperatures, q_decays, long: int, method: str = "iw_sft"
+) -> list[tuple[str, str, str, dict]]:
+  """(name, ablated setting, baseline name, config overrides) of every run, baselines first;
+  every variant is `method` (iw_sft or iw_sft_q), paired with BASELINE[method]."""
   steps = cfg.finetune.steps
   base_t, base_q = float(cfg.objective.temperature), float(cfg.objective.q_decay)
+  base, base_long = BASELINE[method], f"{BASELINE[method]} x{long}"
   out = [
     ("bc", "π_ref", "", {"method": "bc"}),
-    ("filtered_bc", "baseline", "", {"method": "filtered_bc"}),
-    (
-      f"filtered_bc x{long}",
-      "baseline",
-      "",
-      {"method": "filtered_bc", "finetune.steps": long * steps},
-    ),
+    (base, "baseline", "", {"method": base}),
+    (base_long, "baseline", "", {"method": base, "finetune.steps": long * steps}),
+    (f"{method} (T={base_t:g}, q={base_q:g})", "recipe", base, {}),
   ]
-  recipe = f"iw_sft (T={base_t:g}, q={base_q:g})"
-  out.append((recipe, "recipe", "filtered_bc", {"method": "iw_sft"}))
   for t in temperatures:
     if t != base_t:
-      out.append((f"iw_sft T={t:g}", "temperature", "filtered_bc", {"objective.temperature": t}))
+      out.append((f"{method} T={t:g}", "temperature", base, {"objective.temperature": t}))
   for q in q_decays:
     if q != base_q:
-      out.append((f"iw_sft q={q:g}", "q_decay", "filtered_bc", {"objective.q_decay": q}))
+      out.append((f"{method} q={q:g}", "q_decay", base, {"objective.q_decay": q}))
   out.append(
-    (
-      f"iw_sft x{long}",
-      "fine-tuning length",
-      f"filtered_bc x{long}",
-      {"finetune.steps": long * steps},
-    )
+    (f"{method} x{long}", "fine-tuning length", base_long, {"finetune.steps": long * steps})
   )
   return out
 
 
-def _configure(cfg, dataset: str, overrides: dict):
+def _configure(cfg, dataset: str, method: str, overrides: dict):
   cfg = cfg.copy_and_resolve_references()
-  cfg.update(dataset=dataset, method="iw_sft")
+  cfg.update(dataset=dataset, method=method)
   for key, value in overrides.items():
     section, _, name = key.rpartition(".")
     target = cfg[section] if section else cfg
@@ -125,7 +124,7 @@ def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[
   return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
   fmt = lambda r, k, f="{:.2f}": f.format(r[k]) if k in r else "–"
   body = [
     [
@@ -146,7 +145,7 @@ def table(rows: list[dict]) -> str:
     "ablates",
     "score: mean ± std [95% CI]",
     "per seed",
-    "− filtered BC, paired [95% CI]",
+    f"− {baseline}, paired [95% CI]",
     "ESS / batch",
     "max w",
     "clipped",
@@ -161,23 +160,24 @@ def main(argv):
   seeds = [int(s) for s in F.seeds]
   workdir = os.path.abspath(F.workdir)
   todo = variants(
-    F.config, [float(t) for t in F.temperatures], [float(q) for q in F.q_decays], F.long
+    F.config, [float(t) for t in F.temperatures], [float(q) for q in F.q_decays], F.long, F.method
   )
   runs = {}
   for name, what, base, overrides in todo:
-    cfg = _configure(F.config, F.dataset, overrides)
+    cfg = _configure(F.config, F.dataset, F.method, overrides)
     run_dir = os.path.join(workdir, _slug(name))
     results = run_control_seeds(
       cfg, seeds, run_dir, reference_dir=os.path.join(workdir, "reference")
     )
-    diags = [diagnostics(run_dir, s, cfg.method) for s in seeds] if cfg.method == "iw_sft" else []
+    weighted = cfg.method in config.WEIGHTED
+    diags = [diagnostics(run_dir, s, cfg.method) for s in seeds] if weighted else []
     runs[name] = (what, base, results, diags)
   rows = summarise(runs)
   first = next(iter(runs.values()))[2][0]
   text = (
     f"{F.dataset}, seeds {', '.join(map(str, seeds))} (trained together, one π_ref per seed), "
     f"normalised score x100 of the final evaluation over {first['eval_episodes']} episodes per "
-    f"seed; weight diagnostics averaged over fine-tuning:\n{table(rows)}"
+    f"seed; weight diagnostics averaged over fine-tuning:\n{table(rows, BASELINE[F.method])}"
   )
   print("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
@@ -192,7 +192,7 @@ def main(argv):
     [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
     os.path.join(workdir, "ablations.png"),
     "normalised score ×100",
-    f"{F.dataset}: iw-SFT ablations\nmean over seeds, 95% bootstrap CI",
+    f"{F.dataset}: {F.method} ablations\nmean over seeds, 95% bootstrap CI",
     points=[r["per_seed"] for r in rows],
   )
   print(f"table: {workdir}/table.md  plot: {workdir}/ablations.png")

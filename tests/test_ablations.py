@@ -87,3 +87,46 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   assert not (work / "filtered_bc" / "reference").exists()
   assert (work / "ablations.png").stat().st_size > 10_000
   assert rows["filtered_bc"]["diff"] == ""  # baselines have no paired difference
+
+
+def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
+  work = tmp_path / "abl_q"
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "ablations.py"),
+      f"--workdir={work}",
+      f"--dataset={MIXED}",
+      "--seeds=0,1",
+      "--method=iw_sft_q",
+      "--temperatures=10",
+      "--q_decays=0",
+      "--long=2",
+      *TINY,
+      NO_PERCENTILES,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
+  assert list(rows) == [
+    "bc",
+    "sft_q",
+    "sft_q x2",
+    "iw_sft_q (T=10, q=0.9)",
+    "iw_sft_q q=0",
+    "iw_sft_q x2",
+  ]
+  for run, base in (("iw_sft_q q=0", "sft_q"), ("iw_sft_q x2", "sft_q x2")):
+    assert rows[run]["baseline"] == base
+    assert 0 < float(rows[run]["iw/ess_fraction"]) <= 1
+  methods = {
+    d: json.loads((work / d / "result.json").read_text())["results"][0]["config"]["method"]
+    for d in ("sft_q", "sft_q_x2", "iw_sft_q_q=0")
+  }
+  assert methods == {"sft_q": "sft_q", "sft_q_x2": "sft_q", "iw_sft_q_q=0": "iw_sft_q"}
+  assert "− sft_q, paired" in (work / "table.md").read_text()
+  assert rows["sft_q"]["iw/ess_fraction"] == ""  # an unweighted method has no weight diagnostics
