@@ -19,9 +19,11 @@ cells.csv (every cell), curves.png (evaluation score over training, mean and 95%
 bounds.png (SFT vs iw-SFT bound estimates while training iw-SFT), sweep.json (timings).
 """
 
+import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from iwsft import sweep
 from iwsft.control import config as control_config
@@ -116,14 +118,15 @@ def main(argv):
     grid = control_grid(F, cfg, seeds)
   else:
     grid = sweep.LMGrid(cfg, F.methods, seeds)
-  overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  config = os.path.relpath(config_flags.get_config_filename(F["config"]))
   sweep.run_sweep(
     grid,
     F.workdir,
     F.overwrite,
     F.dry_run,
     F.bootstrap_seed,
-    header=f"{cfg.pipeline} sweep, {' '.join(overrides) or 'default config'}",
+    header=f"{cfg.pipeline} sweep, {' '.join([config, *overrides])}",
   )
 
 

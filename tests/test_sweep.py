@@ -142,7 +142,12 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
   assert (work / "curves.png").stat().st_size > 10_000 and (
     work / "bounds.png"
   ).stat().st_size > 10_000
-  assert "| dataset | bc | iw_sft |" in (work / "table.md").read_text()
+  table_md = (work / "table.md").read_text()
+  assert "| dataset | bc | iw_sft |" in table_md
+  # the header names the config file at its default preset, then the overrides
+  assert (
+    "(control sweep, iwsft/control/config.py:cpu-sweep --config.policy.hidden=32,32 " in table_md
+  )
   info = json.loads((work / "sweep.json").read_text())
   assert info["cells"] == 8
   # Nothing left to do; and other settings in the same workdir are refused, changing nothing.
