@@ -135,20 +135,17 @@ def test_medium_replay_runs_past_medium_only_to_reach_its_minimum():
 
 
 def test_trained_policies_are_reused_under_a_raised_step_cap_only(tmp_path):
-  import importlib
+  from iwsft.control.datasets import families, sac
 
-  from iwsft.control.datasets import sac
-
-  build = importlib.import_module("iwsft.control.datasets.build")
   cfg = sac.SACConfig(total_steps=400, max_steps=600, target_return=1.0)
   path = str(tmp_path / "cache.pkl")
-  build._write_cache(path, cfg, [sac.Snapshot(500, 2.0, None)], [], 1.5)
-  with_cap = lambda cap: build._read_cache(
+  families._write_cache(path, cfg, [sac.Snapshot(500, 2.0, None)], [], 1.5)
+  with_cap = lambda cap: families._read_cache(
     path, sac.SACConfig(**{**cfg.__dict__, "max_steps": cap})
   )
   assert with_cap(600)[2] == 1.5 and with_cap(900)[2] == 1.5  # the run stopped at 500
   assert with_cap(450) is None  # it would have stopped at 450: another run
-  assert build._read_cache(path, sac.SACConfig(**{**cfg.__dict__, "seed": 1})) is None
+  assert families._read_cache(path, sac.SACConfig(**{**cfg.__dict__, "seed": 1})) is None
 
 
 def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
-"""The project's own D4RL-style Minari datasets: build (families and tables), collect (scripted
+"""The project's own D4RL-style Minari datasets: families (build, check, tables), collect (scripted
 behaviour and recording), sac (the SAC learner whose snapshots are the locomotion behaviours)."""
 
-from iwsft.control.datasets.build import (
+from iwsft.control.datasets.families import (
   ENVS,
   KINDS,
   SAC_PROFILES,
