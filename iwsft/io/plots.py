@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 import numpy as np
 
@@ -52,7 +54,9 @@ def learning_curve(rows: list[dict], path: str, title: str) -> None:
 
 
 def _save(fig, path: str, title: str) -> None:
-  fig.suptitle(title, fontsize=10)
+  # at fontsize 10 a line holds about 13 characters per inch of figure: wrap longer ones
+  width = max(20, int(13 * fig.get_figwidth()))
+  fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
