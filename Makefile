@@ -38,6 +38,13 @@ sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium
 ablations: install  ## iw-SFT's temperature, q decay and fine-tuning length against filtered BC, Hopper small medium-replay x 5 seeds
 	$(PY) experiments/ablations.py --workdir=runs/ablations
 
+sweep-full-%: install  ## the full-size comparison on one environment's full family (build it first: make datasets-full-<env>); resumable
+	$(PY) experiments/sweep.py --profile=full --env=$* --workdir=runs/full-$*
+
+ablations-full: install  ## the ablations on full Hopper medium-replay at the sweep's recipe, for iw-SFT and iw-SFT(Q)
+	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --workdir=runs/ablations-full-hopper-iw_sft
+	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --method=iw_sft_q --workdir=runs/ablations-full-hopper-iw_sft_q
+
 .venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv, for the BC comparison only
 	$(PYTHON) -m venv .venv-d3rlpy
 	.venv-d3rlpy/bin/python -m pip install -q --upgrade pip
