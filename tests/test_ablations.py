@@ -12,8 +12,8 @@ from conftest import MIXED
 from test_control import NO_PERCENTILES, ROOT, TINY
 
 
-def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_path):
-  work = tmp_path / "abl"
+def run_ablations(work, *flags) -> None:
+  """experiments/ablations.py on the mixed test dataset at the tiny recipe, seeds 0 and 1."""
   r = subprocess.run(
     [
       sys.executable,
@@ -21,12 +21,10 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
       f"--workdir={work}",
       f"--dataset={MIXED}",
       "--seeds=0,1",
-      "--temperatures=1,10",
-      "--q_decays=0,0.9",
       "--long=2",
       *TINY,
       NO_PERCENTILES,
-      "--config.curation.top_fraction=0.25",
+      *flags,
     ],
     capture_output=True,
     text=True,
@@ -34,6 +32,13 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
     timeout=900,
   )
   assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_path):
+  work = tmp_path / "abl"
+  run_ablations(
+    work, "--temperatures=1,10", "--q_decays=0,0.9", "--config.curation.top_fraction=0.25"
+  )
   rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
   want = [
     "bc",
@@ -91,26 +96,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
 
 def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
   work = tmp_path / "abl_q"
-  r = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "ablations.py"),
-      f"--workdir={work}",
-      f"--dataset={MIXED}",
-      "--seeds=0,1",
-      "--method=iw_sft_q",
-      "--temperatures=10",
-      "--q_decays=0",
-      "--long=2",
-      *TINY,
-      NO_PERCENTILES,
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    timeout=900,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_ablations(work, "--method=iw_sft_q", "--temperatures=10", "--q_decays=0")
   rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
   assert list(rows) == [
     "bc",
