@@ -28,8 +28,7 @@ from iwsft.control.pipeline import run_control_seeds
 from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
-# Each weighted method and the method it reduces to without importance weights.
-BASELINE = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
+BASELINE = config.UNWEIGHTED  # each weighted method and the method it is without the weights
 DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
 
 cli.define_config(
@@ -105,17 +104,16 @@ def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[
     for r in results
   ]
   summary = {s["method"]: s for s in report.summarise(records)}
-  by_seed = lambda results: {r["seed"]: r["normalised_score"] for r in results}
+  pairs = {name: base for name, (_, base, _, _) in runs.items() if base}
+  paired = {p["method"]: p for p in report.paired_differences(records, pairs)}
   rows = []
   for name, (what, base, results, diags) in runs.items():
-    scores = by_seed(results)
+    scores = {r["seed"]: r["normalised_score"] for r in results}
     row = {"run": name, "ablates": what, **summary[name]}
     row["per_seed"] = [round(float(scores[s]), 1) for s in row["seeds"]]
     if base:
-      theirs = by_seed(runs[base][2])
-      diff = np.array([scores[s] - theirs[s] for s in row["seeds"]])
-      d_lo, d_hi = report.bootstrap_ci(diff)
-      row.update(baseline=base, diff=float(diff.mean()), diff_low=d_lo, diff_high=d_hi)
+      p = paired[name]
+      row.update(baseline=base, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
     for k in DIAGNOSTICS:
       values = [d[k] for d in diags if k in d]
       if values:

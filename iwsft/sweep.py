@@ -47,8 +47,9 @@ class ControlGrid:
     build: tuple[str, str, list[str]] | None = None,
     configs: dict | None = None,
   ):
-    from iwsft.control.config import METHODS
+    from iwsft.control.config import METHODS, UNWEIGHTED
 
+    self.pairs = UNWEIGHTED
     bad = [m for m in methods if m not in METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
@@ -208,8 +209,9 @@ class LMGrid:
   score_label = "pass@1 ×100"
 
   def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int]):
-    from iwsft.lm.config import LM_METHODS
+    from iwsft.lm.config import LM_METHODS, UNWEIGHTED
 
+    self.pairs = UNWEIGHTED
     bad = [m for m in methods if m not in LM_METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(LM_METHODS)}")
@@ -298,6 +300,22 @@ CELL_COLUMNS = [
 ]
 
 
+PAIRED_COLUMNS = [
+  "dataset",
+  "method",
+  "baseline",
+  "n",
+  "mean",
+  "std",
+  "ci_low",
+  "ci_high",
+  "above",
+  "below",
+  "seeds",
+  "per_seed",
+]
+
+
 def run_sweep(
   grid,
   workdir: str,
@@ -362,6 +380,24 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
     f"{grid.score_label}: mean ± std [95% bootstrap CI] over seeds {seeds}"
     f"{' (' + header + ')' if header else ''}\n\n{table}\n"
   )
+  paired = report.paired_differences(recs, grid.pairs, seed=bootstrap_seed)
+  outputs = ["table.md", "table.csv", "cells.csv"]
+  if paired:
+    text += (
+      "\nWhat the importance weights change: each weighted method minus the same method with every"
+      " weight 1, per seed (same π_ref, same random stream); mean [95% bootstrap CI] of the"
+      f" paired differences, and on how many seeds the weighted method scored higher or lower\n\n"
+      f"{report.paired_table(paired, grid.datasets)}\n"
+    )
+    report.write_csv(os.path.join(workdir, "paired.csv"), paired, PAIRED_COLUMNS)
+    plots.paired_differences(
+      paired,
+      os.path.join(workdir, "paired.png"),
+      f"difference in {grid.score_label}",
+      f"what the importance weights change, per seed; mean and 95% CI over seeds {seeds}",
+      label=lambda d: d.split("/", 1)[-1],
+    )
+    outputs += ["paired.csv", "paired.png"]
   say("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
@@ -371,4 +407,4 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
     ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"],
   )
   report.write_csv(os.path.join(workdir, "cells.csv"), recs, CELL_COLUMNS)
-  return ["table.md", "table.csv", "cells.csv"]
+  return outputs

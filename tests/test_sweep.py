@@ -94,6 +94,50 @@ def test_summary_and_table_against_numpy():
   )
 
 
+def test_paired_differences_against_numpy():
+  """Per seed, weighted − unweighted on the seeds both have; a seed's shared spread cancels."""
+  rng = np.random.default_rng(2)
+  base = rng.normal(20.0, 10.0, 5)  # a large spread over seeds, shared by both methods
+  shift = rng.normal(3.0, 1.0, 5)
+  recs = [{"dataset": "d", "method": "filtered_bc", "seed": s, "score": base[s]} for s in range(5)]
+  recs += [
+    {"dataset": "d", "method": "iw_sft", "seed": s, "score": base[s] + shift[s]}
+    for s in (3, 1, 0, 2)  # out of order; seed 4 has no iw_sft cell, so it is not paired
+  ]
+  recs += [
+    {"dataset": "d", "method": "bc", "seed": 0, "score": 1.0},  # in no pair
+    {"dataset": "d", "method": "iw_sft_q", "seed": 0, "score": 5.0},  # its baseline is missing
+  ]
+  rows = report.paired_differences(recs, {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"})
+  assert len(rows) == 1
+  row, d = rows[0], shift[:4]
+  assert (row["dataset"], row["method"], row["baseline"]) == ("d", "iw_sft", "filtered_bc")
+  assert (
+    row["seeds"] == [0, 1, 2, 3] and row["n"] == 4 and row["above"] == int((d.round(1) > 0).sum())
+  )
+  np.testing.assert_allclose(row["per_seed"], d, rtol=1e-12)
+  np.testing.assert_allclose([row["mean"], row["std"]], [d.mean(), d.std(ddof=1)], rtol=1e-12)
+  assert d.min() <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= d.max()
+  unpaired = report.summarise(recs)
+  width = lambda r: r["ci_high"] - r["ci_low"]
+  assert width(row) < min(width(r) for r in unpaired if r["method"] in ("iw_sft", "filtered_bc"))
+  # two seeds, differences 0 and 10: the binomial resampling's 95% interval is [0, 10]
+  two = [
+    {"dataset": "d", "method": m, "seed": s, "score": x}
+    for m, xs in (("filtered_bc", (5.0, 5.0)), ("iw_sft", (5.0, 15.0)))
+    for s, x in enumerate(xs)
+  ]
+  (row,) = report.paired_differences(two, {"iw_sft": "filtered_bc"})
+  assert (row["ci_low"], row["ci_high"], row["above"]) == (0.0, 10.0, 1)
+  table = report.paired_table([row]).splitlines()
+  assert table[0] == "| dataset | iw_sft − filtered_bc |"
+  assert table[2] == "| d | +5.0 [+0.0, +10.0] (1/2 up, 0/2 down) |"
+  # a difference that rounds to 0.0 at the tables' precision is neither up nor down
+  noise = [dict(r, score=r["score"] + 1e-6 * (r["method"] == "iw_sft")) for r in two[:1] + two[2:3]]
+  (row,) = report.paired_differences(noise, {"iw_sft": "filtered_bc"})
+  assert (row["n"], row["above"], row["below"]) == (1, 0, 0)
+
+
 def test_curve_band_uses_the_steps_every_seed_has():
   steps, mean, lo, hi = report.curve_band([([0, 10, 20], [1.0, 2.0, 3.0]), ([0, 10], [3.0, 4.0])])
   assert steps == [0, 10]
@@ -144,6 +188,8 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
   ).stat().st_size > 10_000
   table_md = (work / "table.md").read_text()
   assert "| dataset | bc | iw_sft |" in table_md
+  assert "| dataset | iw_sft − filtered_bc |" not in table_md  # filtered_bc was not in the grid
+  assert not (work / "paired.csv").exists()
   # the header names the config file at its default preset, then the overrides
   assert (
     "(control sweep, iwsft/control/config.py:cpu-sweep --config.policy.hidden=32,32 " in table_md
@@ -283,5 +329,19 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
       row = summary[(f"addition pass@1 ({mode})", model)]
       np.testing.assert_allclose(float(row["mean"]), x.mean(), rtol=1e-9, atol=1e-9)
       np.testing.assert_allclose(float(row["std"]), x.std(ddof=1), rtol=1e-9, atol=1e-9)
+  # iw_sft against sft, seed by seed, from the results themselves
+  paired = {row["dataset"]: row for row in csv.DictReader(open(work / "paired.csv"))}
+  for mode in ("greedy", "sampled"):
+    k = f"pass@1_{mode}"
+    d = np.array(
+      [100 * res["models"]["iw_sft"][k] - 100 * res["models"]["sft"][k] for res in results]
+    )
+    row = paired[f"addition pass@1 ({mode})"]
+    assert (row["method"], row["baseline"], row["n"]) == ("iw_sft", "sft", "2")
+    np.testing.assert_allclose(float(row["mean"]), d.mean(), rtol=1e-9, atol=1e-9)
+    assert int(row["above"]) == int((d.round(1) > 0).sum())
+    assert int(row["below"]) == int((d.round(1) < 0).sum())
+  assert "| dataset | iw_sft − sft |" in (work / "table.md").read_text()
+  assert (work / "paired.png").stat().st_size > 10_000
   r = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 0 and "0 run(s) to do" in r.stdout

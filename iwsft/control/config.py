@@ -17,6 +17,8 @@ from iwsft.core.config import log_section, objective_section, stage_section
 
 METHODS = ("bc", "filtered_bc", "iw_sft", "sft_q", "iw_sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_q")  # the methods that use importance weights
+# each weighted method and the method it is with every weight 1 (same curated batches, same π_ref)
+UNWEIGHTED = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
 PRESETS = ("paper", "cpu", "cpu-sweep")
 
 

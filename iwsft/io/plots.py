@@ -115,6 +115,41 @@ def score_bars(
   _save(fig, path, title)
 
 
+def paired_differences(rows: list[dict], path: str, xlabel: str, title: str, label=str) -> None:
+  """A forest plot, one panel per (method, baseline) pair: per dataset (a row, named by
+  `label(dataset)`), the mean difference with its CI as a whisker and each seed's difference as
+  a dot; the line at 0 is "no difference". rows: report.paired_differences' rows."""
+  pairs = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig, axes = plt.subplots(
+    1,
+    len(pairs),
+    figsize=(2.2 + 3.6 * len(pairs), 1.8 + 0.45 * len(datasets)),
+    squeeze=False,
+    sharey=True,
+  )
+  for ax, (method, baseline) in zip(axes[0], pairs):
+    for r in (r for r in rows if (r["method"], r["baseline"]) == (method, baseline)):
+      y = len(datasets) - 1 - datasets.index(r["dataset"])
+      ax.errorbar(
+        [r["mean"]],
+        [y],
+        xerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]],
+        fmt="o",
+        color="C0",
+        capsize=4,
+        label="mean, 95% CI" if y == len(datasets) - 1 else None,
+      )
+      seeds = "seeds" if y == len(datasets) - 1 else None
+      ax.scatter(r["per_seed"], [y - 0.2] * len(r["per_seed"]), s=12, color="C1", label=seeds)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set(title=f"{method} − {baseline}", xlabel=xlabel, ylim=(-0.7, len(datasets) - 0.3))
+    ax.grid(axis="x", alpha=0.3)
+  axes[0][0].legend(fontsize=7, loc="lower left")
+  axes[0][0].set_yticks(range(len(datasets)), [label(d) for d in reversed(datasets)], fontsize=8)
+  _save(fig, path, title)
+
+
 def behaviour_training(
   steps: list[int],
   returns: list[float],

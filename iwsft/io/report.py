@@ -57,6 +57,58 @@ def summarise(records: Sequence[dict], level: float = 0.95, seed: int = 0) -> li
   return rows
 
 
+def paired_differences(
+  records: Sequence[dict], pairs: dict[str, str], level: float = 0.95, seed: int = 0
+) -> list[dict]:
+  """Per dataset and pair of `pairs` ({method: baseline}), the per-seed differences method −
+  baseline over the seeds both have, summarised as `summarise` does (n, mean, std, ci_low,
+  ci_high, seeds), with the baseline, the differences per seed and on how many seeds the
+  method is above / below its baseline (a difference that rounds to 0.0 is neither).
+
+  Pairing by seed is what makes the difference sharper than the two scores' CIs: a seed gives
+  both methods the same π_ref and the same random stream, so what they share cancels."""
+  scores = {
+    (r["dataset"], r["method"], r["seed"]): r["score"]
+    for r in records
+    if r.get("score") is not None
+  }
+  diffs = [
+    {"dataset": d, "method": m, "seed": s, "score": x - scores[(d, pairs[m], s)]}
+    for (d, m, s), x in scores.items()
+    if m in pairs and (d, pairs[m], s) in scores
+  ]
+  rows = summarise(diffs, level, seed)
+  by_cell = {(r["dataset"], r["method"], r["seed"]): r["score"] for r in diffs}
+  for row in rows:
+    per_seed = [by_cell[(row["dataset"], row["method"], s)] for s in row["seeds"]]
+    shown = [round(x, 1) for x in per_seed]  # at the tables' precision: float noise is no change
+    row.update(
+      baseline=pairs[row["method"]],
+      per_seed=per_seed,
+      above=sum(x > 0 for x in shown),
+      below=sum(x < 0 for x in shown),
+    )
+  return rows
+
+
+def paired_table(rows: Sequence[dict], datasets: Sequence[str] = ()) -> str:
+  """Datasets as rows, one column per pair: "mean [ci_low, ci_high] (a/n up, b/n down)"."""
+  cells = {(r["dataset"], r["method"]): r for r in rows}
+  pairs = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
+  body = [
+    [d]
+    + [
+      f"{c['mean']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
+      f" ({c['above']}/{c['n']} up, {c['below']}/{c['n']} down)"
+      if (c := cells.get((d, m)))
+      else "–"
+      for m, _ in pairs
+    ]
+    for d in _ordered([r["dataset"] for r in rows], list(datasets))
+  ]
+  return format_table(["dataset", *(f"{m} − {b}" for m, b in pairs)], body)
+
+
 def _ordered(values, order):
   seen = list(dict.fromkeys(values))
   return [v for v in order if v in seen] + [v for v in seen if v not in order] if order else seen

@@ -17,6 +17,7 @@ from iwsft.core.config import log_section, objective_section, stage_section
 
 LM_METHODS = ("sft", "iw_sft", "iw_sft_step", "sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_step")  # iw_sft_step: one weight per token
+UNWEIGHTED = {"iw_sft": "sft", "iw_sft_step": "sft"}  # each weighted method with every weight 1
 PRESETS = ("tiny", "smollm2")
 STAGES = ("base", "sample", "curate", "finetune", "evaluate")
 
