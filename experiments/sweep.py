@@ -16,7 +16,9 @@ cells and resumes unfinished ones from their checkpoints; a sweep with other set
 --workdir is refused unless --overwrite.
 Writes to --workdir: table.md, table.csv (mean, std, 95% bootstrap CI per dataset and method),
 cells.csv (every cell), curves.png (evaluation score over training, mean and 95% CI over seeds),
-bounds.png (SFT vs iw-SFT bound estimates while training iw-SFT), sweep.json (timings).
+bounds.png (SFT vs iw-SFT bound estimates while training iw-SFT), paired.csv and paired.png
+(each weighted method minus its unweighted counterpart, seed by seed; also in table.md),
+sweep.json (timings).
 """
 
 import os
