@@ -380,24 +380,9 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
     f"{grid.score_label}: mean ± std [95% bootstrap CI] over seeds {seeds}"
     f"{' (' + header + ')' if header else ''}\n\n{table}\n"
   )
-  paired = report.paired_differences(recs, grid.pairs, seed=bootstrap_seed)
-  outputs = ["table.md", "table.csv", "cells.csv"]
-  if paired:
-    text += (
-      "\nWhat the importance weights change: each weighted method minus the same method with every"
-      " weight 1, per seed (same π_ref, same random stream); mean [95% bootstrap CI] of the"
-      f" paired differences, and on how many seeds the weighted method scored higher or lower\n\n"
-      f"{report.paired_table(paired, grid.datasets)}\n"
-    )
-    report.write_csv(os.path.join(workdir, "paired.csv"), paired, PAIRED_COLUMNS)
-    plots.paired_differences(
-      paired,
-      os.path.join(workdir, "paired.png"),
-      f"difference in {grid.score_label}",
-      f"what the importance weights change, per seed; mean and 95% CI over seeds {seeds}",
-      label=lambda d: d.split("/", 1)[-1],
-    )
-    outputs += ["paired.csv", "paired.png"]
+  paired_text, paired_outputs = _write_paired(grid, recs, workdir, bootstrap_seed)
+  text += paired_text
+  outputs = ["table.md", "table.csv", "cells.csv", *paired_outputs]
   say("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
@@ -408,3 +393,27 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
   )
   report.write_csv(os.path.join(workdir, "cells.csv"), recs, CELL_COLUMNS)
   return outputs
+
+
+def _write_paired(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str, list[str]]:
+  """What the importance weights change (report.paired_differences over grid.pairs): a section
+  of table.md (returned), paired.csv and paired.png; nothing when no pair is in the grid."""
+  paired = report.paired_differences(recs, grid.pairs, seed=bootstrap_seed)
+  if not paired:
+    return "", []
+  report.write_csv(os.path.join(workdir, "paired.csv"), paired, PAIRED_COLUMNS)
+  plots.paired_differences(
+    paired,
+    os.path.join(workdir, "paired.png"),
+    f"difference in {grid.score_label}",
+    "what the importance weights change, per seed; mean and 95% CI over seeds "
+    + ",".join(map(str, grid.seeds)),
+    label=lambda d: d.split("/", 1)[-1],
+  )
+  text = (
+    "\nWhat the importance weights change: each weighted method minus the same method with every"
+    " weight 1, per seed (same π_ref, same random stream); mean [95% bootstrap CI] of the paired"
+    " differences, and on how many seeds the weighted method scored higher or lower\n\n"
+    f"{report.paired_table(paired, grid.datasets)}\n"
+  )
+  return text, ["paired.csv", "paired.png"]
