@@ -145,7 +145,8 @@ def paired_differences(rows: list[dict], path: str, xlabel: str, title: str, lab
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.set(title=f"{method} − {baseline}", xlabel=xlabel, ylim=(-0.7, len(datasets) - 0.3))
     ax.grid(axis="x", alpha=0.3)
-  axes[0][0].legend(fontsize=7, loc="lower left")
+  handles, labels = axes[0][0].get_legend_handles_labels()  # beside the last panel, off the data
+  axes[0][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   axes[0][0].set_yticks(range(len(datasets)), [label(d) for d in reversed(datasets)], fontsize=8)
   _save(fig, path, title)
 
