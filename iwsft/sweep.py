@@ -391,7 +391,8 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
     summary,
     ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"],
   )
-  report.write_csv(os.path.join(workdir, "cells.csv"), recs, CELL_COLUMNS)
+  cells = [dict(r, cell=os.path.relpath(r["cell"], workdir)) for r in recs]  # movable with it
+  report.write_csv(os.path.join(workdir, "cells.csv"), cells, CELL_COLUMNS)
   return outputs
 
 

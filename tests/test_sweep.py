@@ -181,6 +181,8 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
     (m, s) for m in ("bc", "iw_sft") for s in ("0", "1")
   }
   assert all(r["seeds_trained_together"] == "2" for r in rows)
+  assert all((work / r["cell"] / "result.json").exists() for r in rows)  # relative to the workdir
+  assert not any(os.path.isabs(r["cell"]) for r in rows)
   summary = list(csv.DictReader(open(work / "table.csv")))
   assert len(summary) == 4 and all(r["n"] == "2" for r in summary)
   assert (work / "curves.png").stat().st_size > 10_000 and (
