@@ -29,7 +29,7 @@ from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
 BASELINE = config.UNWEIGHTED  # each weighted method and the method it is without the weights
-DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
+DIAGNOSTICS = report.WEIGHT_DIAGNOSTICS
 
 cli.define_config(
   cli.config_file(config) + ":cpu",
@@ -87,8 +87,7 @@ def _configure(cfg, dataset: str, method: str, overrides: dict):
 def diagnostics(run_dir: str, seed: int, stage: str) -> dict[str, float]:
   """The weight diagnostics of one seed's fine-tuning, averaged over its train rows."""
   rows = workdir_lib.read_rows(os.path.join(run_dir, f"seed_{seed}", "metrics.jsonl"))
-  rows = [r for r in rows if r["kind"] == "train" and r["stage"] == stage]
-  return {k: float(np.mean([r[k] for r in rows])) for k in DIAGNOSTICS if rows and k in rows[0]}
+  return report.weight_diagnostics(rows, stage)
 
 
 def _slug(name: str) -> str:
@@ -123,7 +122,6 @@ def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[
 
 
 def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
-  fmt = lambda r, k, f="{:.2f}": f.format(r[k]) if k in r else "–"
   body = [
     [
       r["run"],
@@ -131,10 +129,7 @@ def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
       report.cell_text(r),
       " / ".join(f"{s:.1f}" for s in r["per_seed"]),
       f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]" if "diff" in r else "–",
-      fmt(r, "iw/ess_fraction"),
-      fmt(r, "iw/max_weight", "{:.1f}"),
-      fmt(r, "iw/clip_fraction"),
-      fmt(r, "iw/mean_log_ratio", "{:.3f}"),
+      *report.diagnostics_text(r),
     ]
     for r in rows
   ]
@@ -144,10 +139,7 @@ def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
     "score: mean ± std [95% CI]",
     "per seed",
     f"− {baseline}, paired [95% CI]",
-    "ESS / batch",
-    "max w",
-    "clipped",
-    "mean log q/π_ref",
+    *report.DIAGNOSTICS_HEADER,
   ]
   return report.format_table(head, body)
 

@@ -63,6 +63,11 @@ class ControlGrid:
   def slug(dataset: str) -> str:
     return dataset.replace("/", "__")
 
+  @staticmethod
+  def training_data(dataset: str) -> str:
+    """What a record's cell trained on (its weights' diagnostics are of that)."""
+    return dataset
+
   def identity(self) -> dict:
     identity = self._settings(self.cfg)
     if self.configs:
@@ -221,8 +226,12 @@ class LMGrid:
     from iwsft.lm.task import make_task
 
     self.methods, self.seeds = ["base", *self.cfg.methods], seeds
-    task = make_task(self.cfg.task).name
-    self.datasets = [f"{task} pass@1 ({mode})" for mode in ("greedy", "sampled")]
+    self.task = make_task(self.cfg.task).name
+    self.datasets = [f"{self.task} pass@1 ({mode})" for mode in ("greedy", "sampled")]
+
+  def training_data(self, dataset: str) -> str:
+    """Both pass@1 "datasets" evaluate one training run per seed, on the task's curated samples."""
+    return self.task
 
   def identity(self) -> dict:
     return workdir_lib.result_settings(self.cfg, "seed", "stages")
@@ -381,8 +390,9 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
     f"{' (' + header + ')' if header else ''}\n\n{table}\n"
   )
   paired_text, paired_outputs = _write_paired(grid, recs, workdir, bootstrap_seed)
-  text += paired_text
-  outputs = ["table.md", "table.csv", "cells.csv", *paired_outputs]
+  weights_text, weights_outputs = _write_weights(grid, recs, workdir)
+  text += paired_text + weights_text
+  outputs = ["table.md", "table.csv", "cells.csv", *paired_outputs, *weights_outputs]
   say("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
@@ -418,3 +428,37 @@ def _write_paired(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str, l
     f"{report.paired_table(paired, grid.datasets)}\n"
   )
   return text, ["paired.csv", "paired.png"]
+
+
+def _write_weights(grid, recs, workdir: str) -> tuple[str, list[str]]:
+  """The weights' diagnostics of every weighted method (grid.pairs): per seed averaged over
+  fine-tuning, then over seeds; a section of table.md (returned) and weights.csv."""
+  per_seed: dict[tuple[str, str], dict[int, dict]] = {}
+  for r in recs:
+    if r["method"] in grid.pairs:
+      cell = per_seed.setdefault((grid.training_data(r["dataset"]), r["method"]), {})
+      if r["seed"] not in cell:
+        rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
+        cell[r["seed"]] = report.weight_diagnostics(rows, r["method"])
+  rows = []
+  for (data, method), seeds in per_seed.items():
+    row = {"dataset": data, "method": method, "n": len(seeds), "seeds": sorted(seeds)}
+    for k in report.WEIGHT_DIAGNOSTICS:
+      values = [d[k] for d in seeds.values() if k in d]
+      row[k] = sum(values) / len(values) if values else None
+    rows.append(row)
+  if not rows:
+    return "", []
+  report.write_csv(
+    os.path.join(workdir, "weights.csv"),
+    rows,
+    ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, "seeds"],
+  )
+  body = [[r["dataset"], r["method"], r["n"], *report.diagnostics_text(r)] for r in rows]
+  text = (
+    "\nThe importance weights, per seed averaged over fine-tuning, then over seeds: effective"
+    " sample size as a fraction of the batch, largest weight, fraction clipped, mean log"
+    " q/π_ref\n\n"
+    f"{report.format_table(['dataset', 'method', 'seeds', *report.DIAGNOSTICS_HEADER], body)}\n"
+  )
+  return text, ["weights.csv"]

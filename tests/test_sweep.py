@@ -198,6 +198,17 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
   )
   info = json.loads((work / "sweep.json").read_text())
   assert info["cells"] == 8
+  # the weights' diagnostics: per seed over iw_sft's train rows, then over seeds
+  weights = list(csv.DictReader(open(work / "weights.csv")))
+  assert [(w["dataset"], w["method"], w["n"]) for w in weights] == [
+    (d, "iw_sft", "2") for d in (MIXED, EXPERT)
+  ]
+  for w in weights:
+    for key in ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio"):
+      want = np.mean([_train_mean(work, w["dataset"], s, key) for s in (0, 1)])
+      np.testing.assert_allclose(float(w[key]), want, rtol=1e-9)
+    assert 0 < float(w["iw/ess_fraction"]) <= 1 and float(w["iw/max_weight"]) >= 1
+  assert "| dataset | method | seeds | ESS / batch | max w | clipped |" in table_md
   # Nothing left to do; and other settings in the same workdir are refused, changing nothing.
   r = subprocess.run(
     sweep(work, "--dry_run"), capture_output=True, text=True, cwd=ROOT, timeout=300
@@ -214,6 +225,15 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
     r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
   )
   assert first.stat().st_mtime_ns == stamp
+
+
+def _train_mean(work, dataset, seed, key):
+  """A seed's iw_sft train rows' mean of key, read from its metrics.jsonl."""
+  (path,) = glob.glob(
+    str(work / dataset.replace("/", "__") / "iw_sft" / "group_*" / f"seed_{seed}" / "metrics.jsonl")
+  )
+  rows = [json.loads(line) for line in open(path)]
+  return np.mean([r[key] for r in rows if r["kind"] == "train" and r["stage"] == "iw_sft"])
 
 
 @pytest.mark.parametrize(
@@ -344,6 +364,18 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
     assert int(row["above"]) == int((d.round(1) > 0).sum())
     assert int(row["below"]) == int((d.round(1) < 0).sum())
   assert "| dataset | iw_sft − sft |" in (work / "table.md").read_text()
+  # one row of weights per weighted method, of its training runs, not per pass@1 mode
+  (weights,) = list(csv.DictReader(open(work / "weights.csv")))
+  assert (weights["dataset"], weights["method"], weights["n"]) == ("addition", "iw_sft", "2")
+  ess = []
+  for s in (0, 1):
+    rows = [json.loads(line) for line in open(work / f"seed_{s}" / "metrics.jsonl")]
+    ess.append(
+      np.mean(
+        [r["iw/ess_fraction"] for r in rows if r["kind"] == "train" and r["stage"] == "iw_sft"]
+      )
+    )
+  np.testing.assert_allclose(float(weights["iw/ess_fraction"]), np.mean(ess), rtol=1e-9)
   assert (work / "paired.png").stat().st_size > 10_000
   r = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 0 and "0 run(s) to do" in r.stdout

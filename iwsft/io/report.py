@@ -109,6 +109,25 @@ def paired_table(rows: Sequence[dict], datasets: Sequence[str] = ()) -> str:
   return format_table(["dataset", *(f"{m} − {b}" for m, b in pairs)], body)
 
 
+WEIGHT_DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
+DIAGNOSTICS_HEADER = ["ESS / batch", "max w", "clipped", "mean log q/π_ref"]
+
+
+def weight_diagnostics(rows: Sequence[dict], stage: str) -> dict[str, float]:
+  """One run's WEIGHT_DIAGNOSTICS over a stage: each one its train rows (metrics.jsonl rows)
+  log, averaged over those rows; {} when there are none."""
+  train = [r for r in rows if r.get("kind") == "train" and r.get("stage") == stage]
+  return {
+    k: float(np.mean([r[k] for r in train])) for k in WEIGHT_DIAGNOSTICS if train and k in train[0]
+  }
+
+
+def diagnostics_text(row: dict) -> list[str]:
+  """The DIAGNOSTICS_HEADER cells of a row holding WEIGHT_DIAGNOSTICS ("–" where one is missing)."""
+  formats = zip(WEIGHT_DIAGNOSTICS, ("{:.2f}", "{:.1f}", "{:.2f}", "{:.3f}"))
+  return [f.format(row[k]) if row.get(k) is not None else "–" for k, f in formats]
+
+
 def _ordered(values, order):
   seen = list(dict.fromkeys(values))
   return [v for v in order if v in seen] + [v for v in seen if v not in order] if order else seen
