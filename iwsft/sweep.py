@@ -2,7 +2,9 @@
 
 A pipeline's grid says what its cells are and how to run a group of them; `run_sweep` does the rest
 the same way for both: claim the workdir, plan (finished cells are skipped), run the groups, then
-summarise every cell's score into table.md / table.csv / cells.csv and draw the figures.
+summarise every cell's score into table.md / table.csv / cells.csv, with what the importance
+weights change per seed (paired.csv) and the weights' diagnostics (weights.csv), and draw the
+figures.
 
 Control layout under the sweep's workdir:
   <dataset>/reference_<seeds>/            π_ref of those seeds, shared by every method on the
