@@ -20,7 +20,6 @@ Writes to --workdir: table.md, table.csv, ablations.png, and one run directory p
 
 import os
 
-import numpy as np
 from absl import flags
 
 from iwsft.control import config
@@ -29,7 +28,6 @@ from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
 BASELINE = config.UNWEIGHTED  # each weighted method and the method it is without the weights
-DIAGNOSTICS = report.WEIGHT_DIAGNOSTICS
 
 cli.define_config(
   cli.config_file(config) + ":cpu",
@@ -113,11 +111,7 @@ def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[
     if base:
       p = paired[name]
       row.update(baseline=base, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
-    for k in DIAGNOSTICS:
-      values = [d[k] for d in diags if k in d]
-      if values:
-        row[k] = float(np.mean(values))
-    rows.append(row)
+    rows.append({**row, **report.mean_diagnostics(diags)})
   return rows
 
 
@@ -174,7 +168,9 @@ def main(argv):
     f.write(text + "\n")
   fields = ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
   report.write_csv(
-    os.path.join(workdir, "table.csv"), rows, fields + ["diff_low", "diff_high", *DIAGNOSTICS]
+    os.path.join(workdir, "table.csv"),
+    rows,
+    fields + ["diff_low", "diff_high", *report.WEIGHT_DIAGNOSTICS],
   )
   plots.score_bars(
     [r["run"] for r in rows],

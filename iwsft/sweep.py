@@ -444,11 +444,15 @@ def _write_weights(grid, recs, workdir: str) -> tuple[str, list[str]]:
         cell[r["seed"]] = report.weight_diagnostics(rows, r["method"])
   rows = []
   for (data, method), seeds in per_seed.items():
-    row = {"dataset": data, "method": method, "n": len(seeds), "seeds": sorted(seeds)}
-    for k in report.WEIGHT_DIAGNOSTICS:
-      values = [d[k] for d in seeds.values() if k in d]
-      row[k] = sum(values) / len(values) if values else None
-    rows.append(row)
+    rows.append(
+      {
+        "dataset": data,
+        "method": method,
+        "n": len(seeds),
+        "seeds": sorted(seeds),
+        **report.mean_diagnostics(list(seeds.values())),
+      }
+    )
   if not rows:
     return "", []
   report.write_csv(

@@ -122,6 +122,17 @@ def weight_diagnostics(rows: Sequence[dict], stage: str) -> dict[str, float]:
   }
 
 
+def mean_diagnostics(runs: Sequence[dict]) -> dict[str, float]:
+  """weight_diagnostics of several runs (seeds) -> each diagnostic's mean over the runs that
+  log it (left out where none does)."""
+  out = {}
+  for k in WEIGHT_DIAGNOSTICS:
+    values = [d[k] for d in runs if k in d]
+    if values:
+      out[k] = float(np.mean(values))
+  return out
+
+
 def diagnostics_text(row: dict) -> list[str]:
   """The DIAGNOSTICS_HEADER cells of a row holding WEIGHT_DIAGNOSTICS ("–" where one is missing)."""
   formats = zip(WEIGHT_DIAGNOSTICS, ("{:.2f}", "{:.1f}", "{:.2f}", "{:.3f}"))
