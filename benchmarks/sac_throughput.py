@@ -1,4 +1,4 @@
-"""SAC training throughput: updates per second of iwsft.control.datasets.sac's jitted update (the
+"""SAC training throughput: updates per second of iwsft.datasets.sac's jitted update (the
 full profile's networks, (256, 256), batch 256, 50 updates per dispatch) with XLA's default CPU
 threading and on one thread, alone and as two jobs side by side, in one run.
 
@@ -29,7 +29,7 @@ def measure(env_id: str, dispatches: int) -> float:
   import jax
   import numpy as np
 
-  from iwsft.control.datasets import sac
+  from iwsft.datasets import sac
 
   env = gym.make(env_id)
   obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]

@@ -5,7 +5,7 @@ a bar plot and a video of each final policy.
 
   python experiments/demo.py --workdir=runs/demo [--kind=medium-replay] [--seeds=0,1,2]
 
-The small Hopper family ships with the project (iwsft/control/datasets/shipped), so every machine
+The small Hopper family ships with the project (iwsft/datasets/shipped), so every machine
 trains on the same episodes; other families are built first when missing. Settings are the `cpu`
 preset of iwsft/control/config.py (a 2-core CPU's scale), overridable as --config.<key>=<value>;
 the authors' GPU recipe is the default of experiments/control.py. All methods share one π_ref per

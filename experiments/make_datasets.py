@@ -5,13 +5,13 @@ medium-expert, each with ref_min_score (random) and ref_max_score (expert) for n
 
 Ids: iwsft/<env>-small/<kind>-v1 for the small profile, iwsft/<env>/<kind>-v1 for full. Existing
 datasets are reused unless --force; the same --seed gives the same data. Behaviour policies of the
-`pendulum` family are a scripted controller with a quality knob (iwsft.control.collect); those of
+`pendulum` family are a scripted controller with a quality knob (iwsft.datasets.collect); those of
 hopper, halfcheetah and walker2d are snapshots of a SAC learner trained first (iwsft.control.sac).
 """
 
 from absl import flags
 
-from iwsft.control.datasets import ENVS, KINDS, SAC_PROFILES, build, table
+from iwsft.datasets import ENVS, KINDS, SAC_PROFILES, build, table
 from iwsft.io import cli
 
 flags.DEFINE_enum("env", "pendulum", list(ENVS), "environment family")

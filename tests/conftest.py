@@ -26,7 +26,7 @@ DISCRETE = "iwsft/pendulum-test/discrete-v0"
 
 def biased_controller(bias):
   """The competent controller plus a constant push: it loses the pole within a few dozen steps."""
-  from iwsft.control.datasets.collect import pendulum_controller
+  from iwsft.datasets.collect import pendulum_controller
 
   good = pendulum_controller(0.5)
   return lambda obs, rng: np.clip(good(obs, rng) + bias, -3.0, 3.0)
@@ -38,7 +38,7 @@ def datasets():
   import minari
   from minari.data_collector import EpisodeBuffer
 
-  from iwsft.control.datasets.collect import collect_dataset, pendulum_controller
+  from iwsft.datasets.collect import collect_dataset, pendulum_controller
 
   if EXPERT not in minari.list_local_datasets():
     collect_dataset(

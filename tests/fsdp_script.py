@@ -74,7 +74,7 @@ def main():
       "big_distinct_slices": len({str(s.index) for s in w.addressable_shards}),
       "moment_shard_shapes": sorted({tuple(s.data.shape) for s in mu.addressable_shards}),
       "small_replicated": all(
-        x.sharding.is_fully_replicated for x in leaves if x.size < iwsft.FSDP_MIN_SIZE
+        x.sharding.is_fully_replicated for x in leaves if x.size < iwsft.core.sharding.FSDP_MIN_SIZE
       ),
     }
   print(json.dumps(report))

@@ -36,33 +36,41 @@ def main(out):
   mesh = iwsft.make_mesh()
   # 1) explicit global batches through the jitted, sharded update(state, batch).
   ref = jax.tree.map(lambda x: x + 0.01, params)
-  state = iwsft.put_replicated(iwsft.init_state(params, opt, 0, ref), mesh)
-  rep, split = iwsft.replicated(mesh), iwsft.batch_sharded(mesh)
+  state = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 0, ref), mesh)
+  rep, split = iwsft.core.sharding.replicated(mesh), iwsft.core.sharding.batch_sharded(mesh)
   step = jax.jit(update, in_shardings=(rep, split), out_shardings=(rep, rep))
   for i in range(4):
     idx = np.random.default_rng(i).integers(0, n, 16)
     state, metrics = step(state, jax.device_put({k: v[idx] for k, v in data.items()}, split))
   # 2) in-graph sampling, several steps per dispatch.
-  state2 = iwsft.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
+  state2 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
   steps = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4)
   logits = np.linspace(-1.0, 1.0, n).astype(np.float32)
-  state2, metrics2 = steps(state2, iwsft.shard_pool(data, mesh), iwsft.put_replicated(logits, mesh))
+  state2, metrics2 = steps(
+    state2,
+    iwsft.core.sharding.shard_pool(data, mesh),
+    iwsft.core.sharding.put_replicated(logits, mesh),
+  )
   # 3) step-level batches from the same pool.
-  state3 = iwsft.put_replicated(iwsft.init_state(params, opt, 2, ref), mesh)
+  state3 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 2, ref), mesh)
   steps3 = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4, step_level=True)
   state3, metrics3 = steps3(
-    state3, iwsft.shard_pool(data, mesh), iwsft.put_replicated(logits, mesh)
+    state3,
+    iwsft.core.sharding.shard_pool(data, mesh),
+    iwsft.core.sharding.put_replicated(logits, mesh),
   )
   # 4) packed episode batches (capacity below the padded 16 x 9 slots) with π_ref precomputed.
-  packed_logprob = iwsft.markov_logprob(logprob)
+  packed_logprob = iwsft.core.packing.markov_logprob(logprob)
   update4 = iwsft.make_update(
     packed_logprob, opt, ObjectiveConfig("sequence", temperature=10.0, q_decay=0.9)
   )
-  pool = iwsft.shard_pool(data, mesh)
-  state4 = iwsft.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
+  pool = iwsft.core.sharding.shard_pool(data, mesh)
+  state4 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
   seed_data = {"logp_ref": iwsft.pool_logprobs(packed_logprob, state4.ref_params, pool, mesh)}
   steps4 = iwsft.make_train_steps(update4, mesh, batch_size=16, num_steps=8, capacity=56)
-  state4, metrics4 = steps4(state4, pool, iwsft.put_replicated(logits, mesh), seed_data)
+  state4, metrics4 = steps4(
+    state4, pool, iwsft.core.sharding.put_replicated(logits, mesh), seed_data
+  )
   leaves = {f"a{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   leaves.update({f"b{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.params))})
   leaves.update({f"q{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state2.q_params))})

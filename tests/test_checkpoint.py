@@ -1,4 +1,4 @@
-"""Train-state checkpoints, resumption, clean stops and non-finite handling (iwsft.checkpoint,
+"""Train-state checkpoints, resumption, clean stops and non-finite handling (iwsft.io.checkpoint,
 iwsft.fit)."""
 
 import dataclasses
@@ -58,7 +58,7 @@ def test_a_saved_train_state_restores_bit_for_bit(tmp_path):
   ckpt.wait()
   mesh = iwsft.make_mesh()
   restored, step = ckpt.restore_latest(
-    jax.eval_shape(lambda: fresh_state(opt)), iwsft.replicated(mesh)
+    jax.eval_shape(lambda: fresh_state(opt)), iwsft.core.sharding.replicated(mesh)
   )
   assert step == 3 and int(restored.step) == 3
   assert leaves_equal(restored, state)
@@ -89,7 +89,7 @@ def test_a_damaged_newest_step_is_skipped_with_a_warning(tmp_path):
         fh.write(b"\0garbage")
   with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
     restored, step = ckpt.restore_latest(
-      jax.eval_shape(lambda: fresh_state(opt)), iwsft.replicated(iwsft.make_mesh())
+      jax.eval_shape(lambda: fresh_state(opt)), iwsft.core.sharding.replicated(iwsft.make_mesh())
     )
   assert step == 1 and int(restored.step) == 1
 
@@ -101,7 +101,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
   ckpt.wait()
   bigger = jax.eval_shape(lambda: iwsft.init_state({"w": jnp.zeros(4), "b": jnp.zeros(())}, opt, 0))
   with pytest.raises(UserError, match="another model"):
-    ckpt.restore_latest(bigger, iwsft.replicated(iwsft.make_mesh()))
+    ckpt.restore_latest(bigger, iwsft.core.sharding.replicated(iwsft.make_mesh()))
   with pytest.raises(UserError, match=r"float32\[4\]"):
     checkpoint.check_resumable(str(tmp_path / "c"), bigger)
   checkpoint.check_resumable(str(tmp_path / "c"), jax.eval_shape(lambda: fresh_state(opt)))
@@ -159,7 +159,9 @@ def test_a_non_finite_loss_stops_at_its_step_and_the_last_checkpoint_is_good(tmp
       steps_per_dispatch=2,
       hooks=iwsft.Hooks(checkpoints=ckpt),
     )
-  good, step = ckpt.restore_latest(jax.eval_shape(lambda: state), iwsft.replicated(mesh))
+  good, step = ckpt.restore_latest(
+    jax.eval_shape(lambda: state), iwsft.core.sharding.replicated(mesh)
+  )
   assert step == 8 and float(good.params["w"]) == 2.0
 
   rows = []

@@ -327,8 +327,8 @@ def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, t
   import gymnasium as gym
   import minari
 
-  from iwsft.control.datasets.collect import write_episodes
   from iwsft.control.pipeline import prepare
+  from iwsft.datasets.collect import write_episodes
 
   episodes = [
     SimpleNamespace(

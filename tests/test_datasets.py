@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from iwsft.control import datasets
+from iwsft import datasets
 
 # A SAC profile of seconds, with no target and no family checks (its policies are far too weak).
 TINY = {
@@ -68,7 +68,7 @@ def test_sac_family_trains_once_and_reports_stored_build_times(tmp_path, monkeyp
   import minari
 
   from iwsft.control.data import episodes_from_minari
-  from iwsft.control.datasets import sac
+  from iwsft.datasets import sac
 
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
   monkeypatch.setitem(datasets.SAC_PROFILES, "tiny", TINY)
@@ -121,7 +121,7 @@ def test_family_checks_against_hand_computed_thresholds():
 
 
 def test_medium_replay_runs_past_medium_only_to_reach_its_minimum():
-  from iwsft.control.datasets import sac
+  from iwsft.datasets import sac
 
   ends = [1_000, 2_000, 3_000, 4_000, 5_000]
   eps = [sac.Recorded(None, None, None, False, True, 0, end_step=s) for s in ends]
@@ -135,7 +135,7 @@ def test_medium_replay_runs_past_medium_only_to_reach_its_minimum():
 
 
 def test_trained_policies_are_reused_under_a_raised_step_cap_only(tmp_path):
-  from iwsft.control.datasets import families, sac
+  from iwsft.datasets import families, sac
 
   cfg = sac.SACConfig(total_steps=400, max_steps=600, target_return=1.0)
   path = str(tmp_path / "cache.pkl")
@@ -166,7 +166,7 @@ def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monk
 
 def test_the_small_hopper_family_is_installed_from_the_shipped_copy(tmp_path, monkeypatch):
   """No SAC run: the shipped files are copied byte for byte, and say so in the table."""
-  from iwsft.control.datasets import sac, shipped
+  from iwsft.datasets import sac, shipped
 
   monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
   monkeypatch.setattr(sac, "train_sac", lambda *a, **k: pytest.fail("trained SAC"))
@@ -195,7 +195,7 @@ def test_episodes_recorded_side_by_side_do_not_depend_on_their_neighbours():
   """Episode i is reset with seed + i and acts from Generator (seed, i), whatever the width."""
   import gymnasium as gym
 
-  from iwsft.control.datasets.collect import random_behaviour, record_episodes
+  from iwsft.datasets.collect import random_behaviour, record_episodes
 
   env_id, space = "Hopper-v5", gym.make("Hopper-v5").action_space
   alone = record_episodes(env_id, random_behaviour(space), range(3, 8), seed=50, width=1)
@@ -221,7 +221,7 @@ def test_the_numpy_sampler_is_the_actor_with_its_noise_given():
   import jax.numpy as jnp
   from flax import nnx
 
-  from iwsft.control.datasets.sac import Actor, numpy_sampler
+  from iwsft.datasets.sac import Actor, numpy_sampler
 
   actor = Actor(11, 3, (32, 32), nnx.Rngs(0))
   obs = np.random.default_rng(0).normal(size=(7, 11)).astype(np.float32)

@@ -212,3 +212,26 @@ def test_config_rejects_bad_settings():
   ):
     with pytest.raises(ValueError):
       ObjectiveConfig(**kwargs)
+
+
+@pytest.mark.parametrize("missing", ["logp_q", "logp_ref"])
+def test_weighting_without_aux_logprobs_is_a_clear_error(missing):
+  """Weighting on with q's or π_ref's log-probs missing names what is missing."""
+  logp = jnp.zeros((2, 3))
+  args = {"logp_q": logp, "logp_ref": logp, missing: None}
+  with pytest.raises(ValueError, match=f"{missing} is None"):
+    cfg = ObjectiveConfig(importance_weighting="sequence")
+    obj.iw_sft_loss(logp, args["logp_q"], args["logp_ref"], jnp.ones((2, 3)), jnp.ones(2), cfg)
+
+
+def test_token_logprobs_against_numpy():
+  """token_logprobs picks log softmax(logits)[target], computed in float64 numpy."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, size=(2, 5))
+  x = logits.astype(np.float64)
+  lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  want = np.take_along_axis(x, targets[..., None], -1)[..., 0] - lse
+  got = obj.token_logprobs(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), targets)
+  np.testing.assert_allclose(got, want, atol=3e-2)
+  np.testing.assert_allclose(obj.token_logprobs(logits, targets), want, rtol=1e-5, atol=1e-5)

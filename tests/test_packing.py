@@ -84,7 +84,9 @@ def test_packed_training_equals_padded_training(seeds):
 
   def run(capacity):
     steps = iwsft.make_train_steps(update, mesh, 8, 12, vmapped=seeds > 1, capacity=capacity)
-    return steps(jax.tree.map(jnp.array, state0), iwsft.shard_pool(data, mesh), logits)
+    return steps(
+      jax.tree.map(jnp.array, state0), iwsft.core.sharding.shard_pool(data, mesh), logits
+    )
 
   padded, m0 = run(None)
   for capacity, fallback in ((8 * 30, 0.0), (8, 1.0), (64, None)):
@@ -105,7 +107,7 @@ def test_pool_logprobs_match_the_policy_on_every_row_and_seed():
   logprob = make_logprob_fn(graphdef, consts)
   params = [_policy(s)[1] for s in range(3)]
   mesh = iwsft.make_mesh(1)
-  pool = iwsft.shard_pool(data, mesh)
+  pool = iwsft.core.sharding.shard_pool(data, mesh)
   got = np.asarray(iwsft.pool_logprobs(logprob, iwsft.stack_seeds(params), pool, mesh, True, 2))
   assert got.shape == (3, 5, 9)
   for s in range(3):
@@ -122,7 +124,7 @@ def test_precomputed_reference_per_seed_gives_the_in_batch_update():
   mesh = iwsft.make_mesh(1)
   refs = [jax.tree.map(lambda x, s=s: x + 0.03 * s, _policy(9)[1]) for s in range(3)]
   init = iwsft.stack_seeds([iwsft.init_state(_policy(s)[1], opt, s, refs[s]) for s in range(3)])
-  pool = iwsft.shard_pool(data, mesh)
+  pool = iwsft.core.sharding.shard_pool(data, mesh)
   seed_data = {
     "logp_ref": iwsft.pool_logprobs(logprob, iwsft.stack_seeds(refs), pool, mesh, vmapped=True)
   }

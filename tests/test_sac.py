@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from iwsft.control.datasets.sac import SACConfig, train_sac
+from iwsft.datasets.sac import SACConfig, train_sac
 
 
 def test_sac_return_rises_on_a_small_budget():
@@ -28,7 +28,7 @@ def test_sac_return_rises_on_a_small_budget():
 def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PATH)
   import minari
 
-  from iwsft.control import datasets as ds_lib
+  from iwsft import datasets as ds_lib
   from iwsft.control.data import episodes_from_minari, reference_scores
 
   rows = {
@@ -51,7 +51,7 @@ def test_hopper_small_family(datasets):  # noqa: F811  (sets MINARI_DATASETS_PAT
 
 
 def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
-  from iwsft.control.datasets.sac import TargetNotReached
+  from iwsft.datasets.sac import TargetNotReached
   from iwsft.errors import UserError
 
   base = dict(start_steps=200, snapshot_every=200, hidden=(16, 16), eval_episodes=2)
@@ -84,8 +84,8 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   through the checkpoints both write at every episode end of their last snapshot interval)."""
   import pickle
 
-  from iwsft.control.datasets import sac
-  from iwsft.control.datasets.sac import TargetNotReached
+  from iwsft.datasets import sac
+  from iwsft.datasets.sac import TargetNotReached
   from iwsft.errors import UserError
 
   real_bar, starts = sac.progress_lib.bar, []
@@ -121,7 +121,7 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
 def test_training_stops_when_two_evaluations_in_a_row_reach_the_target():
   """A spike above the target followed by a fall is not enough; nor is anything before
   total_steps."""
-  from iwsft.control.datasets.sac import Snapshot, _reached
+  from iwsft.datasets.sac import Snapshot, _reached
 
   cfg = SACConfig(total_steps=300, max_steps=1000, target_return=600.0)
   snaps = lambda *returns: [Snapshot(100 * (i + 1), r, None) for i, r in enumerate(returns)]
@@ -136,7 +136,7 @@ def test_training_stops_when_two_evaluations_in_a_row_reach_the_target():
 def test_an_interrupted_run_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
   """Interrupted at step 700 of 1,200 and run again, training continues from the last episode
   boundary saved and ends with the snapshots and episodes of an uninterrupted run."""
-  from iwsft.control.datasets import sac
+  from iwsft.datasets import sac
 
   cfg = SACConfig(
     total_steps=1200, start_steps=200, snapshot_every=200, hidden=(16, 16), eval_episodes=2

@@ -113,7 +113,7 @@ def test_sgd_step_follows_the_weighted_bc_gradient():
 def test_sample_sequences_follows_logits(inverse_cdf):
   data = {"mask": np.ones((4, 3), np.float32), "weight": np.arange(4, dtype=np.float32)}
   logits = jnp.log(jnp.array([0.0, 1.0, 3.0, 0.0]))
-  b = iwsft.sample_sequences(jax.random.key(0), data, logits, 4000, inverse_cdf)
+  b = iwsft.core.step.sample_sequences(jax.random.key(0), data, logits, 4000, inverse_cdf)
   counts = np.bincount(np.asarray(b["weight"]).astype(int), minlength=4)
   assert counts[0] == 0 and counts[3] == 0
   np.testing.assert_allclose(counts[2] / counts[1], 3.0, rtol=0.15)
@@ -125,7 +125,7 @@ def test_sample_steps_only_draws_real_steps_uniformly(inverse_cdf):
   mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
   step_id = np.arange(n * t, dtype=np.float32).reshape(n, t)
   data = {"mask": mask, "weight": np.ones(n, np.float32), "id": step_id}
-  b = iwsft.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000, inverse_cdf)
+  b = iwsft.core.step.sample_steps(jax.random.key(1), data, jnp.zeros(n), 7000, inverse_cdf)
   chex.assert_shape(b["id"], (7000, 1))
   chex.assert_shape(b["weight"], (7000,))
   ids = np.asarray(b["id"]).ravel().astype(int)
@@ -200,7 +200,7 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
     )
   rows = {s: [] for s in seeds}
   stacked = iwsft.stack_seeds([init[s] for s in seeds])
-  assert iwsft.num_seeds(stacked) == 3 and iwsft.num_seeds(init[0]) is None
+  assert iwsft.core.state.num_seeds(stacked) == 3 and iwsft.core.state.num_seeds(init[0]) is None
   out = iwsft.fit(
     update,
     stacked,
@@ -212,7 +212,7 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
   drop_time = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]
   for i, s in enumerate(seeds):
     chex.assert_trees_all_close(
-      iwsft.seed_slice(out.params, i), single[s].params, rtol=2e-4, atol=2e-5
+      iwsft.core.state.seed_slice(out.params, i), single[s].params, rtol=2e-4, atol=2e-5
     )
     np.testing.assert_array_equal(np.asarray(out.key[i]), np.asarray(single[s].key))
     assert len(rows[s]) == len(single_rows[s]) == 4 + 3 + 3  # evals at 0,10,20,30; chunks 7,3 x3

@@ -2,7 +2,7 @@
 
   experiments/control.py --config=iwsft/control/config.py:cpu --config.method=filtered_bc
 
-Presets: "paper" (the default) is the authors' recipe (shared/paper.md), which assumes a GPU
+Presets: "paper" (the default) is the authors' recipe (docs/objectives.md), which assumes a GPU
 (batches of 128-256 whole 1000-step episodes); "cpu" is the demo's 2-core scale; "cpu-sweep" the
 default sweep's (smaller fine-tuning batches). Two stages, as the authors run them:
   reference: BC on all episodes; this is π_ref, and the result of method "bc".

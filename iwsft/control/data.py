@@ -12,6 +12,8 @@ import os
 import numpy as np
 
 from iwsft.core import sharding
+from iwsft.datasets import shipped
+from iwsft.datasets.local import datasets_path
 from iwsft.errors import UserError
 from iwsft.io import distributed
 
@@ -54,18 +56,10 @@ class Episodes:
     }
 
 
-def datasets_path() -> str:
-  return os.environ.get(
-    "MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-  )
-
-
 def load_dataset(dataset_id: str, download: bool = False):
   """The MinariDataset for an id: local, else installed from the project's shipped copy
   (datasets/shipped.py), else downloaded when asked; a UserError lists the local ids."""
   import minari
-
-  from iwsft.control.datasets import shipped
 
   local = sorted(minari.list_local_datasets())
   if dataset_id not in local and shipped.install(dataset_id, datasets_path()):

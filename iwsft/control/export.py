@@ -46,10 +46,3 @@ def export_policy(graphdef, params, constants, directory: str, env_spec) -> str:
   with open(os.path.join(directory, INFO), "w") as f:
     json.dump(info, f, indent=1)
   return path
-
-
-def load_exported(path: str):
-  """-> act(obs [n, O] float32) -> actions [n, A], from an artifact written by export_policy."""
-  with open(path, "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  return exported.call

@@ -30,7 +30,8 @@ REDUCTIONS = ("sequence_mean", "token_mean")
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """Settings of the weighted NLL; defaults are the authors' control recipe (shared/paper.md).
+  """Settings of the weighted NLL; defaults are the authors' control recipe (iwsft.recipes and
+  docs/objectives.md give both of their recipes).
 
   importance_weighting: "none" (SFT / BC), "sequence" (one weight per episode or completion), or
     "step" (one weight per step or token, the paper's per-step variant).
@@ -234,6 +235,12 @@ def iw_sft_loss(
   Returns:
     (loss scalar, metrics dict of scalars).
   """
+  if cfg.uses_weights and (logp_q is None or logp_ref is None):
+    missing = " and ".join(n for n, x in (("logp_q", logp_q), ("logp_ref", logp_ref)) if x is None)
+    raise ValueError(
+      f"importance_weighting={cfg.importance_weighting!r} needs q's and π_ref's log-probs: "
+      f"{missing} is None (pass them, or use importance_weighting='none' for SFT)"
+    )
   valid = (weight > 0).astype(logp.dtype)
   metrics: dict[str, Array] = {}
   seq_w = weight
@@ -253,3 +260,11 @@ def iw_sft_loss(
   if logp_q is not None and logp_ref is not None:
     metrics.update(bound_estimates(logp, logp_q, logp_ref, mask, valid * weight, cfg))
   return loss, metrics
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+  """logits [B, T, V] (any float dtype) and targets [B, T] int -> [B, T] float32 log p(target).
+
+  For a causal LM, pass the logits of positions 0..T-2 and the tokens 1..T-1."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

@@ -63,6 +63,12 @@ def init_state(
   )
 
 
+def update_q(q_params: Params, params: Params, q_decay: float) -> Params:
+  """iw-SFT's auxiliary policy after one update: q ← q_decay · q + (1 − q_decay) · θ (an EMA of
+  the trained parameters; q_decay = 0 makes q the current policy)."""
+  return optax.incremental_update(params, q_params, step_size=1.0 - q_decay)
+
+
 def stack_seeds(trees: Sequence):
   """Runs' pytrees -> one pytree: a single run as it is, several stacked on a leading axis [S,
   ...]."""

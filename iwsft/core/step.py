@@ -23,7 +23,7 @@ import optax
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
 from iwsft.core.packing import distinct_steps, gather_packed
 from iwsft.core.sharding import batch_sharded, check_batch_size, replicated, seed_pool_sharded
-from iwsft.core.state import TrainState
+from iwsft.core.state import TrainState, update_q
 
 Batch = dict[str, jax.Array]
 LogProbFn = Callable[[Any, Batch], jax.Array]
@@ -66,7 +66,7 @@ def make_update(
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    q_params = optax.incremental_update(params, state.q_params, step_size=1.0 - q_decay)
+    q_params = update_q(state.q_params, params, q_decay)
     metrics["grad_norm"] = optax.global_norm(grads)
     new = state.replace(params=params, q_params=q_params, opt_state=opt_state, step=state.step + 1)
     if skip_nonfinite:

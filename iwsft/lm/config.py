@@ -2,7 +2,7 @@
 
   experiments/lm.py --config.finetune.steps=800 --config.methods=sft --config.methods=iw_sft
 
-The iw-SFT settings follow the authors' LM recipe (shared/paper.md): temperature 1, sequence
+The iw-SFT settings follow the authors' LM recipe (docs/objectives.md): temperature 1, sequence
 weights clipped to [0, 16] without batch normalisation, per-token variant clipped to [0.2, 1.8],
 token-mean loss, Adam betas (0.9, 0.95), weight decay 1e-4, cosine schedule with 5% warm-up.
 Their q is the detached current model (q_decay 0); ours defaults to a lagged copy (0.9), as the

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iwsft.core import objectives
 from iwsft.lm.tokenizer import VOCAB_SIZE
 
 
@@ -193,8 +194,7 @@ class Transformer(nnx.Module):
 
 def token_logprobs(model: Transformer, tokens):
   """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0."""
-  logp = jax.nn.log_softmax(model(tokens[:, :-1]).astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  picked = objectives.token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 

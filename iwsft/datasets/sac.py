@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iwsft.control.datasets.collect import Episode
+from iwsft.datasets.collect import Episode
 from iwsft.errors import UserError
 from iwsft.io import progress as progress_lib
 

@@ -14,8 +14,8 @@ import time
 import gymnasium as gym
 import numpy as np
 
-from iwsft.control.data import datasets_path
-from iwsft.control.datasets import collect, shipped
+from iwsft.datasets import collect, shipped
+from iwsft.datasets.local import datasets_path
 from iwsft.errors import UserError
 from iwsft.io import progress
 from iwsft.io.report import format_table
@@ -111,7 +111,7 @@ def dataset_id(env: str, profile: str, kind: str) -> str:
 
 
 class _Pendulum:
-  """The scripted pendulum family: behaviours from iwsft.control.collect."""
+  """The scripted pendulum family: behaviours from iwsft.datasets.collect."""
 
   algorithm = "scripted controller"
   train_seconds = None
@@ -161,7 +161,7 @@ class _SACFamily:
 
   def _train(self):
     if self._trained is None:
-      from iwsft.control.datasets import sac
+      from iwsft.datasets import sac
 
       p = SAC_PROFILES[self.profile]
       cap = {} if self.max_steps is None else {"max_steps": self.max_steps}
@@ -201,7 +201,7 @@ class _SACFamily:
     print(f"SAC's learning curve: {path}", file=sys.stderr)
 
   def _actor(self, snap):
-    from iwsft.control.datasets import sac
+    from iwsft.datasets import sac
 
     return sac.numpy_behaviour(snap.actor, self.space)
 
@@ -239,7 +239,7 @@ def _read_cache(path, cfg):
     return None
   with open(path, "rb") as f:
     saved = pickle.load(f)
-  from iwsft.control.datasets import sac
+  from iwsft.datasets import sac
 
   if not sac._continues(saved["config"], cfg, saved["snapshots"][-1].step):  # another recipe
     return None
@@ -343,7 +343,7 @@ def _record(family, kind: str, did: str, env_id: str, profile: str, seed: int, r
     ref_min_score=refs.get("random"),
     ref_max_score=refs.get("expert"),
     description=f"{kind} data of {env_id} by a {family.algorithm} behaviour policy "
-    f"({profile} profile, seed {seed}); made by iwsft.control.datasets",
+    f"({profile} profile, seed {seed}); made by iwsft.datasets",
     algorithm_name=f"iwsft-{family.algorithm.replace(' ', '-')}-{kind}",
   )
   recorded = family.recorded(kind)
