@@ -104,6 +104,20 @@ class ControlGrid:
     dataset, method, seeds = group
     return f"{method} on {dataset}, seeds {','.join(map(str, seeds))}"
 
+  def validate(self) -> None:
+    """Every cell's settings, checked before the workdir is touched."""
+    from iwsft.control.pipeline import validate
+
+    for dataset in self.datasets:
+      for method in self.methods:
+        validate(self._cell_config(dataset, method))
+
+  def _cell_config(self, dataset: str, method: str):
+    cfg = self.configs.get(dataset, self.cfg).copy_and_resolve_references()
+    cfg.update(dataset=dataset, method=method)
+    cfg.log = self.cfg.log.copy_and_resolve_references()
+    return cfg
+
   def prepare(self) -> None:
     if self.build is not None:
       from iwsft.control import datasets
@@ -114,9 +128,7 @@ class ControlGrid:
     from iwsft.control.pipeline import run_control_seeds
 
     dataset, method, seeds = group
-    cfg = self.configs.get(dataset, self.cfg).copy_and_resolve_references()
-    cfg.update(dataset=dataset, method=method)
-    cfg.log = self.cfg.log.copy_and_resolve_references()
+    cfg = self._cell_config(dataset, method)
     base = os.path.join(workdir, self.slug(dataset))
     run_control_seeds(
       cfg,
@@ -247,6 +259,12 @@ class LMGrid:
   def describe(self, seed) -> str:
     return f"language pipeline, seed {seed}"
 
+  def validate(self) -> None:
+    """The run's settings (without loading a model), checked before the workdir is touched."""
+    from iwsft.lm.pipeline import check_settings
+
+    check_settings(self.cfg)
+
   def prepare(self) -> None:
     pass
 
@@ -340,12 +358,18 @@ def run_sweep(
   sweep.json."""
   t0 = time.time()
   workdir = os.path.abspath(workdir)
+  grid.validate()
+  identity = {"pipeline": grid.cfg.pipeline, "config": grid.identity()}
   if dry_run:
+    changed = workdir_lib.settings_difference(workdir, identity)
+    if changed:
+      say(f"{workdir} holds a sweep with other settings ({changed}): --overwrite reruns every cell")
+      return {}
     todo = grid.plan(workdir)
     say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
     say("\n".join(grid.describe(g) for g in todo))
     return {}
-  _claim(workdir, {"pipeline": grid.cfg.pipeline, "config": grid.identity()}, overwrite)
+  _claim(workdir, identity, overwrite)
   if not grid.cfg.log.wandb_group:  # the sweep's runs as one group in W&B
     grid.cfg.log.wandb_group = os.path.basename(workdir)
   todo = grid.plan(workdir)  # after any removal by _claim

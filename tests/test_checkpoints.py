@@ -234,6 +234,7 @@ CLI_BAD = [
   ("nowhere", "does not exist"),
   ("arch", "architecture 'GPT2LMHeadModel' is not supported"),
   ("no-tokenizer", "has no tokenizer.json"),
+  ("no-hidden-size", "config.json has no hidden_size"),
 ]
 
 
@@ -247,6 +248,11 @@ def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_pa
     shutil.copytree(os.path.join(HF, "tiny-llama"), model)
   if case == "arch":
     _edit_config(str(model), architectures=["GPT2LMHeadModel"])
+  if case == "no-hidden-size":
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    del config["hidden_size"]
+    path.write_text(json.dumps(config))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work = tmp_path / "work"
   r = subprocess.run(

@@ -238,6 +238,27 @@ def test_bad_input_is_one_line_exit_2_and_leaves_workdir_alone(datasets, tmp_pat
   assert (work / "metrics.jsonl").read_text() == "keep me\n"
 
 
+@pytest.mark.parametrize(
+  "bad",
+  ["--config.curation.percentiles=(90,120)", "--config.curation.quality_beta=0"],
+  ids=["percentile", "beta"],
+)
+def test_bad_input_with_overwrite_leaves_a_finished_run_as_it_was(datasets, tmp_path, bad):
+  """Every setting is checked before --overwrite clears anything."""
+  work = tmp_path / "done"
+  (work / "policy").mkdir(parents=True)
+  files = {"result.json": "{}", "run.json": '{"config": {}}', "policy/params": "weights"}
+  for name, text in files.items():
+    (work / name).write_text(text)
+  r = cli(DS + MIXED, f"--workdir={work}", "--overwrite", bad, *TINY)
+  assert r.returncode == 2 and "curation." in r.stderr, r.stderr[-2000:]
+  assert {
+    os.path.relpath(os.path.join(d, f), work): open(os.path.join(d, f)).read()
+    for d, _, fs in os.walk(work)
+    for f in fs
+  } == files
+
+
 def test_finished_run_is_not_overwritten(datasets, tmp_path):
   work = tmp_path / "done"
   work.mkdir()

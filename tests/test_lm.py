@@ -318,3 +318,32 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
   assert strip(work / "seed_0" / "metrics.jsonl") == strip(
     tmp_path / "whole" / "seed_0" / "metrics.jsonl"
   )
+
+
+@pytest.mark.parametrize("bad", ["--config.quality_beta=0", "--config.finetune.warmup_steps=10000"])
+def test_bad_input_with_overwrite_leaves_a_finished_lm_run_as_it_was(tmp_path, bad):
+  """Every setting is checked before --overwrite clears anything."""
+  work = tmp_path / "work"
+  (work / "iw_sft").mkdir(parents=True)
+  files = {"result.json": "{}", "run.json": '{"config": {}}', "iw_sft/params": "weights"}
+  for name, text in files.items():
+    (work / name).write_text(text)
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "lm.py"),
+      f"--workdir={work}",
+      "--overwrite",
+      bad,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert {
+    os.path.relpath(os.path.join(d, f), work): open(os.path.join(d, f)).read()
+    for d, _, fs in os.walk(work)
+    for f in fs
+  } == files

@@ -225,6 +225,33 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
     r.returncode == 2 and "other settings" in r.stderr and len(r.stderr.strip().splitlines()) == 1
   )
   assert first.stat().st_mtime_ns == stamp
+  # Bad settings are refused before the workdir is touched, even with --overwrite and --dry_run;
+  # a dry run with other (valid) settings says so instead of "all cells finished".
+  before = _tree(work)
+  for extra in (["--overwrite"], ["--dry_run"]):
+    for bad in ("--config.finetune.warmup_steps=100000", "--config.curation.percentiles=(90,120)"):
+      r = subprocess.run(sweep(work, bad, *extra), capture_output=True, text=True, cwd=ROOT)
+      assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-1000:]
+  r = subprocess.run(
+    sweep(work, "--dry_run", "--config.finetune.learning_rate=0.5"),
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert r.returncode == 0 and "other settings" in r.stdout and "--overwrite" in r.stdout
+  assert _tree(work) == before
+
+
+def _tree(root):
+  """{relative path: (size, mtime_ns)} of every file under root."""
+  return {
+    os.path.relpath(os.path.join(d, f), root): (
+      os.stat(os.path.join(d, f)).st_size,
+      os.stat(os.path.join(d, f)).st_mtime_ns,
+    )
+    for d, _, files in os.walk(root)
+    for f in files
+  }
 
 
 def _train_mean(work, dataset, seed, key):

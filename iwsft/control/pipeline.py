@@ -123,11 +123,12 @@ def validate(cfg) -> Settings:
   if cfg.eval.video_episodes < 0:
     raise UserError(f"eval.video_episodes must be >= 0, got {cfg.eval.video_episodes}")
   checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
-  curation.check_top_fraction(cfg.curation.top_fraction)
-  if cfg.curation.quality_mode not in ("sample", "weight"):
-    raise UserError(
-      f"curation.quality_mode must be 'sample' or 'weight', got {cfg.curation.quality_mode!r}"
-    )
+  try:
+    curation.check_top_fraction(cfg.curation.top_fraction)
+    curation.check_percentiles(tuple(float(p) for p in cfg.curation.percentiles))
+    curation.check_quality(cfg.curation.quality_beta, cfg.curation.quality_mode)
+  except UserError as e:
+    raise UserError(f"curation.{e}") from None
   hidden = tuple(cfg.policy.hidden)
   if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
     raise UserError(f"policy.hidden must list positive layer widths, got {cfg.policy.hidden!r}")

@@ -24,6 +24,19 @@ def check_top_fraction(top_fraction: float) -> None:
     raise UserError(f"top_fraction must be in (0, 1], got {top_fraction}")
 
 
+def check_percentiles(percentiles) -> None:
+  for p in percentiles:
+    if not 0.0 <= p < 100.0:
+      raise UserError(f"percentiles must lie in [0, 100), got {p}")
+
+
+def check_quality(beta: float, mode: str = "sample") -> None:
+  if not beta > 0:
+    raise UserError(f"quality temperature beta must be > 0, got {beta}")
+  if mode not in ("sample", "weight"):
+    raise UserError(f"quality_mode must be 'sample' or 'weight', got {mode!r}")
+
+
 def top_fraction_mask(scores: np.ndarray, top_fraction: float) -> np.ndarray:
   """[N] scores -> [N] bool: the ceil(top_fraction · N) highest-scoring sequences (ties by
   index)."""
@@ -47,9 +60,7 @@ def percentile_multiplicity(scores: np.ndarray, percentiles: tuple[float, ...]) 
   scores = np.asarray(scores, dtype=np.float64)
   if scores.size == 0:
     raise UserError("cannot filter an empty dataset")
-  for p in percentiles:
-    if not 0.0 <= p < 100.0:
-      raise UserError(f"percentiles must lie in [0, 100), got {p}")
+  check_percentiles(percentiles)
   return sum((scores >= np.percentile(scores, p)).astype(np.int64) for p in percentiles)
 
 
@@ -64,8 +75,7 @@ def normalise_scores(scores: np.ndarray) -> np.ndarray:
 
 def quality_logits(scores: np.ndarray, beta: float) -> np.ndarray:
   """[N] raw scores -> [N] log-weights normalised_score / β (SFT(Q): weight ∝ exp(score/β))."""
-  if not beta > 0:
-    raise UserError(f"quality temperature beta must be > 0, got {beta}")
+  check_quality(beta)
   return normalise_scores(scores) / beta
 
 

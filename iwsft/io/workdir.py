@@ -70,6 +70,15 @@ def claim_workdir(
   return path, changed
 
 
+def settings_difference(path: str, identity: dict) -> str | None:
+  """The first setting in which `identity` differs from the run recorded in path/run.json (None
+  when there is none, or no run.json)."""
+  previous = _read_identity(os.path.abspath(os.path.expanduser(path)))
+  if previous is None or previous == canonical(identity):
+    return None
+  return _first_difference(previous, canonical(identity))
+
+
 def finished_result(path: str, identity: dict) -> dict | None:
   """The result.json of a finished run in `path` made with exactly these settings, else None."""
   path = os.path.abspath(os.path.expanduser(path))

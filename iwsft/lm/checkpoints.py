@@ -43,6 +43,10 @@ def config_from_hf(hf: dict, max_len: int) -> LMConfig:
     raise UserError(f"rope scaling {rope or scaling} is not supported")
   if hf.get("use_sliding_window"):
     raise UserError("sliding-window attention is not supported")
+  required = ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers")
+  missing = [k for k in (*required, "intermediate_size") if k not in hf]
+  if missing:
+    raise UserError(f"config.json has no {', '.join(missing)}")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   if hf.get("head_dim", d // heads) != d // heads:
     raise UserError(

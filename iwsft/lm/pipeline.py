@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from iwsft.core import curation, sharding
-from iwsft.core.config import make_optimizer, objective_config, stage_config
+from iwsft.core.config import StageConfig, make_optimizer, objective_config, stage_config
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.state import init_state
 from iwsft.core.step import make_update
@@ -124,6 +124,41 @@ def _tokens_per_s(rows: list[dict], tokens_per_step: int) -> float | None:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The LM config's settings that need no model, validated once."""
+
+  stages: tuple[str, ...]
+  methods: tuple[str, ...]
+  tracking: tracking.TrackingConfig
+  task: object
+  base: StageConfig
+  finetune: StageConfig
+  objectives: dict  # method -> ObjectiveConfig ("base" included)
+
+
+def check_settings(cfg) -> Settings:
+  """Checks every setting that needs no model, before anything is read or written."""
+  stages = _subset(cfg.stages, STAGES, "stages")
+  methods = _subset(cfg.methods, LM_METHODS, "methods")
+  tracking_cfg = tracking.tracking_config(cfg.log)
+  task = make_task(cfg.task)
+  base_stage = stage_config(cfg.base, "base")
+  finetune_stage = stage_config(cfg.finetune, "finetune")
+  objectives = {m: objective_for(m, cfg) for m in ("base", *methods)}
+  if cfg.checkpoint_every:
+    checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
+  curation.check_quality(cfg.quality_beta)
+  if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
+    raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
+  if task.pretrains == bool(cfg.model.path):
+    raise UserError(
+      "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
+      "needs a pretrained one (model.path)"
+    )
+  return Settings(stages, methods, tracking_cfg, task, base_stage, finetune_stage, objectives)
+
+
 class LMRun:
   """Holds what the stages share: config, model definition, mesh, workdir and the metrics log."""
 
@@ -152,10 +187,14 @@ class LMRun:
 
   def _validate(self, cfg) -> None:
     """Every setting checked once, before anything is written."""
-    self.stages = _subset(cfg.stages, STAGES, "stages")
-    self.tracking = tracking.tracking_config(cfg.log)
-    self.methods = _subset(cfg.methods, LM_METHODS, "methods")
-    self.task = make_task(cfg.task)
+    self.settings = st = check_settings(cfg)
+    self.stages, self.methods, self.tracking, self.task = (
+      st.stages,
+      st.methods,
+      st.tracking,
+      st.task,
+    )
+    self.base_stage, self.finetune_stage, self.objectives = st.base, st.finetune, st.objectives
     if cfg.model.path:  # a pretrained π_ref, its own tokenizer and chat template
       self.mcfg, self.graphdef, self.init_params, self.tok = load_pretrained(cfg)
     else:
@@ -163,20 +202,8 @@ class LMRun:
       model = Transformer(self.mcfg, rngs=nnx.Rngs(cfg.seed))
       self.graphdef, self.init_params = nnx.split(model)
     self.special = (self.tok.bos, self.tok.eos, self.tok.pad)
-    self.base_stage = stage_config(cfg.base, "base")
-    self.finetune_stage = stage_config(cfg.finetune, "finetune")
-    self.objectives = {m: objective_for(m, cfg) for m in ("base", *self.methods)}
-    if cfg.checkpoint_every:
-      checkpoint.check_checkpoint_settings(cfg.checkpoint_every, cfg.keep_checkpoints)
     if not 0 <= cfg.top_k <= self.mcfg.vocab_size:
       raise UserError(f"top_k must be in [0, {self.mcfg.vocab_size}], got {cfg.top_k}")
-    if cfg.task.digits < 1 or cfg.task.samples_per_prompt < 1 or cfg.task.eval_problems < 1:
-      raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
-    if self.task.pretrains == bool(cfg.model.path):
-      raise UserError(
-        "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
-        "needs a pretrained one (model.path)"
-      )
     # Room for max_new sampled tokens plus an EOS after the task's longest prompt; a toy model's
     # longest worked solution and its EOS must fit in max_new.
     d = cfg.task.digits
