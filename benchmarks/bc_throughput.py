@@ -85,18 +85,13 @@ def jax_steps_per_s(
     for s in range(seeds)
   ]
   mesh = iwsft.make_mesh(1)
-  state = iwsft.put_replicated(states[0] if seeds == 1 else iwsft.stack_seeds(states), mesh)
-  pool = iwsft.shard_pool(data, mesh)
-  logits = iwsft.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
-  steps = iwsft.make_train_steps(
-    update,
-    mesh,
-    batch,
-    steps_per_dispatch,
-    step_level=True,
-    vmapped=seeds > 1,
-    inverse_cdf=inverse_cdf,
+  state = iwsft.core.sharding.put_replicated(
+    states[0] if seeds == 1 else iwsft.stack_seeds(states), mesh
   )
+  pool = iwsft.core.sharding.shard_pool(data, mesh)
+  logits = iwsft.core.sharding.put_replicated(np.zeros(len(data["mask"]), np.float32), mesh)
+  sampling = iwsft.Sampling(steps_per_dispatch, batch, step_level=True, inverse_cdf=inverse_cdf)
+  steps = iwsft.make_train_steps(update, mesh, sampling, steps_per_dispatch, vmapped=seeds > 1)
   box = [state]
 
   def call():
@@ -122,12 +117,12 @@ def breakdown(data, hidden, batch: int, steps: int, repeats: int) -> dict[str, f
   update = iwsft.make_update(logprob, optimizer, ObjectiveConfig("none"))
   pool = jax.tree.map(jnp.asarray, data)
   logits = jnp.zeros(len(data["mask"]))
-  fixed = iwsft.sample_steps(jax.random.key(0), pool, logits, batch, True)
+  fixed = iwsft.core.step.sample_steps(jax.random.key(0), pool, logits, batch, True)
   loss = lambda p, b: -jnp.mean(logprob(p, b))
 
   def draw(key, _):
     key, sub = jax.random.split(key)
-    b = iwsft.sample_steps(sub, pool, logits, batch, True)
+    b = iwsft.core.step.sample_steps(sub, pool, logits, batch, True)
     return jax.random.fold_in(key, b["observations"][0, 0, 0].astype(jnp.int32)), None
 
   def forward(c, _):

@@ -36,8 +36,8 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bc_throughput import synthetic_data  # noqa: E402
 from iwsft.control import data as data_lib  # noqa: E402
 from iwsft.control.config import get_config  # noqa: E402
-from iwsft.control.pipeline import curation_for, validate  # noqa: E402
 from iwsft.control.policy import GaussianPolicy, PolicyConfig, make_logprob_fn, split_policy  # noqa: E402
+from iwsft.control.settings import curation_for, validate  # noqa: E402
 from iwsft.core import packing  # noqa: E402
 from iwsft.core.config import make_optimizer  # noqa: E402
 
@@ -77,9 +77,9 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
   ref = iwsft.stack_seeds([p for _, p, _ in policies])
   states = [iwsft.init_state(p, optimizer, s, p) for s, (_, p, _) in enumerate(policies)]
   mesh = iwsft.make_mesh()
-  state = iwsft.put_replicated(iwsft.stack_seeds(states), mesh)
-  pool = iwsft.shard_pool(data, mesh)
-  logits, _ = curation_for(method, returns, cfg)
+  state = iwsft.core.sharding.put_replicated(iwsft.stack_seeds(states), mesh)
+  pool = iwsft.core.sharding.shard_pool(data, mesh)
+  logits, _ = curation_for(method, returns, settings.curation)
   capacity, seed_data, one_off = None, {}, 0.0
   if fast and stage.batch_level == "episode":  # as the pipeline: single steps have no padding
     lengths = data["mask"].sum(1).astype(np.int64)
@@ -87,20 +87,20 @@ def stage_cost(data, returns, cfg, stage_name: str, fast: bool, args) -> tuple[f
   if fast and finetune:
     t0 = time.perf_counter()
     seed_data["logp_ref"] = jax.block_until_ready(
-      iwsft.pool_logprobs(logprob_fn, iwsft.put_replicated(ref, mesh), pool, mesh, vmapped)
+      iwsft.pool_logprobs(
+        logprob_fn, iwsft.core.sharding.put_replicated(ref, mesh), pool, mesh, vmapped
+      )
     )
     one_off = time.perf_counter() - t0  # includes its compilation: an upper bound
-  steps = iwsft.make_train_steps(
-    update,
-    mesh,
+  sampling = iwsft.Sampling(
+    stage.steps,
     stage.batch_size,
-    args.steps_per_dispatch,
     step_level=stage.batch_level == "step",
-    vmapped=vmapped,
     capacity=capacity,
     inverse_cdf=fast,
   )
-  logits = iwsft.put_replicated(logits, mesh)
+  steps = iwsft.make_train_steps(update, mesh, sampling, args.steps_per_dispatch, vmapped=vmapped)
+  logits = iwsft.core.sharding.put_replicated(logits, mesh)
   box = [state]
 
   def call():

@@ -70,12 +70,12 @@ def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repea
   optimizer = make_optimizer(StageConfig(steps=10**9, batch_size=batch, learning_rate=1e-4))
   update = iwsft.make_update(make_logprob_fn(graphdef), optimizer, ObjectiveConfig("none"))
   mesh = iwsft.make_mesh(1)
-  state = iwsft.put_replicated(iwsft.init_state(params, optimizer, 0), mesh)
+  state = iwsft.core.sharding.put_replicated(iwsft.init_state(params, optimizer, 0), mesh)
   rng = np.random.default_rng(0)
   n = 4 * batch
   tokens = rng.integers(4, cfg.vocab_size, (n, cfg.max_len)).astype(np.int32)
   tokens[:, 0] = BOS
-  pool = iwsft.shard_pool(
+  pool = iwsft.core.sharding.shard_pool(
     {
       "tokens": tokens,
       "mask": np.ones((n, cfg.max_len), np.float32),
@@ -83,8 +83,10 @@ def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repea
     },
     mesh,
   )
-  logits = iwsft.put_replicated(np.zeros(n, np.float32), mesh)
-  steps = iwsft.make_train_steps(update, mesh, batch, steps_per_dispatch)
+  logits = iwsft.core.sharding.put_replicated(np.zeros(n, np.float32), mesh)
+  steps = iwsft.make_train_steps(
+    update, mesh, iwsft.Sampling(steps_per_dispatch, batch), steps_per_dispatch
+  )
   box = [state]
 
   def call():

@@ -12,7 +12,7 @@ counterpart on the same quality-sampled episodes):
   fine-tuning      the recipe's steps, and --long times as many (iw-SFT and filtered BC)
 All runs share one π_ref per seed (trained once) and train their seeds together (vmapped). Per
 seed, a variant and filtered BC differ only in the weighting, so the table gives the paired
-difference (variant − filtered BC, per seed) with its 95% bootstrap CI next to each score, and
+difference (variant − filtered BC, per seed) with its 95% Student-t CI next to each score, and
 the weights' diagnostics averaged over fine-tuning (effective sample size as a fraction of the
 batch, largest weight, fraction clipped, mean log q/π_ref per step). Rerunning skips finished runs.
 Writes to --workdir: table.md, table.csv, ablations.png, and one run directory per variant.
@@ -178,7 +178,7 @@ def main(argv):
     [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
     os.path.join(workdir, "ablations.png"),
     "normalised score ×100",
-    f"{F.dataset}: {F.method} ablations\nmean over seeds, 95% bootstrap CI",
+    f"{F.dataset}: {F.method} ablations\nmean over seeds, 95% Student-t CI",
     points=[r["per_seed"] for r in rows],
   )
   print(f"table: {workdir}/table.md  plot: {workdir}/ablations.png")

@@ -1,6 +1,6 @@
 """The README's main job: BC (= π_ref), filtered BC and iw-SFT on the small Hopper medium-expert
 dataset (medium and expert episodes mixed: something to curate), three seeds trained together
-(vmapped), then a table of the score's mean ± std over seeds with a 95% bootstrap CI of the mean,
+(vmapped), then a table of the score's mean ± std over seeds with a 95% Student-t CI of the mean,
 a bar plot and a video of each final policy.
 
   python experiments/demo.py --workdir=runs/demo [--kind=medium-replay] [--seeds=0,1,2]
@@ -17,7 +17,8 @@ import shutil
 
 from absl import flags
 
-from iwsft.control import config, datasets
+from iwsft import datasets
+from iwsft.control import config
 from iwsft.control.pipeline import run_control_seeds
 from iwsft.io import cli, plots, report
 
@@ -93,7 +94,7 @@ def main(argv):
     [(s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) for s in summary],
     os.path.join(workdir, "scores.png"),
     "normalised score ×100",
-    f"{dataset}\nmean over seeds {', '.join(map(str, seeds))}, 95% bootstrap CI",
+    f"{dataset}\nmean over seeds {', '.join(map(str, seeds))}, 95% Student-t CI",
     points=[[r["normalised_score"] for r in results[s["method"]]] for s in summary],
   )
   print(

@@ -14,7 +14,7 @@ program (--seeds_per_group caps how many; 1 runs them one by one), and every met
 shares the π_ref of those seeds. Language: one run per seed. Rerunning the command skips finished
 cells and resumes unfinished ones from their checkpoints; a sweep with other settings in the same
 --workdir is refused unless --overwrite.
-Writes to --workdir: table.md, table.csv (mean, std, 95% bootstrap CI per dataset and method),
+Writes to --workdir: table.md, table.csv (mean, std, 95% Student-t CI per dataset and method),
 cells.csv (every cell), curves.png (evaluation score over training, mean and 95% CI over seeds),
 bounds.png (SFT vs iw-SFT bound estimates while training iw-SFT), paired.csv and paired.png
 (each weighted method minus its unweighted counterpart, seed by seed; also in table.md),
@@ -67,7 +67,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("overwrite", False, "replace a sweep in --workdir made with other settings")
 flags.DEFINE_bool("dry_run", False, "print what would run and exit")
-flags.DEFINE_integer("bootstrap_seed", 0, "seed of the bootstrap resampling of the CIs")
+flags.DEFINE_integer(
+  "bootstrap_seed", 0, "seed of the stratified bootstrap of the aggregate CIs (IQM, improvement)"
+)
 
 
 def _seeds(F) -> list[int]:
@@ -80,8 +82,9 @@ def _seeds(F) -> list[int]:
   return seeds
 
 
-def control_grid(F, cfg, seeds) -> sweep.ControlGrid:
-  from iwsft.control import datasets as ds
+def control_grid(F, cfg, seeds):
+  from iwsft import datasets as ds  # the control extra only when its grid runs
+  from iwsft.control.grid import ControlGrid
 
   if F.seeds_per_group < 0:
     raise UserError("--seeds_per_group must be >= 0")
@@ -101,7 +104,7 @@ def control_grid(F, cfg, seeds) -> sweep.ControlGrid:
       f"--datasets: unknown kinds {bad}; choose from {', '.join(ds.KINDS)} or give Minari ids"
     )
   ids = [d if "/" in d else ds.dataset_id(F.env, F.profile, d) for d in datasets]
-  return sweep.ControlGrid(
+  return ControlGrid(
     cfg,
     F.methods or control_config.METHODS,
     ids,
@@ -119,7 +122,9 @@ def main(argv):
   if cfg.pipeline == "control":
     grid = control_grid(F, cfg, seeds)
   else:
-    grid = sweep.LMGrid(cfg, F.methods, seeds)
+    from iwsft.lm.grid import LMGrid  # the lm extra only when its grid runs
+
+    grid = LMGrid(cfg, F.methods, seeds)
   overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
   config = os.path.relpath(config_flags.get_config_filename(F["config"]))
   sweep.run_sweep(

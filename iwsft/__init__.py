@@ -7,7 +7,7 @@ The public core, for use inside any training loop (needs only `pip install iwsft
                 sequence_logprob, token_logprobs, update_q (q ← EMA of θ)
   training      TrainState, init_state, make_update, StageConfig, make_optimizer   (core/state.py,
                 core/step.py, core/config.py): `update(state, batch) -> (state, metrics)`
-  the host loop fit, Hooks, make_train_steps, pool_logprobs, stack_seeds, unstack_seeds
+  the host loop fit, Hooks, Sampling, make_train_steps, pool_logprobs, stack_seeds, unstack_seeds
   devices       make_mesh, state_sharding                 (core/sharding.py)
 
 The pipelines are subpackages with their own extras: iwsft.control (`pip install 'iwsft[control]'`),
@@ -29,13 +29,14 @@ from iwsft.core.objectives import (
 )
 from iwsft.core.sharding import make_mesh, state_sharding
 from iwsft.core.state import TrainState, init_state, stack_seeds, unstack_seeds, update_q
-from iwsft.core.step import make_train_steps, make_update, pool_logprobs
+from iwsft.core.step import Sampling, make_train_steps, make_update, pool_logprobs
 
 __version__ = "0.3.0"
 
 __all__ = [
   "Hooks",
   "ObjectiveConfig",
+  "Sampling",
   "StageConfig",
   "TrainState",
   "bound_estimates",

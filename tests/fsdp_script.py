@@ -42,11 +42,9 @@ def main():
       state,
       data,
       logits,
+      iwsft.Sampling(6, 16, steps_per_dispatch=3),
       mesh=mesh,
       name="t",
-      steps=6,
-      batch_size=16,
-      steps_per_dispatch=3,
       hooks=iwsft.Hooks(logs=[rows.append]),
     )
     return out, [r["loss"] for r in rows]

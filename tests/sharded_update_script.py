@@ -44,7 +44,7 @@ def main(out):
     state, metrics = step(state, jax.device_put({k: v[idx] for k, v in data.items()}, split))
   # 2) in-graph sampling, several steps per dispatch.
   state2 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
-  steps = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4)
+  steps = iwsft.make_train_steps(update, mesh, iwsft.Sampling(4, 16), 4)
   logits = np.linspace(-1.0, 1.0, n).astype(np.float32)
   state2, metrics2 = steps(
     state2,
@@ -53,7 +53,7 @@ def main(out):
   )
   # 3) step-level batches from the same pool.
   state3 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 2, ref), mesh)
-  steps3 = iwsft.make_train_steps(update, mesh, batch_size=16, num_steps=4, step_level=True)
+  steps3 = iwsft.make_train_steps(update, mesh, iwsft.Sampling(4, 16, step_level=True), 4)
   state3, metrics3 = steps3(
     state3,
     iwsft.core.sharding.shard_pool(data, mesh),
@@ -67,7 +67,7 @@ def main(out):
   pool = iwsft.core.sharding.shard_pool(data, mesh)
   state4 = iwsft.core.sharding.put_replicated(iwsft.init_state(params, opt, 1, ref), mesh)
   seed_data = {"logp_ref": iwsft.pool_logprobs(packed_logprob, state4.ref_params, pool, mesh)}
-  steps4 = iwsft.make_train_steps(update4, mesh, batch_size=16, num_steps=8, capacity=56)
+  steps4 = iwsft.make_train_steps(update4, mesh, iwsft.Sampling(8, 16, capacity=56), 8)
   state4, metrics4 = steps4(
     state4, pool, iwsft.core.sharding.put_replicated(logits, mesh), seed_data
   )

@@ -152,11 +152,9 @@ def test_a_non_finite_loss_stops_at_its_step_and_the_last_checkpoint_is_good(tmp
       state,
       data,
       np.zeros(16),
+      iwsft.Sampling(20, 4, steps_per_dispatch=2),
       mesh=mesh,
       name="t",
-      steps=20,
-      batch_size=4,
-      steps_per_dispatch=2,
       hooks=iwsft.Hooks(checkpoints=ckpt),
     )
   good, step = ckpt.restore_latest(
@@ -173,11 +171,9 @@ def test_a_non_finite_loss_stops_at_its_step_and_the_last_checkpoint_is_good(tmp
     state,
     data,
     np.zeros(16),
+    iwsft.Sampling(20, 4, steps_per_dispatch=5),
     mesh=mesh,
     name="t",
-    steps=20,
-    batch_size=4,
-    steps_per_dispatch=5,
     hooks=iwsft.Hooks(logs=[rows.append]),
   )
   assert float(final.params["w"]) == 2.5 and int(final.step) == 20
@@ -218,11 +214,9 @@ def test_a_stopped_and_resumed_fit_matches_an_uninterrupted_one_bit_for_bit(tmp_
         fresh_state(opt, seed=3),
         data,
         logits,
+        iwsft.Sampling(40, 4, steps_per_dispatch=5),
         mesh=mesh,
         name="s",
-        steps=40,
-        batch_size=4,
-        steps_per_dispatch=5,
         hooks=iwsft.Hooks(
           logs=[log],
           evaluate=[lambda p: {"w0": float(p["w"][0])}],

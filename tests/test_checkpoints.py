@@ -211,7 +211,7 @@ def test_a_pretrained_model_fine_tunes_on_user_records_and_evaluates(tmp_path, s
   cfg.task.update(eval_problems=4, max_new=4)
   cfg.finetune.update(steps=4, batch_size=2, warmup_steps=1)
   result = run_lm(cfg, str(tmp_path / "run"), quiet=True)
-  assert set(result["models"]) == {"base", "sft", "iw_sft", "iw_sft_step", "sft_q"}
+  assert set(result["models"]) == {"reference", "sft", "iw_sft", "iw_sft_step", "sft_q"}
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   iw = [r for r in rows if r["stage"] == "iw_sft" and r["kind"] == "train"]
   assert iw and all(0 < r["iw/ess_fraction"] <= 1 for r in iw)
@@ -274,7 +274,7 @@ def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_pa
 
 def test_a_chat_prompt_longer_than_the_context_is_a_user_error(tmp_path, smollm2_tokenizer):
   from iwsft.lm.config import get_config
-  from iwsft.lm.pipeline import LMRun
+  from iwsft.lm.pipeline import prepare
 
   cfg_m = LMConfig(
     vocab_size=smollm2_tokenizer.vocab_size,
@@ -292,7 +292,7 @@ def test_a_chat_prompt_longer_than_the_context_is_a_user_error(tmp_path, smollm2
   cfg = get_config("smollm2")
   cfg.model.update(path=str(tmp_path / "m"), max_len=32)
   with pytest.raises(UserError, match="model.max_len 32 is too short"):
-    LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)
+    prepare(cfg, str(tmp_path / "w"), quiet=True)
   assert not (tmp_path / "w").exists()
 
 

@@ -130,9 +130,9 @@ LM = [
   "--config.task.sample_prompts=16",
   "--config.task.samples_per_prompt=2",
   "--config.task.eval_problems=16",
-  "--config.base.steps=200",
-  "--config.base.batch_size=16",
-  "--config.base.warmup_steps=5",
+  "--config.reference.steps=200",
+  "--config.reference.batch_size=16",
+  "--config.reference.warmup_steps=5",
   "--config.finetune.steps=20",
   "--config.finetune.batch_size=8",
   "--config.finetune.warmup_steps=2",
@@ -164,7 +164,7 @@ def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(
   template = nnx.state(
     Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=512, max_len=48), rngs=nnx.Rngs(0))
   )
-  for name in ("base", "sft", "iw_sft"):
+  for name in ("reference", "sft", "iw_sft"):
     a = checkpoint.restore_state(str(tmp_path / "one" / "seed_0" / name / "params"), template)
     b = checkpoint.restore_state(str(tmp_path / "two" / "seed_0" / name / "params"), template)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -185,11 +185,11 @@ def test_tiny_run_of_all_stages(tmp_path):
   cfg = get_config()
   cfg.model.update(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48)
   cfg.task.update(digits=1, demos=256, sample_prompts=16, samples_per_prompt=2, eval_problems=16)
-  cfg.base.update(steps=200, batch_size=16, warmup_steps=5)
+  cfg.reference.update(steps=200, batch_size=16, warmup_steps=5)
   cfg.finetune.update(steps=20, batch_size=8, warmup_steps=2)
   cfg.steps_per_dispatch = 20
   result = run_lm(cfg, str(tmp_path), quiet=True)
-  assert set(result["models"]) == {"base", "sft", "iw_sft", "sft_q"}
+  assert set(result["models"]) == {"reference", "sft", "iw_sft", "sft_q"}
   for m in result["models"].values():
     assert 0.0 <= m["pass@1_greedy"] <= 1.0 and 0.0 <= m["score_sampled"] <= 1.0
   rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
@@ -228,12 +228,12 @@ def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(
   tmp_path, digits, max_len
 ):
   from iwsft.lm.config import get_config
-  from iwsft.lm.pipeline import LMRun
+  from iwsft.lm.settings import check_settings, load_model
 
   cfg = get_config()
   cfg.model.max_len = max_len
   cfg.task.digits = digits
-  run = LMRun(cfg, str(tmp_path), overwrite=False, quiet=True)
+  run = load_model(check_settings(cfg))
   prompt = lm_data.prompt_tokens(task.prompt_text(10 ** (digits - 1), 10 ** (digits - 1)))
   assert len(prompt) + run.max_new + 1 == max_len
   longest = "x" * run.max_new  # a sample that used its whole budget without EOS
@@ -245,12 +245,13 @@ def test_a_completion_that_never_ends_still_fits_the_context_with_its_eos(
 def test_too_short_a_context_is_a_user_error(tmp_path):
   from iwsft.errors import UserError
   from iwsft.lm.config import get_config
-  from iwsft.lm.pipeline import LMRun
+  from iwsft.lm.pipeline import prepare
 
   cfg = get_config()
   cfg.model.max_len = 20
   with pytest.raises(UserError, match="too short"):
-    LMRun(cfg, str(tmp_path / "w"), overwrite=False, quiet=True)
+    prepare(cfg, str(tmp_path / "w"), quiet=True)
+  assert not (tmp_path / "w").exists()
 
 
 def test_top_1_sampling_is_greedy_decoding(model):
@@ -269,12 +270,12 @@ LM_TINY = [
   "--config.model.max_len=48",
   "--config.task.digits=1",
   "--config.task.demos=256",
-  "--config.base.steps=600",
-  "--config.base.batch_size=16",
-  "--config.base.warmup_steps=5",
+  "--config.reference.steps=600",
+  "--config.reference.batch_size=16",
+  "--config.reference.warmup_steps=5",
   "--config.steps_per_dispatch=10",
   "--config.checkpoint_every=50",
-  "--config.stages=base",
+  "--config.stages=reference",
 ]
 
 
@@ -294,14 +295,14 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
   assert whole.returncode == 0, whole.stderr[-2000:]
   work = tmp_path / "stopped"
   proc = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  ckpts = work / "seed_0" / "checkpoints" / "base"
+  ckpts = work / "seed_0" / "checkpoints" / "reference"
   while not (ckpts.is_dir() and any(p.isdigit() for p in os.listdir(ckpts))):
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 75, err[-2000:]
-  assert not (work / "seed_0" / "base" / "params").exists()
+  assert not (work / "seed_0" / "reference" / "params").exists()
   again = subprocess.run(command(work), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
 
@@ -310,8 +311,9 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
   template = nnx.state(
     Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=48), rngs=nnx.Rngs(0))
   )
-  a = checkpoint.restore_state(str(tmp_path / "whole" / "seed_0" / "base" / "params"), template)
-  b = checkpoint.restore_state(str(work / "seed_0" / "base" / "params"), template)
+  whole = tmp_path / "whole" / "seed_0" / "reference" / "params"
+  a = checkpoint.restore_state(str(whole), template)
+  b = checkpoint.restore_state(str(work / "seed_0" / "reference" / "params"), template)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time_s"} for l in open(p)]

@@ -83,7 +83,9 @@ def test_packed_training_equals_padded_training(seeds):
   state0 = iwsft.stack_seeds(init)
 
   def run(capacity):
-    steps = iwsft.make_train_steps(update, mesh, 8, 12, vmapped=seeds > 1, capacity=capacity)
+    steps = iwsft.make_train_steps(
+      update, mesh, iwsft.Sampling(12, 8, capacity=capacity), 12, vmapped=seeds > 1
+    )
     return steps(
       jax.tree.map(jnp.array, state0), iwsft.core.sharding.shard_pool(data, mesh), logits
     )
@@ -134,7 +136,9 @@ def test_precomputed_reference_per_seed_gives_the_in_batch_update():
     ("pre", seed_data, None),
     ("pre+pack", seed_data, 64),
   ):
-    steps = iwsft.make_train_steps(update, mesh, 8, 10, vmapped=True, capacity=cap)
+    steps = iwsft.make_train_steps(
+      update, mesh, iwsft.Sampling(10, 8, capacity=cap), 10, vmapped=True
+    )
     out[name] = steps(jax.tree.map(jnp.array, init), pool, logits, sd)[0].params
   chex.assert_trees_all_close(out["pre"], out["in-batch"], rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(out["pre+pack"], out["in-batch"], rtol=1e-4, atol=1e-6)

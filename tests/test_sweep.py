@@ -34,21 +34,52 @@ TINY = [
 ]
 
 
-def test_bootstrap_ci_matches_the_normal_approximation_for_many_values():
-  x = np.random.default_rng(1).normal(3.0, 2.0, 400)
-  lo, hi = report.bootstrap_ci(x, 0.95, resamples=20_000, seed=0)
-  half = 1.96 * x.std(ddof=0) / np.sqrt(x.size)  # the bootstrap mean's spread is σ/√n
-  np.testing.assert_allclose([lo, hi], [x.mean() - half, x.mean() + half], atol=0.03)
-  assert report.bootstrap_ci([7.5]) == (7.5, 7.5)
-  assert report.bootstrap_ci(x, seed=3) == report.bootstrap_ci(x, seed=3)
+# Two-sided 95% Student-t quantiles t_{0.975, n-1}, from printed tables (not from scipy).
+T975 = {2: 12.706204736174707, 3: 4.302652729911275, 5: 2.7764451051977987}
 
 
-def test_bootstrap_ci_of_two_values_follows_the_binomial_resampling():
-  """Resampling (a, b) twice gives mean a w.p. 1/4, (a+b)/2 w.p. 1/2, b w.p. 1/4: the 95% interval
-  is [a, b],
-  and an 40% interval (quantiles 0.3, 0.7) is the midpoint."""
-  assert report.bootstrap_ci([0.0, 10.0]) == (0.0, 10.0)
-  assert report.bootstrap_ci([0.0, 10.0], level=0.4) == (5.0, 5.0)
+def test_t_interval_against_the_tabulated_quantiles():
+  for n, t in T975.items():
+    x = np.arange(n, dtype=np.float64) ** 1.5
+    half = t * x.std(ddof=1) / np.sqrt(n)
+    np.testing.assert_allclose(report.t_interval(x), (x.mean() - half, x.mean() + half), rtol=1e-9)
+  assert all(np.isnan(report.t_interval([7.5])))
+  lo, hi = report.t_interval([35.6, 38.7, 46.2])  # the demo's bc seeds: past their range
+  assert lo < 35.6 and hi > 46.2
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_t_interval_covers_a_normal_mean_95_percent_of_the_time(n):
+  """Coverage by simulation: 10,000 samples of n normal values; the interval holds the true mean
+  95% ± 1% of the time (the simulation's own s.e. is 0.22%). A percentile bootstrap of the mean
+  covers about 76% at n = 3."""
+  x = np.random.default_rng(n).normal(3.0, 2.0, (10_000, n))
+  covered = np.mean([lo <= 3.0 <= hi for lo, hi in map(report.t_interval, x)])
+  assert abs(covered - 0.95) < 0.01, covered
+
+
+def test_aggregate_iqm_and_probability_of_improvement_against_numpy():
+  """rliable's IQM and probability of improvement on a grid whose values are known exactly."""
+  rng = np.random.default_rng(0)
+  datasets, seeds = ["a", "b", "c"], range(8)
+  base = {d: rng.normal(0, 1, 8) for d in datasets}
+  recs = [
+    {"dataset": d, "method": m, "seed": s, "score": base[d][s] + shift}
+    for d in datasets
+    for m, shift in (("filtered_bc", 0.0), ("iw_sft", 100.0))
+    for s in seeds
+  ]
+  iqm, poi = report.aggregate(recs, ["filtered_bc", "iw_sft"], {"iw_sft": "filtered_bc"}, reps=200)
+  x = np.sort(np.concatenate([base[d] for d in datasets]))  # 24 values: the middle 12
+  want = x[6:18].mean()
+  got = {r["method"]: r for r in iqm}
+  np.testing.assert_allclose(got["filtered_bc"]["iqm"], want, rtol=1e-9)
+  np.testing.assert_allclose(got["iw_sft"]["iqm"], want + 100.0, rtol=1e-9)
+  assert got["iw_sft"]["ci_low"] <= got["iw_sft"]["iqm"] <= got["iw_sft"]["ci_high"]
+  (p,) = poi
+  assert p["probability"] == 1.0 and p["ci_low"] == 1.0  # every score above every baseline's
+  assert (p["datasets"], p["seeds"]) == (3, 8)
+  assert report.aggregate(recs[:16], ["filtered_bc", "iw_sft"], {}) == ([], [])  # one dataset
 
 
 def test_summary_and_table_against_numpy():
@@ -81,8 +112,11 @@ def test_summary_and_table_against_numpy():
     )
     assert row["n"] == 5 and row["seeds"] == [0, 1, 2, 3, 4]
     np.testing.assert_allclose([row["mean"], row["std"]], [x.mean(), x.std(ddof=1)], rtol=1e-12)
-    assert row["ci_low"] <= row["mean"] <= row["ci_high"]
-    assert x.min() <= row["ci_low"] and row["ci_high"] <= x.max()
+    np.testing.assert_allclose(
+      [row["ci_low"], row["ci_high"]],
+      x.mean() + np.array([-1, 1]) * T975[5] * x.std(ddof=1) / np.sqrt(5),
+      rtol=1e-9,
+    )
   table = report.markdown_table(summary, methods=["iw_sft", "bc"]).splitlines()
   assert table[0] == "| dataset | iw_sft | bc |" and len(table) == 5
   bc_means = [r["mean"] for r in summary if r["method"] == "bc"]
@@ -117,21 +151,23 @@ def test_paired_differences_against_numpy():
   )
   np.testing.assert_allclose(row["per_seed"], d, rtol=1e-12)
   np.testing.assert_allclose([row["mean"], row["std"]], [d.mean(), d.std(ddof=1)], rtol=1e-12)
-  assert d.min() <= row["ci_low"] <= row["mean"] <= row["ci_high"] <= d.max()
+  half = 3.182446305284263 * d.std(ddof=1) / 2  # t_{0.975, 3}, four seeds
+  np.testing.assert_allclose([row["ci_low"], row["ci_high"]], [d.mean() - half, d.mean() + half])
   unpaired = report.summarise(recs)
   width = lambda r: r["ci_high"] - r["ci_low"]
   assert width(row) < min(width(r) for r in unpaired if r["method"] in ("iw_sft", "filtered_bc"))
-  # two seeds, differences 0 and 10: the binomial resampling's 95% interval is [0, 10]
+  # two seeds, differences 0 and 10: mean 5, std √50, the t-interval 5 ± 12.706 · 5
   two = [
     {"dataset": "d", "method": m, "seed": s, "score": x}
     for m, xs in (("filtered_bc", (5.0, 5.0)), ("iw_sft", (5.0, 15.0)))
     for s, x in enumerate(xs)
   ]
   (row,) = report.paired_differences(two, {"iw_sft": "filtered_bc"})
-  assert (row["ci_low"], row["ci_high"], row["above"]) == (0.0, 10.0, 1)
+  np.testing.assert_allclose([row["ci_low"], row["ci_high"]], [5 - 5 * T975[2], 5 + 5 * T975[2]])
+  assert row["above"] == 1
   table = report.paired_table([row]).splitlines()
   assert table[0] == "| dataset | iw_sft − filtered_bc |"
-  assert table[2] == "| d | +5.0 [+0.0, +10.0] (1/2 up, 0/2 down) |"
+  assert table[2] == "| d | +5.0 [-58.5, +68.5] (1/2 up, 0/2 down) |"
   # a difference that rounds to 0.0 at the tables' precision is neither up nor down
   noise = [dict(r, score=r["score"] + 1e-6 * (r["method"] == "iw_sft")) for r in two[:1] + two[2:3]]
   (row,) = report.paired_differences(noise, {"iw_sft": "filtered_bc"})
@@ -320,7 +356,7 @@ def test_a_per_dataset_config_file_sets_its_cells(datasets, tmp_path):
 
 
 def test_the_shipped_configs_load_and_name_their_datasets():
-  from iwsft.control import datasets
+  from iwsft import datasets
   from iwsft.control.config import load_file
 
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "control", "*.py"))):
@@ -341,8 +377,8 @@ LM_TINY = [
   "--config.model.max_len=48",
   "--config.task.digits=1",
   "--config.task.demos=256",
-  "--config.base.steps=100",
-  "--config.base.batch_size=16",
+  "--config.reference.steps=100",
+  "--config.reference.batch_size=16",
   "--config.task.sample_prompts=32",
   "--config.task.samples_per_prompt=2",
   "--config.task.eval_problems=16",
@@ -350,7 +386,7 @@ LM_TINY = [
   "--config.finetune.batch_size=8",
   "--config.steps_per_dispatch=10",
   "--config.finetune.warmup_steps=2",
-  "--config.base.warmup_steps=5",
+  "--config.reference.warmup_steps=5",
 ]
 
 
@@ -371,9 +407,9 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
   summary = {
     (row["dataset"], row["method"]): row for row in csv.DictReader(open(work / "table.csv"))
   }
-  assert set(m for _, m in summary) == {"base", "sft", "iw_sft"}
+  assert set(m for _, m in summary) == {"reference", "sft", "iw_sft"}
   for mode in ("greedy", "sampled"):
-    for model in ("base", "sft", "iw_sft"):
+    for model in ("reference", "sft", "iw_sft"):
       x = np.array([100 * res["models"][model][f"pass@1_{mode}"] for res in results])
       row = summary[(f"addition pass@1 ({mode})", model)]
       np.testing.assert_allclose(float(row["mean"]), x.mean(), rtol=1e-9, atol=1e-9)

@@ -183,7 +183,7 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
   init = {s: iwsft.init_state(split_policy(small_policy(seed=s))[1], opt, 100 + s) for s in seeds}
   mesh = iwsft.make_mesh(1)
   kw = dict(
-    mesh=mesh, name="t", steps=30, batch_size=8, step_level=step_level, steps_per_dispatch=7
+    sampling=iwsft.Sampling(30, 8, step_level=step_level, steps_per_dispatch=7), mesh=mesh, name="t"
   )
   norm = lambda p: {"param_norm": float(optax.global_norm(p))}
 

@@ -23,7 +23,7 @@ from iwsft.core.sharding import (
   state_sharding,
 )
 from iwsft.core.state import TrainState, num_seeds, seed_slice
-from iwsft.core.step import make_train_steps
+from iwsft.core.step import Sampling, make_train_steps
 from iwsft.io import progress
 from iwsft.io.distributed import to_host
 from iwsft.io.preemption import Preempted
@@ -64,40 +64,33 @@ def fit(
   state: TrainState,
   data,
   logits,
+  sampling: Sampling,
   *,
   mesh: Mesh,
   name: str,
-  steps: int,
-  batch_size: int,
-  step_level: bool = False,
-  steps_per_dispatch: int = 100,
   hooks: Hooks | None = None,
   seed_data=None,
-  capacity: int | None = None,
-  inverse_cdf: bool = False,
 ) -> TrainState:
-  """Trains `state` for `steps` updates of `update` on batches drawn from `data`; returns it.
+  """Trains `state` for sampling.steps updates of `update` on batches drawn from `data`.
 
   data: the sampling pool, either host arrays every process holds whole ([N, ...], of which each
     process places only its rows) or the global arrays of sharding.put_pool.
   logits: [N] host array, the same in every process: sequence i is drawn ∝ exp(logits[i]).
+  sampling: batch size, steps, packing and dispatch (step.Sampling).
   seed_data: pool leaves that differ per seed, as make_train_steps takes them (π_ref's log-probs
     from step.pool_logprobs), or None.
-  capacity: packed sequence batches of this many step slots (make_train_steps; packing.capacity
-    chooses one), or None for padded batches.
-  inverse_cdf: how sequences are drawn (step.draw_sequences: the same distribution, a cheaper
-    stream for large pools).
   A state with a seed axis (state.stack_seeds) is trained with the update vmapped over seeds.
   Chunk boundaries depend only on the step count, so a resumed run dispatches exactly the
   computations of an uninterrupted one. A non-finite loss or gradient that was not skipped stops
   training with FloatingPointError naming the step; the last checkpoint saved is the last good
   state.
   """
+  steps = sampling.steps
   run = _Run(name, state, hooks or Hooks(), mesh)
   state, done = run.start(state)
   data, logits = _place_pool(data, logits, mesh)
   seed_data = _place_seed_data(seed_data, data, mesh, run.seeds is not None)
-  chunk = max(1, min(steps_per_dispatch, run.hooks.eval_every or steps))
+  chunk = max(1, min(sampling.steps_per_dispatch, run.hooks.eval_every or steps))
   compiled = {}
   if run.hooks.evaluate is not None and run.hooks.eval_every > 0 and done == 0:
     run.evaluate(state, 0)
@@ -106,15 +99,7 @@ def fit(
       n = _next_chunk(done, steps, chunk, run.hooks.eval_every)
       if n not in compiled:
         compiled[n] = make_train_steps(
-          update,
-          mesh,
-          batch_size,
-          n,
-          step_level,
-          vmapped=run.seeds is not None,
-          state_shardings=run.shardings,
-          capacity=capacity,
-          inverse_cdf=inverse_cdf,
+          update, mesh, sampling, n, vmapped=run.seeds is not None, state_shardings=run.shardings
         )
       state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n

@@ -13,6 +13,7 @@ plus whatever `logprob_fn` reads (observations, actions, tokens...), and optiona
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -151,47 +152,43 @@ def sample_steps(
   return jax.tree.map(take, data)
 
 
-def make_train_steps(
-  update,
-  mesh,
-  batch_size: int,
-  num_steps: int,
-  step_level: bool = False,
-  vmapped: bool = False,
-  state_shardings=None,
-  capacity: int | None = None,
-  inverse_cdf: bool = False,
-):
-  """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
-  dispatch.
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How a stage draws its batches and dispatches its updates (fit, make_train_steps).
 
-  Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
-  the devices) with the state's key, so there is no host round trip per step; metrics come
-  back stacked, each [num_steps].
-  vmapped: the state carries a leading seed axis (state.stack_seeds); every seed samples its own
-    batch from the shared data and takes its own step; metrics are [num_steps, S].
-  seed_data: pool leaves that differ per seed (π_ref's "logp_ref" [N', T]), joined to that seed's
-    pool; [S, N', ...] when vmapped (seed_pool_sharded), {} for none.
-  state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
+  steps: updates of the stage; batch_size: sequences (or single steps) per update.
+  step_level: draw single steps ∝ their sequence's probability instead of whole sequences.
+  steps_per_dispatch: updates per jitted call (a lax.scan), cut at evaluations and the end.
   capacity: sequence batches are packed into this many step slots (core.packing; the update's
     logprob_fn must take packed batches, packing.markov_logprob), and a step whose batch holds
     more distinct real steps, in any seed, is computed padded; metrics add "batch/steps" (the
     distinct sequences' real steps) and "batch/padded" (1 for such a step). None: always padded.
     Ignored for step-level batches.
-  inverse_cdf: how sequences are drawn (draw_sequences).
+  inverse_cdf: how sequences are drawn (draw_sequences: the same distribution, a cheaper stream
+    for large pools).
   """
-  check_batch_size(batch_size, mesh)
-  shard = batch_sharded(mesh)
-  n_dev = mesh.devices.size
-  if step_level:
-    capacity = None
-  if capacity is not None:
-    capacity = -(-capacity // n_dev) * n_dev  # packed leaves are split over the devices too
-  seeded = jax.vmap if vmapped else (lambda f: f)  # seed axis left unconstrained in the batch
 
-  def split_key(state: TrainState):
-    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-    return jax.random.key_data(key), sub
+  steps: int
+  batch_size: int
+  step_level: bool = False
+  steps_per_dispatch: int = 100
+  capacity: int | None = None
+  inverse_cdf: bool = False
+
+
+def _split_key(state: TrainState):
+  key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+  return jax.random.key_data(key), sub
+
+
+def _scanned_steps(update, sampling: Sampling, capacity, shard, vmapped: bool, num_steps: int):
+  """The unjitted `train_steps`: num_steps updates in a lax.scan, batches drawn in the graph."""
+  batch_size, step_level, inverse_cdf = (
+    sampling.batch_size,
+    sampling.step_level,
+    sampling.inverse_cdf,
+  )
+  seeded = jax.vmap if vmapped else (lambda f: f)  # seed axis left unconstrained in the batch
 
   def train_steps(state: TrainState, data: Batch, logits: jax.Array, seed_data: Batch):
     lengths = data["mask"].sum(axis=1).astype(jnp.int32)
@@ -201,13 +198,13 @@ def make_train_steps(
       return update(state.replace(key=key), batch)
 
     def padded_step(state: TrainState, _):
-      key, sub = seeded(split_key)(state)
+      key, sub = seeded(_split_key)(state)
       sampler = sample_steps if step_level else sample_sequences
       draw = lambda s: lambda d: sampler(s, d, logits, batch_size, inverse_cdf)
       return seeded(lambda st, sd, k, s: take(st, sd, k, draw(s)))(state, seed_data, key, sub)
 
     def packed_step(state: TrainState, _):
-      key, sub = seeded(split_key)(state)
+      key, sub = seeded(_split_key)(state)
       idx = seeded(lambda s: draw_sequences(s, logits, batch_size, inverse_cdf))(sub)
       steps = seeded(lambda i: distinct_steps(i, lengths))(idx)
       fits = jnp.max(steps) <= capacity
@@ -225,12 +222,41 @@ def make_train_steps(
     one_step = padded_step if capacity is None else packed_step
     return jax.lax.scan(one_step, state, None, length=num_steps)
 
+  return train_steps
+
+
+def make_train_steps(
+  update,
+  mesh,
+  sampling: Sampling,
+  num_steps: int,
+  *,
+  vmapped: bool = False,
+  state_shardings=None,
+):
+  """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
+  dispatch, with batches drawn as `sampling` says (its steps and steps_per_dispatch are fit's).
+
+  Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
+  the devices) with the state's key, so there is no host round trip per step; metrics come
+  back stacked, each [num_steps].
+  vmapped: the state carries a leading seed axis (state.stack_seeds); every seed samples its own
+    batch from the shared data and takes its own step; metrics are [num_steps, S].
+  seed_data: pool leaves that differ per seed (π_ref's "logp_ref" [N', T]), joined to that seed's
+    pool; [S, N', ...] when vmapped (seed_pool_sharded), {} for none.
+  state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
+  """
+  check_batch_size(sampling.batch_size, mesh)
+  shard = batch_sharded(mesh)
+  capacity = None if sampling.step_level else sampling.capacity
+  if capacity is not None:  # packed leaves are split over the devices too
+    capacity = -(-capacity // mesh.devices.size) * mesh.devices.size
+  train_steps = _scanned_steps(update, sampling, capacity, shard, vmapped, num_steps)
   rep = replicated(mesh)
   st = rep if state_shardings is None else state_shardings
-  seed_shard = seed_pool_sharded(mesh, vmapped)
   jitted = jax.jit(
     train_steps,
-    in_shardings=(st, shard, rep, seed_shard),
+    in_shardings=(st, shard, rep, seed_pool_sharded(mesh, vmapped)),
     out_shardings=(st, rep),
     donate_argnums=0,
   )

@@ -3,4 +3,4 @@ Qwen2 checkpoints) fine-tuned with SFT and iw-SFT on curated samples (extra: lm)
 
 from iwsft.errors import require_extra
 
-require_extra("lm", "safetensors", "tokenizers", "gguf", "jinja2", "matplotlib")
+require_extra("lm", "safetensors", "tokenizers", "gguf", "jinja2", "matplotlib", "scipy")

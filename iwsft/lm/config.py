@@ -19,7 +19,7 @@ LM_METHODS = ("sft", "iw_sft", "iw_sft_step", "sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_step")  # iw_sft_step: one weight per token
 UNWEIGHTED = {"iw_sft": "sft", "iw_sft_step": "sft"}  # each weighted method with every weight 1
 PRESETS = ("tiny", "smollm2")
-STAGES = ("base", "sample", "curate", "finetune", "evaluate")
+STAGES = ("reference", "sample", "curate", "finetune", "evaluate")
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -31,36 +31,17 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.pipeline = "lm"
   c.seed = 0
   c.stages = STAGES  # any subset, run in this order
-  c.methods = ("sft", "iw_sft", "sft_q")  # of LM_METHODS; the base model is always evaluated
+  c.methods = ("sft", "iw_sft", "sft_q")  # of LM_METHODS; π_ref ("reference") is always evaluated
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
 
-  c.model = ml_collections.ConfigDict()  # lm/model.py's LMConfig, or a pretrained checkpoint
-  c.model.path = ""  # "": the byte-level model below; "smollm2", a Hugging Face dir or a .gguf file
-  c.model.d_model = 64
-  c.model.n_layers = 3
-  c.model.n_heads = 4
-  c.model.d_ff = 256
-  c.model.max_len = 64  # the context (tokens)
-  c.model.dtype = "float32"  # compute type ("bfloat16" halves activations; parameters stay float32)
-  c.model.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
-
-  c.task = ml_collections.ConfigDict()  # lm/task.py
-  c.task.kind = "columns"  # "columns": worked column additions; "chat_sum": "What is a + b?"
-  c.task.digits = 3
-  c.task.demos = 20_000  # noisy demonstrations the base model π_ref is trained on
-  c.task.error_rate = 0.05  # random column mistakes
-  c.task.carry_error_rate = 0.6  # systematic "forgets the carry" mistakes
-  c.task.sample_prompts = 1_000  # training prompts sampled from π_ref
-  c.task.samples_per_prompt = 4
-  c.task.sample_temperature = 1.0
-  c.task.eval_problems = 500  # held-out problems for pass@1
-  c.task.max_new = 0  # tokens sampled per completion; 0: what the context leaves after the prompt
+  c.model = _model_section()
+  c.task = _task_section()
 
   # Stage 1 trains π_ref on the demonstrations; stage 4 fine-tunes it on the curated samples.
   lm_stage = dict(schedule="cosine", weight_decay=1e-4, adam_b2=0.95)
-  c.base = stage_section(
+  c.reference = stage_section(
     steps=2_000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **lm_stage
   )
   c.finetune = stage_section(
@@ -94,6 +75,36 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset == "smollm2":
     _smollm2(c)
   return c
+
+
+def _model_section() -> ml_collections.ConfigDict:
+  """lm/model.py's LMConfig for the byte-level model, or a pretrained checkpoint (path)."""
+  m = ml_collections.ConfigDict()  # lm/model.py's LMConfig, or a pretrained checkpoint
+  m.path = ""  # "": the byte-level model below; "smollm2", a Hugging Face dir or a .gguf file
+  m.d_model = 64
+  m.n_layers = 3
+  m.n_heads = 4
+  m.d_ff = 256
+  m.max_len = 64  # the context (tokens)
+  m.dtype = "float32"  # compute type ("bfloat16" halves activations; parameters stay float32)
+  m.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
+  return m
+
+
+def _task_section() -> ml_collections.ConfigDict:
+  """lm/task.py's task, its demonstrations, sampling and evaluation."""
+  t = ml_collections.ConfigDict()  # lm/task.py
+  t.kind = "columns"  # "columns": worked column additions; "chat_sum": "What is a + b?"
+  t.digits = 3
+  t.demos = 20_000  # noisy demonstrations the byte-level π_ref is trained on
+  t.error_rate = 0.05  # random column mistakes
+  t.carry_error_rate = 0.6  # systematic "forgets the carry" mistakes
+  t.sample_prompts = 1_000  # training prompts sampled from π_ref
+  t.samples_per_prompt = 4
+  t.sample_temperature = 1.0
+  t.eval_problems = 500  # held-out problems for pass@1
+  t.max_new = 0  # tokens sampled per completion; 0: what the context leaves after the prompt
+  return t
 
 
 def _smollm2(c: ml_collections.ConfigDict) -> None:

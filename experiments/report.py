@@ -1,0 +1,110 @@
+"""Reprint a finished sweep's tables from its CSV files, with the current interval method.
+
+  python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
+
+Reads table.csv (per cell: n, mean, std, seeds) and, where present, paired.csv (per pair: n, mean,
+std and the per-seed differences), cells.csv (every seed's score: the rliable aggregates) and
+weights.csv, and prints the scores table, the paired differences and the aggregates with 95%
+Student-t intervals (report.t_interval: the interval depends on n, mean and std only, so it is
+exact from the CSV files). --write also rewrites table.md, table.csv and paired.csv there, and
+writes aggregate.csv when cells.csv allows it.
+"""
+
+import csv
+import os
+
+from absl import flags
+
+from iwsft.errors import UserError
+from iwsft.io import cli, report
+
+flags.DEFINE_string("dir", None, "a sweep's output directory (its table.csv at least)")
+flags.DEFINE_bool("write", False, "rewrite table.md, table.csv and paired.csv in --dir")
+flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bootstrap")
+flags.mark_flag_as_required("dir")
+
+PAIRS = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
+
+
+def _rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _with_t(row: dict) -> dict:
+  """A CSV row with n, mean, std as numbers and its t-interval (report.t_interval_of)."""
+  n, mean, std = int(row["n"]), float(row["mean"]), float(row["std"])
+  lo, hi = report.t_interval_of(mean, std, n)
+  return {
+    **row,
+    "n": n,
+    "mean": mean,
+    "std": std,
+    "seeds": row["seeds"].split(";"),
+    "ci_low": lo,
+    "ci_high": hi,
+  }
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  d = flags.FLAGS.dir
+  table = [_with_t(r) for r in _rows(os.path.join(d, "table.csv"))]
+  if not table:
+    raise UserError(f"{d} has no table.csv")
+  text = (
+    "score: mean ± std [95% Student-t CI of the mean]\n\n" + report.markdown_table(table) + "\n"
+  )
+  paired = []
+  for r in _rows(os.path.join(d, "paired.csv")):
+    p = _with_t(r)
+    p["per_seed"] = [float(x) for x in r["per_seed"].split(";")]
+    p["above"], p["below"] = int(r["above"]), int(r["below"])
+    paired.append(p)
+  if paired:
+    text += "\nweighted − unweighted, paired by seed: mean [95% Student-t CI]\n\n"
+    text += report.paired_table(paired) + "\n"
+  cells = _rows(os.path.join(d, "cells.csv"))
+  iqm = poi = []
+  if cells:
+    recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    iqm, poi = report.aggregate(recs, methods, PAIRS, seed=flags.FLAGS.bootstrap_seed)
+    if iqm:
+      text += "\nacross datasets (rliable), 95% stratified-bootstrap CIs\n\n"
+      text += report.aggregate_text(iqm, poi) + "\n"
+  print(text)
+  if flags.FLAGS.write:
+    _write(d, text, table, paired, iqm, poi)
+
+
+def _write(d: str, text: str, table, paired, iqm, poi) -> None:
+  weights = os.path.join(d, "weights.csv")
+  if os.path.exists(weights):
+    rows = _rows(weights)
+    body = [[r["dataset"], r["method"], r["n"], *report.diagnostics_text(_floats(r))] for r in rows]
+    head = ["dataset", "method", "seeds", *report.DIAGNOSTICS_HEADER]
+    text += "\nthe importance weights, per seed over fine-tuning, then over seeds\n\n"
+    text += report.format_table(head, body) + "\n"
+  with open(os.path.join(d, "table.md"), "w") as f:
+    f.write(text)
+  fields = ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"]
+  report.write_csv(os.path.join(d, "table.csv"), table, fields)
+  if paired:
+    fields = ["dataset", "method", "baseline", "n", "mean", "std", "ci_low", "ci_high", "above"]
+    report.write_csv(os.path.join(d, "paired.csv"), paired, fields + ["below", "seeds", "per_seed"])
+  if iqm:
+    rows = [dict(r, statistic="iqm", value=r["iqm"]) for r in iqm]
+    rows += [dict(r, statistic="probability_of_improvement", value=r["probability"]) for r in poi]
+    fields = ["statistic", "method", "baseline", "value", "ci_low", "ci_high", "datasets", "seeds"]
+    report.write_csv(os.path.join(d, "aggregate.csv"), rows, fields)
+
+
+def _floats(row: dict) -> dict:
+  return {k: float(v) if k in report.WEIGHT_DIAGNOSTICS and v != "" else v for k, v in row.items()}
+
+
+if __name__ == "__main__":
+  cli.run(main)

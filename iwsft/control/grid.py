@@ -1,0 +1,208 @@
+"""The control pipeline's grid for the sweep engine (iwsft/sweep.py): cells (dataset, method,
+seed), groups (dataset, method, seeds trained together in one vmapped program).
+
+Layout under the sweep's workdir:
+  <dataset>/reference_<seeds>/            π_ref of those seeds, shared by the dataset's methods
+  <dataset>/<method>/group_<seeds>/       one run_control_seeds run: run.json, stacked checkpoints
+  <dataset>/<method>/group_<seeds>/seed_<s>/result.json, metrics.jsonl, curve.png, policy/  a cell
+(<dataset> is the Minari id with "/" as "__"; <seeds> like 0-1-2.)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+from iwsft import datasets
+from iwsft.control.config import METHODS, UNWEIGHTED
+from iwsft.control.pipeline import run_control_seeds
+from iwsft.control.settings import validate
+from iwsft.errors import UserError
+from iwsft.io import plots, report
+from iwsft.io import workdir as workdir_lib
+
+
+def _seeds_name(prefix: str, seeds) -> str:
+  return f"{prefix}_{'-'.join(map(str, seeds))}"
+
+
+class ControlGrid:
+  """Control cells: (dataset, method, seed); groups: (dataset, method, seeds trained together)."""
+
+  score_label = "normalised score ×100"
+
+  def __init__(
+    self,
+    cfg,
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    seeds_per_group: int,
+    build: tuple[str, str, list[str]] | None = None,
+    configs: dict | None = None,
+  ):
+    self.pairs = UNWEIGHTED
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+      raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    self.cfg, self.methods, self.datasets, self.seeds = cfg, list(methods), list(datasets), seeds
+    self.seeds_per_group, self.build = seeds_per_group, build
+    # datasets with a config file of their own (configs/control/): their cells use it, not cfg
+    self.configs = dict(configs or {})
+    self.datasets += [d for d in self.configs if d not in self.datasets]
+
+  @staticmethod
+  def slug(dataset: str) -> str:
+    return dataset.replace("/", "__")
+
+  @staticmethod
+  def training_data(dataset: str) -> str:
+    """What a record's cell trained on (its weights' diagnostics are of that)."""
+    return dataset
+
+  def identity(self) -> dict:
+    identity = self._settings(self.cfg)
+    if self.configs:
+      identity["dataset_configs"] = {d: self._settings(c) for d, c in self.configs.items()}
+    return identity
+
+  @staticmethod
+  def _settings(cfg) -> dict:
+    return workdir_lib.result_settings(cfg, "dataset", "method", "seed")
+
+  def cells(self, workdir: str, dataset: str, method: str) -> dict[int, tuple[str, dict]]:
+    """Finished cells of (dataset, method): {seed: (cell directory, result)}."""
+    out = {}
+    pattern = os.path.join(workdir, self.slug(dataset), method, "group_*", "seed_*", "result.json")
+    for path in sorted(glob.glob(pattern)):
+      with open(path) as f:
+        result = json.load(f)
+      out[int(result["seed"])] = (os.path.dirname(path), result)
+    return out
+
+  def plan(self, workdir: str) -> list[tuple[str, str, list[int]]]:
+    todo = []
+    for dataset in self.datasets:
+      for method in self.methods:
+        done = self.cells(workdir, dataset, method)
+        rest = [s for s in self.seeds if s not in done]
+        size = self.seeds_per_group if self.seeds_per_group > 0 else max(1, len(rest))
+        todo += [(dataset, method, rest[i : i + size]) for i in range(0, len(rest), size)]
+    return todo
+
+  def describe(self, group) -> str:
+    dataset, method, seeds = group
+    return f"{method} on {dataset}, seeds {','.join(map(str, seeds))}"
+
+  def validate(self) -> None:
+    """Every cell's settings, checked before the workdir is touched."""
+    for dataset in self.datasets:
+      for method in self.methods:
+        validate(self._cell_config(dataset, method))
+
+  def _cell_config(self, dataset: str, method: str):
+    cfg = self.configs.get(dataset, self.cfg).copy_and_resolve_references()
+    cfg.update(dataset=dataset, method=method)
+    cfg.log = self.cfg.log.copy_and_resolve_references()
+    return cfg
+
+  def prepare(self) -> None:
+    if self.build is not None:
+      datasets.build(*self.build, seed=0, force=False)
+
+  def run(self, group, workdir: str) -> None:
+    dataset, method, seeds = group
+    cfg = self._cell_config(dataset, method)
+    base = os.path.join(workdir, self.slug(dataset))
+    run_control_seeds(
+      cfg,
+      seeds,
+      os.path.join(base, method, _seeds_name("group", seeds)),
+      reference_dir=os.path.join(base, _seeds_name("reference", seeds)),
+      quiet=True,
+    )
+
+  def records(self, workdir: str) -> list[dict]:
+    """One record per finished cell: normalised score (raw return without reference scores)."""
+    out = []
+    for dataset in self.datasets:
+      for method in self.methods:
+        done = self.cells(workdir, dataset, method)
+        for s in (s for s in self.seeds if s in done):
+          cell, r = done[s]
+          score = r["normalised_score"] if r["normalised_score"] is not None else r["return_mean"]
+          out.append(
+            {
+              "dataset": dataset,
+              "method": method,
+              "seed": s,
+              "score": score,
+              "return_mean": r["return_mean"],
+              "wall_time_s": r["wall_time_s"],
+              "seeds_trained_together": r.get("seeds_trained_together", 1),
+              "cell": cell,
+            }
+          )
+    return out
+
+  def figures(self, recs: list[dict], workdir: str) -> list[str]:
+    """curves.png (evaluation during training) and bounds.png (SFT vs iw-SFT bound estimates)."""
+    short = {d: d.split("/", 1)[-1] for d in self.datasets}
+    made = []
+    for name, panels, x, y, title in (
+      (
+        "curves.png",
+        _curves(recs, "eval"),
+        "update step of the method's stage",
+        self.score_label,
+        f"evaluation during training, mean and 95% CI over {len(self.seeds)} seeds "
+        "(bc: the π_ref stage; the others start from π_ref)",
+      ),
+      (
+        "bounds.png",
+        _curves(recs, "bound"),
+        "update step",
+        "bound estimate (per step)",
+        "SFT vs iw-SFT lower-bound estimates while training iw-SFT (mean, 95% CI)",
+      ),
+    ):
+      if panels:
+        plots.band_panels(
+          {short[d]: panels[d] for d in self.datasets if d in panels},
+          os.path.join(workdir, name),
+          x,
+          y,
+          title,
+        )
+        made.append(name)
+    return made
+
+
+def _curves(recs: list[dict], kind: str) -> dict[str, dict[str, tuple]]:
+  """Per dataset, per series, (steps, mean, CI) over seeds. kind "eval": each method's evaluation
+  score over its stage (bc is π_ref, so its curve is the reference stage's); "bound": the SFT and
+  iw-SFT bound estimates logged while training iw_sft."""
+  panels: dict[str, dict[str, list]] = {}
+  for r in recs:
+    rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
+    if kind == "eval":
+      stage = "reference" if r["method"] == "bc" else r["method"]
+      ev = [row for row in rows if row["kind"] == "eval" and row["stage"] == stage]
+      key = (
+        "normalised_score" if ev and ev[0].get("normalised_score") is not None else "return_mean"
+      )
+      series = {r["method"]: ev and ([row["step"] for row in ev], [row[key] for row in ev])}
+    elif r["method"] == "iw_sft":
+      tr = [row for row in rows if row["kind"] == "train" and row["stage"] == "iw_sft"]
+      series = {
+        label: tr and name in tr[0] and ([row["step"] for row in tr], [row[name] for row in tr])
+        for name, label in (("bound/sft", "SFT bound"), ("bound/iw_sft", "iw-SFT bound"))
+      }
+    else:
+      series = {}
+    for label, curve in series.items():
+      if curve:
+        panels.setdefault(r["dataset"], {}).setdefault(label, []).append(curve)
+  return {d: {k: report.curve_band(c) for k, c in s.items()} for d, s in panels.items()}

@@ -1,0 +1,104 @@
+"""The language pipeline's grid for the sweep engine (iwsft/sweep.py): one run_lm per seed in
+seed_<s>/ (not vmapped: each seed samples its own curated data); its records are pass@1 greedy and
+sampled, as two "datasets"."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from iwsft.errors import UserError
+from iwsft.io import plots, report
+from iwsft.io import workdir as workdir_lib
+from iwsft.lm.config import LM_METHODS, UNWEIGHTED
+from iwsft.lm.pipeline import run_lm
+from iwsft.lm.settings import check_settings
+from iwsft.lm.task import make_task
+
+
+class LMGrid:
+  """Language cells: (metric, model, seed); groups: one seed (all its stages)."""
+
+  score_label = "pass@1 ×100"
+
+  def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int]):
+    self.pairs = UNWEIGHTED
+    bad = [m for m in methods if m not in LM_METHODS]
+    if bad:
+      raise UserError(f"--methods: unknown {bad}; choose from {', '.join(LM_METHODS)}")
+    self.cfg = cfg.copy_and_resolve_references()
+    if methods:
+      self.cfg.methods = tuple(methods)
+    self.methods, self.seeds = ["reference", *self.cfg.methods], seeds
+    self.task = make_task(self.cfg.task).name
+    self.datasets = [f"{self.task} pass@1 ({mode})" for mode in ("greedy", "sampled")]
+
+  def training_data(self, dataset: str) -> str:
+    """Both pass@1 "datasets" evaluate one training run per seed, on the task's curated samples."""
+    return self.task
+
+  def identity(self) -> dict:
+    return workdir_lib.result_settings(self.cfg, "seed", "stages")
+
+  def _result(self, workdir: str, seed: int) -> str:
+    return os.path.join(workdir, f"seed_{seed}", "result.json")
+
+  def plan(self, workdir: str) -> list[int]:
+    return [s for s in self.seeds if not os.path.exists(self._result(workdir, s))]
+
+  def describe(self, seed) -> str:
+    return f"language pipeline, seed {seed}"
+
+  def validate(self) -> None:
+    """The run's settings (without loading a model), checked before the workdir is touched."""
+    check_settings(self.cfg)
+
+  def prepare(self) -> None:
+    pass
+
+  def run(self, seed, workdir: str) -> None:
+    cfg = self.cfg.copy_and_resolve_references()
+    cfg.seed = seed
+    run_lm(cfg, os.path.join(workdir, f"seed_{seed}"), quiet=True)
+
+  def records(self, workdir: str) -> list[dict]:
+    out = []
+    for seed in (s for s in self.seeds if os.path.exists(self._result(workdir, s))):
+      with open(self._result(workdir, seed)) as f:
+        result = json.load(f)
+      for mode, dataset in zip(("greedy", "sampled"), self.datasets):
+        for model, r in result["models"].items():
+          out.append(
+            {
+              "dataset": dataset,
+              "method": model,
+              "seed": seed,
+              "score": 100.0 * r[f"pass@1_{mode}"],
+              "cell": os.path.join(workdir, f"seed_{seed}"),
+            }
+          )
+    return out
+
+  def figures(self, recs: list[dict], workdir: str) -> list[str]:
+    """weights.png: the importance-weight diagnostics of each weighted method over fine-tuning."""
+    panels: dict[str, dict[str, list]] = {}
+    for seed in {r["seed"] for r in recs}:
+      rows = workdir_lib.read_rows(os.path.join(workdir, f"seed_{seed}", "metrics.jsonl"))
+      for method in ("iw_sft", "iw_sft_step"):
+        tr = [row for row in rows if row["kind"] == "train" and row["stage"] == method]
+        for key in ("iw/ess_fraction", "iw/clip_fraction", "iw/mean_log_ratio", "iw/mean_weight"):
+          if tr and key in tr[0]:
+            curve = ([row["step"] for row in tr], [row[key] for row in tr])
+            panels.setdefault(key, {}).setdefault(method, []).append(curve)
+    if not panels:
+      return []
+    bands = {k: {m: report.curve_band(c) for m, c in s.items()} for k, s in panels.items()}
+    plots.band_panels(
+      bands,
+      os.path.join(workdir, "weights.png"),
+      "fine-tuning step",
+      "value",
+      f"importance-weight diagnostics, mean and 95% CI over {len(self.seeds)} seeds",
+    )
+    return ["weights.png"]

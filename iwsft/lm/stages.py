@@ -1,0 +1,358 @@
+"""The language pipeline's stages, each a function of the run's context; each writes its artefacts
+to the workdir and is skipped when they exist (unless overwrite), so any stage can be rerun alone:
+
+  reference  train π_ref on noisy demonstrations           reference/params, reference/info.json
+             (a pretrained model, model.path, is π_ref as it is: nothing to train)
+  sample     k completions per training prompt from π_ref   samples.jsonl
+  curate     verified-correct samples / all with scores     curated.jsonl, scored.jsonl
+  finetune   SFT, iw-SFT, SFT(Q) from π_ref                 <method>/params, <method>/info.json
+  evaluate   pass@1 (greedy and sampled) on held-out problems    result.json, table.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+
+from iwsft.core import curation
+from iwsft.core.config import StageConfig, make_optimizer
+from iwsft.core.loop import Hooks, fit
+from iwsft.core.objectives import ObjectiveConfig
+from iwsft.core.state import init_state
+from iwsft.core.step import Sampling, make_update
+from iwsft.errors import UserError
+from iwsft.io import checkpoint, distributed
+from iwsft.io import workdir as workdir_lib
+from iwsft.io.preemption import PreemptionGuard
+from iwsft.io.report import format_table
+from iwsft.lm import data as lm_data
+from iwsft.lm.model import make_logprob_fn, param_count, trainable
+from iwsft.lm.sampling import sample_grouped
+from iwsft.lm.settings import Model, Settings, prompt_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What the stages share: settings, π_ref's model, the mesh, the workdir and the metrics log."""
+
+  settings: Settings
+  model: Model
+  mesh: object
+  workdir: str
+  overwrite: bool
+  quiet: bool
+  log: object
+  guard: PreemptionGuard
+  user_records: list | None  # the records of settings.data, checked whole, or None
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def done(self, *parts) -> bool:
+    return os.path.exists(self.path(*parts)) and not self.overwrite
+
+  def say(self, text: str) -> None:
+    if not self.quiet and distributed.is_primary():
+      print(text)
+
+  def write_json(self, name: str, obj) -> None:
+    if distributed.is_primary():
+      workdir_lib.write_json(self.path(name), obj)
+
+  def write_jsonl(self, name: str, rows: list[dict]) -> None:
+    if distributed.is_primary():
+      lm_data.write_jsonl(self.path(name), rows)
+
+  def prompt_ids(self, prompt: str) -> list[int]:
+    return prompt_ids(self.settings.task, self.model.tok, prompt)
+
+  def encode(self, records, source: str = "data"):
+    task = self.settings.task
+    return lm_data.encode_records(
+      records, self.model.mcfg.max_len, source, self.model.tok, task.response_prefix
+    )
+
+  def load(self, name: str):
+    """A stage's trained parameters (π_ref: the pretrained model as it is)."""
+    if name == "reference" and not self.settings.task.pretrains:
+      return self.model.init_params
+    p = self.path(name, "params")
+    if not os.path.exists(p):
+      raise UserError(f"stage output {p} is missing: run the stage that makes it first")
+    return checkpoint.restore_state(p, self.model.init_params)
+
+
+def problems(s: Settings, n: int, stream: int, exclude: set | None = None) -> list[tuple[int, int]]:
+  """Problems of one stream (demos 1, sampling 2, evaluation 3) of this seed, none in `exclude`."""
+  rng = np.random.default_rng([s.seed, stream])
+  out: list[tuple[int, int]] = []
+  while len(out) < n:
+    for p in s.task.problems(n, rng):
+      if (exclude is None or p not in exclude) and len(out) < n:
+        out.append(p)
+  return out
+
+
+def _tokens_per_s(rows: list[dict], tokens_per_step: int) -> float | None:
+  """Training throughput from the loop's rows, leaving out the first chunk (compilation)."""
+  tr = [r for r in rows if r["kind"] == "train"]
+  if len(tr) < 2:
+    return None
+  seconds = max(tr[-1]["time_s"] - tr[0]["time_s"], 1e-9)
+  return (tr[-1]["step"] - tr[0]["step"]) * tokens_per_step / seconds
+
+
+def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
+  """The stage's optimiser; with train_layers, frozen parameters get no update and no state."""
+  optimizer = make_optimizer(stage)
+  n = ctx.model.mcfg.n_layers
+  if not 0 < train_layers < n:
+    return optimizer
+  labels = jax.tree_util.tree_map_with_path(
+    lambda path, _: "train" if trainable(path, n, train_layers) else "freeze",
+    ctx.model.init_params,
+  )
+  return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def train(ctx: Context, name, params, ref_params, data, logits, stage, objective: ObjectiveConfig):
+  """One training stage from params on the pool `data` drawn ∝ exp(logits); saves and returns
+  the trained params (name/params, name/info.json)."""
+  s, primary = ctx.settings, distributed.is_primary()
+  if ctx.overwrite and primary:
+    workdir_lib.remove_outputs(ctx.workdir, [os.path.join("checkpoints", name)])
+  distributed.barrier(f"{name}: checkpoints")
+  ckpt = None
+  if s.checkpoint_every:
+    path = ctx.path("checkpoints", name)
+    ckpt = checkpoint.TrainCheckpoints(path, s.checkpoint_every, s.keep_checkpoints)
+  layers = s.model.train_layers if name != "reference" else 0
+  optimizer = _optimizer(ctx, stage, layers)
+  logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
+  update = make_update(
+    logprob_fn, optimizer, objective, ref_params is not None, skip_nonfinite=s.skip_nonfinite
+  )
+  state = init_state(params, optimizer, s.seed, ref_params)
+  rows = []
+  hooks = Hooks(
+    logs=[lambda row: (rows.append(row), ctx.log(row))],
+    checkpoints=ckpt,
+    guard=ctx.guard,
+    on_resume=lambda step: ctx.log.drop_stage_after(name, step),
+  )
+  sampling = Sampling(stage.steps, stage.batch_size, steps_per_dispatch=s.steps_per_dispatch)
+  t0 = time.time()
+  state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=name, hooks=hooks)
+  params = distributed.to_host(state.params)
+  checkpoint.save_state(ctx.path(name, "params"), params)
+  if primary:  # the metrics log (and so the final loss) exists in process 0 only
+    info = {
+      "steps": stage.steps,
+      "wall_time_s": round(time.time() - t0, 2),
+      "train_tokens_per_s": _tokens_per_s(rows, stage.batch_size * ctx.model.mcfg.max_len),
+      "final_loss": [r for r in ctx.log.rows() if r["stage"] == name][-1]["loss"],
+    }
+    workdir_lib.write_json(ctx.path(name, "info.json"), info)
+  return params
+
+
+def reference(ctx: Context) -> None:
+  """π_ref: the pretrained model as it is, or the byte-level model trained on demonstrations."""
+  s, m = ctx.settings, ctx.model
+  n_params = param_count(m.init_params)
+  if not s.task.pretrains:
+    return ctx.say(f"reference: the pretrained model, {n_params:,} parameters")
+  if ctx.done("reference", "params"):
+    return ctx.say("reference: reusing reference/params")
+  rng = np.random.default_rng([s.seed, 4])
+  records = [
+    lm_data.Record(s.task.prompt(a, b), s.task.demonstration(a, b, rng))
+    for a, b in problems(s, s.task_cfg.demos, 1)
+  ]
+  correct = np.mean([s.task.verify(r.prompt, r.completion)[0] for r in records])
+  ctx.say(
+    f"reference: {n_params:,} parameters, {len(records)} demonstrations "
+    f"({100 * correct:.1f}% correct)"
+  )
+  zeros = np.zeros(len(records), np.float32)
+  train(
+    ctx,
+    "reference",
+    m.init_params,
+    None,
+    ctx.encode(records),
+    zeros,
+    s.reference,
+    s.objectives["reference"],
+  )
+
+
+def sample(ctx: Context) -> None:
+  """k completions per training prompt from π_ref, verified and scored: samples.jsonl."""
+  if ctx.done("samples.jsonl"):
+    return ctx.say("sample: reusing samples.jsonl")
+  s, m, c = ctx.settings, ctx.model, ctx.settings.task_cfg
+  params = ctx.load("reference")
+  prompts = [
+    s.task.prompt(a, b)
+    for a, b in problems(s, c.sample_prompts, 2)
+    for _ in range(c.samples_per_prompt)
+  ]
+  t0 = time.time()
+  comps = sample_grouped(
+    m.graphdef,
+    params,
+    [ctx.prompt_ids(p) for p in prompts],
+    jax.random.key(s.seed + 7),
+    m.max_new,
+    c.sample_temperature,
+    s.top_k,
+    special=m.special,
+  )
+  seconds = time.time() - t0
+  rows = []
+  for p, comp in zip(prompts, comps):
+    text = m.tok.decode(comp)
+    correct, score = s.task.verify(p, text)
+    rows.append({"prompt": p, "completion": text, "score": score, "correct": correct})
+  ctx.write_jsonl("samples.jsonl", rows)
+  acc = float(np.mean([r["correct"] for r in rows]))
+  info = {"samples": len(rows), "correct_fraction": acc, "seconds": round(seconds, 2)}
+  info["sample_tokens_per_s"] = len(rows) * m.max_new / seconds
+  ctx.write_json("sample_info.json", info)
+  ctx.say(f"sample: {len(rows)} samples, {100 * acc:.1f}% verified correct")
+
+
+def curate(ctx: Context) -> None:
+  """The verified-correct samples (curated.jsonl), and all samples with scores (scored.jsonl)."""
+  if ctx.done("curated.jsonl") and ctx.done("scored.jsonl"):
+    return ctx.say("curate: reusing curated.jsonl and scored.jsonl")
+  rows = [json.loads(line) for line in open(ctx.path("samples.jsonl"))]
+  strip = lambda r: {"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]}
+  keep = [strip(r) for r in rows if r["correct"]]
+  if not keep:
+    raise UserError(
+      "no verified-correct samples to fine-tune on: sample more (task.sample_prompts)"
+      " or train the reference model longer"
+    )
+  ctx.write_jsonl("curated.jsonl", keep)
+  ctx.write_jsonl("scored.jsonl", [strip(r) for r in rows])
+  ctx.say(f"curate: {len(keep)} of {len(rows)} samples verified correct")
+
+
+def _with_ref_logprobs(ctx: Context, data: dict, ref) -> dict:
+  """The pool with π_ref's log-probs ("logp_ref" [N, T]), computed once (π_ref is frozen)."""
+  logprob = jax.jit(make_logprob_fn(ctx.model.graphdef))
+  chunks = [
+    np.asarray(logprob(ref, {"tokens": data["tokens"][i : i + 32]}))
+    for i in range(0, len(data["tokens"]), 32)
+  ]
+  return {**data, "logp_ref": np.concatenate(chunks).astype(np.float32)}
+
+
+def _pool(ctx: Context, source: str, ref) -> tuple[list, dict]:
+  """The records of a fine-tuning source and their encoded pool; with precompute_ref, π_ref's
+  log-probs too, where the data is at most one epoch of the stage (so that it costs less)."""
+  s = ctx.settings
+  records = ctx.user_records if source == s.data else lm_data.read_jsonl(source)
+  data = ctx.encode(records, source)
+  if s.precompute_ref and len(records) <= s.finetune.steps * s.finetune.batch_size:
+    data = _with_ref_logprobs(ctx, data, ref)
+  return records, data
+
+
+def finetune(ctx: Context) -> None:
+  """Each method fine-tuned from π_ref on its data: the curated samples (scored ones for sft_q)."""
+  s = ctx.settings
+  ref = ctx.load("reference")
+  pools = {}  # source -> (records, encoded pool): the curated set serves several methods
+  for method in s.methods:
+    if ctx.done(method, "params"):
+      ctx.say(f"finetune: reusing {method}/params")
+      continue
+    if ctx.user_records is not None:
+      source = s.data
+    else:
+      source = ctx.path("scored.jsonl" if method == "sft_q" else "curated.jsonl")
+    if source not in pools:
+      pools[source] = _pool(ctx, source, ref)
+    records, data = pools[source]
+    logits = np.zeros(len(records), np.float32)
+    if method == "sft_q":
+      logits = curation.quality_logits(np.array([r.score for r in records]), s.quality_beta)
+    train(ctx, method, ref, ref, data, logits.astype(np.float32), s.finetune, s.objectives[method])
+    ctx.say(f"finetune: {method} on {len(records)} records")
+
+
+def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dict:
+  """A model's pass@1 and partial score on the prompts, greedy and sampled."""
+  s, m = ctx.settings, ctx.model
+  params = ctx.load(name)
+  res = {}
+  for mode, temp in (("greedy", 0.0), ("sampled", s.eval_temperature)):
+    key = jax.random.key(s.seed + 11)
+    comps = sample_grouped(
+      m.graphdef, params, tokens, key, m.max_new, temp, s.top_k, special=m.special
+    )
+    texts = [m.tok.decode(x) for x in comps]
+    scores = np.array([s.task.verify(p, t) for p, t in zip(prompts, texts)])
+    res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
+    res[f"score_{mode}"] = float(scores[:, 1].mean())
+  info = ctx.path(name, "info.json")
+  if os.path.exists(info):
+    res["train_tokens_per_s"] = json.load(open(info))["train_tokens_per_s"]
+  return res
+
+
+def evaluate(ctx: Context) -> dict:
+  """pass@1 of π_ref and every method on held-out problems: result.json and table.md."""
+  s, c = ctx.settings, ctx.settings.task_cfg
+  seen = set(problems(s, c.sample_prompts, 2))
+  if s.task.pretrains:
+    seen |= set(problems(s, c.demos, 1))
+  held_out = problems(s, c.eval_problems, 3, exclude=seen)
+  prompts = [s.task.prompt(a, b) for a, b in held_out]
+  tokens = [ctx.prompt_ids(p) for p in prompts]
+  models = {n: _pass_at_1(ctx, n, prompts, tokens) for n in ["reference", *s.methods]}
+  result = {
+    "seed": s.seed,
+    "eval_problems": len(held_out),
+    "models": models,
+    "parameters": param_count(ctx.model.init_params),
+    "config": s.config,
+  }
+  if os.path.exists(ctx.path("sample_info.json")):
+    result["sampling"] = json.load(open(ctx.path("sample_info.json")))
+  ctx.write_json("result.json", result)
+  text = format_table(
+    ["model", "pass@1 greedy", "pass@1 sampled", "partial score (greedy)"],
+    [
+      [
+        n,
+        f"{100 * r['pass@1_greedy']:.1f}%",
+        f"{100 * r['pass@1_sampled']:.1f}%",
+        f"{r['score_greedy']:.3f}",
+      ]
+      for n, r in models.items()
+    ],
+  )
+  if distributed.is_primary():
+    with open(ctx.path("table.md"), "w") as f:
+      f.write(text + "\n")
+  ctx.say(text)
+  return result
+
+
+STAGE_FUNCTIONS = {
+  "reference": reference,
+  "sample": sample,
+  "curate": curate,
+  "finetune": finetune,
+  "evaluate": evaluate,
+}
