@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install demo datasets datasets-full lm lm-smollm2 sweep ablations bench fixtures test test-slow clean
+.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations bench fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,12 +70,16 @@ fixtures: install .venv-hf/.installed  ## regenerate tests/fixtures/hf from tran
 	$(PY) tests/fixtures/ours.py
 	.venv-hf/bin/python tests/fixtures/hf_reference.py check
 
-test: install  ## lint (ruff) and the default test suite (what CI runs)
+test: install  ## lint (ruff), the docs site (mkdocs --strict) and the default test suite (what CI runs)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -n 2 -q
+
+docs: install  ## the documentation site, served at http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 test-slow: install  ## only the tests marked slow
 	$(PY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) .venv-d3rlpy .venv-hf runs .minari build *.egg-info
+	rm -rf $(VENV) .venv-d3rlpy .venv-hf runs .minari build site *.egg-info

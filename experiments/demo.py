@@ -57,6 +57,25 @@ def summary_table(results: dict[str, list[dict]]) -> tuple[str, list[dict]]:
   return report.format_table(head, rows), summary
 
 
+def paired_table(results: dict) -> str:
+  """Each curated method minus BC, and iw-SFT minus filtered BC, paired by seed ("" if none)."""
+  records = [
+    {"dataset": "score", "method": m, "seed": r["seed"], "score": r["normalised_score"]}
+    for m, rs in results.items()
+    for r in rs
+  ]
+  pairs = [(m, "bc") for m in results if m != "bc" and "bc" in results]
+  if "iw_sft" in results and "filtered_bc" in results:
+    pairs.append(("iw_sft", "filtered_bc"))
+  rows = []
+  for method, base in pairs:
+    for row in report.paired_differences(records, {method: base}):
+      cell = f"{row['mean']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
+      per_seed = " / ".join(f"{x:+.1f}" for x in row["per_seed"])
+      rows.append([f"{method} − {base}", cell, per_seed])
+  return report.format_table(["difference", "mean [95% CI]", "per seed"], rows) if rows else ""
+
+
 def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
@@ -85,6 +104,11 @@ def main(argv):
     f"{dataset}, seeds {', '.join(map(str, seeds))} (trained together), normalised score x100 of "
     f"the final evaluation over {first['eval_episodes']} episodes per seed:\n{table}"
   )
+  paired = paired_table(results)
+  if paired:
+    text += (
+      f"\n\nPaired by seed (same π_ref, same random stream), mean [95% Student-t CI]:\n{paired}"
+    )
   print("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text + "\n")

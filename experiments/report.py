@@ -1,6 +1,11 @@
-"""Reprint a finished sweep's tables from its CSV files, with the current interval method.
+"""Reprint a finished sweep's (or ablation's) tables from its CSV files, with the current
+interval method.
 
   python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
+  python experiments/report.py --dir=docs/ablations-full-hopper/iw_sft --ablation
+
+An ablation's table.csv has each run's mean and std (exact) and its per-seed scores rounded to
+0.1: its paired differences are recomputed from those rounded scores (within 0.1 of exact).
 
 Reads table.csv (per cell: n, mean, std, seeds) and, where present, paired.csv (per pair: n, mean,
 std and the per-seed differences), cells.csv (every seed's score: the rliable aggregates) and
@@ -21,6 +26,7 @@ from iwsft.io import cli, report
 flags.DEFINE_string("dir", None, "a sweep's output directory (its table.csv at least)")
 flags.DEFINE_bool("write", False, "rewrite table.md, table.csv and paired.csv in --dir")
 flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bootstrap")
+flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's table.csv")
 flags.mark_flag_as_required("dir")
 
 PAIRS = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
@@ -48,9 +54,33 @@ def _with_t(row: dict) -> dict:
   }
 
 
+def ablation_table(d: str) -> str:
+  """An ablation's runs with t-intervals of their scores and of their paired differences."""
+  rows = _rows(os.path.join(d, "table.csv"))
+  if not rows:
+    raise UserError(f"{d} has no table.csv")
+  seeds = {r["run"]: [float(x) for x in r["per_seed"].split(";")] for r in rows}
+  body = []
+  for r in rows:
+    x = seeds[r["run"]]
+    lo, hi = report.t_interval_of(float(r["mean"]), float(r["std"]), len(x))
+    cell = f"{float(r['mean']):.1f} ± {float(r['std']):.1f} [{lo:.1f}, {hi:.1f}]"
+    diff = "–"
+    if r["baseline"]:
+      delta = [a - b for a, b in zip(x, seeds[r["baseline"]], strict=True)]
+      dlo, dhi = report.t_interval(delta)
+      diff = f"{sum(delta) / len(delta):+.1f} [{dlo:+.1f}, {dhi:+.1f}] − {r['baseline']}"
+    body.append([r["run"], r["ablates"], cell, " / ".join(f"{v:.1f}" for v in x), diff])
+  head = ["run", "ablates", "score: mean ± std [95% t CI]", "per seed", "paired [95% t CI]"]
+  return report.format_table(head, body)
+
+
 def main(argv):
   cli.no_arguments(argv)
   d = flags.FLAGS.dir
+  if flags.FLAGS.ablation:
+    print(ablation_table(d))
+    return
   table = [_with_t(r) for r in _rows(os.path.join(d, "table.csv"))]
   if not table:
     raise UserError(f"{d} has no table.csv")

@@ -80,6 +80,8 @@ def test_aggregate_iqm_and_probability_of_improvement_against_numpy():
   assert p["probability"] == 1.0 and p["ci_low"] == 1.0  # every score above every baseline's
   assert (p["datasets"], p["seeds"]) == (3, 8)
   assert report.aggregate(recs[:16], ["filtered_bc", "iw_sft"], {}) == ([], [])  # one dataset
+  again = report.aggregate(recs, ["filtered_bc", "iw_sft"], {"iw_sft": "filtered_bc"}, reps=200)
+  assert again == (iqm, poi)  # seeded: the same intervals every time
 
 
 def test_summary_and_table_against_numpy():

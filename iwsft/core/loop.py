@@ -37,7 +37,7 @@ class Hooks:
   """The caller's side of `fit`. Sequences hold one entry per seed (one for a single run).
 
   logs: receive one "train" row per chunk (metrics averaged over it) and the "eval" rows.
-  evaluate: evaluate[i](params of seed i) -> dict, at step 0, every eval_every updates and at the
+  evaluate: evaluate[i] maps seed i's params to a dict, at step 0, every eval_every updates and the
     end; None for no evaluation.
   checkpoints: an io.checkpoint.TrainCheckpoints: the stage resumes from its newest readable step,
     saves every checkpoints.every updates, at evaluations and at the end.

@@ -116,7 +116,8 @@ def sequence_weights(
   """Per-sequence importance weights w = clip(exp(temp · log-ratio)), optionally self-normalised.
 
   Args:
-    logp_q, logp_ref: [B, T] step log-probs under q and π_ref.
+    logp_q: [B, T] step log-probs under q.
+    logp_ref: [B, T] step log-probs under π_ref.
     mask: [B, T] step mask.
     valid: [B] 1 for sequences that count in the batch (0 for padding rows).
   Returns:

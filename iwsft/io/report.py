@@ -120,9 +120,6 @@ def aggregate(
   cells has. Returns ([{method, iqm, ci_low, ci_high, datasets, seeds}], [{method, baseline,
   probability, ci_low, ci_high, datasets, seeds}]); ([], []) with fewer than two datasets or
   seeds."""
-  from rliable import library as rly
-  from rliable import metrics
-
   cells: dict[tuple[str, str], dict[int, float]] = {}
   for r in records:
     if r.get("score") is not None:
@@ -135,22 +132,36 @@ def aggregate(
   if len(datasets) < 2 or len(seeds) < 2:
     return [], []
   scores = {m: np.array([[cells[(d, m)][s] for d in datasets] for s in seeds]) for m in methods}
+  saved = np.random.get_state()  # rliable draws some indices from numpy's global generator
+  np.random.seed(seed)
+  try:
+    iqm_rows, poi = _rliable(scores, pairs, level, reps, seed)
+  finally:
+    np.random.set_state(saved)
+  size = {"datasets": len(datasets), "seeds": len(seeds)}
+  iqm_rows = [dict(r, **size) for r in iqm_rows]
+  return iqm_rows, [dict(r, **size) for r in poi]
+
+
+def _rliable(scores: dict, pairs: dict, level: float, reps: int, seed: int):
+  """rliable's interval estimates: IQM per method, probability of improvement per pair."""
+  from rliable import library as rly
+  from rliable import metrics
+
   rng = lambda: np.random.RandomState(seed)
   iqm = lambda x: np.array([metrics.aggregate_iqm(x)])
   warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch, in rliable
   point, ci = rly.get_interval_estimates(
     scores, iqm, reps=reps, confidence_interval_size=level, random_state=rng()
   )
-  size = {"datasets": len(datasets), "seeds": len(seeds)}
   iqm_rows = [
     {
       "method": m,
       "iqm": float(point[m][0]),
       "ci_low": float(ci[m][0, 0]),
       "ci_high": float(ci[m][1, 0]),
-      **size,
     }
-    for m in methods
+    for m in scores
   ]
   todo = {
     f"{m},{b}": (scores[m], scores[b]) for m, b in pairs.items() if m in scores and b in scores
@@ -171,7 +182,6 @@ def aggregate(
       "probability": float(point[k]),
       "ci_low": float(np.ravel(ci[k])[0]),
       "ci_high": float(np.ravel(ci[k])[1]),
-      **size,
     }
     for k in todo
   ]

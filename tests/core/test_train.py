@@ -140,7 +140,7 @@ def _run_script(devices, out):
   env = dict(
     os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
   )
-  script = os.path.join(os.path.dirname(__file__), "sharded_update_script.py")
+  script = os.path.join(os.path.dirname(__file__), "..", "helpers", "sharded_update_script.py")
   subprocess.run([sys.executable, script, str(out)], env=env, check=True, capture_output=True)
   return np.load(out)
 
@@ -235,7 +235,7 @@ def test_fsdp_splits_large_weights_and_trains_like_one_device():
   import json
 
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = os.path.join(os.path.dirname(__file__), "fsdp_script.py")
+  script = os.path.join(os.path.dirname(__file__), "..", "helpers", "fsdp_script.py")
   out = subprocess.run(
     [sys.executable, script], env=env, check=True, capture_output=True, text=True
   )

@@ -19,7 +19,7 @@ from iwsft.lm import tokenizer as tok
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, token_logprobs
 from iwsft.lm.sampling import generate, generate_without_cache
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = LMConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=24)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import MIXED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "experiments", "control.py")
 RUN = [
   f"--config.dataset={MIXED}",

@@ -1,6 +1,6 @@
 """Run in a subprocess with 8 forced CPU devices: the LM update under FSDP against one device.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/fsdp_script.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/helpers/fsdp_script.py
 Prints one JSON line: per mesh, the losses and parameters' max difference from the 1-device run, and
 the shard shapes of the largest weight matrix and of its Adam moment.
 """

@@ -18,7 +18,7 @@ from iwsft.lm import checkpoints, tokenizer
 from iwsft.lm.model import LMConfig, Transformer
 from iwsft.lm.sampling import generate, generate_without_cache
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 HF = os.path.join(FIXTURES, "hf")
 
 
@@ -253,7 +253,7 @@ def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_pa
     config = json.loads(path.read_text())
     del config["hidden_size"]
     path.write_text(json.dumps(config))
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   work = tmp_path / "work"
   r = subprocess.run(
     [

@@ -1,7 +1,7 @@
 """Runs a script with minari's MinariDataset.iterate_episodes wrapped to record which episode
 indices the process reads, written as JSON to $IWSFT_READS.<pid> at exit.
 
-  IWSFT_READS=/tmp/reads python tests/record_reads.py experiments/control.py --flags...
+  IWSFT_READS=/tmp/reads python tests/helpers/record_reads.py experiments/control.py --flags...
 """
 
 import atexit

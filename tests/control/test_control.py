@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "experiments", "control.py")
 TINY = [
   "--config.policy.hidden=32,32",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCKED = ("gymnasium", "mujoco", "minari", "gguf", "tokenizers", "safetensors", "matplotlib")
 
 # Runs a script with the extras' packages (and the pipelines) unimportable, as on a core install.

@@ -12,7 +12,7 @@ import numpy as np
 from conftest import MIXED
 from test_resume import params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONTROL = [
   os.path.join(ROOT, "experiments", "control.py"),
   f"--config.dataset={MIXED}",
@@ -46,13 +46,13 @@ def free_port():
 
 def run_two_processes(args, work, reads=None):
   """Both processes of a run; with reads (a path prefix), each records the Minari episodes it reads
-  (tests/record_reads.py)."""
+  (tests/helpers/record_reads.py)."""
   port = free_port()
   e = env(4)
   prefix = []
   if reads is not None:
     e["IWSFT_READS"] = str(reads)
-    prefix = [os.path.join(ROOT, "tests", "record_reads.py")]
+    prefix = [os.path.join(ROOT, "tests", "helpers", "record_reads.py")]
   procs = [
     subprocess.Popen(
       [

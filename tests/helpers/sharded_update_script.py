@@ -1,6 +1,7 @@
 """Run in a subprocess with N forced CPU devices: a few sharded updates, parameters saved to npz.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_update_script.py OUT.npz
+XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+  python tests/helpers/sharded_update_script.py OUT.npz
 """
 
 import sys
