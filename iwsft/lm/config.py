@@ -65,6 +65,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # π_ref's log-probs of the fine-tuning data once, not in every batch (where the data is at most
   # one epoch of the stage, so that it costs less)
   c.precompute_ref = False
+  # write each method's fine-tuned pretrained model as a Hugging Face directory, <method>/hf/
+  # (float32 safetensors, config.json and the tokenizer); the byte-level model has no HF form
+  c.export_hf = True
 
   # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard), Weights & Biases (wandb,
   # wandb_project, wandb_mode offline|online, wandb_group).

@@ -50,6 +50,7 @@ class Settings:
   top_k: int
   steps_per_dispatch: int
   precompute_ref: bool
+  export_hf: bool
   checkpoint_every: int
   keep_checkpoints: int
   skip_nonfinite: bool
@@ -127,6 +128,7 @@ def check_settings(cfg) -> Settings:
     top_k=cfg.top_k,
     steps_per_dispatch=cfg.steps_per_dispatch,
     precompute_ref=bool(cfg.precompute_ref),
+    export_hf=bool(cfg.export_hf),
     checkpoint_every=cfg.checkpoint_every,
     keep_checkpoints=cfg.keep_checkpoints,
     skip_nonfinite=bool(cfg.skip_nonfinite),

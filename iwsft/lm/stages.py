@@ -5,7 +5,8 @@ to the workdir and is skipped when they exist (unless overwrite), so any stage c
              (a pretrained model, model.path, is π_ref as it is: nothing to train)
   sample     k completions per training prompt from π_ref   samples.jsonl
   curate     verified-correct samples / all with scores     curated.jsonl, scored.jsonl
-  finetune   SFT, iw-SFT, SFT(Q) from π_ref                 <method>/params, <method>/info.json
+  finetune   SFT, iw-SFT, SFT(Q) from π_ref                 <method>/params, <method>/info.json,
+                                                            <method>/hf/ (a pretrained π_ref)
   evaluate   pass@1 (greedy and sampled) on held-out problems    result.json, table.md
 """
 
@@ -32,6 +33,7 @@ from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.io.report import format_table
 from iwsft.lm import data as lm_data
+from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import make_logprob_fn, param_count, trainable
 from iwsft.lm.sampling import sample_grouped
 from iwsft.lm.settings import Model, Settings, prompt_ids
@@ -286,8 +288,13 @@ def finetune(ctx: Context) -> None:
     logits = np.zeros(len(records), np.float32)
     if method == "sft_q":
       logits = curation.quality_logits(np.array([r.score for r in records]), s.quality_beta)
-    train(ctx, method, ref, ref, data, logits.astype(np.float32), s.finetune, s.objectives[method])
+    params = train(
+      ctx, method, ref, ref, data, logits.astype(np.float32), s.finetune, s.objectives[method]
+    )
     ctx.say(f"finetune: {method} on {len(records)} records")
+    if s.export_hf and not s.task.pretrains and distributed.is_primary():
+      save_hf(ctx.path(method, "hf"), ctx.model.mcfg, params, ctx.model.tok)
+      ctx.say(f"finetune: {method} written as a Hugging Face directory, {method}/hf/")
 
 
 def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dict:

@@ -228,6 +228,11 @@ def test_a_pretrained_model_fine_tunes_on_user_records_and_evaluates(tmp_path, s
   assert not np.array_equal(
     np.asarray(a["blocks"][1]["up"]["kernel"][...]), np.asarray(b["blocks"][1]["up"]["kernel"][...])
   )  # trained
+  # each fine-tuned model is also a Hugging Face directory that reloads to the same weights
+  hf_cfg, _, hf = checkpoints.load_hf(str(tmp_path / "run" / "sft" / "hf"), 64)
+  assert hf_cfg.n_layers == 2 and (tmp_path / "run" / "sft" / "hf" / "tokenizer.json").exists()
+  for x, y in zip(jax.tree.leaves(nnx.to_pure_dict(b)), jax.tree.leaves(nnx.to_pure_dict(hf))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 CLI_BAD = [
