@@ -24,6 +24,7 @@ from absl import flags
 
 from iwsft.control import config
 from iwsft.control.pipeline import run_control_seeds
+from iwsft.core.config import with_overrides
 from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
@@ -71,12 +72,7 @@ def variants(
 
 
 def _configure(cfg, dataset: str, method: str, overrides: dict):
-  cfg = cfg.copy_and_resolve_references()
-  cfg.update(dataset=dataset, method=method)
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    target = cfg[section] if section else cfg
-    target[name] = value
+  cfg = with_overrides(cfg, {"dataset": dataset, "method": method, **overrides})
   if cfg.finetune.warmup_steps >= cfg.finetune.steps:
     cfg.finetune.warmup_steps = cfg.finetune.steps // 10
   return cfg

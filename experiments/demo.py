@@ -20,6 +20,7 @@ from absl import flags
 from iwsft import datasets
 from iwsft.control import config
 from iwsft.control.pipeline import run_control_seeds
+from iwsft.core.config import with_overrides
 from iwsft.io import cli, plots, report
 
 cli.define_config(
@@ -88,9 +89,8 @@ def main(argv):
     shutil.rmtree(os.path.join(workdir, "reference"), ignore_errors=True)
   results = {}
   for method in F.methods:
-    cfg = F.config.copy_and_resolve_references()
-    cfg.update(dataset=dataset, method=method)
-    cfg.eval.video_episodes = F.video_episodes
+    overrides = {"dataset": dataset, "method": method, "eval.video_episodes": F.video_episodes}
+    cfg = with_overrides(F.config, overrides)
     results[method] = run_control_seeds(
       cfg,
       seeds,

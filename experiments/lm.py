@@ -17,6 +17,7 @@ import os
 import numpy as np
 from absl import flags
 
+from iwsft.core.config import with_overrides
 from iwsft.io import cli
 from iwsft.io.report import format_table
 from iwsft.lm import config
@@ -44,8 +45,7 @@ def main(argv):
     cli.fail(f"--seeds must be integers, got {','.join(F.seeds)}")
   results = []
   for seed in seeds:
-    cfg = F.config.copy_and_resolve_references()
-    cfg.seed = seed
+    cfg = with_overrides(F.config, {"seed": seed})
     print(f"== seed {seed}")
     res = run_lm(cfg, os.path.join(F.workdir, f"seed_{seed}"), F.overwrite)
     if res is not None:

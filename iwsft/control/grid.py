@@ -19,6 +19,7 @@ from iwsft import datasets
 from iwsft.control.config import METHODS, UNWEIGHTED
 from iwsft.control.pipeline import run_control_seeds
 from iwsft.control.settings import validate
+from iwsft.core.config import with_overrides
 from iwsft.errors import UserError
 from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
@@ -103,9 +104,10 @@ class ControlGrid:
         validate(self._cell_config(dataset, method))
 
   def _cell_config(self, dataset: str, method: str):
-    cfg = self.configs.get(dataset, self.cfg).copy_and_resolve_references()
-    cfg.update(dataset=dataset, method=method)
-    cfg.log = self.cfg.log.copy_and_resolve_references()
+    cfg = with_overrides(
+      self.configs.get(dataset, self.cfg), {"dataset": dataset, "method": method}
+    )
+    cfg.log = self.cfg.log.copy_and_resolve_references()  # the sweep's logging for every cell
     return cfg
 
   def prepare(self) -> None:

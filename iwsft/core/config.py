@@ -82,6 +82,21 @@ def log_section(**values) -> ml_collections.ConfigDict:
   return _section(TrackingConfig, values)
 
 
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of cfg with each dotted key ("finetune.steps") set to its value: the one way the
+  scripts derive a run's config from another. An unknown key is a UserError."""
+  out = cfg.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *path, name = key.split(".")
+    target = out
+    for part in path:
+      target = target.get(part) if isinstance(target, ml_collections.ConfigDict) else None
+    if not isinstance(target, ml_collections.ConfigDict) or name not in target:
+      raise UserError(f"the config has no setting {key!r}")
+    target[name] = value
+  return out
+
+
 def stage_config(section, what: str = "stage") -> StageConfig:
   """A validated StageConfig from a stage_section."""
   try:

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from iwsft.core.config import with_overrides
 from iwsft.errors import UserError
 from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
@@ -58,8 +59,7 @@ class LMGrid:
     pass
 
   def run(self, seed, workdir: str) -> None:
-    cfg = self.cfg.copy_and_resolve_references()
-    cfg.seed = seed
+    cfg = with_overrides(self.cfg, {"seed": seed})
     run_lm(cfg, os.path.join(workdir, f"seed_{seed}"), quiet=True)
 
   def records(self, workdir: str) -> list[dict]:

@@ -55,3 +55,18 @@ def test_unknown_method_and_empty_data_are_user_errors():
     curation.sampling_logits(np.arange(3.0), "dpo")
   with pytest.raises(UserError):
     curation.sampling_logits(np.array([]), "bc")
+
+
+def test_with_overrides_sets_dotted_keys_on_a_copy():
+  import ml_collections
+
+  from iwsft.core.config import with_overrides
+  from iwsft.errors import UserError
+
+  cfg = ml_collections.ConfigDict({"method": "bc", "finetune": {"steps": 10, "lr": 0.1}})
+  out = with_overrides(cfg, {"method": "iw_sft", "finetune.steps": 40})
+  assert (out.method, out.finetune.steps, out.finetune.lr) == ("iw_sft", 40, 0.1)
+  assert (cfg.method, cfg.finetune.steps) == ("bc", 10)  # the original is untouched
+  for bad in ("finetune.stepz", "nowhere.steps", "method.x"):
+    with pytest.raises(UserError, match=bad):
+      with_overrides(cfg, {bad: 1})
