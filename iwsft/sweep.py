@@ -9,7 +9,8 @@ figures.
 The grids are iwsft.control.grid.ControlGrid and iwsft.lm.grid.LMGrid (their layouts are there).
 A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), score_label, and
 validate(), identity(), plan(workdir), describe(group), prepare(), run(group, workdir),
-records(workdir), training_data(dataset), figures(records, workdir).
+records(workdir), training_data(dataset), extra_tables(records, workdir) and
+figures(records, workdir).
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
   paired_text, paired_outputs = _write_paired(grid, recs, workdir)
   weights_text, weights_outputs = _write_weights(grid, recs, workdir)
   aggregate_text, aggregate_outputs = _write_aggregate(grid, recs, workdir, bootstrap_seed)
-  text += paired_text + aggregate_text + weights_text
+  extra_text, extra_outputs = grid.extra_tables(recs, workdir)
+  text += paired_text + extra_text + aggregate_text + weights_text
   outputs = ["table.md", "table.csv", "cells.csv", *paired_outputs, *aggregate_outputs]
-  outputs += weights_outputs
+  outputs += extra_outputs + weights_outputs
   say("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)

@@ -58,6 +58,13 @@ def test_t_interval_covers_a_normal_mean_95_percent_of_the_time(n):
   assert abs(covered - 0.95) < 0.01, covered
 
 
+def test_mcnemar_against_the_binomial_closed_form():
+  """b = 10, c = 2: p = 2 · Σ_{k≤2} C(12, k) / 2^12; no discordant pairs: p = 1."""
+  np.testing.assert_allclose(report.mcnemar(10, 2), 2 * (1 + 12 + 66) / 4096, rtol=1e-12)
+  np.testing.assert_allclose(report.mcnemar(2, 10), 2 * (1 + 12 + 66) / 4096, rtol=1e-12)
+  assert report.mcnemar(0, 0) == 1.0 and report.mcnemar(3, 3) == 1.0
+
+
 def test_aggregate_iqm_and_probability_of_improvement_against_numpy():
   """rliable's IQM and probability of improvement on a grid whose values are known exactly."""
   rng = np.random.default_rng(0)
@@ -442,5 +449,17 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
     )
   np.testing.assert_allclose(float(weights["iw/ess_fraction"]), np.mean(ess), rtol=1e-9)
   assert (work / "paired.png").stat().st_size > 10_000
+  # paired by problem: the discordant counts from the saved per-problem outcomes, read with json
+  problems = {row["mode"]: row for row in csv.DictReader(open(work / "problems.csv"))}
+  for mode in ("greedy", "sampled"):
+    a = np.concatenate([res["models"]["iw_sft"][f"correct_{mode}"] for res in results])
+    b = np.concatenate([res["models"]["sft"][f"correct_{mode}"] for res in results])
+    row = problems[mode]
+    assert int(row["problems"]) == len(a) == 2 * results[0]["eval_problems"]
+    assert (int(row["b"]), int(row["c"])) == (
+      int(((a == 1) & (b == 0)).sum()),
+      int(((a == 0) & (b == 1)).sum()),
+    )
+    np.testing.assert_allclose(float(row["diff"]), 100 * (a.mean() - b.mean()), atol=1e-9)
   r = subprocess.run(cmd + ["--dry_run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 0 and "0 run(s) to do" in r.stdout

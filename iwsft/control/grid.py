@@ -110,6 +110,10 @@ class ControlGrid:
     cfg.log = self.cfg.log.copy_and_resolve_references()  # the sweep's logging for every cell
     return cfg
 
+  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+    """No tables beyond the engine's for control cells."""
+    return "", []
+
   def prepare(self) -> None:
     if self.build is not None:
       datasets.build(*self.build, seed=0, force=False)

@@ -104,6 +104,57 @@ def paired_differences(
   return rows
 
 
+def mcnemar(b: int, c: int) -> float:
+  """Exact McNemar test of paired binary outcomes: b pairs where only the first is right, c where
+  only the second is -> two-sided p-value (binomial, b of b + c at 1/2)."""
+  from scipy import stats
+
+  return 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def problem_pairs(outcomes: dict, pairs: dict[str, str], level: float = 0.95) -> list[dict]:
+  """Per pair {method: baseline} and mode, paired by problem over every (seed, problem):
+  outcomes[(seed, model, mode)] = [0/1 per problem] (the same problems for every model of a
+  seed). -> rows {method, baseline, mode, problems, b (method right, baseline wrong), c (the
+  reverse), diff (pass@1 points), ci_low, ci_high (Wald, paired proportions), p (McNemar)}."""
+  z = float(np.sqrt(2) * _erfinv(level))
+  keys = {(m, mode) for _, m, mode in outcomes}
+  rows = []
+  for method, base in pairs.items():
+    for mode in sorted({mode for m, mode in keys if m == method}):
+      seeds = sorted(s for s, m, md in outcomes if m == method and md == mode)
+      seeds = [s for s in seeds if (s, base, mode) in outcomes]
+      if not seeds:
+        continue
+      a = np.concatenate([outcomes[(s, method, mode)] for s in seeds]).astype(bool)
+      r = np.concatenate([outcomes[(s, base, mode)] for s in seeds]).astype(bool)
+      n, b, c = a.size, int(np.sum(a & ~r)), int(np.sum(~a & r))
+      diff = (b - c) / n
+      se = np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+      rows.append(
+        {
+          "method": method,
+          "baseline": base,
+          "mode": mode,
+          "seeds": seeds,
+          "problems": n,
+          "b": b,
+          "c": c,
+          "diff": 100 * diff,
+          "ci_low": 100 * (diff - z * se),
+          "ci_high": 100 * (diff + z * se),
+          "p": mcnemar(b, c),
+        }
+      )
+  return rows
+
+
+def _erfinv(level: float) -> float:
+  from scipy import special
+
+  return float(special.erfinv(level))
+
+
 def aggregate(
   records: Sequence[dict],
   methods: Sequence[str],

@@ -8,6 +8,8 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from iwsft.core.config import with_overrides
 from iwsft.errors import UserError
 from iwsft.io import plots, report
@@ -79,6 +81,50 @@ class LMGrid:
             }
           )
     return out
+
+  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+    """Each weighted method against its unweighted counterpart paired by problem, over every
+    seed's held-out problems (report.problem_pairs: McNemar's test and a Wald interval of the
+    pass@1 difference): a section of table.md and problems.csv."""
+    outcomes = {}
+    for seed in sorted({r["seed"] for r in recs}):
+      with open(self._result(workdir, seed)) as f:
+        models = json.load(f)["models"]
+      for model, res in models.items():
+        for mode in ("greedy", "sampled"):
+          if f"correct_{mode}" in res:
+            outcomes[(seed, model, mode)] = np.array(res[f"correct_{mode}"])
+    rows = report.problem_pairs(
+      outcomes, {m: b for m, b in self.pairs.items() if m in self.methods}
+    )
+    if not rows:
+      return "", []
+    fields = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high", "p"]
+    report.write_csv(os.path.join(workdir, "problems.csv"), rows, fields + ["seeds"])
+    body = [
+      [
+        f"{r['method']} − {r['baseline']}",
+        r["mode"],
+        r["problems"],
+        f"{r['b']} / {r['c']}",
+        f"{r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]",
+        f"{r['p']:.3f}",
+      ]
+      for r in rows
+    ]
+    head = [
+      "pair",
+      "pass@1",
+      "problems",
+      "only method / only baseline right",
+      "difference [95% CI]",
+    ]
+    text = (
+      "\nPaired by problem (every seed's held-out problems): pass@1 difference in points with a"
+      " 95% Wald interval for paired proportions, and McNemar's exact test\n\n"
+      f"{report.format_table([*head, 'McNemar p'], body)}\n"
+    )
+    return text, ["problems.csv"]
 
   def figures(self, recs: list[dict], workdir: str) -> list[str]:
     """weights.png: the importance-weight diagnostics of each weighted method over fine-tuning."""

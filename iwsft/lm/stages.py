@@ -310,6 +310,7 @@ def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dic
     texts = [m.tok.decode(x) for x in comps]
     scores = np.array([s.task.verify(p, t) for p, t in zip(prompts, texts)])
     res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
+    res[f"correct_{mode}"] = [int(x) for x in scores[:, 0]]  # per problem: paired tests
     res[f"score_{mode}"] = float(scores[:, 1].mean())
   info = ctx.path(name, "info.json")
   if os.path.exists(info):
