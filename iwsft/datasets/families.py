@@ -237,9 +237,9 @@ def _behaviour_cache(env: str, profile: str, seed: int) -> str:
 def _read_cache(path, cfg):
   if path is None or not os.path.exists(path):
     return None
-  with open(path, "rb") as f:
-    saved = pickle.load(f)
   from iwsft.datasets import sac
+
+  saved = sac.read_pickle(path)
 
   if not sac._continues(saved["config"], cfg, saved["snapshots"][-1].step):  # another recipe
     return None

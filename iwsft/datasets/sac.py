@@ -174,15 +174,31 @@ def _continues(saved: SACConfig, cfg: SACConfig, step: int) -> bool:
   return _same_recipe(saved, cfg) and step <= cfg.step_cap
 
 
+# Where pickled classes lived before iwsft.datasets moved out of iwsft.control (0.3.0).
+_MOVED = {
+  "iwsft.control.datasets.sac": "iwsft.datasets.sac",
+  "iwsft.control.datasets.collect": "iwsft.datasets.collect",
+}
+
+
+def read_pickle(path: str):
+  """A pickled SAC run or behaviour cache, also one written before the package moved."""
+  import pickle
+
+  class Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+      return super().find_class(_MOVED.get(module, module), name)
+
+  with open(path, "rb") as f:
+    return Unpickler(f).load()
+
+
 def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
   """The run saved at `path` by this recipe (_same_recipe), its buffer grown to n steps; else
   None. A cap n below its step is an error (starting over would overwrite it)."""
-  import pickle
-
   if path is None or not os.path.exists(path):
     return None
-  with open(path, "rb") as f:
-    saved = pickle.load(f)
+  saved = read_pickle(path)
   run = saved["run"]
   if not _same_recipe(saved["config"], cfg):
     return None

@@ -204,3 +204,20 @@ def test_one_xla_thread_is_set_before_jax_starts_and_refused_after():
   jax.numpy.zeros(1).block_until_ready()  # this process's backend has started
   with pytest.raises(RuntimeError, match="no effect"):
     cli.use_one_xla_thread()
+
+
+def test_a_cache_pickled_before_the_package_moved_still_loads(tmp_path):
+  """Behaviour caches written when the builder lived in iwsft.control.datasets load unchanged."""
+  import pickle
+
+  from iwsft.datasets import sac
+
+  snap = sac.Snapshot(step=5, eval_return=1.5, actor={"w": np.ones(2)})
+  # protocol 0 names classes as plain text, so the old module path can be written in
+  old = pickle.dumps({"snapshots": [snap], "config": SACConfig()}, protocol=0)
+  for now in (b"iwsft.datasets.sac_agent\n", b"iwsft.datasets.sac\n"):  # where both lived then
+    old = old.replace(now, b"iwsft.control.datasets.sac\n")
+  assert old.count(b"iwsft.control.datasets.sac\n") == 2
+  (tmp_path / "old.pkl").write_bytes(old)
+  back = sac.read_pickle(str(tmp_path / "old.pkl"))
+  assert back["snapshots"][0].step == 5 and back["config"] == SACConfig()
