@@ -7,7 +7,8 @@ weights change per seed (paired.csv) and the weights' diagnostics (weights.csv),
 figures.
 
 The grids are iwsft.control.grid.ControlGrid and iwsft.lm.grid.LMGrid (their layouts are there).
-A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), score_label, and
+A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), controls
+({curated method: the same training without curation}), score_label, and
 validate(), identity(), plan(workdir), describe(group), prepare(), run(group, workdir),
 records(workdir), training_data(dataset), extra_tables(records, workdir) and
 figures(records, workdir).
@@ -163,9 +164,10 @@ def _write_aggregate(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str
 
 
 def _write_paired(grid, recs, workdir: str) -> tuple[str, list[str]]:
-  """What the importance weights change (report.paired_differences over grid.pairs): a section
-  of table.md (returned), paired.csv and paired.png; nothing when no pair is in the grid."""
-  paired = report.paired_differences(recs, grid.pairs)
+  """What the importance weights change and what curation changes (report.paired_differences over
+  grid.pairs and grid.controls): a section of table.md (returned), paired.csv and paired.png;
+  nothing when no pair is in the grid."""
+  paired = report.paired_differences(recs, {**grid.pairs, **grid.controls})
   if not paired:
     return "", []
   report.write_csv(os.path.join(workdir, "paired.csv"), paired, PAIRED_COLUMNS)
@@ -173,14 +175,15 @@ def _write_paired(grid, recs, workdir: str) -> tuple[str, list[str]]:
     paired,
     os.path.join(workdir, "paired.png"),
     f"difference in {grid.score_label}",
-    "what the importance weights change, per seed; mean and 95% CI over seeds "
-    + ",".join(map(str, grid.seeds)),
+    "paired differences, per seed; mean and 95% CI over seeds " + ",".join(map(str, grid.seeds)),
     label=lambda d: d.split("/", 1)[-1],
   )
   text = (
-    "\nWhat the importance weights change: each weighted method minus the same method with every"
-    " weight 1, per seed (same π_ref, same random stream); mean [95% Student-t CI] of the paired"
-    " differences, and on how many seeds the weighted method scored higher or lower\n\n"
+    "\nPaired by seed (same π_ref, same random stream): what the importance weights change (each"
+    " weighted method minus the same method with every weight 1) and, where bc_continued ran,"
+    " what curation changes over the same training (a curated method minus bc_continued); mean"
+    " [95% Student-t CI] of the differences, and on how many seeds the first scored higher or"
+    " lower\n\n"
     f"{report.paired_table(paired, grid.datasets)}\n"
   )
   return text, ["paired.csv", "paired.png"]

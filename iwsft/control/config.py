@@ -15,10 +15,14 @@ import ml_collections
 
 from iwsft.core.config import log_section, objective_section, stage_section
 
-METHODS = ("bc", "filtered_bc", "iw_sft", "sft_q", "iw_sft_q")
+METHODS = ("bc", "filtered_bc", "iw_sft", "sft_q", "iw_sft_q", "bc_continued")
+# bc_continued: the control for "more training": π_ref fine-tuned on all episodes with the
+# fine-tuning stage's updates and schedule, unweighted (what filtered BC is, without the filter)
 WEIGHTED = ("iw_sft", "iw_sft_q")  # the methods that use importance weights
 # each weighted method and the method it is with every weight 1 (same curated batches, same π_ref)
 UNWEIGHTED = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
+# each curated method and the control with the same training but no curation
+CONTROLS = {"filtered_bc": "bc_continued", "sft_q": "bc_continued"}
 PRESETS = ("paper", "cpu", "cpu-sweep")
 
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from iwsft import datasets
-from iwsft.control.config import METHODS, UNWEIGHTED
+from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED
 from iwsft.control.pipeline import run_control_seeds
 from iwsft.control.settings import validate
 from iwsft.core.config import with_overrides
@@ -44,7 +44,7 @@ class ControlGrid:
     build: tuple[str, str, list[str]] | None = None,
     configs: dict | None = None,
   ):
-    self.pairs = UNWEIGHTED
+    self.pairs, self.controls = UNWEIGHTED, CONTROLS
     bad = [m for m in methods if m not in METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")

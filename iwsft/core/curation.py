@@ -97,13 +97,14 @@ def sampling_logits(
 ) -> np.ndarray:
   """[N] sequence scores (e.g. episode returns) -> [N] float32 sampling logits for a method.
 
-  method: "bc" / "sft" (all data), "filtered_bc" / "iw_sft" (curated subset: the top
-  `top_fraction`, or the stratified `percentiles` if given), "sft_q" / "iw_sft_q" (quality).
+  method: "bc" / "bc_continued" / "sft" (all data), "filtered_bc" / "iw_sft" (curated subset:
+  the top `top_fraction`, or the stratified `percentiles` if given), "sft_q" / "iw_sft_q"
+  (quality).
   """
   scores = np.asarray(scores, dtype=np.float64)
   if scores.size == 0:
     raise UserError("the dataset has no sequences")
-  if method in ("bc", "sft"):
+  if method in ("bc", "bc_continued", "sft"):
     return np.zeros(len(scores), np.float32)
   if method in ("filtered_bc", "iw_sft"):
     if percentiles:

@@ -26,7 +26,7 @@ class LMGrid:
   score_label = "pass@1 ×100"
 
   def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int]):
-    self.pairs = UNWEIGHTED
+    self.pairs, self.controls = UNWEIGHTED, {}
     bad = [m for m in methods if m not in LM_METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(LM_METHODS)}")

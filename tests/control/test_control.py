@@ -74,6 +74,24 @@ def test_filtered_bc_keeps_exactly_the_competent_episodes(datasets):
   np.testing.assert_array_equal(np.isfinite(logits), competent)
 
 
+def test_bc_continued_trains_on_every_episode_with_the_finetuning_stage(datasets):
+  """The control for "more training": no curation (uniform over all episodes), the fine-tuning
+  stage's settings, unweighted."""
+  from iwsft.control.config import get_config
+  from iwsft.control.data import episodes_from_minari, load_dataset
+  from iwsft.control.settings import curation_for, validate
+
+  eps = episodes_from_minari(load_dataset(MIXED))
+  cfg = get_config()
+  cfg.method = "bc_continued"
+  s = validate(cfg)
+  logits, weight = curation_for("bc_continued", eps.returns, s.curation)
+  np.testing.assert_array_equal(logits, np.zeros(40))
+  np.testing.assert_array_equal(weight, np.ones(40))
+  assert s.finetune is not None and s.finetune.steps == cfg.finetune.steps
+  assert s.objective.importance_weighting == "none"
+
+
 def test_cli_writes_a_valid_result(datasets, tmp_path):
   work = tmp_path / "run"
   r = cli(
