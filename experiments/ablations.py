@@ -103,7 +103,7 @@ def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[
   for name, (what, base, results, diags) in runs.items():
     scores = {r["seed"]: r["normalised_score"] for r in results}
     row = {"run": name, "ablates": what, **summary[name]}
-    row["per_seed"] = [round(float(scores[s]), 1) for s in row["seeds"]]
+    row["per_seed"] = [float(scores[s]) for s in row["seeds"]]  # unrounded: paired reprints
     if base:
       p = paired[name]
       row.update(baseline=base, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])

@@ -4,8 +4,8 @@ interval method.
   python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
   python experiments/report.py --dir=docs/ablations-full-hopper/iw_sft --ablation
 
-An ablation's table.csv has each run's mean and std (exact) and its per-seed scores rounded to
-0.1: its paired differences are recomputed from those rounded scores (within 0.1 of exact).
+An ablation's table.csv has each run's mean and std (exact) and its per-seed scores (rounded to
+0.1 in tables written before 0.3.0): its paired differences are recomputed from those scores.
 
 Reads table.csv (per cell: n, mean, std, seeds) and, where present, paired.csv (per pair: n, mean,
 std and the per-seed differences), cells.csv (every seed's score: the rliable aggregates) and
