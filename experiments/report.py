@@ -20,6 +20,7 @@ import os
 
 from absl import flags
 
+from iwsft.control.config import UNWEIGHTED
 from iwsft.errors import UserError
 from iwsft.io import cli, report
 
@@ -29,7 +30,7 @@ flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bo
 flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's table.csv")
 flags.mark_flag_as_required("dir")
 
-PAIRS = {"iw_sft": "filtered_bc", "iw_sft_q": "sft_q"}
+PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
 
 
 def _rows(path: str) -> list[dict]:
@@ -94,7 +95,7 @@ def main(argv):
     p["above"], p["below"] = int(r["above"]), int(r["below"])
     paired.append(p)
   if paired:
-    text += "\nweighted − unweighted, paired by seed: mean [95% Student-t CI]\n\n"
+    text += "\npaired by seed: mean [95% Student-t CI]\n\n"
     text += report.paired_table(paired) + "\n"
   cells = _rows(os.path.join(d, "cells.csv"))
   iqm = poi = []
@@ -113,23 +114,15 @@ def main(argv):
 def _write(d: str, text: str, table, paired, iqm, poi) -> None:
   weights = os.path.join(d, "weights.csv")
   if os.path.exists(weights):
-    rows = _rows(weights)
-    body = [[r["dataset"], r["method"], r["n"], *report.diagnostics_text(_floats(r))] for r in rows]
-    head = ["dataset", "method", "seeds", *report.DIAGNOSTICS_HEADER]
     text += "\nthe importance weights, per seed over fine-tuning, then over seeds\n\n"
-    text += report.format_table(head, body) + "\n"
+    text += report.weights_table([_floats(r) for r in _rows(weights)]) + "\n"
   with open(os.path.join(d, "table.md"), "w") as f:
     f.write(text)
-  fields = ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"]
-  report.write_csv(os.path.join(d, "table.csv"), table, fields)
+  report.write_csv(os.path.join(d, "table.csv"), table, report.SUMMARY_COLUMNS)
   if paired:
-    fields = ["dataset", "method", "baseline", "n", "mean", "std", "ci_low", "ci_high", "above"]
-    report.write_csv(os.path.join(d, "paired.csv"), paired, fields + ["below", "seeds", "per_seed"])
+    report.write_csv(os.path.join(d, "paired.csv"), paired, report.PAIRED_COLUMNS)
   if iqm:
-    rows = [dict(r, statistic="iqm", value=r["iqm"]) for r in iqm]
-    rows += [dict(r, statistic="probability_of_improvement", value=r["probability"]) for r in poi]
-    fields = ["statistic", "method", "baseline", "value", "ci_low", "ci_high", "datasets", "seeds"]
-    report.write_csv(os.path.join(d, "aggregate.csv"), rows, fields)
+    report.write_aggregate(os.path.join(d, "aggregate.csv"), iqm, poi)
 
 
 def _floats(row: dict) -> dict:

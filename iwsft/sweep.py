@@ -35,22 +35,6 @@ CELL_COLUMNS = [
 ]
 
 
-PAIRED_COLUMNS = [
-  "dataset",
-  "method",
-  "baseline",
-  "n",
-  "mean",
-  "std",
-  "ci_low",
-  "ci_high",
-  "above",
-  "below",
-  "seeds",
-  "per_seed",
-]
-
-
 def run_sweep(
   grid,
   workdir: str,
@@ -131,11 +115,7 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
   say("\n" + text)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
-  report.write_csv(
-    os.path.join(workdir, "table.csv"),
-    summary,
-    ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"],
-  )
+  report.write_csv(os.path.join(workdir, "table.csv"), summary, report.SUMMARY_COLUMNS)
   cells = [dict(r, cell=os.path.relpath(r["cell"], workdir)) for r in recs]  # movable with it
   report.write_csv(os.path.join(workdir, "cells.csv"), cells, CELL_COLUMNS)
   return outputs
@@ -147,13 +127,7 @@ def _write_aggregate(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str
   iqm, poi = report.aggregate(recs, grid.methods, grid.pairs, seed=bootstrap_seed)
   if not iqm:
     return "", []
-  rows = [dict(r, statistic="iqm", value=r["iqm"]) for r in iqm]
-  rows += [dict(r, statistic="probability_of_improvement", value=r["probability"]) for r in poi]
-  report.write_csv(
-    os.path.join(workdir, "aggregate.csv"),
-    rows,
-    ["statistic", "method", "baseline", "value", "ci_low", "ci_high", "datasets", "seeds"],
-  )
+  report.write_aggregate(os.path.join(workdir, "aggregate.csv"), iqm, poi)
   text = (
     "\nAcross datasets (rliable): interquartile mean of the scores over datasets × seeds, and the"
     " probability that a weighted method scores above its unweighted counterpart on a dataset;"
@@ -170,7 +144,7 @@ def _write_paired(grid, recs, workdir: str) -> tuple[str, list[str]]:
   paired = report.paired_differences(recs, {**grid.pairs, **grid.controls})
   if not paired:
     return "", []
-  report.write_csv(os.path.join(workdir, "paired.csv"), paired, PAIRED_COLUMNS)
+  report.write_csv(os.path.join(workdir, "paired.csv"), paired, report.PAIRED_COLUMNS)
   plots.paired_differences(
     paired,
     os.path.join(workdir, "paired.png"),
@@ -217,11 +191,10 @@ def _write_weights(grid, recs, workdir: str) -> tuple[str, list[str]]:
     rows,
     ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, "seeds"],
   )
-  body = [[r["dataset"], r["method"], r["n"], *report.diagnostics_text(r)] for r in rows]
   text = (
     "\nThe importance weights, per seed averaged over fine-tuning, then over seeds: effective"
     " sample size as a fraction of the batch, largest weight, fraction clipped, mean log"
     " q/π_ref\n\n"
-    f"{report.format_table(['dataset', 'method', 'seeds', *report.DIAGNOSTICS_HEADER], body)}\n"
+    f"{report.weights_table(rows)}\n"
   )
   return text, ["weights.csv"]

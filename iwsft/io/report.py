@@ -20,6 +20,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+SUMMARY_COLUMNS = ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"]
+PAIRED_COLUMNS = ["dataset", "method", "baseline", "n", "mean", "std", "ci_low", "ci_high"]
+PAIRED_COLUMNS += ["above", "below", "seeds", "per_seed"]
+AGGREGATE_COLUMNS = [
+  "statistic",
+  "method",
+  "baseline",
+  "value",
+  "ci_low",
+  "ci_high",
+  "datasets",
+  "seeds",
+]
+
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
   """Student-t interval of the mean of `values` [n]: mean ± t_{n-1} · std(ddof=1) / √n.
@@ -117,7 +131,9 @@ def problem_pairs(outcomes: dict, pairs: dict[str, str], level: float = 0.95) ->
   outcomes[(seed, model, mode)] = [0/1 per problem] (the same problems for every model of a
   seed). -> rows {method, baseline, mode, problems, b (method right, baseline wrong), c (the
   reverse), diff (pass@1 points), ci_low, ci_high (Wald, paired proportions), p (McNemar)}."""
-  z = float(np.sqrt(2) * _erfinv(level))
+  from scipy import stats
+
+  z = float(stats.norm.ppf(0.5 + level / 2))
   keys = {(m, mode) for _, m, mode in outcomes}
   rows = []
   for method, base in pairs.items():
@@ -147,12 +163,6 @@ def problem_pairs(outcomes: dict, pairs: dict[str, str], level: float = 0.95) ->
         }
       )
   return rows
-
-
-def _erfinv(level: float) -> float:
-  from scipy import special
-
-  return float(special.erfinv(level))
 
 
 def aggregate(
@@ -186,7 +196,9 @@ def aggregate(
   saved = np.random.get_state()  # rliable draws some indices from numpy's global generator
   np.random.seed(seed)
   try:
-    iqm_rows, poi = _rliable(scores, pairs, level, reps, seed)
+    with warnings.catch_warnings():  # arch, inside rliable, deprecates the random_state it is given
+      warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)
+      iqm_rows, poi = _rliable(scores, pairs, level, reps, seed)
   finally:
     np.random.set_state(saved)
   size = {"datasets": len(datasets), "seeds": len(seeds)}
@@ -201,7 +213,6 @@ def _rliable(scores: dict, pairs: dict, level: float, reps: int, seed: int):
 
   rng = lambda: np.random.RandomState(seed)
   iqm = lambda x: np.array([metrics.aggregate_iqm(x)])
-  warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)  # arch, in rliable
   point, ci = rly.get_interval_estimates(
     scores, iqm, reps=reps, confidence_interval_size=level, random_state=rng()
   )
@@ -237,6 +248,21 @@ def _rliable(scores: dict, pairs: dict, level: float, reps: int, seed: int):
     for k in todo
   ]
   return iqm_rows, poi_rows
+
+
+def write_aggregate(path: str, iqm_rows: Sequence[dict], poi_rows: Sequence[dict]) -> None:
+  """aggregate's two lists as one CSV, a row per statistic (AGGREGATE_COLUMNS)."""
+  rows = [dict(r, statistic="iqm", value=r["iqm"]) for r in iqm_rows]
+  rows += [
+    dict(r, statistic="probability_of_improvement", value=r["probability"]) for r in poi_rows
+  ]
+  write_csv(path, rows, AGGREGATE_COLUMNS)
+
+
+def weights_table(rows: Sequence[dict]) -> str:
+  """Rows {dataset, method, n, WEIGHT_DIAGNOSTICS...} as the Markdown table of the weights."""
+  body = [[r["dataset"], r["method"], r["n"], *diagnostics_text(r)] for r in rows]
+  return format_table(["dataset", "method", "seeds", *DIAGNOSTICS_HEADER], body)
 
 
 def aggregate_text(iqm_rows: Sequence[dict], poi_rows: Sequence[dict]) -> str:
