@@ -95,9 +95,8 @@ def run_control_seeds(
 # ----------------------------------------------------------------------------- prepare
 
 
-def prepare(cfg_or_settings, seeds: list[int], quiet: bool = False) -> Context:
+def prepare(s: Settings, seeds: list[int], quiet: bool = False) -> Context:
   """Reads this process's share of the data and builds one policy per seed (no workdir yet)."""
-  s = cfg_or_settings if isinstance(cfg_or_settings, Settings) else validate(cfg_or_settings)
   mesh = sharding.make_mesh(s.num_devices or None)
   for st in (s.reference, s.finetune):
     if st is not None:

@@ -141,14 +141,14 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
 def test_observations_are_not_normalised_when_switched_off(datasets, tmp_path):
   """The paper preset's default, as the authors' control code: the policy stores mean 0, std 1."""
   from iwsft.control.config import get_config
-  from iwsft.control.pipeline import prepare
+  from iwsft.control.pipeline import prepare, validate
 
   cfg = get_config()
   assert not cfg.policy.normalise_observations and get_config("cpu").policy.normalise_observations
   cfg.update(dataset=MIXED, num_devices=1)
   cfg.reference.batch_size = 8
   cfg.finetune.batch_size = 8
-  run = prepare(cfg, [0], quiet=True)
+  run = prepare(validate(cfg), [0], quiet=True)
   assert np.all(np.asarray(run.policies.constants["obs_mean"][...]) == 0)
   assert np.all(np.asarray(run.policies.constants["obs_std"][...]) == 1)
 
@@ -366,7 +366,7 @@ def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, t
   import gymnasium as gym
   import minari
 
-  from iwsft.control.pipeline import prepare
+  from iwsft.control.pipeline import prepare, validate
   from iwsft.datasets.collect import write_episodes
 
   episodes = [
@@ -386,7 +386,7 @@ def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, t
   cfg = _tiny_config("bc")
   cfg.update(dataset=did, num_devices=1)
   cfg.reference.batch_size = 4
-  run = prepare(cfg, [0], quiet=True)
+  run = prepare(validate(cfg), [0], quiet=True)
   assert gym.spec("InvertedPendulum-v5").max_episode_steps == 1000
   assert run.data.env_spec.max_episode_steps == 37
 
