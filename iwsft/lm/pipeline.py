@@ -18,7 +18,7 @@ from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.lm import data as lm_data
 from iwsft.lm.config import LM_METHODS, STAGES
-from iwsft.lm.settings import Model, Settings, check_settings, load_model
+from iwsft.lm.settings import Model, Settings, check_settings, encode, load_model
 from iwsft.lm.stages import STAGE_FUNCTIONS, Context
 
 # Everything a run writes to its workdir (removed by --overwrite when the settings changed).
@@ -42,7 +42,7 @@ def _user_records(s: Settings, model: Model) -> list | None:
   if not s.data:
     return None
   records = lm_data.read_jsonl(s.data)
-  lm_data.encode_records(records, model.mcfg.max_len, s.data, model.tok, s.task.response_prefix)
+  encode(s, model, records, s.data)
   if "sft_q" in s.methods and any(r.score is None for r in records):
     raise UserError(f"{s.data}: sft_q needs a 'score' on every record")
   return records

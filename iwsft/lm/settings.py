@@ -160,6 +160,14 @@ def prompt_ids(task, tok, prompt: str) -> list[int]:
   return lm_data.prompt_tokens(prompt, tok, task.response_prefix(prompt))
 
 
+def encode(s: Settings, model: Model, records, source: str = "data") -> dict:
+  """Records as the update's pool, in the model's context and tokenizer (lm_data.encode_records);
+  a record that does not fit is a UserError naming `source` and its line."""
+  return lm_data.encode_records(
+    records, model.mcfg.max_len, source, model.tok, s.task.response_prefix
+  )
+
+
 def load_model(s: Settings) -> Model:
   """π_ref (pretrained, or the byte-level model at its seed's initialisation), checked against the
   task: top_k within the vocabulary, and room for the longest prompt and its completion."""

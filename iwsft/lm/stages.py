@@ -36,7 +36,7 @@ from iwsft.lm import data as lm_data
 from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import make_logprob_fn, param_count, trainable
 from iwsft.lm.sampling import sample_grouped
-from iwsft.lm.settings import Model, Settings, prompt_ids
+from iwsft.lm.settings import Model, Settings, encode, prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,7 @@ class Context:
     return prompt_ids(self.settings.task, self.model.tok, prompt)
 
   def encode(self, records, source: str = "data"):
-    task = self.settings.task
-    return lm_data.encode_records(
-      records, self.model.mcfg.max_len, source, self.model.tok, task.response_prefix
-    )
+    return encode(self.settings, self.model, records, source)
 
   def load(self, name: str):
     """A stage's trained parameters (π_ref: the pretrained model as it is)."""
