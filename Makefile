@@ -45,9 +45,10 @@ ablations-full: install  ## the ablations on full Hopper medium-replay at the sw
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --workdir=runs/ablations-full-hopper-iw_sft
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --method=iw_sft_q --workdir=runs/ablations-full-hopper-iw_sft_q
 
-.venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv, for the BC comparison only
+.venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv (torch's CPU build first, so d3rlpy does not pull a CUDA one)
 	$(PYTHON) -m venv .venv-d3rlpy
 	.venv-d3rlpy/bin/python -m pip install -q --upgrade pip
+	.venv-d3rlpy/bin/python -m pip install -q "torch==2.13.0"
 	.venv-d3rlpy/bin/python -m pip install -q "d3rlpy>=2.8,<2.9"
 	touch $@
 

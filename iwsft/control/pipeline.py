@@ -103,7 +103,7 @@ def prepare(s: Settings, seeds: list[int], quiet: bool = False) -> Context:
       sharding.check_batch_size(st.batch_size, mesh)
   dataset = data_lib.load_dataset(s.dataset, s.download)
   data_lib.check_spaces(dataset)
-  env_spec, action_space = _environment(dataset, s.dataset)
+  env_spec, action_space = environment(dataset, s.dataset)
   # Each process reads only its share of the training episodes; validation episodes are read whole.
   train_idx, val_idx = data_lib.split_indices(dataset.total_episodes, s.val_fraction, seeds[0])
   share = data_lib.read_share(dataset, train_idx, mesh)
@@ -130,7 +130,7 @@ def _policies(s: Settings, seeds: list[int], share, action_space) -> Policies:
   return Policies(built[0][0], built[0][2], [b[1] for b in built])
 
 
-def _environment(dataset, name: str):
+def environment(dataset, name: str):
   """(the spec of the dataset's evaluation environment, its action space), checked against the
   data. Minari's evaluation environment is the one the dataset names for evaluation, or the one
   that recorded it where it names none."""

@@ -289,16 +289,16 @@ def aggregate_text(iqm_rows: Sequence[dict], poi_rows: Sequence[dict]) -> str:
 
 def paired_table(rows: Sequence[dict], datasets: Sequence[str] = ()) -> str:
   """Datasets as rows, one column per pair: "mean [ci_low, ci_high] (a/n up, b/n down)"."""
-  cells = {(r["dataset"], r["method"]): r for r in rows}
+  cells = {(r["dataset"], r["method"], r["baseline"]): r for r in rows}
   pairs = list(dict.fromkeys((r["method"], r["baseline"]) for r in rows))
   body = [
     [d]
     + [
       f"{c['mean']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
       f" ({c['above']}/{c['n']} up, {c['below']}/{c['n']} down)"
-      if (c := cells.get((d, m)))
+      if (c := cells.get((d, m, b)))
       else "–"
-      for m, _ in pairs
+      for m, b in pairs
     ]
     for d in _ordered([r["dataset"] for r in rows], list(datasets))
   ]
