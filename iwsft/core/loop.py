@@ -18,7 +18,10 @@ from jax.sharding import Mesh
 from iwsft.core.sharding import (
   pool_rows,
   put_replicated,
+  replicated,
+  seed_mesh,
   seed_pool_sharded,
+  seed_sharded,
   shard_pool,
   state_sharding,
 )
@@ -70,6 +73,7 @@ def fit(
   name: str,
   hooks: Hooks | None = None,
   seed_data=None,
+  seeds_over_devices: bool = False,
 ) -> TrainState:
   """Trains `state` for sampling.steps updates of `update` on batches drawn from `data`.
 
@@ -79,17 +83,24 @@ def fit(
   sampling: batch size, steps, packing and dispatch (step.Sampling).
   seed_data: pool leaves that differ per seed, as make_train_steps takes them (π_ref's log-probs
     from step.pool_logprobs), or None.
-  A state with a seed axis (state.stack_seeds) is trained with the update vmapped over seeds.
+  A state with a seed axis (state.stack_seeds) is trained with the update vmapped over seeds;
+  seeds_over_devices splits those seeds over the mesh's devices (sharding.seed_mesh: as many
+  devices as share the seeds evenly, each training its seeds on whole batches from the whole
+  pool) instead of splitting every batch over all devices.
   Chunk boundaries depend only on the step count, so a resumed run dispatches exactly the
   computations of an uninterrupted one. A non-finite loss or gradient that was not skipped stops
   training with FloatingPointError naming the step; the last checkpoint saved is the last good
   state.
   """
   steps = sampling.steps
-  run = _Run(name, state, hooks or Hooks(), mesh)
+  if seeds_over_devices:
+    if num_seeds(state) is None:
+      raise ValueError("fit: seeds_over_devices needs a state with a seed axis (stack_seeds)")
+    mesh = seed_mesh(mesh, num_seeds(state))
+  run = _Run(name, state, hooks or Hooks(), mesh, seeds_over_devices)
   state, done = run.start(state)
-  data, logits = _place_pool(data, logits, mesh)
-  seed_data = _place_seed_data(seed_data, data, mesh, run.seeds is not None)
+  data, logits = _place_pool(data, logits, mesh, seeds_over_devices)
+  seed_data = _place_seed_data(seed_data, data, mesh, run.seeds is not None, seeds_over_devices)
   chunk = max(1, min(sampling.steps_per_dispatch, run.hooks.eval_every or steps))
   compiled = {}
   if run.hooks.evaluate is not None and run.hooks.eval_every > 0 and done == 0:
@@ -99,7 +110,13 @@ def fit(
       n = _next_chunk(done, steps, chunk, run.hooks.eval_every)
       if n not in compiled:
         compiled[n] = make_train_steps(
-          update, mesh, sampling, n, vmapped=run.seeds is not None, state_shardings=run.shardings
+          update,
+          mesh,
+          sampling,
+          n,
+          vmapped=run.seeds is not None,
+          state_shardings=run.shardings,
+          seeds_over_devices=seeds_over_devices,
         )
       state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n
@@ -126,9 +143,15 @@ def _next_chunk(done: int, steps: int, chunk: int, eval_every: int) -> int:
   return min(n, eval_every - done % eval_every) if eval_every > 0 else n
 
 
-def _place_pool(data, logits, mesh: Mesh):
-  """The pool split over the mesh (if still on the host) and the logits replicated; checked."""
+def _place_pool(data, logits, mesh: Mesh, whole: bool = False):
+  """The pool split over the mesh (if still on the host), or `whole` on every device, and the
+  logits replicated; checked."""
   logits = np.asarray(logits, np.float32)
+  if whole:  # the rows past len(logits) (another mesh's padding) are never drawn
+    data = jax.device_put(data, replicated(mesh))
+    if len(jax.tree.leaves(data)[0]) < len(logits):
+      raise ValueError(f"fit: a pool of fewer rows than its {len(logits)} logits")
+    return data, put_replicated(logits, mesh)
   if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(data)):
     data = shard_pool(data, mesh)
   pool_size = len(jax.tree.leaves(data)[0])
@@ -139,13 +162,13 @@ def _place_pool(data, logits, mesh: Mesh):
   return data, put_replicated(logits, mesh)
 
 
-def _place_seed_data(seed_data, data, mesh: Mesh, vmapped: bool) -> dict:
-  """Per-seed pool leaves on the mesh ([S, N', ...] if vmapped, else [N', ...]), checked against
-  the pool's N' rows."""
+def _place_seed_data(seed_data, data, mesh: Mesh, vmapped: bool, by_seed: bool = False) -> dict:
+  """Per-seed pool leaves on the mesh ([S, N', ...] if vmapped, else [N', ...]), split as the pool
+  or, `by_seed`, over their seed axis; checked against the pool's N' rows."""
   if not seed_data:
     return {}
   rows = len(jax.tree.leaves(data)[0])
-  sharding = seed_pool_sharded(mesh, vmapped)
+  sharding = seed_sharded(mesh) if by_seed else seed_pool_sharded(mesh, vmapped)
   for k, x in seed_data.items():
     if x.shape[int(vmapped)] != rows:
       raise ValueError(f"fit: seed_data[{k!r}] has shape {x.shape} for a pool of {rows} rows")
@@ -163,7 +186,7 @@ def _mean_of(rows: Sequence[Row] | None, key: str | None) -> float | None:
 class _Run:
   """One stage's bookkeeping around the dispatches: seeds, rows, checkpoints and stops."""
 
-  def __init__(self, name: str, state: TrainState, hooks: Hooks, mesh: Mesh):
+  def __init__(self, name: str, state: TrainState, hooks: Hooks, mesh: Mesh, by_seed: bool):
     self.name, self.hooks, self.t0 = name, hooks, time.time()
     self.seeds = num_seeds(state)
     self.index = list(range(self.seeds)) if self.seeds else [None]  # seed_slice indices
@@ -172,7 +195,10 @@ class _Run:
       None if hooks.evaluate is None else _per_seed(hooks.evaluate, len(self.index), "evaluate")
     )
     self.abstract = jax.eval_shape(lambda: state)
-    self.shardings = state_sharding(self.abstract, mesh)
+    if by_seed:
+      self.shardings = jax.tree.map(lambda _: seed_sharded(mesh), self.abstract)
+    else:
+      self.shardings = state_sharding(self.abstract, mesh)
 
   def start(self, state: TrainState) -> tuple[TrainState, int]:
     """The state to train from (restored from the newest checkpoint if any), placed on the mesh."""

@@ -4,6 +4,10 @@ Batches and the sampling pool (the training sequences on the devices) are split 
 of the mesh along their leading axis; parameters and optimiser state are replicated, or split over
 the "fsdp" axis when large (state_sharding). The pool is padded to a multiple of the device count,
 and each process supplies only its own rows of it (pool_rows, put_pool).
+
+Independent seeds of a small model can instead be split over the devices (seed_mesh,
+seed_sharded): each device holds its seeds' whole state and the whole pool, and trains them on
+whole batches, with no communication between devices.
 """
 
 from __future__ import annotations
@@ -50,6 +54,24 @@ def seed_pool_sharded(mesh: Mesh, vmapped: bool = True) -> NamedSharding:
   if not vmapped:
     return batch_sharded(mesh)
   return NamedSharding(mesh, P(None, (DATA_AXIS, FSDP_AXIS)))
+
+
+def seed_mesh(mesh: Mesh, num_seeds: int) -> Mesh:
+  """A (data d, fsdp 1) mesh over the first d devices of `mesh`, d the most that share num_seeds
+  seeds evenly (5 seeds on 8 devices: 5). One process only: seeds split over hosts would need
+  every host to hold every seed's pool; spread whole runs over processes instead."""
+  if jax.process_count() > 1:
+    raise UserError(
+      "seeds over devices runs in one process; spread a sweep's runs over processes (--part)"
+    )
+  devices = list(mesh.devices.flat)
+  d = max(k for k in range(1, min(len(devices), num_seeds) + 1) if num_seeds % k == 0)
+  return Mesh(np.asarray(devices[:d]).reshape(d, 1), (DATA_AXIS, FSDP_AXIS))
+
+
+def seed_sharded(mesh: Mesh) -> NamedSharding:
+  """A leaf's leading (seed) axis split over all devices of the mesh, the rest whole."""
+  return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
 
 
 def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):

@@ -23,7 +23,13 @@ import optax
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
 from iwsft.core.packing import distinct_steps, gather_packed
-from iwsft.core.sharding import batch_sharded, check_batch_size, replicated, seed_pool_sharded
+from iwsft.core.sharding import (
+  batch_sharded,
+  check_batch_size,
+  replicated,
+  seed_pool_sharded,
+  seed_sharded,
+)
 from iwsft.core.state import TrainState, update_q
 
 Batch = dict[str, jax.Array]
@@ -194,7 +200,9 @@ def _scanned_steps(update, sampling: Sampling, capacity, shard, vmapped: bool, n
     lengths = data["mask"].sum(axis=1).astype(jnp.int32)
 
     def take(state, sd, key, batch_of):
-      batch = jax.lax.with_sharding_constraint(batch_of({**data, **sd}), shard)
+      batch = batch_of({**data, **sd})
+      if shard is not None:  # None: seeds over devices, each seed's batch whole on its device
+        batch = jax.lax.with_sharding_constraint(batch, shard)
       return update(state.replace(key=key), batch)
 
     def padded_step(state: TrainState, _):
@@ -233,6 +241,7 @@ def make_train_steps(
   *,
   vmapped: bool = False,
   state_shardings=None,
+  seeds_over_devices: bool = False,
 ):
   """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
   dispatch, with batches drawn as `sampling` says (its steps and steps_per_dispatch are fit's).
@@ -245,18 +254,28 @@ def make_train_steps(
   seed_data: pool leaves that differ per seed (π_ref's "logp_ref" [N', T]), joined to that seed's
     pool; [S, N', ...] when vmapped (seed_pool_sharded), {} for none.
   state_shardings: where the state lives (state_sharding's tree for FSDP); replicated if None.
+  seeds_over_devices: the vmapped seeds split over the devices instead of each batch
+    (sharding.seed_mesh: the state and seed_data split along their seed axis, the pool whole on
+    every device; the mesh's devices must divide the seeds).
   """
-  check_batch_size(sampling.batch_size, mesh)
-  shard = batch_sharded(mesh)
   capacity = None if sampling.step_level else sampling.capacity
-  if capacity is not None:  # packed leaves are split over the devices too
-    capacity = -(-capacity // mesh.devices.size) * mesh.devices.size
-  train_steps = _scanned_steps(update, sampling, capacity, shard, vmapped, num_steps)
   rep = replicated(mesh)
-  st = rep if state_shardings is None else state_shardings
+  if seeds_over_devices:
+    if not vmapped:
+      raise ValueError("make_train_steps: seeds_over_devices needs a seed axis (vmapped)")
+    shard, pool, seed_data = None, rep, seed_sharded(mesh)
+    st = seed_sharded(mesh) if state_shardings is None else state_shardings
+  else:
+    check_batch_size(sampling.batch_size, mesh)
+    shard = pool = batch_sharded(mesh)
+    seed_data = seed_pool_sharded(mesh, vmapped)
+    st = rep if state_shardings is None else state_shardings
+    if capacity is not None:  # packed leaves are split over the devices too
+      capacity = -(-capacity // mesh.devices.size) * mesh.devices.size
+  train_steps = _scanned_steps(update, sampling, capacity, shard, vmapped, num_steps)
   jitted = jax.jit(
     train_steps,
-    in_shardings=(st, shard, rep, seed_pool_sharded(mesh, vmapped)),
+    in_shardings=(st, pool, rep, seed_data),
     out_shardings=(st, rep),
     donate_argnums=0,
   )

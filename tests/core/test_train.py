@@ -228,6 +228,24 @@ def test_vmapped_seeds_train_like_separate_runs(step_level):
   )
 
 
+def test_seeds_split_over_8_devices_train_like_the_seeds_one_by_one(tmp_path):
+  """8 seeds with their seed axis split over 8 devices (each device one seed, whole batches,
+  packed, π_ref's log-probs precomputed) = each seed trained alone on one device; 5 seeds on 8
+  devices use the 5 that share them evenly."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  script = os.path.join(os.path.dirname(__file__), "..", "helpers", "seed_sharding_script.py")
+  out = tmp_path / "seeds.npz"
+  subprocess.run([sys.executable, script, str(out)], env=env, check=True, capture_output=True)
+  got = np.load(out)
+  assert int(got["devices_holding_seeds"]) == 8 and int(got["seeds_per_device"]) == 1
+  assert int(got["five_seed_mesh"]) == 5
+  keys = [k for k in got.files if k.startswith("sharded_")]
+  assert len(keys) == 8 * 5  # 8 seeds x every leaf of the policy
+  for k in keys:
+    np.testing.assert_allclose(got[k], got[k.replace("sharded", "alone")], atol=1e-5, err_msg=k)
+  assert not np.allclose(got["sharded_0_0"], got["sharded_1_0"])  # the seeds differ
+
+
 def test_fsdp_splits_large_weights_and_trains_like_one_device():
   """8 devices as (data 2, fsdp 4) and (data 1, fsdp 8): each device holds 1/fsdp of the largest
   weight matrix and of its Adam moment, small leaves stay replicated, and losses and parameters
