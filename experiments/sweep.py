@@ -65,6 +65,13 @@ flags.DEFINE_integer(
   "control: seeds trained together in one vmapped program "
   "(0: all of a cell's seeds; 1: one by one)",
 )
+flags.DEFINE_integer("part", 0, "run only this part of the grid (0 .. --parts-1)")
+flags.DEFINE_integer(
+  "parts",
+  1,
+  "split the grid into this many parts, one per process (on one host or several sharing "
+  "--workdir); the part that finishes last writes the tables",
+)
 flags.DEFINE_bool("overwrite", False, "replace a sweep in --workdir made with other settings")
 flags.DEFINE_bool("dry_run", False, "print what would run and exit")
 flags.DEFINE_integer(
@@ -134,6 +141,7 @@ def main(argv):
     F.dry_run,
     F.bootstrap_seed,
     header=f"{cfg.pipeline} sweep, {' '.join([config, *overrides])}",
+    part=(F.part, F.parts),
   )
 
 

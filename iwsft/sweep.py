@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 
+from iwsft.errors import UserError
 from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
 
@@ -43,11 +44,21 @@ def run_sweep(
   bootstrap_seed: int = 0,
   header: str = "",
   say=print,
+  part: tuple[int, int] = (0, 1),
 ) -> dict:
   """Runs what is left of a grid in workdir, then writes its tables and figures; returns
-  sweep.json."""
+  sweep.json.
+
+  part (i, k): run only the i-th of k parts of the grid (its keys, grid.keys(), dealt out in
+  turn), so that k processes, on one host or several sharing the workdir, split the grid; the
+  part that finds every cell finished writes the tables of all of them."""
   t0 = time.time()
   workdir = os.path.abspath(workdir)
+  index, parts = part
+  if not 0 <= index < parts:
+    raise UserError(f"--part must lie in [0, --parts={parts}), got {index}")
+  if parts > 1 and overwrite:
+    raise UserError("--overwrite with --parts: one part would remove another's cells")
   grid.validate()
   identity = {"pipeline": grid.cfg.pipeline, "config": grid.identity()}
   if dry_run:
@@ -55,19 +66,23 @@ def run_sweep(
     if changed:
       say(f"{workdir} holds a sweep with other settings ({changed}): --overwrite reruns every cell")
       return {}
-    todo = grid.plan(workdir)
+    todo = _mine(grid, grid.plan(workdir), part)
     say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
     say("\n".join(grid.describe(g) for g in todo))
     return {}
   _claim(workdir, identity, overwrite)
   if not grid.cfg.log.wandb_group:  # the sweep's runs as one group in W&B
     grid.cfg.log.wandb_group = os.path.basename(workdir)
-  todo = grid.plan(workdir)  # after any removal by _claim
+  todo = _mine(grid, grid.plan(workdir), part)  # after any removal by _claim
   say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
   grid.prepare()
   for i, group in enumerate(todo):
     say(f"[{i + 1}/{len(todo)}] {grid.describe(group)}")
     grid.run(group, workdir)
+  others = grid.plan(workdir)
+  if others:  # only with parts: another process is still running these
+    say(f"part {index}/{parts} finished; {len(others)} run(s) of other parts left to finish")
+    return {}
   recs = grid.records(workdir)
   outputs = _write_tables(grid, recs, workdir, bootstrap_seed, header, say)
   outputs += grid.figures(recs, workdir)
@@ -85,6 +100,13 @@ def run_sweep(
     f"-> {workdir}/{{{','.join(outputs)}}}"
   )
   return info
+
+
+def _mine(grid, groups: list, part: tuple[int, int]) -> list:
+  """The groups of part (i, k): those whose key is i-th, (i + k)-th, ... of grid.keys()."""
+  index, parts = part
+  keys = grid.keys()
+  return [g for g in groups if keys.index(grid.key(g)) % parts == index]
 
 
 def _claim(workdir: str, identity: dict, overwrite: bool) -> None:

@@ -287,6 +287,39 @@ def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_pat
   assert _tree(work) == before
 
 
+def test_two_processes_split_a_grid_and_write_one_table(datasets, tmp_path):
+  """--part 0 and 1 of --parts 2, run at once in one workdir: each runs its half of the (dataset,
+  seed) groups, no cell twice, and the tables hold every cell."""
+  work = tmp_path / "sweep"
+  args = lambda i: sweep(work, "--seeds_per_group=1", f"--part={i}", "--parts=2")
+  procs = [
+    subprocess.Popen(args(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for i in (0, 1)
+  ]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert "4 run(s) to do" in out  # 2 datasets x 2 methods, one seed each
+  for d in (MIXED, EXPERT):  # one π_ref per seed: each group's reference trained by its part
+    refs = {p.name for p in (work / d.replace("/", "__")).glob("reference_*")}
+    assert refs == {"reference_0", "reference_1"}
+  ran = [
+    set(line.split("seeds ")[-1] for line in out.splitlines() if line.startswith("["))
+    for out, _ in outs
+  ]
+  assert ran == [{"0"}, {"1"}]  # part 0 ran seed 0's groups, part 1 seed 1's
+  assert sum("table" in out or "| dataset |" in out for out, _ in outs) >= 1
+  rows = list(csv.DictReader(open(work / "cells.csv")))
+  assert sorted((r["dataset"], r["method"], r["seed"]) for r in rows) == sorted(
+    (d, m, s) for d in (MIXED, EXPERT) for m in ("bc", "iw_sft") for s in ("0", "1")
+  )
+  assert len(list(csv.DictReader(open(work / "table.csv")))) == 4
+  r = subprocess.run(
+    sweep(work, "--part=0", "--parts=2", "--overwrite"), capture_output=True, text=True, cwd=ROOT
+  )
+  assert r.returncode == 2 and "--parts" in r.stderr
+
+
 def _tree(root):
   """{relative path: (size, mtime_ns)} of every file under root."""
   return {

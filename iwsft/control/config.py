@@ -34,6 +34,9 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   c.seed = 0
   c.download = False  # fetch the dataset from Minari's servers when it is not local
   c.num_devices = 0  # devices of the data-parallel mesh; 0: all
+  # seeds trained together (a sweep's groups): split the seeds over the devices, each training
+  # its seeds on whole batches, instead of splitting every batch over all devices
+  c.seeds_over_devices = False
   c.val_fraction = 0.0  # episodes held out for a validation NLL (seeds trained alone only)
 
   # Stage 1, π_ref = BC on all data. batch_level: "episode" (whole padded episodes) or "step".

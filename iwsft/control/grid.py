@@ -83,15 +83,30 @@ class ControlGrid:
       out[int(result["seed"])] = (os.path.dirname(path), result)
     return out
 
+  def _chunks(self) -> list[tuple[int, ...]]:
+    """The seeds in groups of seeds_per_group (all together for 0), in order."""
+    size = self.seeds_per_group if self.seeds_per_group > 0 else len(self.seeds)
+    return [tuple(self.seeds[i : i + size]) for i in range(0, len(self.seeds), size)]
+
   def plan(self, workdir: str) -> list[tuple[str, str, list[int]]]:
+    """The groups left to run: each chunk of seeds' unfinished ones, per dataset and method."""
     todo = []
     for dataset in self.datasets:
       for method in self.methods:
         done = self.cells(workdir, dataset, method)
-        rest = [s for s in self.seeds if s not in done]
-        size = self.seeds_per_group if self.seeds_per_group > 0 else max(1, len(rest))
-        todo += [(dataset, method, rest[i : i + size]) for i in range(0, len(rest), size)]
+        for chunk in self._chunks():
+          rest = [s for s in chunk if s not in done]
+          if rest:
+            todo.append((dataset, method, rest))
     return todo
+
+  def keys(self) -> list[tuple]:
+    """What must run in one process: a dataset's chunk of seeds (its methods share π_ref)."""
+    return [(dataset, chunk) for dataset in self.datasets for chunk in self._chunks()]
+
+  def key(self, group) -> tuple:
+    dataset, _, seeds = group
+    return next(k for k in self.keys() if k[0] == dataset and seeds[0] in k[1])
 
   def describe(self, group) -> str:
     dataset, method, seeds = group

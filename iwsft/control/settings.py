@@ -44,6 +44,7 @@ class Settings:
   method: str
   download: bool
   num_devices: int
+  seeds_over_devices: bool
   val_fraction: float
   reference: StageConfig
   finetune: StageConfig | None  # None for method "bc" (π_ref itself)
@@ -94,6 +95,7 @@ def validate(cfg) -> Settings:
     method=cfg.method,
     download=bool(cfg.download),
     num_devices=cfg.num_devices,
+    seeds_over_devices=bool(cfg.seeds_over_devices),
     val_fraction=cfg.val_fraction,
     reference=stage_config(cfg.reference, "reference"),
     finetune=finetune,

@@ -158,9 +158,9 @@ def train_stage(
     inverse_cdf=True,
   )
   hooks = _hooks(ctx, name, logprob_fn)
-  state = fit(
-    update, state, pool, logits, sampling, mesh=mesh, name=name, hooks=hooks, seed_data=seed_data
-  )
+  by_seed = s.seeds_over_devices and len(ctx.seeds) > 1
+  kw = dict(mesh=mesh, name=name, hooks=hooks, seed_data=seed_data, seeds_over_devices=by_seed)
+  state = fit(update, state, pool, logits, sampling, **kw)
   return unstack_seeds(distributed.to_host(state.params), len(ctx.seeds))
 
 

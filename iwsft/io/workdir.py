@@ -38,7 +38,7 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
 
 # How a run executes, not what it computes: the device count and sharding (checkpoints reshard)
 # and where its metrics go. No identity holds them, so a run may resume with other values.
-EXECUTION_SETTINGS = ("num_devices", "fsdp", "log")
+EXECUTION_SETTINGS = ("num_devices", "fsdp", "seeds_over_devices", "log")
 
 
 def result_settings(cfg, *also: str) -> dict:
@@ -127,8 +127,9 @@ def remove_outputs(path: str, names) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves a half-written file."""
-  tmp = path + ".tmp"
+  """Writes JSON atomically (temp file + rename), so a crash never leaves a half-written file;
+  the temp file is the process's own, so processes sharing a workdir do not collide."""
+  tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=float)
     f.write("\n")

@@ -50,6 +50,13 @@ class LMGrid:
   def plan(self, workdir: str) -> list[int]:
     return [s for s in self.seeds if not os.path.exists(self._result(workdir, s))]
 
+  def keys(self) -> list[int]:
+    """What must run in one process: a seed (its methods share one sampled pool)."""
+    return list(self.seeds)
+
+  def key(self, seed) -> int:
+    return seed
+
   def describe(self, seed) -> str:
     return f"language pipeline, seed {seed}"
 
