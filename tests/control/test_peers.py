@@ -1,0 +1,94 @@
+"""Offline RL peers (d3rlpy): the transitions they train on, read back against Minari's episodes,
+and their exported actor's forward pass against a hand computation."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import EXPERT
+
+from iwsft.control import data as data_lib
+from iwsft.control import peers
+from iwsft.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED = "iwsft/hopper-small/medium-v1"
+
+
+def test_transitions_are_minaris_steps_with_episode_ends():
+  dataset = data_lib.load_dataset(SHIPPED)  # installed from the package's copy
+  got = peers.transitions(dataset)
+  episodes = list(dataset.iterate_episodes())
+  np.testing.assert_array_equal(
+    got["observations"], np.concatenate([e.observations[:-1] for e in episodes]).astype(np.float32)
+  )
+  np.testing.assert_array_equal(
+    got["actions"], np.concatenate([e.actions for e in episodes]).astype(np.float32)
+  )
+  np.testing.assert_allclose(got["rewards"], np.concatenate([e.rewards for e in episodes]))
+  ends = np.cumsum([len(e.actions) for e in episodes]) - 1
+  terminated = np.array([e.terminations[-1] for e in episodes], bool)
+  assert terminated.any() and len(got["rewards"]) == dataset.total_steps
+  np.testing.assert_array_equal(np.flatnonzero(got["terminals"]), ends[terminated])
+  np.testing.assert_array_equal(np.flatnonzero(got["timeouts"]), ends[~terminated])
+
+
+def test_datasets_whose_actions_leave_minus_one_to_one_are_refused(datasets):
+  with pytest.raises(UserError, match=r"\[-1, 1\]"):
+    peers.transitions(data_lib.load_dataset(EXPERT))  # InvertedPendulum: actions in [-3, 3]
+
+
+def _actor(check_offset=0.0):
+  """obs [N, 1] -> tanh(w1 · relu(w0 · (obs − 1) / 2 + b0) + b1), with its own check sample."""
+  arrays = {
+    "w0": np.array([[1.0, -1.0]], np.float32),
+    "b0": np.array([0.0, 0.5], np.float32),
+    "w1": np.array([[2.0], [1.0]], np.float32),
+    "b1": np.array([-0.5], np.float32),
+    "obs_mean": np.array([1.0], np.float32),
+    "obs_scale": np.array([2.0], np.float32),
+  }
+  obs = np.array([[3.0], [-1.0]], np.float32)
+  # by hand: obs 3 -> x 1 -> h [1, 0] -> tanh(1.5); obs -1 -> x -1 -> h [0, 1.5] -> tanh(1.0)
+  want = np.tanh(np.array([[1.5], [1.0]]))
+  arrays.update(check_observations=obs, check_actions=(want + check_offset).astype(np.float32))
+  return arrays, obs, want
+
+
+def test_actor_forward_against_a_hand_computation(tmp_path):
+  arrays, obs, want = _actor()
+  np.testing.assert_allclose(peers.actor_forward(arrays, obs), want, rtol=1e-7)
+  np.savez(tmp_path / "actor.npz", **arrays)
+  act = peers.read_actor(str(tmp_path / "actor.npz"))
+  np.testing.assert_allclose(act(obs), want, rtol=1e-6)
+
+
+def test_an_actor_that_does_not_reproduce_the_peers_predictions_is_refused(tmp_path):
+  arrays, _, _ = _actor(check_offset=0.01)
+  np.savez(tmp_path / "actor.npz", **arrays)
+  with pytest.raises(UserError, match="differs from the peer's"):
+    peers.read_actor(str(tmp_path / "actor.npz"))
+
+
+D3RLPY = os.path.join(ROOT, ".venv-d3rlpy", "bin", "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(D3RLPY), reason="needs `make .venv-d3rlpy/.installed`")
+@pytest.mark.parametrize("algo", ["iql", "td3_bc", "bc"])
+def test_d3rlpys_actor_is_reproduced_and_evaluated(tmp_path, algo):
+  """A short d3rlpy run on the shipped data: its actor file passes read_actor's check against
+  d3rlpy's own predict, and acts in the dataset's environment."""
+  from iwsft.control.evaluate import evaluate
+  from iwsft.control.pipeline import environment
+
+  dataset = data_lib.load_dataset(SHIPPED)
+  peers.write_transitions(dataset, str(tmp_path / "data.npz"))
+  script = os.path.join(ROOT, "experiments", "d3rlpy_offline.py")
+  args = [D3RLPY, script, str(tmp_path / "data.npz"), algo, "0", "20", "10,20", str(tmp_path)]
+  subprocess.run(args, check=True, capture_output=True)
+  act = peers.read_actor(str(tmp_path / "actor_20.npz"), atol=1e-5)
+  env_spec, _ = environment(dataset, SHIPPED)
+  ev = evaluate(act, env_spec, 2, 0, *data_lib.reference_scores(dataset))
+  assert ev["episodes"] == 2 and np.isfinite(ev["normalised_score"])
