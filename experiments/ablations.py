@@ -10,21 +10,25 @@ counterpart on the same quality-sampled episodes):
   temperature      1, 3, 10 (the recipe), 30
   q_decay          0 (q is the current policy, detached), 0.9 (the recipe), 0.99
   fine-tuning      the recipe's steps, and --long times as many (iw-SFT and filtered BC)
-All runs share one π_ref per seed (trained once) and train their seeds together (vmapped). Per
-seed, a variant and filtered BC differ only in the weighting, so the table gives the paired
-difference (variant − filtered BC, per seed) with its 95% Student-t CI next to each score, and
-the weights' diagnostics averaged over fine-tuning (effective sample size as a fraction of the
-batch, largest weight, fraction clipped, mean log q/π_ref per step). Rerunning skips finished runs.
-Writes to --workdir: table.md, table.csv, ablations.png, and one run directory per variant.
+The variants are the columns of a control grid run by the sweep engine (iwsft/sweep.py: settings
+validated before anything is written, finished cells skipped, unfinished ones resumed, --part /
+--parts to split it over processes). All runs share one π_ref per seed (trained once) and train
+their seeds together (vmapped). Per seed, a variant and filtered BC differ only in the weighting,
+so the ablation table gives the paired difference (variant − filtered BC, per seed) with its 95%
+Student-t CI next to each score, and the weights' diagnostics averaged over fine-tuning (effective
+sample size as a fraction of the batch, largest weight, fraction clipped, mean log q/π_ref per
+step). Writes to --workdir: table.md (the ablation table first, then the sweep engine's tables),
+ablations.csv, ablations.png, the engine's table.csv, cells.csv and paired.csv, and the cells
+(iwsft/control/grid.py's layout).
 """
 
 import os
 
 from absl import flags
 
+from iwsft import sweep
 from iwsft.control import config
-from iwsft.control.pipeline import run_control_seeds
-from iwsft.core.config import with_overrides
+from iwsft.control.grid import ControlGrid, Variant
 from iwsft.io import cli, plots, report
 from iwsft.io import workdir as workdir_lib
 
@@ -34,7 +38,7 @@ cli.define_config(
   cli.config_file(config) + ":cpu",
   "the recipe: a control config file[:preset]; override values with --config.<key>=<value>",
 )
-flags.DEFINE_string("workdir", "runs/ablations", "output directory (one sub-directory per run)")
+flags.DEFINE_string("workdir", "runs/ablations", "output directory")
 flags.DEFINE_string("dataset", "iwsft/hopper-small/medium-replay-v1", "a mixed dataset (Minari id)")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds, trained together")
 flags.DEFINE_list("temperatures", ["1", "3", "10", "30"], "iw-SFT temperatures")
@@ -43,71 +47,92 @@ flags.DEFINE_integer("long", 5, "the long fine-tuning is this many times the rec
 flags.DEFINE_enum(
   "method", "iw_sft", list(BASELINE), "the weighted method whose settings are ablated"
 )
+flags.DEFINE_integer("part", 0, "run only this part of the grid (see experiments/sweep.py)")
+flags.DEFINE_integer("parts", 1, "split the grid into this many parts, one per process")
+flags.DEFINE_bool("overwrite", False, "replace runs in --workdir made with other settings")
 
 
-def variants(
-  cfg, temperatures, q_decays, long: int, method: str = "iw_sft"
-) -> list[tuple[str, str, str, dict]]:
-  """(name, ablated setting, baseline name, config overrides) of every run, baselines first;
-  every variant is `method` (iw_sft or iw_sft_q), paired with BASELINE[method]."""
+def variants(cfg, temperatures, q_decays, long: int, method: str = "iw_sft") -> dict:
+  """{name: Variant} of every run, baselines first; every variant is `method` (iw_sft or
+  iw_sft_q) with one setting moved, paired with BASELINE[method] at the same length."""
   steps = cfg.finetune.steps
   base_t, base_q = float(cfg.objective.temperature), float(cfg.objective.q_decay)
   base, base_long = BASELINE[method], f"{BASELINE[method]} x{long}"
-  out = [
-    ("bc", "π_ref", "", {"method": "bc"}),
-    (base, "baseline", "", {"method": base}),
-    (base_long, "baseline", "", {"method": base, "finetune.steps": long * steps}),
-    (f"{method} (T={base_t:g}, q={base_q:g})", "recipe", base, {}),
-  ]
+  longer = {"finetune.steps": long * steps}
+  if cfg.finetune.warmup_steps >= steps:  # a recipe whose warm-up is its whole length
+    warm = {"finetune.warmup_steps": steps // 10}
+  else:
+    warm = {}
+  out = {
+    "bc": Variant("bc", ablates="π_ref"),
+    base: Variant(base, warm, ablates="baseline"),
+    base_long: Variant(base, longer, ablates="baseline"),
+    f"{method} (T={base_t:g}, q={base_q:g})": Variant(method, warm, base, "recipe"),
+  }
   for t in temperatures:
     if t != base_t:
-      out.append((f"{method} T={t:g}", "temperature", base, {"objective.temperature": t}))
+      out[f"{method} T={t:g}"] = Variant(
+        method, {**warm, "objective.temperature": t}, base, "temperature"
+      )
   for q in q_decays:
     if q != base_q:
-      out.append((f"{method} q={q:g}", "q_decay", base, {"objective.q_decay": q}))
-  out.append(
-    (f"{method} x{long}", "fine-tuning length", base_long, {"finetune.steps": long * steps})
-  )
+      out[f"{method} q={q:g}"] = Variant(method, {**warm, "objective.q_decay": q}, base, "q_decay")
+  out[f"{method} x{long}"] = Variant(method, longer, base_long, "fine-tuning length")
   return out
 
 
-def _configure(cfg, dataset: str, method: str, overrides: dict):
-  cfg = with_overrides(cfg, {"dataset": dataset, "method": method, **overrides})
-  if cfg.finetune.warmup_steps >= cfg.finetune.steps:
-    cfg.finetune.warmup_steps = cfg.finetune.steps // 10
-  return cfg
+class AblationGrid(ControlGrid):
+  """One dataset's variants; its extra table is the ablation table (ablations.csv, .png)."""
+
+  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+    rows = ablation_rows(self, recs)
+    report.write_csv(
+      os.path.join(workdir, "ablations.csv"),
+      rows,
+      ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
+      + ["diff_low", "diff_high", *report.WEIGHT_DIAGNOSTICS],
+    )
+    plots.score_bars(
+      [r["run"] for r in rows],
+      [r["mean"] for r in rows],
+      [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
+      os.path.join(workdir, "ablations.png"),
+      "normalised score ×100",
+      f"{self.datasets[0]}: ablations\nmean over seeds, 95% Student-t CI",
+      points=[r["per_seed"] for r in rows],
+    )
+    method = next(v.method for v in self.variants.values() if v.ablates == "recipe")
+    text = (
+      "\nThe ablations, each paired by seed with its baseline; weight diagnostics averaged over"
+      f" fine-tuning\n\n{table(rows, BASELINE[method])}\n"
+    )
+    return text, ["ablations.csv", "ablations.png"]
 
 
-def diagnostics(run_dir: str, seed: int, stage: str) -> dict[str, float]:
-  """The weight diagnostics of one seed's fine-tuning, averaged over its train rows."""
-  rows = workdir_lib.read_rows(os.path.join(run_dir, f"seed_{seed}", "metrics.jsonl"))
-  return report.weight_diagnostics(rows, stage)
-
-
-def _slug(name: str) -> str:
-  return "".join(c if c.isalnum() or c in "=._" else "_" for c in name).strip("_")
-
-
-def summarise(runs: dict[str, tuple[str, str, list[dict], list[dict]]]) -> list[dict]:
-  """One row per run: report.summarise's score mean/std/CI, the paired difference to its
-  baseline, the diagnostics."""
-  records = [
-    {"dataset": r["dataset"], "method": name, "seed": r["seed"], "score": r["normalised_score"]}
-    for name, (_, _, results, _) in runs.items()
-    for r in results
-  ]
-  summary = {s["method"]: s for s in report.summarise(records)}
-  pairs = {name: base for name, (_, base, _, _) in runs.items() if base}
-  paired = {p["method"]: p for p in report.paired_differences(records, pairs)}
+def ablation_rows(grid: ControlGrid, recs: list[dict]) -> list[dict]:
+  """One row per variant: its score's mean/std/CI, the paired difference to its baseline, the
+  weights' diagnostics (per seed averaged over fine-tuning, then over seeds)."""
+  summary = {s["method"]: s for s in report.summarise(recs)}
+  paired = {p["method"]: p for p in report.paired_differences(recs, grid.pairs)}
   rows = []
-  for name, (what, base, results, diags) in runs.items():
-    scores = {r["seed"]: r["normalised_score"] for r in results}
-    row = {"run": name, "ablates": what, **summary[name]}
-    row["per_seed"] = [float(scores[s]) for s in row["seeds"]]  # unrounded: paired reprints
-    if base:
+  for name, v in grid.variants.items():
+    if name not in summary:
+      continue
+    mine = sorted((r for r in recs if r["method"] == name), key=lambda r: r["seed"])
+    row = {"run": name, "ablates": v.ablates, **summary[name]}
+    row["per_seed"] = [float(r["score"]) for r in mine]  # unrounded: paired reprints
+    if name in paired:
       p = paired[name]
-      row.update(baseline=base, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
-    rows.append({**row, **report.mean_diagnostics(diags)})
+      row.update(baseline=v.baseline, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
+    if v.method in config.WEIGHTED:
+      diags = [
+        report.weight_diagnostics(
+          workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl")), v.method
+        )
+        for r in mine
+      ]
+      row.update(report.mean_diagnostics(diags))
+    rows.append(row)
   return rows
 
 
@@ -138,46 +163,17 @@ def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
   seeds = [int(s) for s in F.seeds]
-  workdir = os.path.abspath(F.workdir)
   todo = variants(
     F.config, [float(t) for t in F.temperatures], [float(q) for q in F.q_decays], F.long, F.method
   )
-  runs = {}
-  for name, what, base, overrides in todo:
-    cfg = _configure(F.config, F.dataset, F.method, overrides)
-    run_dir = os.path.join(workdir, _slug(name))
-    results = run_control_seeds(
-      cfg, seeds, run_dir, reference_dir=os.path.join(workdir, "reference")
-    )
-    weighted = cfg.method in config.WEIGHTED
-    diags = [diagnostics(run_dir, s, cfg.method) for s in seeds] if weighted else []
-    runs[name] = (what, base, results, diags)
-  rows = summarise(runs)
-  first = next(iter(runs.values()))[2][0]
-  text = (
-    f"{F.dataset}, seeds {', '.join(map(str, seeds))} (trained together, one π_ref per seed), "
-    f"normalised score x100 of the final evaluation over {first['eval_episodes']} episodes per "
-    f"seed; weight diagnostics averaged over fine-tuning:\n{table(rows, BASELINE[F.method])}"
+  grid = AblationGrid(F.config, todo, [F.dataset], seeds, seeds_per_group=0)
+  sweep.run_sweep(
+    grid,
+    F.workdir,
+    F.overwrite,
+    header=f"{F.method} ablations on {F.dataset}",
+    part=(F.part, F.parts),
   )
-  print("\n" + text)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(text + "\n")
-  fields = ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
-  report.write_csv(
-    os.path.join(workdir, "table.csv"),
-    rows,
-    fields + ["diff_low", "diff_high", *report.WEIGHT_DIAGNOSTICS],
-  )
-  plots.score_bars(
-    [r["run"] for r in rows],
-    [r["mean"] for r in rows],
-    [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
-    os.path.join(workdir, "ablations.png"),
-    "normalised score ×100",
-    f"{F.dataset}: {F.method} ablations\nmean over seeds, 95% Student-t CI",
-    points=[r["per_seed"] for r in rows],
-  )
-  print(f"table: {workdir}/table.md  plot: {workdir}/ablations.png")
 
 
 if __name__ == "__main__":

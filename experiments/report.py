@@ -4,8 +4,9 @@ interval method.
   python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
   python experiments/report.py --dir=docs/ablations-full-hopper/iw_sft --ablation
 
-An ablation's table.csv has each run's mean and std (exact) and its per-seed scores (rounded to
-0.1 in tables written before 0.3.0): its paired differences are recomputed from those scores.
+An ablation's ablations.csv (table.csv before 0.4.0) has each run's mean and std (exact) and its
+per-seed scores (rounded to 0.1 in tables written before 0.3.0): its paired differences are
+recomputed from those scores.
 
 Reads table.csv (per cell: n, mean, std, seeds) and, where present, paired.csv (per pair: n, mean,
 std and the per-seed differences), cells.csv (every seed's score: the rliable aggregates) and
@@ -27,7 +28,7 @@ from iwsft.io import cli, report
 flags.DEFINE_string("dir", None, "a sweep's output directory (its table.csv at least)")
 flags.DEFINE_bool("write", False, "rewrite table.md, table.csv and paired.csv in --dir")
 flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bootstrap")
-flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's table.csv")
+flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's ablations.csv")
 flags.mark_flag_as_required("dir")
 
 PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
@@ -57,9 +58,9 @@ def _with_t(row: dict) -> dict:
 
 def ablation_table(d: str) -> str:
   """An ablation's runs with t-intervals of their scores and of their paired differences."""
-  rows = _rows(os.path.join(d, "table.csv"))
-  if not rows:
-    raise UserError(f"{d} has no table.csv")
+  rows = _rows(os.path.join(d, "ablations.csv")) or _rows(os.path.join(d, "table.csv"))
+  if not rows:  # table.csv: written by experiments/ablations.py before 0.4.0
+    raise UserError(f"{d} has no ablations.csv (or table.csv of an older ablation)")
   seeds = {r["run"]: [float(x) for x in r["per_seed"].split(";")] for r in rows}
   body = []
   for r in rows:

@@ -194,7 +194,7 @@ def _write_weights(grid, recs, workdir: str) -> tuple[str, list[str]]:
       cell = per_seed.setdefault((grid.training_data(r["dataset"]), r["method"]), {})
       if r["seed"] not in cell:
         rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
-        cell[r["seed"]] = report.weight_diagnostics(rows, r["method"])
+        cell[r["seed"]] = report.weight_diagnostics(rows, grid.stage(r["method"]))
   rows = []
   for (data, method), seeds in per_seed.items():
     rows.append(

@@ -1,7 +1,8 @@
 """experiments/ablations.py on the small mixed test dataset: the runs it makes and the table it
-derives from them, recomputed here from each run's own result.json and metrics.jsonl."""
+derives from them, recomputed here from each cell's own result.json and metrics.jsonl."""
 
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   run_ablations(
     work, "--temperatures=1,10", "--q_decays=0,0.9", "--config.curation.top_fraction=0.25"
   )
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
   want = [
     "bc",
     "filtered_bc",
@@ -52,7 +53,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   assert list(rows) == want
 
   def scores(run):
-    res = json.loads((work / run / "result.json").read_text())["results"]
+    res = [json.loads(open(p).read()) for p in _cells(work, run)]
     return np.array([x["normalised_score"] for x in res]), res
 
   dirs = {
@@ -73,8 +74,8 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
     np.testing.assert_allclose(float(rows[run]["diff"]), np.mean(mine - theirs), atol=1e-9)
     np.testing.assert_allclose(float(rows[run]["mean"]), np.mean(mine), atol=1e-9)
     ess = []
-    for s in (0, 1):
-      lines = (work / dirs[run] / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()
+    for path in _cells(work, dirs[run]):
+      lines = open(os.path.join(os.path.dirname(path), "metrics.jsonl")).read().splitlines()
       train = [json.loads(x) for x in lines]
       ess += [
         np.mean(
@@ -88,16 +89,18 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   _, res = scores("iw_sft_x2")
   assert res[0]["config"]["finetune"]["steps"] == 80
   # one π_ref per seed, trained once and shared: bc's policy is it
-  assert (work / "reference" / "reference.json").exists()
-  assert not (work / "filtered_bc" / "reference").exists()
+  data = work / MIXED.replace("/", "__")
+  assert (data / "reference_0-1" / "reference.json").exists()
+  assert sorted(p.name for p in data.glob("reference*")) == ["reference_0-1"]
   assert (work / "ablations.png").stat().st_size > 10_000
+  assert "iw_sft T=1 − filtered_bc" in (work / "table.md").read_text()  # the engine's pairs too
   assert rows["filtered_bc"]["diff"] == ""  # baselines have no paired difference
 
 
 def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
   work = tmp_path / "abl_q"
   run_ablations(work, "--method=iw_sft_q", "--temperatures=10", "--q_decays=0")
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "table.csv"))}
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
   assert list(rows) == [
     "bc",
     "sft_q",
@@ -110,9 +113,17 @@ def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
     assert rows[run]["baseline"] == base
     assert 0 < float(rows[run]["iw/ess_fraction"]) <= 1
   methods = {
-    d: json.loads((work / d / "result.json").read_text())["results"][0]["config"]["method"]
+    d: json.loads(open(_cells(work, d)[0]).read())["config"]["method"]
     for d in ("sft_q", "sft_q_x2", "iw_sft_q_q=0")
   }
   assert methods == {"sft_q": "sft_q", "sft_q_x2": "sft_q", "iw_sft_q_q=0": "iw_sft_q"}
   assert "− sft_q, paired" in (work / "table.md").read_text()
   assert rows["sft_q"]["iw/ess_fraction"] == ""  # an unweighted method has no weight diagnostics
+
+
+def _cells(work, run_dir: str) -> list[str]:
+  """The result.json of each seed of a variant (its directory name), in seed order."""
+  pattern = os.path.join(
+    work, MIXED.replace("/", "__"), run_dir, "group_*", "seed_*", "result.json"
+  )
+  return sorted(glob.glob(pattern))

@@ -1,19 +1,23 @@
-"""The control pipeline's grid for the sweep engine (iwsft/sweep.py): cells (dataset, method,
-seed), groups (dataset, method, seeds trained together in one vmapped program).
+"""The control pipeline's grid for the sweep engine (iwsft/sweep.py): cells (dataset, variant,
+seed), groups (dataset, variant, seeds trained together in one vmapped program). A variant is a
+method with config overrides (a sweep's variants are the methods themselves; an ablation's move one
+setting each, experiments/ablations.py).
 
 Layout under the sweep's workdir:
-  <dataset>/reference_<seeds>/            π_ref of those seeds, shared by the dataset's methods
-  <dataset>/<method>/group_<seeds>/       one run_control_seeds run: run.json, stacked checkpoints
-  <dataset>/<method>/group_<seeds>/seed_<s>/result.json, metrics.jsonl, curve.png, policy/  a cell
-(<dataset> is the Minari id with "/" as "__"; <seeds> like 0-1-2.)
+  <dataset>/reference_<seeds>/            π_ref of those seeds, shared by the dataset's variants
+  <dataset>/<variant>/group_<seeds>/      one run_control_seeds run: run.json, stacked checkpoints
+  <dataset>/<variant>/group_<seeds>/seed_<s>/result.json, metrics.jsonl, curve.png, policy/  a cell
+(<dataset> is the Minari id with "/" as "__", <variant> the name with other signs as "_"; <seeds>
+like 0-1-2.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from iwsft import datasets
 from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED
@@ -29,34 +33,63 @@ def _seeds_name(prefix: str, seeds) -> str:
   return f"{prefix}_{'-'.join(map(str, seeds))}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A column of a control grid: `method` trained with config `overrides` ({dotted key: value});
+  `baseline` names the variant it is paired with seed by seed ("" for none), `ablates` the
+  setting it moves (for an ablation's table)."""
+
+  method: str
+  overrides: Mapping = dataclasses.field(default_factory=dict)
+  baseline: str = ""
+  ablates: str = ""
+
+
+def slug(name: str) -> str:
+  """A dataset id or variant name as a directory name."""
+  name = name.replace("/", "__")
+  return "".join(c if c.isalnum() or c in "=._-" else "_" for c in name).strip("_")
+
+
 class ControlGrid:
-  """Control cells: (dataset, method, seed); groups: (dataset, method, seeds trained together)."""
+  """Control cells: (dataset, variant, seed); groups: (dataset, variant, seeds trained together).
+
+  methods: method names (each a variant of itself, paired as config.UNWEIGHTED and
+  config.CONTROLS pair them) or {name: Variant} (paired by their baselines)."""
 
   score_label = "normalised score ×100"
 
   def __init__(
     self,
     cfg,
-    methods: Sequence[str],
+    methods: Sequence[str] | Mapping[str, Variant],
     datasets: Sequence[str],
     seeds: Sequence[int],
     seeds_per_group: int,
     build: tuple[str, str, list[str]] | None = None,
     configs: dict | None = None,
   ):
-    self.pairs, self.controls = UNWEIGHTED, CONTROLS
-    bad = [m for m in methods if m not in METHODS]
+    if isinstance(methods, Mapping):
+      self.variants = dict(methods)
+      self.pairs = {n: v.baseline for n, v in self.variants.items() if v.baseline}
+      self.controls = {}
+    else:
+      self.variants = {m: Variant(m) for m in methods}
+      self.pairs, self.controls = UNWEIGHTED, CONTROLS
+    bad = [v.method for v in self.variants.values() if v.method not in METHODS]
     if bad:
       raise UserError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    self.cfg, self.methods, self.datasets, self.seeds = cfg, list(methods), list(datasets), seeds
+    self.cfg, self.datasets, self.seeds = cfg, list(datasets), seeds
+    self.methods = list(self.variants)
     self.seeds_per_group, self.build = seeds_per_group, build
     # datasets with a config file of their own (configs/control/): their cells use it, not cfg
     self.configs = dict(configs or {})
     self.datasets += [d for d in self.configs if d not in self.datasets]
 
-  @staticmethod
-  def slug(dataset: str) -> str:
-    return dataset.replace("/", "__")
+  def stage(self, name: str) -> str:
+    """The training stage whose rows hold a variant's own training ("reference" for bc)."""
+    method = self.variants[name].method
+    return "reference" if method == "bc" else method
 
   @staticmethod
   def training_data(dataset: str) -> str:
@@ -65,6 +98,10 @@ class ControlGrid:
 
   def identity(self) -> dict:
     identity = self._settings(self.cfg)
+    if any(v != Variant(n) for n, v in self.variants.items()):
+      identity["variants"] = {
+        n: {"method": v.method, "overrides": dict(v.overrides)} for n, v in self.variants.items()
+      }
     if self.configs:
       identity["dataset_configs"] = {d: self._settings(c) for d, c in self.configs.items()}
     return identity
@@ -76,7 +113,7 @@ class ControlGrid:
   def cells(self, workdir: str, dataset: str, method: str) -> dict[int, tuple[str, dict]]:
     """Finished cells of (dataset, method): {seed: (cell directory, result)}."""
     out = {}
-    pattern = os.path.join(workdir, self.slug(dataset), method, "group_*", "seed_*", "result.json")
+    pattern = os.path.join(workdir, slug(dataset), slug(method), "group_*", "seed_*", "result.json")
     for path in sorted(glob.glob(pattern)):
       with open(path) as f:
         result = json.load(f)
@@ -118,9 +155,11 @@ class ControlGrid:
       for method in self.methods:
         validate(self._cell_config(dataset, method))
 
-  def _cell_config(self, dataset: str, method: str):
+  def _cell_config(self, dataset: str, name: str):
+    v = self.variants[name]
     cfg = with_overrides(
-      self.configs.get(dataset, self.cfg), {"dataset": dataset, "method": method}
+      self.configs.get(dataset, self.cfg),
+      {"dataset": dataset, "method": v.method, **v.overrides},
     )
     cfg.log = self.cfg.log.copy_and_resolve_references()  # the sweep's logging for every cell
     return cfg
@@ -134,13 +173,13 @@ class ControlGrid:
       datasets.build(*self.build, seed=0, force=False)
 
   def run(self, group, workdir: str) -> None:
-    dataset, method, seeds = group
-    cfg = self._cell_config(dataset, method)
-    base = os.path.join(workdir, self.slug(dataset))
+    dataset, name, seeds = group
+    cfg = self._cell_config(dataset, name)
+    base = os.path.join(workdir, slug(dataset))
     run_control_seeds(
       cfg,
       seeds,
-      os.path.join(base, method, _seeds_name("group", seeds)),
+      os.path.join(base, slug(name), _seeds_name("group", seeds)),
       reference_dir=os.path.join(base, _seeds_name("reference", seeds)),
       quiet=True,
     )
@@ -175,7 +214,7 @@ class ControlGrid:
     for name, panels, x, y, title in (
       (
         "curves.png",
-        _curves(recs, "eval"),
+        _curves(recs, "eval", self.stage),
         "update step of the method's stage",
         self.score_label,
         f"evaluation during training, mean and 95% CI over {len(self.seeds)} seeds "
@@ -183,7 +222,7 @@ class ControlGrid:
       ),
       (
         "bounds.png",
-        _curves(recs, "bound"),
+        _curves(recs, "bound", self.stage),
         "update step",
         "bound estimate (per step)",
         "SFT vs iw-SFT lower-bound estimates while training iw-SFT (mean, 95% CI)",
@@ -201,15 +240,15 @@ class ControlGrid:
     return made
 
 
-def _curves(recs: list[dict], kind: str) -> dict[str, dict[str, tuple]]:
-  """Per dataset, per series, (steps, mean, CI) over seeds. kind "eval": each method's evaluation
-  score over its stage (bc is π_ref, so its curve is the reference stage's); "bound": the SFT and
-  iw-SFT bound estimates logged while training iw_sft."""
+def _curves(recs: list[dict], kind: str, stage_of) -> dict[str, dict[str, tuple]]:
+  """Per dataset, per series, (steps, mean, CI) over seeds. kind "eval": each variant's evaluation
+  score over its stage (stage_of(name): bc is π_ref, so its curve is the reference stage's);
+  "bound": the SFT and iw-SFT bound estimates logged while training iw_sft."""
   panels: dict[str, dict[str, list]] = {}
   for r in recs:
     rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
     if kind == "eval":
-      stage = "reference" if r["method"] == "bc" else r["method"]
+      stage = stage_of(r["method"])
       ev = [row for row in rows if row["kind"] == "eval" and row["stage"] == stage]
       key = (
         "normalised_score" if ev and ev[0].get("normalised_score") is not None else "return_mean"

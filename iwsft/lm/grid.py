@@ -50,6 +50,11 @@ class LMGrid:
   def plan(self, workdir: str) -> list[int]:
     return [s for s in self.seeds if not os.path.exists(self._result(workdir, s))]
 
+  @staticmethod
+  def stage(name: str) -> str:
+    """The stage whose rows hold a model's training: its method's name."""
+    return name
+
   def keys(self) -> list[int]:
     """What must run in one process: a seed (its methods share one sampled pool)."""
     return list(self.seeds)
