@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations bench fixtures test test-slow clean
+.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations offline-rl bench fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ sweep-full-%: install  ## the full-size comparison on one environment's full fam
 ablations-full: install  ## the ablations on full Hopper medium-replay at the sweep's recipe, for iw-SFT and iw-SFT(Q)
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --workdir=runs/ablations-full-hopper-iw_sft
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --method=iw_sft_q --workdir=runs/ablations-full-hopper-iw_sft_q
+
+offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on the small Hopper family x 5 seeds, beside the committed sweep (about 2 h on 2 cores); resumable
+	$(PY) experiments/offline_rl.py --workdir=runs/offline-rl --workers=2 --compare=docs/sweep-avx2/cells.csv
 
 .venv-d3rlpy/.installed:  ## d3rlpy pins gymnasium 1.0: its own venv (torch's CPU build first, so d3rlpy does not pull a CUDA one)
 	$(PYTHON) -m venv .venv-d3rlpy

@@ -9,7 +9,11 @@ The small Hopper family ships with the project (iwsft/datasets/shipped), so ever
 trains on the same episodes; other families are built first when missing. Settings are the `cpu`
 preset of iwsft/control/config.py (a 2-core CPU's scale), overridable as --config.<key>=<value>;
 the authors' GPU recipe is the default of experiments/control.py. All methods share one π_ref per
-seed, trained once.
+seed, trained once. The methods are a control grid run by the sweep engine (iwsft/sweep.py), so a
+rerun reprints a finished demo and resumes an interrupted one; --overwrite trains it anew.
+Writes to --workdir: table.md, scores.png, the engine's table.csv, cells.csv and curves.png, and
+per method and seed <dataset>/<method>/group_<seeds>/seed_<s>/ (metrics.jsonl, curve.png,
+video.gif, policy/).
 """
 
 import os
@@ -17,9 +21,9 @@ import shutil
 
 from absl import flags
 
-from iwsft import datasets
+from iwsft import datasets, sweep
 from iwsft.control import config
-from iwsft.control.pipeline import run_control_seeds
+from iwsft.control.grid import ControlGrid
 from iwsft.core.config import with_overrides
 from iwsft.io import cli, plots, report
 
@@ -33,24 +37,20 @@ flags.DEFINE_string("kind", "medium-expert", "dataset kind to train on")
 flags.DEFINE_list("methods", ["bc", "filtered_bc", "iw_sft"], "methods to compare")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds, trained together")
 flags.DEFINE_integer("video_episodes", 1, "final-policy episodes recorded per seed (video.gif)")
-flags.DEFINE_bool("overwrite", False, "replace finished runs in --workdir")
+flags.DEFINE_bool("overwrite", False, "train anew, replacing finished runs in --workdir")
 
 
-def summary_table(results: dict[str, list[dict]]) -> tuple[str, list[dict]]:
-  """{method: per-seed results} -> (Markdown table, report.summarise rows) of normalised scores."""
-  records = [
-    {"dataset": r["dataset"], "method": m, "seed": r["seed"], "score": r["normalised_score"]}
-    for m, rs in results.items()
-    for r in rs
-  ]
+def summary_table(records: list[dict]) -> tuple[str, list[dict]]:
+  """The grid's records (one dataset) -> (Markdown table, report.summarise rows) of normalised
+  scores, with each method's per-seed scores and mean return."""
   summary = report.summarise(records)
-  returns = {m: [r["return_mean"] for r in rs] for m, rs in results.items()}
+  of = lambda m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"])
   rows = [
     [
       s["method"],
       report.cell_text(s),
-      " / ".join(f"{r['normalised_score']:.1f}" for r in results[s["method"]]),
-      f"{sum(returns[s['method']]) / len(returns[s['method']]):.1f}",
+      " / ".join(f"{r['score']:.1f}" for r in of(s["method"])),
+      f"{sum(r['return_mean'] for r in of(s['method'])) / s['n']:.1f}",
     ]
     for s in summary
   ]
@@ -58,15 +58,11 @@ def summary_table(results: dict[str, list[dict]]) -> tuple[str, list[dict]]:
   return report.format_table(head, rows), summary
 
 
-def paired_table(results: dict) -> str:
+def paired_table(records: list[dict]) -> str:
   """Each curated method minus BC, and iw-SFT minus filtered BC, paired by seed ("" if none)."""
-  records = [
-    {"dataset": "score", "method": m, "seed": r["seed"], "score": r["normalised_score"]}
-    for m, rs in results.items()
-    for r in rs
-  ]
-  pairs = [(m, "bc") for m in results if m != "bc" and "bc" in results]
-  if "iw_sft" in results and "filtered_bc" in results:
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  pairs = [(m, "bc") for m in methods if m != "bc" and "bc" in methods]
+  if "iw_sft" in methods and "filtered_bc" in methods:
     pairs.append(("iw_sft", "filtered_bc"))
   rows = []
   for method, base in pairs:
@@ -77,53 +73,48 @@ def paired_table(results: dict) -> str:
   return report.format_table(["difference", "mean [95% CI]", "per seed"], rows) if rows else ""
 
 
+class DemoGrid(ControlGrid):
+  """The demo's one dataset; its extra tables are the README's (per-seed scores, differences to
+  BC) and the bar plot scores.png."""
+
+  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+    table, summary = summary_table(recs)
+    seeds = ", ".join(map(str, self.seeds))
+    text = (
+      f"\n{self.datasets[0]}, seeds {seeds} (trained together), normalised score x100 of the final"
+      f" evaluation over {self.cfg.eval.final_episodes} episodes per seed:\n\n{table}\n"
+    )
+    paired = paired_table(recs)
+    if paired:
+      text += "\nPaired by seed (same π_ref, same random stream), mean [95% Student-t CI]:\n\n"
+      text += f"{paired}\n"
+    plots.score_bars(
+      [s["method"] for s in summary],
+      [s["mean"] for s in summary],
+      [(s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) for s in summary],
+      os.path.join(workdir, "scores.png"),
+      "normalised score ×100",
+      f"{self.datasets[0]}\nmean over seeds {seeds}, 95% Student-t CI",
+      points=[[r["score"] for r in recs if r["method"] == s["method"]] for s in summary],
+    )
+    return text, ["scores.png"]
+
+
 def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
   seeds = [int(s) for s in F.seeds]
   rows = datasets.build(F.env, "small", [F.kind], seed=0, force=False)
   print(datasets.table(rows))
-  dataset = rows[0]["dataset"]
   workdir = os.path.abspath(F.workdir)
-  if F.overwrite:  # the methods' shared π_ref goes too (it may be of another dataset or recipe)
-    shutil.rmtree(os.path.join(workdir, "reference"), ignore_errors=True)
-  results = {}
-  for method in F.methods:
-    overrides = {"dataset": dataset, "method": method, "eval.video_episodes": F.video_episodes}
-    cfg = with_overrides(F.config, overrides)
-    results[method] = run_control_seeds(
-      cfg,
-      seeds,
-      os.path.join(workdir, method),
-      F.overwrite,
-      reference_dir=os.path.join(workdir, "reference"),
-    )
-  table, summary = summary_table(results)
-  first = next(iter(results.values()))[0]
-  text = (
-    f"{dataset}, seeds {', '.join(map(str, seeds))} (trained together), normalised score x100 of "
-    f"the final evaluation over {first['eval_episodes']} episodes per seed:\n{table}"
-  )
-  paired = paired_table(results)
-  if paired:
-    text += (
-      f"\n\nPaired by seed (same π_ref, same random stream), mean [95% Student-t CI]:\n{paired}"
-    )
-  print("\n" + text)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(text + "\n")
-  plots.score_bars(
-    [s["method"] for s in summary],
-    [s["mean"] for s in summary],
-    [(s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) for s in summary],
-    os.path.join(workdir, "scores.png"),
-    "normalised score ×100",
-    f"{dataset}\nmean over seeds {', '.join(map(str, seeds))}, 95% Student-t CI",
-    points=[[r["normalised_score"] for r in results[s["method"]]] for s in summary],
-  )
+  if F.overwrite:  # train anew: the demo is the main job, so --overwrite means a fresh run
+    shutil.rmtree(workdir, ignore_errors=True)
+  cfg = with_overrides(F.config, {"eval.video_episodes": F.video_episodes})
+  grid = DemoGrid(cfg, F.methods, [rows[0]["dataset"]], seeds, seeds_per_group=0)
+  sweep.run_sweep(grid, workdir, header=f"the main job on {rows[0]['dataset']}")
   print(
-    f"table: {workdir}/table.md  plot: {workdir}/scores.png  "
-    f"curves and videos: {workdir}/<method>/seed_<s>/{{curve.png,video.gif}}"
+    f"table: {workdir}/table.md  plot: {workdir}/scores.png  curves and videos: "
+    f"{workdir}/<dataset>/<method>/group_<seeds>/seed_<s>/{{curve.png,video.gif}}"
   )
 
 
