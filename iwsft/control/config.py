@@ -37,6 +37,9 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
   # seeds trained together (a sweep's groups): split the seeds over the devices, each training
   # its seeds on whole batches, instead of splitting every batch over all devices
   c.seeds_over_devices = False
+  # gradients accumulated over this many parts of each batch: the same update with the
+  # activations of one part at a time (needs pack_batches=False for whole-episode batches)
+  c.micro_batches = 1
   c.val_fraction = 0.0  # episodes held out for a validation NLL (seeds trained alone only)
 
   # Stage 1, π_ref = BC on all data. batch_level: "episode" (whole padded episodes) or "step".

@@ -100,7 +100,7 @@ def prepare(s: Settings, seeds: list[int], quiet: bool = False) -> Context:
   mesh = sharding.make_mesh(s.num_devices or None)
   for st in (s.reference, s.finetune):
     if st is not None and not (s.seeds_over_devices and len(seeds) > 1):  # else whole batches
-      sharding.check_batch_size(st.batch_size, mesh)
+      sharding.check_batch_size(st.batch_size, mesh, s.micro_batches)
   dataset = data_lib.load_dataset(s.dataset, s.download)
   data_lib.check_spaces(dataset)
   env_spec, action_space = environment(dataset, s.dataset)

@@ -12,7 +12,7 @@ import numpy as np
 from iwsft.control.config import METHODS, WEIGHTED
 from iwsft.control.policy import PolicyConfig
 from iwsft.core import curation
-from iwsft.core.config import StageConfig, objective_config, stage_config
+from iwsft.core.config import StageConfig, check_micro_batches, objective_config, stage_config
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, tracking
@@ -45,6 +45,7 @@ class Settings:
   download: bool
   num_devices: int
   seeds_over_devices: bool
+  micro_batches: int
   val_fraction: float
   reference: StageConfig
   finetune: StageConfig | None  # None for method "bc" (π_ref itself)
@@ -80,6 +81,9 @@ def validate(cfg) -> Settings:
   if cfg.steps_per_dispatch < 1:
     raise UserError(f"steps_per_dispatch must be >= 1, got {cfg.steps_per_dispatch}")
   finetune = None if cfg.method == "bc" else stage_config(cfg.finetune, "finetune")
+  check_micro_batches(cfg.micro_batches, (stage_config(cfg.reference, "reference"), finetune))
+  if cfg.micro_batches > 1 and cfg.pack_batches:
+    raise UserError("micro_batches > 1 needs pack_batches=False (packed batches do not split)")
   objective = objective_config(cfg.objective, weighted=cfg.method in WEIGHTED)
   if objective.importance_weighting == "sequence" and finetune.batch_level == "step":
     raise UserError(
@@ -96,6 +100,7 @@ def validate(cfg) -> Settings:
     download=bool(cfg.download),
     num_devices=cfg.num_devices,
     seeds_over_devices=bool(cfg.seeds_over_devices),
+    micro_batches=cfg.micro_batches,
     val_fraction=cfg.val_fraction,
     reference=stage_config(cfg.reference, "reference"),
     finetune=finetune,

@@ -134,7 +134,12 @@ def train_stage(
     logprob_fn = packing.markov_logprob(logprob_fn)  # the policy is Markov: log π(a_t | s_t)
   optimizer = make_optimizer(stage)
   update = make_update(
-    logprob_fn, optimizer, objective, ref_params is not None, skip_nonfinite=s.skip_nonfinite
+    logprob_fn,
+    optimizer,
+    objective,
+    ref_params is not None,
+    skip_nonfinite=s.skip_nonfinite,
+    micro_batches=s.micro_batches,
   )
   refs = ref_params or [None] * len(ctx.seeds)
   state = stack_seeds(

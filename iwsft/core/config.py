@@ -121,6 +121,16 @@ def objective_config(section, weighted: bool) -> ObjectiveConfig:
     raise UserError(f"objective: {e}") from None
 
 
+def check_micro_batches(micro_batches: int, stages) -> None:
+  """micro_batches (>= 1) divides every stage's batch_size (StageConfigs or None), else a
+  UserError; the devices' share is checked where the mesh is known (sharding.check_batch_size)."""
+  if not isinstance(micro_batches, int) or micro_batches < 1:
+    raise UserError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+  for st in stages:
+    if st is not None and st.batch_size % micro_batches:
+      raise UserError(f"micro_batches {micro_batches} must divide batch_size {st.batch_size}")
+
+
 def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
   """Adam(W) with optional linear warm-up and cosine decay to 0 (the authors' fine-tuning
   schedule)."""

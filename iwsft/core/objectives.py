@@ -194,6 +194,34 @@ def weighted_nll(
   return -jnp.sum(seq_weight * per_seq) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
+def loss_coefficients(
+  logp_q: Array | None,
+  logp_ref: Array | None,
+  mask: Array,
+  weight: Array,
+  cfg: ObjectiveConfig,
+) -> Array:
+  """[B, T] constants c with iw_sft_loss's loss = Σ c · logp: the whole batch's weights and
+  denominators, so that a gradient accumulated over micro-batches of logp equals the batch's.
+
+  Arguments as iw_sft_loss's (logp_q and logp_ref may be None without weighting)."""
+  valid = (weight > 0).astype(mask.dtype)
+  seq_w, step_w = weight, None
+  if cfg.importance_weighting == "sequence":
+    w, _ = sequence_weights(logp_q, logp_ref, mask, valid, cfg)
+    seq_w = weight * w
+  elif cfg.importance_weighting == "step":
+    step_w, _ = step_weights(logp_q, logp_ref, mask, cfg)
+  sw = mask if step_w is None else step_w * mask
+  if cfg.reduction == "token_mean":
+    coef = seq_w[:, None] * sw / jnp.maximum(jnp.sum(mask * valid[:, None]), 1.0)
+  else:
+    if cfg.length_normalise:
+      sw = sw / sequence_lengths(mask)[:, None]
+    coef = seq_w[:, None] * sw / jnp.maximum(jnp.sum(valid), 1.0)
+  return jax.lax.stop_gradient(-coef)
+
+
 def bound_estimates(
   logp: Array, logp_q: Array, logp_ref: Array, mask: Array, reward: Array, cfg: ObjectiveConfig
 ) -> dict[str, Array]:

@@ -97,10 +97,17 @@ def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
   return jax.tree.map(rule, state)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
+  """A batch splits over the mesh's devices, and into micro_batches parts that each do (else a
+  UserError naming the setting)."""
   n = mesh.devices.size
   if batch_size < 1 or batch_size % n:
     raise UserError(f"batch_size {batch_size} must be a positive multiple of the {n} devices")
+  if micro_batches < 1 or batch_size % (micro_batches * n):
+    raise UserError(
+      f"micro_batches {micro_batches} must divide batch_size {batch_size} into parts that are "
+      f"multiples of the {n} devices"
+    )
 
 
 def put_replicated(tree, mesh: Mesh):

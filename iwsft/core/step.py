@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
+from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss, loss_coefficients
 from iwsft.core.packing import distinct_steps, gather_packed
 from iwsft.core.sharding import (
   batch_sharded,
@@ -42,6 +42,7 @@ def make_update(
   objective: ObjectiveConfig,
   track_bounds: bool = False,
   skip_nonfinite: bool = False,
+  micro_batches: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
 
@@ -51,9 +52,17 @@ def make_update(
     the π_ref and q forward passes that weighting needs anyway).
   skip_nonfinite: a batch whose loss or gradient is not finite leaves params, q and the optimiser
     state unchanged (metric "skipped" = 1) instead of poisoning them; the step count still advances.
+  micro_batches: the gradient accumulated over this many micro-batches of the batch (rows i,
+    i + k, i + 2k, ... form the i-th, so each spreads over the devices like the batch), computed
+    one after another: the same update as the whole batch at once (the weights, their
+    self-normalisation and the loss's denominators are the whole batch's, objectives.
+    loss_coefficients), with the activations of one micro-batch at a time. Every leaf of the
+    batch needs the leading batch axis (padded batches, not packed ones).
   """
   q_decay = objective.q_decay
   need_aux = objective.uses_weights or track_bounds
+  if micro_batches < 1:
+    raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
 
   def loss_fn(params, state: TrainState, batch: Batch):
     logp = logprob_fn(params, batch)
@@ -69,8 +78,41 @@ def make_update(
         logp_q = jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
     return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective)
 
+  def aux_logprobs(state: TrainState, batch: Batch):
+    """(logp_q, logp_ref) [B, T] of one micro-batch, constants; (None, None) without weighting."""
+    if not need_aux:
+      return None, None
+    logp_ref = batch.get("logp_ref")
+    if logp_ref is None:
+      logp_ref = logprob_fn(state.ref_params, batch)
+    logp_q = logprob_fn(state.params if q_decay == 0.0 else state.q_params, batch)
+    return jax.lax.stop_gradient(logp_q), jax.lax.stop_gradient(logp_ref)
+
+  def accumulated_grads(params, state: TrainState, batch: Batch):
+    """jax.grad(loss_fn)'s (grads, metrics) from micro_batches passes of a micro-batch each."""
+    parts = _split(batch, micro_batches)
+    _, (logp_q, logp_ref) = jax.lax.scan(lambda c, mb: (c, aux_logprobs(state, mb)), None, parts)
+    logp_q, logp_ref = jax.tree.map(_join, (logp_q, logp_ref))
+    coef = loss_coefficients(logp_q, logp_ref, batch["mask"], batch["weight"], objective)
+
+    def add(total, part):
+      mb, c = part
+      grad, logp = jax.grad(lambda p: _surrogate(logprob_fn(p, mb), c), has_aux=True)(params)
+      return jax.tree.map(jnp.add, total, grad), logp
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, logp = jax.lax.scan(add, zeros, (parts, _split(coef, micro_batches)))
+    logp = jax.lax.stop_gradient(_join(logp))
+    _, metrics = iw_sft_loss(
+      logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective
+    )  # the whole batch's metrics, from its log-probs
+    return grads, metrics
+
   def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+    if micro_batches > 1:
+      grads, metrics = accumulated_grads(state.params, state, batch)
+    else:
+      grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     q_params = update_q(state.q_params, params, q_decay)
@@ -84,6 +126,27 @@ def make_update(
     return new, metrics
 
   return update
+
+
+def _surrogate(logp: jax.Array, coef: jax.Array):
+  """Σ coef · logp, whose gradient is the loss's (objectives.loss_coefficients), and logp."""
+  return jnp.sum(coef * logp), logp
+
+
+def _split(tree, k: int):
+  """Leaves [B, ...] -> [k, B / k, ...]; part i holds rows i, i + k, i + 2k, ..."""
+
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"micro_batches {k} must divide the batch's leading axis {x.shape}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, tree)
+
+
+def _join(x):
+  """_split's inverse for one leaf: [k, B / k, ...] -> [B, ...]."""
+  return None if x is None else jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def pool_logprobs(

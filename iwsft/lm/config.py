@@ -35,6 +35,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
+  c.micro_batches = 1  # gradients accumulated over this many parts of each batch (same update)
 
   c.model = _model_section()
   c.task = _task_section()

@@ -54,7 +54,7 @@ def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> 
   model = load_model(s)
   mesh = sharding.make_mesh(s.num_devices or None, s.fsdp)
   for stage in (s.reference, s.finetune):
-    sharding.check_batch_size(stage.batch_size, mesh)
+    sharding.check_batch_size(stage.batch_size, mesh, s.micro_batches)
   records = _user_records(s, model)
   # Stages and methods may differ between calls on one workdir; the device count may change too.
   identity = workdir_lib.result_settings(cfg, "stages", "methods")

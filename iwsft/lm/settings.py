@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from iwsft.core import curation
-from iwsft.core.config import StageConfig, objective_config, stage_config
+from iwsft.core.config import StageConfig, check_micro_batches, objective_config, stage_config
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, tracking
@@ -38,6 +38,7 @@ class Settings:
   data: str  # user records instead of the sample and curate stages ("" for none)
   num_devices: int
   fsdp: int
+  micro_batches: int
   model: ml_collections.ConfigDict  # read-only copy of the model section
   task_cfg: ml_collections.ConfigDict  # read-only copy of the task section
   task: object  # lm/task.py's task
@@ -107,6 +108,10 @@ def check_settings(cfg) -> Settings:
       "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
       "needs a pretrained one (model.path)"
     )
+  check_micro_batches(
+    cfg.micro_batches,
+    (stage_config(cfg.reference, "reference"), stage_config(cfg.finetune, "finetune")),
+  )
   frozen = lambda section: ml_collections.FrozenConfigDict(section.to_dict())
   return Settings(
     config=workdir_lib.canonical(cfg.to_dict()),
@@ -116,6 +121,7 @@ def check_settings(cfg) -> Settings:
     data=cfg.data,
     num_devices=cfg.num_devices,
     fsdp=cfg.fsdp,
+    micro_batches=cfg.micro_batches,
     model=frozen(cfg.model),
     task_cfg=frozen(cfg.task),
     task=task,

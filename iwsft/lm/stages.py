@@ -135,7 +135,12 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   optimizer = _optimizer(ctx, stage, layers)
   logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
   update = make_update(
-    logprob_fn, optimizer, objective, ref_params is not None, skip_nonfinite=s.skip_nonfinite
+    logprob_fn,
+    optimizer,
+    objective,
+    ref_params is not None,
+    skip_nonfinite=s.skip_nonfinite,
+    micro_batches=s.micro_batches,
   )
   state = init_state(params, optimizer, s.seed, ref_params)
   rows = []

@@ -239,6 +239,8 @@ BAD = [
   ([DS + DISCRETE], "only continuous (Box) action spaces"),
   ([DS + MIXED, "--workdir=/proc/iwsft-run"], "cannot write to workdir /proc/iwsft-run"),
   ([DS + MIXED, "--config.checkpoint_every=0"], "checkpoint_every"),
+  ([DS + MIXED, "--config.micro_batches=3", "--config.pack_batches=false"], "must divide"),
+  ([DS + MIXED, "--config.micro_batches=2"], "pack_batches=False"),
 ]
 
 
@@ -254,6 +256,33 @@ def test_bad_input_is_one_line_exit_2_and_leaves_workdir_alone(datasets, tmp_pat
   assert "Traceback" not in r.stderr
   assert sorted(os.listdir(work)) == ["metrics.jsonl"]
   assert (work / "metrics.jsonl").read_text() == "keep me\n"
+
+
+def test_micro_batches_train_the_policy_of_whole_batches(datasets, tmp_path):
+  """The CLI's iw-SFT with every batch in 4 micro-batches ends in the policy and score of whole
+  batches (the same updates, up to float32 summation order)."""
+  runs = {}
+  for k in (1, 4):
+    work = tmp_path / f"k{k}"
+    r = cli(
+      f"--workdir={work}",
+      *TINY,
+      DS + MIXED,
+      "--config.pack_batches=false",
+      f"--config.micro_batches={k}",
+      "--config.reference.steps=60",
+      "--config.method=iw_sft",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs[k] = json.loads((work / "result.json").read_text())
+  np.testing.assert_allclose(runs[4]["return_mean"], runs[1]["return_mean"], rtol=1e-3)
+  rows = {
+    k: [json.loads(x) for x in (tmp_path / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
+    for k in (1, 4)
+  }
+  loss = lambda k: [x["loss"] for x in rows[k] if x["kind"] == "train"]
+  assert len(loss(1)) > 2
+  np.testing.assert_allclose(loss(4), loss(1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
