@@ -38,7 +38,14 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
 
 # How a run executes, not what it computes: the device count and sharding (checkpoints reshard)
 # and where its metrics go. No identity holds them, so a run may resume with other values.
-EXECUTION_SETTINGS = ("num_devices", "fsdp", "seeds_over_devices", "micro_batches", "log")
+EXECUTION_SETTINGS = (
+  "num_devices",
+  "fsdp",
+  "seeds_over_devices",
+  "micro_batches",
+  "compute",
+  "log",
+)
 
 
 def result_settings(cfg, *also: str) -> dict:

@@ -36,6 +36,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
   c.micro_batches = 1  # gradients accumulated over this many parts of each batch (same update)
+  # How the model computes (the same function, less memory for long sequences; lm/model.py):
+  # attention "full", "chunked" (queries attention_chunk at a time) or "dot_product"
+  # (jax.nn.dot_product_attention: cuDNN on GPUs); remat "none", "full" or "dots" (recompute
+  # each block in the backward pass); logits_chunk: token log-probs that many positions at a time
+  c.compute = ml_collections.ConfigDict(
+    {"attention": "full", "attention_chunk": 512, "remat": "none", "logits_chunk": 0}
+  )
 
   c.model = _model_section()
   c.task = _task_section()

@@ -9,6 +9,14 @@ tied to the token embedding or not. q, k and v come from one fused matrix [d, (H
 SwiGLU's gate and up projections from one [d, 2 · d_ff], so large leaves stay few (FSDP splits
 them). The KV cache is a plain dict of arrays passed in and out (k, v: [layers, B, K, cache_len,
 Dh]), so decoding stays a pure function. Parameters are float32; `dtype` is the compute type.
+
+For long sequences (compute settings: the same function, less memory): attention "chunked" takes
+the queries `attention_chunk` at a time, each chunk's scores [chunk, T] recomputed in the backward
+pass instead of kept, so its memory grows linearly in T, not as T²; "dot_product" is
+jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs that have it). `remat` recomputes each
+block's activations in the backward pass ("full"; "dots" keeps the matrix products). A
+`logits_chunk` computes the token log-probs that many positions at a time, so the float32 logits
+[B, T, V] are never whole.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ class LMConfig:
   qkv_bias: bool = False
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute type: "float32" or "bfloat16"
+  attention: str = "full"  # "full", "chunked" or "dot_product" (see the module's docstring)
+  attention_chunk: int = 512  # queries per chunk of "chunked" attention
+  remat: str = "none"  # recompute each block in the backward pass: "none", "full", "dots"
+  logits_chunk: int = 0  # token log-probs this many positions at a time; 0: all at once
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -49,9 +61,13 @@ class LMConfig:
       ("positions", self.positions, ("learned", "rope")),
       ("mlp", self.mlp, ("gelu", "swiglu")),
       ("dtype", self.dtype, ("float32", "bfloat16")),
+      ("attention", self.attention, ATTENTION),
+      ("remat", self.remat, tuple(REMAT)),
     ):
       if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if self.attention_chunk < 1 or self.logits_chunk < 0:
+      raise ValueError("attention_chunk must be >= 1 and logits_chunk >= 0")
 
   @property
   def head_dim(self) -> int:
@@ -60,6 +76,14 @@ class LMConfig:
   @property
   def kv_heads(self) -> int:
     return self.n_kv_heads or self.n_heads
+
+
+ATTENTION = ("full", "chunked", "dot_product")
+REMAT = {  # jax.checkpoint policies: what a rematerialised block keeps for the backward pass
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _attend(q, k, v, mask):
@@ -73,6 +97,30 @@ def _attend(q, k, v, mask):
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgqt,bktd->bkgqd", probs, v).reshape(b, h, tq, d)
+
+
+def _attend_causal(q, k, v, cfg: LMConfig):
+  """Causal self-attention over a whole sequence, as cfg.attention says: q [B,H,T,D], k/v
+  [B,K,T,D] -> [B,H,T,D]; every implementation equals _attend with a causal mask."""
+  t = q.shape[2]
+  if cfg.attention == "dot_product":
+    swap = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, heads, D], its layout
+    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
+  causal = lambda rows: (rows[:, None] >= jnp.arange(t)[None])[None, None]
+  if cfg.attention == "full" or t <= cfg.attention_chunk:
+    return _attend(q, k, v, causal(jnp.arange(t)))
+  c = cfg.attention_chunk
+  n = -(-t // c)
+  qs = jnp.pad(q, [(0, 0), (0, 0), (0, n * c - t), (0, 0)])
+  qs = qs.reshape(*q.shape[:2], n, c, q.shape[-1]).transpose(2, 0, 1, 3, 4)  # [n, B, H, c, D]
+
+  @jax.checkpoint  # the chunk's scores are recomputed in the backward pass, never all kept
+  def chunk(args):
+    i, qc = args
+    return _attend(qc, k, v, causal(i * c + jnp.arange(c)))
+
+  out = jax.lax.map(chunk, (jnp.arange(n), qs))  # [n, B, H, c, D]
+  return out.transpose(1, 2, 0, 3, 4).reshape(*q.shape[:2], n * c, q.shape[-1])[:, :, :t]
 
 
 def rope(x, positions, theta: float):
@@ -121,10 +169,10 @@ class Block(nnx.Module):
       return x + self.down(jax.nn.silu(gate) * up)
     return x + self.down(jax.nn.gelu(h))
 
-  def __call__(self, x, mask, positions):
-    """Full-sequence pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache."""
+  def __call__(self, x, positions):
+    """Full causal pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache."""
     q, k, v = self._heads(x, positions)
-    return self._finish(x, _attend(q, k, v, mask)), (k, v)
+    return self._finish(x, _attend_causal(q, k, v, self.cfg)), (k, v)
 
   def decode(self, x, k_cache, v_cache, pos):
     """One token: x [B,1,d], caches [B,K,L,Dh], pos scalar -> (x, k_cache, v_cache)."""
@@ -166,18 +214,25 @@ class Transformer(nnx.Module):
     logits, _ = self.prefill(tokens)
     return logits
 
-  def prefill(self, tokens):
-    """tokens [B, T] -> (logits [B, T, V], cache) with the cache holding positions < T."""
-    b, t = tokens.shape
+  def hidden(self, tokens):
+    """tokens [B, T] -> the last block's output [B, T, d] (before the final norm), and every
+    block's keys and values ([B, K, T, Dh] each)."""
     x = self._embed(tokens, 0)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    positions = jnp.arange(t)
+    positions = jnp.arange(tokens.shape[1])
+    run = lambda block, x: block(x, positions)
+    if self.cfg.remat != "none":
+      run = nnx.remat(run, policy=REMAT[self.cfg.remat])
     ks, vs = [], []
     for block in self.blocks:
-      x, (k, v) = block(x, mask, positions)
+      x, (k, v) = run(block, x)
       ks.append(k)
       vs.append(v)
-    pad = [(0, 0), (0, 0), (0, 0), (0, self.cfg.max_len - t), (0, 0)]
+    return x, ks, vs
+
+  def prefill(self, tokens):
+    """tokens [B, T] -> (logits [B, T, V], cache) with the cache holding positions < T."""
+    x, ks, vs = self.hidden(tokens)
+    pad = [(0, 0), (0, 0), (0, 0), (0, self.cfg.max_len - tokens.shape[1]), (0, 0)]
     cache = {"k": jnp.pad(jnp.stack(ks), pad), "v": jnp.pad(jnp.stack(vs), pad)}
     return self._logits(x), cache
 
@@ -193,8 +248,22 @@ class Transformer(nnx.Module):
 
 
 def token_logprobs(model: Transformer, tokens):
-  """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0."""
-  picked = objectives.token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
+  """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0.
+
+  With model.cfg.logits_chunk = c > 0 the logits are made c positions at a time and recomputed
+  in the backward pass, so at most [B, c, V] of them exist at once."""
+  c = model.cfg.logits_chunk
+  targets = tokens[:, 1:]
+  if not c or c >= targets.shape[1]:
+    picked = objectives.token_logprobs(model(tokens[:, :-1]), targets)
+    return jnp.pad(picked, ((0, 0), (1, 0)))
+  x, _, _ = model.hidden(tokens[:, :-1])
+  b, t, d = x.shape
+  n = -(-t // c)
+  xs = jnp.pad(x, [(0, 0), (0, n * c - t), (0, 0)]).reshape(b, n, c, d).swapaxes(0, 1)
+  ys = jnp.pad(targets, [(0, 0), (0, n * c - t)]).reshape(b, n, c).swapaxes(0, 1)
+  chunk = jax.checkpoint(lambda xy: objectives.token_logprobs(model._logits(xy[0]), xy[1]))
+  picked = jax.lax.map(chunk, (xs, ys)).swapaxes(0, 1).reshape(b, n * c)[:, :t]
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 

@@ -39,6 +39,7 @@ class Settings:
   num_devices: int
   fsdp: int
   micro_batches: int
+  compute: dict  # LMConfig's compute fields (attention, attention_chunk, remat, logits_chunk)
   model: ml_collections.ConfigDict  # read-only copy of the model section
   task_cfg: ml_collections.ConfigDict  # read-only copy of the task section
   task: object  # lm/task.py's task
@@ -122,6 +123,7 @@ def check_settings(cfg) -> Settings:
     num_devices=cfg.num_devices,
     fsdp=cfg.fsdp,
     micro_batches=cfg.micro_batches,
+    compute=_compute(cfg.compute),
     model=frozen(cfg.model),
     task_cfg=frozen(cfg.task),
     task=task,
@@ -139,6 +141,16 @@ def check_settings(cfg) -> Settings:
     keep_checkpoints=cfg.keep_checkpoints,
     skip_nonfinite=bool(cfg.skip_nonfinite),
   )
+
+
+def _compute(section) -> dict:
+  """The compute section, checked by LMConfig's own validation."""
+  values = section.to_dict()
+  try:
+    LMConfig(**values)
+  except (ValueError, TypeError) as e:
+    raise UserError(f"compute: {e}") from None
+  return values
 
 
 def model_config(model) -> LMConfig:
@@ -182,6 +194,9 @@ def load_model(s: Settings) -> Model:
   else:
     mcfg, tok = model_config(s.model), ByteTokenizer()
     graphdef, init_params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(s.seed)))
+  if any(getattr(mcfg, k) != v for k, v in s.compute.items()):  # the graph computes as told
+    mcfg = dataclasses.replace(mcfg, **s.compute)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))[0]
   if not 0 <= s.top_k <= mcfg.vocab_size:
     raise UserError(f"top_k must be in [0, {mcfg.vocab_size}], got {s.top_k}")
   # Room for max_new sampled tokens plus an EOS after the task's longest prompt; a toy model's
