@@ -1,0 +1,175 @@
+"""Per-device memory of an iw-SFT update, from XLA's own analysis of the step compiled ahead of
+time from abstract shapes: no weights are read and nothing runs.
+
+  .venv/bin/python benchmarks/lm_sizing.py                      # the table of docs/scaling.md
+  .venv/bin/python benchmarks/lm_sizing.py --models=smollm2 --tokens=2048,8192
+
+The step is the language pipeline's (iwsft.make_update with the authors' LM recipe, π_ref's
+log-probs precomputed, AdamW with clipping), on `--devices` forced host devices as one FSDP axis
+(every large leaf split over all of them), one sequence per device, in bfloat16 compute with
+float32 parameters (the model's only parameter type today), with chunked attention, rematerialised
+blocks and chunked log-probs (lm/model.py's compute settings). The blocks are a Python loop, so a
+64-block model compiles slowly on 2 cores: with --blocks=A,B the step is compiled at A and B
+blocks of the full width and the temporaries extrapolated linearly to the model's depth (the
+table says so); parameters, q, π_ref and the optimiser state are computed exactly from their
+sharded shapes, and whether that state alone fits a GPU is the table's firm statement. The
+temporaries are what XLA's CPU backend assigns: it widens bfloat16 operations to float32 and its
+schedule does not lower them under remat (a `jax.checkpoint` of a plain MLP stack measures the
+same there), so they are not a GPU's number; a GPU's own allocation is the check that settles it.
+"""
+
+import os
+import sys
+
+if "jax" not in sys.modules:  # forced host devices must be set before jax starts
+  devices = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "8")
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import save, table  # noqa: E402
+from iwsft import recipes  # noqa: E402
+from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
+from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
+from iwsft.core.state import init_state  # noqa: E402
+from iwsft.core.step import make_update  # noqa: E402
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn  # noqa: E402
+
+GIB = 2**30
+COMPUTE = dict(
+  dtype="bfloat16", attention="chunked", attention_chunk=1024, remat="full", logits_chunk=1024
+)
+MODELS = {  # the architectures of the Hugging Face configs
+  "qwen2.5-32b": LMConfig(
+    vocab_size=152_064,
+    d_model=5120,
+    n_layers=64,
+    n_heads=40,
+    n_kv_heads=8,
+    d_ff=27_648,
+    positions="rope",
+    rope_theta=1_000_000.0,
+    mlp="swiglu",
+    qkv_bias=True,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+  ),
+  "smollm2": LMConfig(
+    vocab_size=49_152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    positions="rope",
+    rope_theta=100_000.0,
+    mlp="swiglu",
+    norm_eps=1e-5,
+  ),
+}
+GPUS = {"H100 80 GB": 80, "H200 141 GB": 141}
+
+flags.DEFINE_list("models", list(MODELS), "models to size")
+flags.DEFINE_list("tokens", ["22000"], "sequence lengths (one sequence per device)")
+flags.DEFINE_integer("devices", 8, "forced host devices, one FSDP axis over all")
+flags.DEFINE_list("blocks", ["1", "2"], "compile at these depths and extrapolate (empty: whole)")
+
+
+def compiled_memory(cfg: LMConfig, tokens: int, mesh) -> dict:
+  """XLA's memory analysis of the update at `tokens` tokens per sequence, per device."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract)
+  stage = StageConfig(steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4)
+  optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
+  update = make_update(make_logprob_fn(graphdef), optimizer, recipes.LM)
+  state = jax.eval_shape(lambda p: init_state(p, optimizer, 0, p), params)
+  b = mesh.devices.size
+  batch = {
+    "tokens": jax.ShapeDtypeStruct((b, tokens + 1), jnp.int32),
+    "mask": jax.ShapeDtypeStruct((b, tokens + 1), jnp.float32),
+    "weight": jax.ShapeDtypeStruct((b,), jnp.float32),
+    "logp_ref": jax.ShapeDtypeStruct((b, tokens + 1), jnp.float32),
+  }
+  shardings = state_sharding(state, mesh)
+  step = jax.jit(
+    update,
+    in_shardings=(shardings, batch_sharded(mesh)),
+    out_shardings=(shardings, replicated(mesh)),
+    donate_argnums=0,
+  )
+  t0 = time.perf_counter()
+  mem = step.lower(state, batch).compile().memory_analysis()
+  return {
+    "state_bytes": _sharded_bytes(state, shardings),
+    "temp_bytes": float(mem.temp_size_in_bytes),
+    "argument_bytes": float(mem.argument_size_in_bytes),
+    "compile_s": time.perf_counter() - t0,
+  }
+
+
+def _sharded_bytes(state, shardings) -> float:
+  """Bytes one device holds of `state` under `shardings` (exact, from the shard shapes)."""
+  total = 0
+  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+    total += np.prod(s.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
+  return float(total)
+
+
+def size(name: str, tokens: int, mesh, blocks: list[int]) -> dict:
+  """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
+  cfg = dataclasses.replace(MODELS[name], max_len=tokens + 1, **COMPUTE)
+  if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
+    lo, hi = (compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh) for n in blocks)
+    per_block = {k: (hi[k] - lo[k]) / (blocks[1] - blocks[0]) for k in lo}
+    at_depth = {k: lo[k] + (cfg.n_layers - blocks[0]) * per_block[k] for k in lo}
+    compile_s = lo["compile_s"] + hi["compile_s"]
+    how = f"compiled at {blocks[0]} and {blocks[1]} blocks, linear in depth"
+  else:
+    at_depth = compiled_memory(cfg, tokens, mesh)
+    per_block, compile_s, how = {"temp_bytes": float("nan")}, at_depth["compile_s"], "whole"
+  shapes = jax.tree.leaves(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  state = at_depth["state_bytes"]
+  row = {
+    "model": name,
+    "tokens": tokens,
+    "devices": mesh.devices.size,
+    "params_b": float(sum(np.prod(x.shape) for x in shapes)) / 1e9,
+    "state_gib": state / GIB,
+    "temp_gib": at_depth["temp_bytes"] / GIB,
+    "temp_gib_per_block": per_block["temp_bytes"] / GIB,
+    "how": how,
+    "compile_s": compile_s,
+  }
+  for gpu, gb in GPUS.items():  # usable: 93% of the nominal GB
+    row[f"state fits {gpu}"] = "yes" if state <= 0.93 * gb * 1e9 else "no"
+  return row
+
+
+def main(argv):
+  del argv
+  F = flags.FLAGS
+  mesh = make_mesh(F.devices, fsdp=F.devices)
+  blocks = [int(b) for b in F.blocks]
+  rows = []
+  for name in F.models:
+    for t in (int(t) for t in F.tokens):
+      rows.append(size(name, t, mesh, blocks if name == "qwen2.5-32b" else []))
+      print(table(rows[-1:], list(rows[-1])), flush=True)
+  cols = ["model", "tokens", "devices", "params_b", "state_gib", *(f"state fits {g}" for g in GPUS)]
+  cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
+  print("\n" + table(rows, cols))
+  print(f"-> {save('lm_sizing', {'rows': rows, 'compute': COMPUTE})}")
+
+
+if __name__ == "__main__":
+  app.run(main)
