@@ -5,8 +5,9 @@ time from abstract shapes: no weights are read and nothing runs.
   .venv/bin/python benchmarks/lm_sizing.py --models=smollm2 --tokens=2048,8192
 
 The step is the language pipeline's (iwsft.make_update with the authors' LM recipe, π_ref's
-log-probs precomputed, AdamW with clipping), on `--devices` forced host devices as one FSDP axis
-(every large leaf split over all of them), one sequence per device, in bfloat16 compute with
+log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), on
+`--devices` forced host devices as one FSDP axis (every large leaf split over all of them), one
+sequence per device, in bfloat16 compute with
 float32 parameters (the model's only parameter type today), with chunked attention, rematerialised
 blocks and chunked log-probs (lm/model.py's compute settings). The blocks are a Python loop, so a
 64-block model compiles slowly on 2 cores: with --blocks=A,B the step is compiled at A and B
@@ -42,7 +43,7 @@ from iwsft import recipes  # noqa: E402
 from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
 from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
 from iwsft.core.state import init_state  # noqa: E402
-from iwsft.core.step import make_update  # noqa: E402
+from iwsft.core.step import make_update, state_parts  # noqa: E402
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn  # noqa: E402
 
 GIB = 2**30
@@ -92,7 +93,8 @@ def compiled_memory(cfg: LMConfig, tokens: int, mesh) -> dict:
   stage = StageConfig(steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4)
   optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
   update = make_update(make_logprob_fn(graphdef), optimizer, recipes.LM)
-  state = jax.eval_shape(lambda p: init_state(p, optimizer, 0, p), params)
+  parts = state_parts(recipes.LM, False, True)  # the lean state: no q, no π_ref copies
+  state = jax.eval_shape(lambda p: init_state(p, optimizer, 0, p, **parts), params)
   b = mesh.devices.size
   batch = {
     "tokens": jax.ShapeDtypeStruct((b, tokens + 1), jnp.int32),

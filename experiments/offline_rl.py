@@ -49,6 +49,7 @@ flags.DEFINE_string("workdir", "runs/offline-rl", "output directory")
 flags.DEFINE_string("python", ".venv-d3rlpy/bin/python", "the d3rlpy venv's interpreter")
 flags.DEFINE_string("compare", "", "a sweep's cells.csv: iwsft's scores to put beside the peers'")
 flags.DEFINE_bool("dry_run", False, "print the runs left to do and exit")
+flags.DEFINE_bool("tables_only", False, "write the tables of the finished runs, run nothing")
 
 
 def settings(F) -> dict:
@@ -170,6 +171,11 @@ def main(argv):
     print(f"{len(left)} run(s) to do in {F.workdir}")
     print("\n".join(f"  {d} {a} seed {s}" for d, a, s in left))
     return
+  if F.tables_only:
+    claim(F.workdir, ident)  # the finished runs' settings must be these
+    for line in write_tables(F):
+      print(line)
+    return
   if left and not os.path.exists(F.python):
     raise UserError(f"no {F.python}: install d3rlpy's venv with `make .venv-d3rlpy/.installed`")
   claim(F.workdir, ident)
@@ -232,12 +238,14 @@ def write_tables(F) -> list[str]:
   summary = report.summarise(records)
   report.write_csv(os.path.join(F.workdir, "table.csv"), summary, report.SUMMARY_COLUMNS)
   report.write_csv(os.path.join(F.workdir, "cells.csv"), peers, CELL_COLUMNS)
-  paired = []
-  for peer in ("iql", "td3_bc"):
-    paired += report.paired_differences(records, pairs_against(methods, peer))
+  paired = {
+    peer: report.paired_differences(records, pairs_against(methods, peer))
+    for peer in ("iql", "td3_bc")
+  }
   if "bc" in methods:
-    paired += report.paired_differences(records, {"bc": "d3rlpy_bc"})
-  report.write_csv(os.path.join(F.workdir, "paired.csv"), paired, report.PAIRED_COLUMNS)
+    paired["d3rlpy_bc"] = report.paired_differences(records, {"bc": "d3rlpy_bc"})
+  rows = [r for rs in paired.values() for r in rs]
+  report.write_csv(os.path.join(F.workdir, "paired.csv"), rows, report.PAIRED_COLUMNS)
   iqm, poi = report.aggregate(records, methods, pairs_against(methods, "iql"))
   poi += report.aggregate(records, methods, pairs_against(methods, "td3_bc"))[1]
   report.write_aggregate(os.path.join(F.workdir, "aggregate.csv"), iqm, poi)
@@ -248,10 +256,11 @@ def write_tables(F) -> list[str]:
     "",
     report.markdown_table(summary, methods, F.datasets),
     "",
-    "Seed-paired differences (the same evaluation episodes), 95% Student-t CIs:",
-    "",
-    report.paired_table(paired, F.datasets),
+    "Seed-paired differences (a seed shares its evaluation episodes), 95% Student-t CIs:",
   ]
+  for rs in paired.values():
+    if rs:
+      text += ["", report.paired_table(rs, F.datasets)]
   if iqm:
     text += ["", report.aggregate_text(iqm, poi)]
   with open(os.path.join(F.workdir, "table.md"), "w") as f:

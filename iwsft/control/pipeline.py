@@ -159,11 +159,14 @@ def _identity(s: Settings, seeds: list[int], reference_dir: str, per_seed_dirs: 
 def _check_checkpoints(ctx: Context, workdir: str) -> None:
   """Refuses checkpoints of another model before the workdir is touched."""
   s = ctx.settings
-  for name, st in (("reference", s.reference), (s.method, s.finetune)):
+  stages_ = (("reference", s.reference, s.reference_objective, False),)
+  stages_ += ((s.method, s.finetune, s.objective, True),)
+  for name, st, objective, fine_tuning in stages_:
     if st is not None:
       opt = make_optimizer(st)
+      parts = stages.lean_parts(s, objective, fine_tuning)
       template = jax.eval_shape(
-        lambda: stack_seeds([init_state(p, opt, 0) for p in ctx.policies.init_params])
+        lambda: stack_seeds([init_state(p, opt, 0, **parts) for p in ctx.policies.init_params])
       )
       checkpoint.check_resumable(
         os.path.join(os.path.abspath(workdir), "checkpoints", name), template

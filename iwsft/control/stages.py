@@ -25,7 +25,7 @@ from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.core.state import init_state, stack_seeds, unstack_seeds
-from iwsft.core.step import Sampling, make_update, pool_logprobs
+from iwsft.core.step import Sampling, make_update, pool_logprobs, state_parts
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, distributed
 from iwsft.io import workdir as workdir_lib
@@ -116,6 +116,12 @@ def _hooks(ctx: Context, name: str, logprob_fn) -> Hooks:
   )
 
 
+def lean_parts(s: Settings, objective: ObjectiveConfig, fine_tuning: bool) -> dict:
+  """init_state's keep_q / keep_ref for a stage (fine_tuning: from π_ref, whose log-probs are
+  computed once when s.precompute_ref)."""
+  return state_parts(objective, fine_tuning, fine_tuning and s.precompute_ref)
+
+
 def train_stage(
   ctx: Context,
   name: str,
@@ -142,8 +148,12 @@ def train_stage(
     micro_batches=s.micro_batches,
   )
   refs = ref_params or [None] * len(ctx.seeds)
+  parts = lean_parts(s, objective, ref_params is not None)
   state = stack_seeds(
-    [init_state(p, optimizer, seed + key_offset, r) for p, seed, r in zip(params, ctx.seeds, refs)]
+    [
+      init_state(p, optimizer, seed + key_offset, r, **parts)
+      for p, seed, r in zip(params, ctx.seeds, refs)
+    ]
   )
   logits, weight = curated
   pool = share.pool(weight, mesh)

@@ -20,8 +20,10 @@ Params = Any
 
 class TrainState(flax.struct.PyTreeNode):
   """params: the policy π_θ being trained.
-  q_params: the auxiliary policy q of iw-SFT, an exponential moving average of params.
-  ref_params: the frozen reference π_ref (the data's policy, or its stand-in).
+  q_params: the auxiliary policy q of iw-SFT, an exponential moving average of params; None in a
+    lean state where q is the current policy, detached (q_decay 0), or unused.
+  ref_params: the frozen reference π_ref (the data's policy, or its stand-in); None in a lean
+    state whose batches carry π_ref's log-probs ("logp_ref"), or that never needs them.
   opt_state: optax state for params.
   step: number of updates applied (int32 scalar).
   key: raw uint32 PRNG key [2] for in-graph sampling (raw so checkpoints stay plain arrays).
@@ -45,18 +47,22 @@ def init_state(
   optimizer: optax.GradientTransformation,
   seed: int,
   ref_params: Params | None = None,
+  *,
+  keep_q: bool = True,
+  keep_ref: bool = True,
 ) -> TrainState:
   """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
 
-  Every array is copied, so the jitted steps may donate the state's buffers without deleting the
-  caller's arrays.
+  keep_q / keep_ref False leave q / π_ref out (None): a model-sized copy each that the update
+  does not need (step.state_parts says when). Every array is copied, so the jitted steps may
+  donate the state's buffers without deleting the caller's arrays.
   """
   copy = lambda t: jax.tree.map(jnp.array, t)
   params = copy(params)
   return TrainState(
     params=params,
-    q_params=copy(params),
-    ref_params=copy(params if ref_params is None else ref_params),
+    q_params=copy(params) if keep_q else None,
+    ref_params=copy(params if ref_params is None else ref_params) if keep_ref else None,
     opt_state=optimizer.init(params),
     step=jnp.zeros((), jnp.int32),
     key=prng_key(seed),
@@ -65,7 +71,10 @@ def init_state(
 
 def update_q(q_params: Params, params: Params, q_decay: float) -> Params:
   """iw-SFT's auxiliary policy after one update: q ← q_decay · q + (1 − q_decay) · θ (an EMA of
-  the trained parameters; q_decay = 0 makes q the current policy)."""
+  the trained parameters; q_decay = 0 makes q the current policy). None stays None (a lean
+  state without q)."""
+  if q_params is None:
+    return None
   return optax.incremental_update(params, q_params, step_size=1.0 - q_decay)
 
 

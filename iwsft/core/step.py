@@ -64,29 +64,34 @@ def make_update(
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
 
+  def ref_logprobs(state: TrainState, batch: Batch):
+    if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
+      return batch["logp_ref"]
+    if state.ref_params is None:
+      raise ValueError("the state holds no π_ref (keep_ref=False): pass batch['logp_ref']")
+    return jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
+
+  def q_logprobs(state: TrainState, batch: Batch, logp):
+    if q_decay == 0.0:
+      return jax.lax.stop_gradient(logp)
+    if state.q_params is None:
+      raise ValueError(f"the state holds no q (keep_q=False) but q_decay is {q_decay}")
+    return jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
+
   def loss_fn(params, state: TrainState, batch: Batch):
     logp = logprob_fn(params, batch)
     logp_q = logp_ref = None
     if need_aux:
-      if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
-        logp_ref = batch["logp_ref"]
-      else:
-        logp_ref = jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
-      if q_decay == 0.0:
-        logp_q = jax.lax.stop_gradient(logp)
-      else:
-        logp_q = jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
+      logp_ref = ref_logprobs(state, batch)
+      logp_q = q_logprobs(state, batch, logp)
     return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective)
 
   def aux_logprobs(state: TrainState, batch: Batch):
     """(logp_q, logp_ref) [B, T] of one micro-batch, constants; (None, None) without weighting."""
     if not need_aux:
       return None, None
-    logp_ref = batch.get("logp_ref")
-    if logp_ref is None:
-      logp_ref = logprob_fn(state.ref_params, batch)
-    logp_q = logprob_fn(state.params if q_decay == 0.0 else state.q_params, batch)
-    return jax.lax.stop_gradient(logp_q), jax.lax.stop_gradient(logp_ref)
+    logp = logprob_fn(state.params, batch) if q_decay == 0.0 else None
+    return q_logprobs(state, batch, logp), ref_logprobs(state, batch)
 
   def accumulated_grads(params, state: TrainState, batch: Batch):
     """jax.grad(loss_fn)'s (grads, metrics) from micro_batches passes of a micro-batch each."""
@@ -126,6 +131,14 @@ def make_update(
     return new, metrics
 
   return update
+
+
+def state_parts(objective: ObjectiveConfig, track_bounds: bool, ref_precomputed: bool) -> dict:
+  """Which model copies an update of make_update(objective, track_bounds) reads, as init_state's
+  keep_q / keep_ref: q only when it lags (q_decay > 0), π_ref only when its log-probs are not in
+  the batches; neither without weighting or bounds."""
+  need = objective.uses_weights or track_bounds
+  return {"keep_q": need and objective.q_decay > 0, "keep_ref": need and not ref_precomputed}
 
 
 def _surrogate(logp: jax.Array, coef: jax.Array):

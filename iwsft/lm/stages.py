@@ -26,7 +26,7 @@ from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
 from iwsft.core.state import init_state
-from iwsft.core.step import Sampling, make_update
+from iwsft.core.step import Sampling, make_update, state_parts
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, distributed
 from iwsft.io import workdir as workdir_lib
@@ -142,7 +142,8 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
     skip_nonfinite=s.skip_nonfinite,
     micro_batches=s.micro_batches,
   )
-  state = init_state(params, optimizer, s.seed, ref_params)
+  parts = state_parts(objective, ref_params is not None, "logp_ref" in data)
+  state = init_state(params, optimizer, s.seed, ref_params, **parts)
   rows = []
   hooks = Hooks(
     logs=[lambda row: (rows.append(row), ctx.log(row))],

@@ -129,6 +129,50 @@ def test_micro_batches_give_the_update_of_the_whole_batch(objective, precomputed
     jax.jit(iwsft.make_update(logprob, opt, objective, micro_batches=3))(state, batch)
 
 
+@pytest.mark.parametrize(
+  "objective,precomputed,parts",
+  [
+    (iwsft.recipes.LM, True, {"keep_q": False, "keep_ref": False}),
+    (iwsft.recipes.CONTROL, True, {"keep_q": True, "keep_ref": False}),
+    (iwsft.recipes.CONTROL, False, {"keep_q": True, "keep_ref": True}),
+    (iwsft.recipes.SFT, False, {"keep_q": False, "keep_ref": False}),
+  ],
+  ids=["lm", "control", "control-ref-in-state", "sft"],
+)
+def test_a_lean_state_holds_only_the_copies_its_update_reads(objective, precomputed, parts):
+  """state_parts drops q when it is the detached current model and π_ref when its log-probs come
+  with the batch; the lean state's update equals the full state's."""
+  params, _, _, batch, logprob = _setup(q_decay=0.9)
+  ref = jax.tree.map(lambda x: x + 0.05, params)
+  if precomputed:
+    batch["logp_ref"] = np.asarray(logprob(ref, batch))
+  assert iwsft.core.step.state_parts(objective, False, precomputed) == parts
+  opt = optax.adam(1e-2)
+  update = jax.jit(iwsft.make_update(logprob, opt, objective))
+  full = iwsft.init_state(params, opt, 0, ref)
+  full = full.replace(q_params=jax.tree.map(lambda x: x - 0.05, params))
+  lean = iwsft.init_state(params, opt, 0, ref, **parts)
+  if parts["keep_q"]:
+    lean = lean.replace(q_params=full.q_params)
+  assert (lean.q_params is None) != parts["keep_q"] and (lean.ref_params is None) != parts[
+    "keep_ref"
+  ]
+  for _ in range(3):
+    full, mf = update(full, batch)
+    lean, ml = update(lean, batch)
+  chex.assert_trees_all_close(lean.params, full.params, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(ml["loss"], mf["loss"], rtol=1e-6)
+
+
+def test_an_update_that_needs_a_dropped_copy_says_so():
+  params, opt, _, batch, logprob = _setup(q_decay=0.9)
+  update = iwsft.make_update(logprob, opt, iwsft.recipes.CONTROL)
+  with pytest.raises(ValueError, match="no π_ref"):
+    update(iwsft.init_state(params, opt, 0, keep_ref=False), batch)
+  with pytest.raises(ValueError, match="no q"):
+    update(iwsft.init_state(params, opt, 0, keep_q=False), batch)
+
+
 def test_sgd_step_follows_the_weighted_bc_gradient():
   """θ' = θ − lr · ∇θ(−Σ_i w_i ℓ_i / n) with w computed independently from q and π_ref."""
   params, opt, update, batch, logprob = _setup(q_decay=0.5)
