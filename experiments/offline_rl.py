@@ -270,39 +270,39 @@ def write_tables(F) -> list[str]:
 
 
 def compute_figure(F, peers: list[dict], summary: list[dict]) -> None:
-  """Per dataset: each peer's score against its updates (mean and 95% t-band over seeds), and
-  iwsft's methods' final scores as horizontal lines (their whole budget is a few thousand)."""
+  """Per dataset: each peer's score against its updates (mean and 95% t-band over seeds), iwsft's
+  methods' final scores as dashed lines, and iwsft's own update count (the cpu-sweep recipe's
+  π_ref and fine-tuning updates) as a dotted line."""
+  from iwsft.control.config import get_config
   from iwsft.io import plots
 
-  panels = {}
+  curves, levels = {}, {}
   for d in F.datasets:
-    series = {}
+    name = d.split("/", 1)[-1]
     for m in dict.fromkeys(r["method"] for r in peers if r["dataset"] == d):
-      curves = [
+      runs = [r for r in peers if r["dataset"] == d and r["method"] == m]
+      points = [
         ([p["step"] for p in r["snapshots"]], [p["normalised_score"] for p in r["snapshots"]])
-        for r in peers
-        if r["dataset"] == d and r["method"] == m
+        for r in runs
       ]
-      series[m] = report.curve_band(curves)
+      curves.setdefault(name, {})[m] = report.curve_band(points)
     for row in summary:
-      if row["dataset"] == d and row["method"] not in METHOD.values() and series:
-        x = [1, F.steps]
-        series[f"iwsft {row['method']}"] = (
-          x,
-          [row["mean"]] * 2,
-          [row["ci_low"]] * 2,
-          [row["ci_high"]] * 2,
-        )
-    if series:
-      panels[d.split("/", 1)[-1]] = series
-  if panels:
-    plots.band_panels(
-      panels,
-      os.path.join(F.workdir, "compute.png"),
-      "peer's updates (iwsft's methods: their final score)",
-      "normalised score ×100",
-      "d3rlpy's IQL / TD3+BC / BC against updates, beside iwsft's methods (95% t-bands over seeds)",
-    )
+      if row["dataset"] == d and row["method"] not in METHOD.values() and name in curves:
+        levels.setdefault(name, {})[f"iwsft {row['method']}"] = row["mean"]
+  if not curves:
+    return
+  recipe = get_config("cpu-sweep")
+  steps = recipe.reference.steps + recipe.finetune.steps
+  plots.curves_and_levels(
+    curves,
+    levels,
+    os.path.join(F.workdir, "compute.png"),
+    "peer's updates (batches of 256 transitions)",
+    "normalised score ×100",
+    "d3rlpy's IQL, TD3+BC and BC against their updates (mean, 95% t-band over seeds); "
+    "iwsft's methods at the cpu-sweep recipe (dashed: their final mean score)",
+    marker=(steps, f"iwsft's {steps:,} updates"),
+  )
 
 
 if __name__ == "__main__":

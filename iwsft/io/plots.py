@@ -81,6 +81,39 @@ def band_panels(
   _save(fig, path, title)
 
 
+def curves_and_levels(
+  curves: dict[str, dict[str, tuple]],
+  levels: dict[str, dict[str, float]],
+  path: str,
+  xlabel: str,
+  ylabel: str,
+  title: str,
+  marker: tuple[float, str] | None = None,
+) -> None:
+  """One panel per key: curves[name][series] = (x, mean, low, high) as lines with bands, and
+  levels[name][series] = y as dashed horizontal lines; `marker` (x, label) a dotted vertical."""
+  names = list(curves)
+  fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names) + 1.8, 3.8), squeeze=False)
+  for ax, name in zip(axes[0], names):
+    for i, (label, (x, mean, lo, hi)) in enumerate(curves[name].items()):
+      ax.plot(x, mean, label=label, color=f"C{i}", marker="o", ms=3)
+      ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
+    for j, (label, y) in enumerate(levels.get(name, {}).items()):
+      ax.axhline(y, ls="--", lw=1.2, color=f"C{j + len(curves[name])}", label=label)
+    if marker is not None:
+      ax.axvline(marker[0], ls=":", color="0.3", label=marker[1])
+    ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  right = 1 - 1.8 / fig.get_figwidth()  # the legend's column
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(right, 0.5), fontsize=8)
+  width = max(20, int(13 * fig.get_figwidth() * right))
+  fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=10)
+  fig.tight_layout(rect=(0, 0, right, 1))
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def score_bars(
   names: list[str],
   means: list[float],
