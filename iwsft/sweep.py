@@ -54,11 +54,7 @@ def run_sweep(
   part that finds every cell finished writes the tables of all of them."""
   t0 = time.time()
   workdir = os.path.abspath(workdir)
-  index, parts = part
-  if not 0 <= index < parts:
-    raise UserError(f"--part must lie in [0, --parts={parts}), got {index}")
-  if parts > 1 and overwrite:
-    raise UserError("--overwrite with --parts: one part would remove another's cells")
+  _check_part(part, overwrite)
   grid.validate()
   identity = {"pipeline": grid.cfg.pipeline, "config": grid.identity()}
   if dry_run:
@@ -81,7 +77,7 @@ def run_sweep(
     grid.run(group, workdir)
   others = grid.plan(workdir)
   if others:  # only with parts: another process is still running these
-    say(f"part {index}/{parts} finished; {len(others)} run(s) of other parts left to finish")
+    say(f"part {part[0]}/{part[1]} finished; {len(others)} run(s) of other parts left to finish")
     return {}
   recs = grid.records(workdir)
   outputs = _write_tables(grid, recs, workdir, bootstrap_seed, header, say)
@@ -100,6 +96,14 @@ def run_sweep(
     f"-> {workdir}/{{{','.join(outputs)}}}"
   )
   return info
+
+
+def _check_part(part: tuple[int, int], overwrite: bool) -> None:
+  index, parts = part
+  if not 0 <= index < parts:
+    raise UserError(f"--part must lie in [0, --parts={parts}), got {index}")
+  if parts > 1 and overwrite:
+    raise UserError("--overwrite with --parts: one part would remove another's cells")
 
 
 def _mine(grid, groups: list, part: tuple[int, int]) -> list:

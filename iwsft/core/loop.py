@@ -93,10 +93,7 @@ def fit(
   state.
   """
   steps = sampling.steps
-  if seeds_over_devices:
-    if num_seeds(state) is None:
-      raise ValueError("fit: seeds_over_devices needs a state with a seed axis (stack_seeds)")
-    mesh = seed_mesh(mesh, num_seeds(state))
+  mesh = _fit_mesh(mesh, state, seeds_over_devices)
   run = _Run(name, state, hooks or Hooks(), mesh, seeds_over_devices)
   state, done = run.start(state)
   data, logits = _place_pool(data, logits, mesh, seeds_over_devices)
@@ -109,15 +106,9 @@ def fit(
     while done < steps:
       n = _next_chunk(done, steps, chunk, run.hooks.eval_every)
       if n not in compiled:
-        compiled[n] = make_train_steps(
-          update,
-          mesh,
-          sampling,
-          n,
-          vmapped=run.seeds is not None,
-          state_shardings=run.shardings,
-          seeds_over_devices=seeds_over_devices,
-        )
+        layout = dict(state_shardings=run.shardings, seeds_over_devices=seeds_over_devices)
+        vmapped = run.seeds is not None
+        compiled[n] = make_train_steps(update, mesh, sampling, n, vmapped=vmapped, **layout)
       state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n
       postfix = run.after_chunk(to_host(metrics), previous, done)
@@ -135,6 +126,15 @@ def fit(
       run.save_or_stop(state, previous, done, steps, eval_rows)
   run.finish()
   return state
+
+
+def _fit_mesh(mesh: Mesh, state: TrainState, seeds_over_devices: bool) -> Mesh:
+  """The mesh fit trains on: `mesh`, or with seeds_over_devices the devices sharing the seeds."""
+  if not seeds_over_devices:
+    return mesh
+  if num_seeds(state) is None:
+    raise ValueError("fit: seeds_over_devices needs a state with a seed axis (stack_seeds)")
+  return seed_mesh(mesh, num_seeds(state))
 
 
 def _next_chunk(done: int, steps: int, chunk: int, eval_every: int) -> int:

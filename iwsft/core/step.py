@@ -59,68 +59,15 @@ def make_update(
     loss_coefficients), with the activations of one micro-batch at a time. Every leaf of the
     batch needs the leading batch axis (padded batches, not packed ones).
   """
-  q_decay = objective.q_decay
-  need_aux = objective.uses_weights or track_bounds
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-
-  def ref_logprobs(state: TrainState, batch: Batch):
-    if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
-      return batch["logp_ref"]
-    if state.ref_params is None:
-      raise ValueError("the state holds no π_ref (keep_ref=False): pass batch['logp_ref']")
-    return jax.lax.stop_gradient(logprob_fn(state.ref_params, batch))
-
-  def q_logprobs(state: TrainState, batch: Batch, logp):
-    if q_decay == 0.0:
-      return jax.lax.stop_gradient(logp)
-    if state.q_params is None:
-      raise ValueError(f"the state holds no q (keep_q=False) but q_decay is {q_decay}")
-    return jax.lax.stop_gradient(logprob_fn(state.q_params, batch))
-
-  def loss_fn(params, state: TrainState, batch: Batch):
-    logp = logprob_fn(params, batch)
-    logp_q = logp_ref = None
-    if need_aux:
-      logp_ref = ref_logprobs(state, batch)
-      logp_q = q_logprobs(state, batch, logp)
-    return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective)
-
-  def aux_logprobs(state: TrainState, batch: Batch):
-    """(logp_q, logp_ref) [B, T] of one micro-batch, constants; (None, None) without weighting."""
-    if not need_aux:
-      return None, None
-    logp = logprob_fn(state.params, batch) if q_decay == 0.0 else None
-    return q_logprobs(state, batch, logp), ref_logprobs(state, batch)
-
-  def accumulated_grads(params, state: TrainState, batch: Batch):
-    """jax.grad(loss_fn)'s (grads, metrics) from micro_batches passes of a micro-batch each."""
-    parts = _split(batch, micro_batches)
-    _, (logp_q, logp_ref) = jax.lax.scan(lambda c, mb: (c, aux_logprobs(state, mb)), None, parts)
-    logp_q, logp_ref = jax.tree.map(_join, (logp_q, logp_ref))
-    coef = loss_coefficients(logp_q, logp_ref, batch["mask"], batch["weight"], objective)
-
-    def add(total, part):
-      mb, c = part
-      grad, logp = jax.grad(lambda p: _surrogate(logprob_fn(p, mb), c), has_aux=True)(params)
-      return jax.tree.map(jnp.add, total, grad), logp
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, logp = jax.lax.scan(add, zeros, (parts, _split(coef, micro_batches)))
-    logp = jax.lax.stop_gradient(_join(logp))
-    _, metrics = iw_sft_loss(
-      logp, logp_q, logp_ref, batch["mask"], batch["weight"], objective
-    )  # the whole batch's metrics, from its log-probs
-    return grads, metrics
+  gradients = _Gradients(logprob_fn, objective, track_bounds, micro_batches)
 
   def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    if micro_batches > 1:
-      grads, metrics = accumulated_grads(state.params, state, batch)
-    else:
-      grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+    grads, metrics = gradients(state.params, state, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    q_params = update_q(state.q_params, params, q_decay)
+    q_params = update_q(state.q_params, params, objective.q_decay)
     metrics["grad_norm"] = optax.global_norm(grads)
     new = state.replace(params=params, q_params=q_params, opt_state=opt_state, step=state.step + 1)
     if skip_nonfinite:
@@ -131,6 +78,67 @@ def make_update(
     return new, metrics
 
   return update
+
+
+class _Gradients:
+  """`(params, state, batch) -> (grads, metrics)` of iw_sft_loss for make_update: at once, or
+  accumulated over micro-batches."""
+
+  def __init__(self, logprob_fn: LogProbFn, objective, track_bounds: bool, micro_batches: int):
+    self.logprob_fn, self.objective, self.micro_batches = logprob_fn, objective, micro_batches
+    self.need_aux = objective.uses_weights or track_bounds
+
+  def ref_logprobs(self, state: TrainState, batch: Batch):
+    if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
+      return batch["logp_ref"]
+    if state.ref_params is None:
+      raise ValueError("the state holds no π_ref (keep_ref=False): pass batch['logp_ref']")
+    return jax.lax.stop_gradient(self.logprob_fn(state.ref_params, batch))
+
+  def q_logprobs(self, state: TrainState, batch: Batch, logp):
+    """q's log-probs: θ's own, detached, when q_decay is 0 (logp: θ's)."""
+    q_decay = self.objective.q_decay
+    if q_decay == 0.0:
+      return jax.lax.stop_gradient(logp)
+    if state.q_params is None:
+      raise ValueError(f"the state holds no q (keep_q=False) but q_decay is {q_decay}")
+    return jax.lax.stop_gradient(self.logprob_fn(state.q_params, batch))
+
+  def loss(self, params, state: TrainState, batch: Batch):
+    logp = self.logprob_fn(params, batch)
+    logp_q = logp_ref = None
+    if self.need_aux:
+      logp_ref = self.ref_logprobs(state, batch)
+      logp_q = self.q_logprobs(state, batch, logp)
+    return iw_sft_loss(logp, logp_q, logp_ref, batch["mask"], batch["weight"], self.objective)
+
+  def aux_logprobs(self, state: TrainState, batch: Batch):
+    """(logp_q, logp_ref) [B, T] of one micro-batch, constants; (None, None) without weighting."""
+    if not self.need_aux:
+      return None, None
+    logp = self.logprob_fn(state.params, batch) if self.objective.q_decay == 0.0 else None
+    return self.q_logprobs(state, batch, logp), self.ref_logprobs(state, batch)
+
+  def __call__(self, params, state: TrainState, batch: Batch):
+    if self.micro_batches == 1:
+      return jax.grad(self.loss, has_aux=True)(params, state, batch)
+    k, mask, weight = self.micro_batches, batch["mask"], batch["weight"]
+    parts = _split(batch, k)
+    _, aux = jax.lax.scan(lambda c, mb: (c, self.aux_logprobs(state, mb)), None, parts)
+    logp_q, logp_ref = jax.tree.map(_join, aux)
+    coef = loss_coefficients(logp_q, logp_ref, mask, weight, self.objective)
+
+    def add(total, part):
+      mb, c = part
+      surrogate = lambda p: _surrogate(self.logprob_fn(p, mb), c)
+      grad, logp = jax.grad(surrogate, has_aux=True)(params)
+      return jax.tree.map(jnp.add, total, grad), logp
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, logp = jax.lax.scan(add, zeros, (parts, _split(coef, k)))
+    logp = jax.lax.stop_gradient(_join(logp))  # the whole batch's metrics, from its log-probs
+    _, metrics = iw_sft_loss(logp, logp_q, logp_ref, mask, weight, self.objective)
+    return grads, metrics
 
 
 def state_parts(objective: ObjectiveConfig, track_bounds: bool, ref_precomputed: bool) -> dict:
