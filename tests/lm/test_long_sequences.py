@@ -42,8 +42,15 @@ def _logprobs_and_grads(arch: dict, **compute):
   return np.asarray(jax.jit(f)(params)), grads
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("compute", list(COMPUTE))
+DEFAULT_RUN = {"all together", "dot_product attention"}  # the single paths: make test-slow
+CASES = [
+  pytest.param(a, c, marks=() if c in DEFAULT_RUN else pytest.mark.slow, id=f"{a}-{c}")
+  for a in ARCHS
+  for c in COMPUTE
+]
+
+
+@pytest.mark.parametrize("arch,compute", CASES)
 def test_long_sequence_paths_compute_the_same_logprobs_and_gradients(arch, compute):
   want, want_grads = _logprobs_and_grads(ARCHS[arch])
   got, got_grads = _logprobs_and_grads(ARCHS[arch], **COMPUTE[compute])
