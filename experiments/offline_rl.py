@@ -261,12 +261,30 @@ def write_tables(F) -> list[str]:
   for rs in paired.values():
     if rs:
       text += ["", report.paired_table(rs, F.datasets)]
+  text += ["", "The peers' scores after each number of updates (mean [95% Student-t CI]):", ""]
+  text += [snapshot_table(peers, F.datasets)]
   if iqm:
     text += ["", report.aggregate_text(iqm, poi)]
   with open(os.path.join(F.workdir, "table.md"), "w") as f:
     f.write("\n".join(text) + "\n")
   compute_figure(F, peers, summary)
   return text
+
+
+def snapshot_table(peers: list[dict], datasets: list[str]) -> str:
+  """Per dataset and peer, its score after each snapshot's updates over the seeds."""
+  steps = sorted({p["step"] for r in peers for p in r["snapshots"]})
+  rows = []
+  for d in datasets:
+    for m in dict.fromkeys(r["method"] for r in peers if r["dataset"] == d):
+      runs = [r for r in peers if r["dataset"] == d and r["method"] == m]
+      cells = []
+      for t in steps:
+        x = [p["normalised_score"] for r in runs for p in r["snapshots"] if p["step"] == t]
+        lo, hi = report.t_interval(x)
+        cells.append(f"{sum(x) / len(x):.1f} [{lo:.1f}, {hi:.1f}]" if len(x) > 1 else "–")
+      rows.append([d.split("/", 1)[-1], m, len(runs), *cells])
+  return report.format_table(["dataset", "peer", "seeds", *(f"{t:,} updates" for t in steps)], rows)
 
 
 def compute_figure(F, peers: list[dict], summary: list[dict]) -> None:
