@@ -29,23 +29,26 @@ def transitions(dataset) -> dict[str, np.ndarray]:
   keep = eps.mask.astype(bool)
   ends = np.zeros_like(eps.mask)
   ends[np.arange(eps.num_episodes), eps.lengths - 1] = 1.0
-  terminated = np.array([bool(e.terminations[-1]) for e in dataset.iterate_episodes()], np.float32)
+  rewards, terminated = _rewards_and_ends(dataset, eps)
   terminals = ends * terminated[:, None]
   return {
     "observations": eps.observations[keep],
     "actions": eps.actions[keep],
-    "rewards": _rewards(dataset, eps)[keep],
+    "rewards": rewards[keep],
     "terminals": terminals[keep].astype(np.float32),
     "timeouts": (ends - terminals)[keep].astype(np.float32),
   }
 
 
-def _rewards(dataset, eps) -> np.ndarray:
-  """[N, T] per-step rewards, padded like the episodes."""
-  out = np.zeros(eps.mask.shape, np.float32)
+def _rewards_and_ends(dataset, eps) -> tuple[np.ndarray, np.ndarray]:
+  """One more pass over the episodes: per-step rewards [N, T] padded like `eps`, and [N] 1.0
+  where the episode terminated (0.0 where it was cut off)."""
+  rewards = np.zeros(eps.mask.shape, np.float32)
+  terminated = np.zeros(eps.num_episodes, np.float32)
   for i, e in enumerate(dataset.iterate_episodes()):
-    out[i, : eps.lengths[i]] = np.asarray(e.rewards, np.float32).reshape(-1)
-  return out
+    rewards[i, : eps.lengths[i]] = np.asarray(e.rewards, np.float32).reshape(-1)
+    terminated[i] = float(bool(e.terminations[-1]))
+  return rewards, terminated
 
 
 def write_transitions(dataset, path: str) -> int:
