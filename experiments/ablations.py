@@ -30,7 +30,6 @@ from iwsft import sweep
 from iwsft.control import config
 from iwsft.control.grid import ControlGrid, Variant
 from iwsft.io import cli, plots, report
-from iwsft.io import workdir as workdir_lib
 
 BASELINE = config.UNWEIGHTED  # each weighted method and the method it is without the weights
 
@@ -84,7 +83,7 @@ def variants(cfg, temperatures, q_decays, long: int, method: str = "iw_sft") -> 
 class AblationGrid(ControlGrid):
   """One dataset's variants; its extra table is the ablation table (ablations.csv, .png)."""
 
-  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+  def extra_tables(self, recs: list[sweep.CellRecord], workdir: str) -> tuple[str, list[str]]:
     rows = ablation_rows(self, recs)
     report.write_csv(
       os.path.join(workdir, "ablations.csv"),
@@ -109,29 +108,24 @@ class AblationGrid(ControlGrid):
     return text, ["ablations.csv", "ablations.png"]
 
 
-def ablation_rows(grid: ControlGrid, recs: list[dict]) -> list[dict]:
+def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]:
   """One row per variant: its score's mean/std/CI, the paired difference to its baseline, the
   weights' diagnostics (per seed averaged over fine-tuning, then over seeds)."""
-  summary = {s["method"]: s for s in report.summarise(recs)}
-  paired = {p["method"]: p for p in report.paired_differences(recs, grid.pairs)}
+  scores = sweep.score_rows(recs)
+  summary = {s["method"]: s for s in report.summarise(scores)}
+  paired = {p["method"]: p for p in report.paired_differences(scores, grid.pairs)}
   rows = []
   for name, v in grid.variants.items():
     if name not in summary:
       continue
-    mine = sorted((r for r in recs if r["method"] == name), key=lambda r: r["seed"])
+    mine = sorted((r for r in recs if r.method == name), key=lambda r: r.seed)
     row = {"run": name, "ablates": v.ablates, **summary[name]}
-    row["per_seed"] = [float(r["score"]) for r in mine]  # unrounded: paired reprints
+    row["per_seed"] = [float(r.score) for r in mine]  # unrounded: paired reprints
     if name in paired:
       p = paired[name]
       row.update(baseline=v.baseline, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
     if v.method in config.WEIGHTED:
-      diags = [
-        report.weight_diagnostics(
-          workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl")), v.method
-        )
-        for r in mine
-      ]
-      row.update(report.mean_diagnostics(diags))
+      row.update(report.mean_diagnostics([r.weights for r in mine]))
     rows.append(row)
   return rows
 

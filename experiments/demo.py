@@ -40,17 +40,17 @@ flags.DEFINE_integer("video_episodes", 1, "final-policy episodes recorded per se
 flags.DEFINE_bool("overwrite", False, "train anew, replacing finished runs in --workdir")
 
 
-def summary_table(records: list[dict]) -> tuple[str, list[dict]]:
+def summary_table(records: list[sweep.CellRecord]) -> tuple[str, list[dict]]:
   """The grid's records (one dataset) -> (Markdown table, report.summarise rows) of normalised
   scores, with each method's per-seed scores and mean return."""
-  summary = report.summarise(records)
-  of = lambda m: sorted((r for r in records if r["method"] == m), key=lambda r: r["seed"])
+  summary = report.summarise(sweep.score_rows(records))
+  of = lambda m: sorted((r for r in records if r.method == m), key=lambda r: r.seed)
   rows = [
     [
       s["method"],
       report.cell_text(s),
-      " / ".join(f"{r['score']:.1f}" for r in of(s["method"])),
-      f"{sum(r['return_mean'] for r in of(s['method'])) / s['n']:.1f}",
+      " / ".join(f"{r.score:.1f}" for r in of(s["method"])),
+      f"{sum(r.return_mean for r in of(s['method'])) / s['n']:.1f}",
     ]
     for s in summary
   ]
@@ -58,15 +58,15 @@ def summary_table(records: list[dict]) -> tuple[str, list[dict]]:
   return report.format_table(head, rows), summary
 
 
-def paired_table(records: list[dict]) -> str:
+def paired_table(records: list[sweep.CellRecord]) -> str:
   """Each curated method minus BC, and iw-SFT minus filtered BC, paired by seed ("" if none)."""
-  methods = list(dict.fromkeys(r["method"] for r in records))
+  methods = list(dict.fromkeys(r.method for r in records))
   pairs = [(m, "bc") for m in methods if m != "bc" and "bc" in methods]
   if "iw_sft" in methods and "filtered_bc" in methods:
     pairs.append(("iw_sft", "filtered_bc"))
-  rows = []
+  scores, rows = sweep.score_rows(records), []
   for method, base in pairs:
-    for row in report.paired_differences(records, {method: base}):
+    for row in report.paired_differences(scores, {method: base}):
       cell = f"{row['mean']:+.1f} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}]"
       per_seed = " / ".join(f"{x:+.1f}" for x in row["per_seed"])
       rows.append([f"{method} − {base}", cell, per_seed])
@@ -77,7 +77,7 @@ class DemoGrid(ControlGrid):
   """The demo's one dataset; its extra tables are the README's (per-seed scores, differences to
   BC) and the bar plot scores.png."""
 
-  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+  def extra_tables(self, recs: list[sweep.CellRecord], workdir: str) -> tuple[str, list[str]]:
     table, summary = summary_table(recs)
     seeds = ", ".join(map(str, self.seeds))
     text = (
@@ -95,7 +95,7 @@ class DemoGrid(ControlGrid):
       os.path.join(workdir, "scores.png"),
       "normalised score ×100",
       f"{self.datasets[0]}\nmean over seeds {seeds}, 95% Student-t CI",
-      points=[[r["score"] for r in recs if r["method"] == s["method"]] for s in summary],
+      points=[[r.score for r in recs if r.method == s["method"]] for s in summary],
     )
     return text, ["scores.png"]
 

@@ -10,15 +10,18 @@ The grids are iwsft.control.grid.ControlGrid and iwsft.lm.grid.LMGrid (their lay
 A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), controls
 ({curated method: the same training without curation}), score_label, and
 validate(), identity(), plan(workdir), describe(group), prepare(), run(group, workdir),
-records(workdir), training_data(dataset), extra_tables(records, workdir) and
-figures(records, workdir).
+records(workdir) (a CellRecord per finished cell, read by the pipeline from its own cells),
+training_data(dataset), extra_tables(records, workdir) and figures(records, workdir). The engine
+reads nothing of a cell but its record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 
 from iwsft.errors import UserError
 from iwsft.io import plots, report
@@ -34,6 +37,41 @@ CELL_COLUMNS = [
   "seeds_trained_together",
   "cell",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class CellRecord:
+  """A finished cell as its pipeline reports it to the engine.
+
+  score: the cell's headline number (the grid's score_label); return_mean: the raw return
+  (control); cell: the cell's directory. weights: the importance weights' diagnostics
+  (report.WEIGHT_DIAGNOSTICS) averaged over the cell's own training, for weighted methods (None
+  for the others). curves: {series: (steps [S], values [S])} logged while training, for the
+  figures. outcomes: per-problem correctness behind the score [P] (LM cells), for paired tests.
+  """
+
+  dataset: str
+  method: str
+  seed: int
+  score: float
+  cell: str
+  return_mean: float | None = None
+  wall_time_s: float | None = None
+  seeds_trained_together: int = 1
+  weights: Mapping[str, float] | None = None
+  curves: Mapping[str, tuple[Sequence[int], Sequence[float]]] = dataclasses.field(
+    default_factory=dict
+  )
+  outcomes: Sequence[bool] | None = None
+
+  def row(self) -> dict:
+    """The record's CELL_COLUMNS: a cells.csv row, and what iwsft.io.report reads."""
+    return {c: getattr(self, c) for c in CELL_COLUMNS}
+
+
+def score_rows(recs: Sequence[CellRecord]) -> list[dict]:
+  """The records as iwsft.io.report's rows ({dataset, method, seed, score, ...})."""
+  return [r.row() for r in recs]
 
 
 def run_sweep(
@@ -124,16 +162,17 @@ def _claim(workdir: str, identity: dict, overwrite: bool) -> None:
 
 
 def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, say) -> list[str]:
-  summary = report.summarise(recs)
+  rows = score_rows(recs)
+  summary = report.summarise(rows)
   table = report.markdown_table(summary, grid.methods, grid.datasets)
   seeds = ",".join(map(str, grid.seeds))
   text = (
     f"{grid.score_label}: mean ± std [95% Student-t CI of the mean] over seeds {seeds}"
     f"{' (' + header + ')' if header else ''}\n\n{table}\n"
   )
-  paired_text, paired_outputs = _write_paired(grid, recs, workdir)
+  paired_text, paired_outputs = _write_paired(grid, rows, workdir)
   weights_text, weights_outputs = _write_weights(grid, recs, workdir)
-  aggregate_text, aggregate_outputs = _write_aggregate(grid, recs, workdir, bootstrap_seed)
+  aggregate_text, aggregate_outputs = _write_aggregate(grid, rows, workdir, bootstrap_seed)
   extra_text, extra_outputs = grid.extra_tables(recs, workdir)
   text += paired_text + extra_text + aggregate_text + weights_text
   outputs = ["table.md", "table.csv", "cells.csv", *paired_outputs, *aggregate_outputs]
@@ -142,15 +181,15 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(text)
   report.write_csv(os.path.join(workdir, "table.csv"), summary, report.SUMMARY_COLUMNS)
-  cells = [dict(r, cell=os.path.relpath(r["cell"], workdir)) for r in recs]  # movable with it
+  cells = [dict(r, cell=os.path.relpath(r["cell"], workdir)) for r in rows]  # movable with it
   report.write_csv(os.path.join(workdir, "cells.csv"), cells, CELL_COLUMNS)
   return outputs
 
 
-def _write_aggregate(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str, list[str]]:
+def _write_aggregate(grid, rows, workdir: str, bootstrap_seed: int) -> tuple[str, list[str]]:
   """Across datasets (report.aggregate): each method's IQM and each weighted method's probability
   of improvement over its unweighted counterpart; a section of table.md and aggregate.csv."""
-  iqm, poi = report.aggregate(recs, grid.methods, grid.pairs, seed=bootstrap_seed)
+  iqm, poi = report.aggregate(rows, grid.methods, grid.pairs, seed=bootstrap_seed)
   if not iqm:
     return "", []
   report.write_aggregate(os.path.join(workdir, "aggregate.csv"), iqm, poi)
@@ -163,11 +202,11 @@ def _write_aggregate(grid, recs, workdir: str, bootstrap_seed: int) -> tuple[str
   return text, ["aggregate.csv"]
 
 
-def _write_paired(grid, recs, workdir: str) -> tuple[str, list[str]]:
+def _write_paired(grid, rows, workdir: str) -> tuple[str, list[str]]:
   """What the importance weights change and what curation changes (report.paired_differences over
   grid.pairs and grid.controls): a section of table.md (returned), paired.csv and paired.png;
   nothing when no pair is in the grid."""
-  paired = report.paired_differences(recs, {**grid.pairs, **grid.controls})
+  paired = report.paired_differences(rows, {**grid.pairs, **grid.controls})
   if not paired:
     return "", []
   report.write_csv(os.path.join(workdir, "paired.csv"), paired, report.PAIRED_COLUMNS)
@@ -194,11 +233,8 @@ def _write_weights(grid, recs, workdir: str) -> tuple[str, list[str]]:
   fine-tuning, then over seeds; a section of table.md (returned) and weights.csv."""
   per_seed: dict[tuple[str, str], dict[int, dict]] = {}
   for r in recs:
-    if r["method"] in grid.pairs:
-      cell = per_seed.setdefault((grid.training_data(r["dataset"]), r["method"]), {})
-      if r["seed"] not in cell:
-        rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
-        cell[r["seed"]] = report.weight_diagnostics(rows, grid.stage(r["method"]))
+    if r.method in grid.pairs and r.weights is not None:
+      per_seed.setdefault((grid.training_data(r.dataset), r.method), {})[r.seed] = r.weights
   rows = []
   for (data, method), seeds in per_seed.items():
     rows.append(

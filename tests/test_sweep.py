@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import EXPERT, MIXED
 
+from iwsft import sweep as sweep_lib
 from iwsft.io import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,6 +202,52 @@ def sweep(work, *extra):
     *TINY,
     *extra,
   ]
+
+
+class _RecordsOnly:
+  """A grid whose cells exist only as records (no files): what the engine may read of a cell."""
+
+  cfg = type("Cfg", (), {"pipeline": "test", "log": type("Log", (), {"wandb_group": "g"})()})()
+  methods, datasets, seeds = ["filtered_bc", "iw_sft"], ["d1", "d2"], [0, 1, 2]
+  pairs, controls, score_label = {"iw_sft": "filtered_bc"}, {}, "score"
+
+  def __init__(self, workdir):
+    self.recs = [
+      sweep_lib.CellRecord(
+        dataset=d,
+        method=m,
+        seed=s,
+        score=10.0 * i + s + (m == "iw_sft"),
+        cell=os.path.join(workdir, "nowhere"),
+        weights={"iw/ess_fraction": 0.1 * (s + 1), "iw/max_weight": 2.0} if m == "iw_sft" else None,
+      )
+      for i, d in enumerate(self.datasets)
+      for m in self.methods
+      for s in self.seeds
+    ]
+
+  validate = prepare = lambda self: None
+  identity = lambda self: {"grid": "records only"}
+  plan = lambda self, workdir: []
+  keys = lambda self: [0]
+  records = lambda self, workdir: self.recs
+  training_data = staticmethod(lambda d: d)
+  extra_tables = lambda self, recs, workdir: ("", [])
+  figures = lambda self, recs, workdir: []
+
+
+def test_the_engine_writes_its_tables_from_the_records_alone(tmp_path):
+  """Scores, paired differences and the weights' table come from the pipeline's records; no cell
+  directory exists to be read."""
+  grid = _RecordsOnly(str(tmp_path))
+  sweep_lib.run_sweep(grid, str(tmp_path), say=lambda *_: None)
+  cells = list(csv.DictReader(open(tmp_path / "cells.csv")))
+  assert len(cells) == 12 and {c["cell"] for c in cells} == {"nowhere"}
+  paired = {r["dataset"]: r for r in csv.DictReader(open(tmp_path / "paired.csv"))}
+  assert float(paired["d1"]["mean"]) == float(paired["d2"]["mean"]) == 1.0
+  weights = {r["dataset"]: r for r in csv.DictReader(open(tmp_path / "weights.csv"))}
+  np.testing.assert_allclose(float(weights["d2"]["iw/ess_fraction"]), 0.2)  # mean of .1, .2, .3
+  assert weights["d1"]["n"] == "3" and float(weights["d1"]["iw/max_weight"]) == 2.0
 
 
 def test_an_interrupted_sweep_resumes_and_skips_finished_cells(datasets, tmp_path):
@@ -482,6 +529,7 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
     )
   np.testing.assert_allclose(float(weights["iw/ess_fraction"]), np.mean(ess), rtol=1e-9)
   assert (work / "paired.png").stat().st_size > 10_000
+  assert (work / "weights.png").stat().st_size > 10_000
   # paired by problem: the discordant counts from the saved per-problem outcomes, read with json
   problems = {row["mode"]: row for row in csv.DictReader(open(work / "problems.csv"))}
   for mode in ("greedy", "sampled"):

@@ -49,29 +49,15 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     steps=2_000, batch_size=256, learning_rate=4e-5, warmup_steps=300, schedule="cosine"
   )
 
-  c.curation = ml_collections.ConfigDict()
-  c.curation.percentiles = (90.0, 95.0, 98.0)  # stratified oversampling; () uses top_fraction
-  c.curation.top_fraction = 0.1  # filtered BC keeps this top fraction by return
-  c.curation.quality_beta = 0.1  # SFT(Q): episodes ∝ exp(normalised return / beta)
-  c.curation.quality_mode = "sample"  # SFT(Q): "sample" episodes by quality, or "weight" losses
+  c.curation = _curation_section()
 
   # iw-SFT (fields of core.objectives.ObjectiveConfig): per-episode weight
   # clip(exp(temperature · mean log q/π_ref), [w_min, w_max]), self-normalised; per-step variant
   # with importance_weighting="step"; q an EMA of the policy with decay q_decay.
   c.objective = objective_section()
 
-  c.policy = ml_collections.ConfigDict()
-  c.policy.hidden = (256, 256, 256)  # hidden widths of the policy MLP
-  c.policy.state_dependent_std = False  # the authors' log-std is a free parameter
-  # standardise observations with the training data's mean and std (stored in the policy); the
-  # authors' control code does not, so the paper preset does not either
-  c.policy.normalise_observations = False
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every = 500  # evaluate every this many updates; 0: only at the end
-  c.eval.episodes = 10  # episodes per evaluation during training
-  c.eval.final_episodes = 100  # episodes of the final evaluation
-  c.eval.video_episodes = 0  # record this many final-policy episodes to video.gif (MUJOCO_GL=egl)
+  c.policy = _policy_section()
+  c.eval = _eval_section()
 
   # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard), Weights & Biases (wandb,
   # wandb_project, wandb_mode offline|online, wandb_group).
@@ -90,6 +76,34 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown control preset {preset!r}; choose from {', '.join(PRESETS)}")
   if preset != "paper":
     _scale_to_cpu(c, sweep=preset == "cpu-sweep")
+  return c
+
+
+def _curation_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.percentiles = (90.0, 95.0, 98.0)  # stratified oversampling; () uses top_fraction
+  c.top_fraction = 0.1  # filtered BC keeps this top fraction by return
+  c.quality_beta = 0.1  # SFT(Q): episodes ∝ exp(normalised return / beta)
+  c.quality_mode = "sample"  # SFT(Q): "sample" episodes by quality, or "weight" losses
+  return c
+
+
+def _policy_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.hidden = (256, 256, 256)  # hidden widths of the policy MLP
+  c.state_dependent_std = False  # the authors' log-std is a free parameter
+  # standardise observations with the training data's mean and std (stored in the policy); the
+  # authors' control code does not, so the paper preset does not either
+  c.normalise_observations = False
+  return c
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every = 500  # evaluate every this many updates; 0: only at the end
+  c.episodes = 10  # episodes per evaluation during training
+  c.final_episodes = 100  # episodes of the final evaluation
+  c.video_episodes = 0  # record this many final-policy episodes to video.gif (MUJOCO_GL=egl)
   return c
 
 

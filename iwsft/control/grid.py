@@ -20,13 +20,14 @@ import os
 from collections.abc import Mapping, Sequence
 
 from iwsft import datasets
-from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED
+from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED, WEIGHTED
 from iwsft.control.pipeline import run_control_seeds
 from iwsft.control.settings import validate
 from iwsft.core.config import with_overrides
 from iwsft.errors import UserError
 from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
+from iwsft.sweep import CellRecord
 
 
 def _seeds_name(prefix: str, seeds) -> str:
@@ -164,7 +165,7 @@ class ControlGrid:
     cfg.log = self.cfg.log.copy_and_resolve_references()  # the sweep's logging for every cell
     return cfg
 
-  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+  def extra_tables(self, recs: list[CellRecord], workdir: str) -> tuple[str, list[str]]:
     """No tables beyond the engine's for control cells."""
     return "", []
 
@@ -184,37 +185,43 @@ class ControlGrid:
       quiet=True,
     )
 
-  def records(self, workdir: str) -> list[dict]:
-    """One record per finished cell: normalised score (raw return without reference scores)."""
+  def records(self, workdir: str) -> list[CellRecord]:
+    """One record per finished cell: normalised score (raw return without reference scores),
+    the weights' diagnostics and the curves of its own training (from its metrics.jsonl)."""
     out = []
     for dataset in self.datasets:
-      for method in self.methods:
-        done = self.cells(workdir, dataset, method)
+      for name in self.methods:
+        done = self.cells(workdir, dataset, name)
         for s in (s for s in self.seeds if s in done):
-          cell, r = done[s]
-          score = r["normalised_score"] if r["normalised_score"] is not None else r["return_mean"]
-          out.append(
-            {
-              "dataset": dataset,
-              "method": method,
-              "seed": s,
-              "score": score,
-              "return_mean": r["return_mean"],
-              "wall_time_s": r["wall_time_s"],
-              "seeds_trained_together": r.get("seeds_trained_together", 1),
-              "cell": cell,
-            }
-          )
+          out.append(self._record(dataset, name, s, *done[s]))
     return out
 
-  def figures(self, recs: list[dict], workdir: str) -> list[str]:
+  def _record(self, dataset: str, name: str, seed: int, cell: str, result: dict) -> CellRecord:
+    score = result["normalised_score"]
+    rows = workdir_lib.read_rows(os.path.join(cell, "metrics.jsonl"))
+    stage = self.stage(name)
+    weighted = self.variants[name].method in WEIGHTED
+    return CellRecord(
+      dataset=dataset,
+      method=name,
+      seed=seed,
+      score=score if score is not None else result["return_mean"],
+      cell=cell,
+      return_mean=result["return_mean"],
+      wall_time_s=result["wall_time_s"],
+      seeds_trained_together=result.get("seeds_trained_together", 1),
+      weights=report.weight_diagnostics(rows, stage) if weighted else None,
+      curves=_cell_curves(rows, stage),
+    )
+
+  def figures(self, recs: list[CellRecord], workdir: str) -> list[str]:
     """curves.png (evaluation during training) and bounds.png (SFT vs iw-SFT bound estimates)."""
     short = {d: d.split("/", 1)[-1] for d in self.datasets}
     made = []
     for name, panels, x, y, title in (
       (
         "curves.png",
-        _curves(recs, "eval", self.stage),
+        _curves(recs, "eval"),
         "update step of the method's stage",
         self.score_label,
         f"evaluation during training, mean and 95% CI over {len(self.seeds)} seeds "
@@ -222,7 +229,7 @@ class ControlGrid:
       ),
       (
         "bounds.png",
-        _curves(recs, "bound", self.stage),
+        _curves(recs, "bound"),
         "update step",
         "bound estimate (per step)",
         "SFT vs iw-SFT lower-bound estimates while training iw-SFT (mean, 95% CI)",
@@ -240,29 +247,32 @@ class ControlGrid:
     return made
 
 
-def _curves(recs: list[dict], kind: str, stage_of) -> dict[str, dict[str, tuple]]:
+def _cell_curves(rows: list[dict], stage: str) -> dict[str, tuple[list, list]]:
+  """A cell's series from its metrics rows: "eval", its evaluation score over its stage (the
+  normalised score, else the return); where the stage logs them, "SFT bound" and "iw-SFT bound"."""
+  ev = [row for row in rows if row["kind"] == "eval" and row["stage"] == stage]
+  key = "normalised_score" if ev and ev[0].get("normalised_score") is not None else "return_mean"
+  out = {"eval": ([row["step"] for row in ev], [row[key] for row in ev])} if ev else {}
+  tr = [row for row in rows if row["kind"] == "train" and row["stage"] == stage]
+  for name, label in (("bound/sft", "SFT bound"), ("bound/iw_sft", "iw-SFT bound")):
+    if tr and name in tr[0]:
+      out[label] = ([row["step"] for row in tr], [row[name] for row in tr])
+  return out
+
+
+def _curves(recs: list[CellRecord], kind: str) -> dict[str, dict[str, tuple]]:
   """Per dataset, per series, (steps, mean, CI) over seeds. kind "eval": each variant's evaluation
-  score over its stage (stage_of(name): bc is π_ref, so its curve is the reference stage's);
-  "bound": the SFT and iw-SFT bound estimates logged while training iw_sft."""
+  score over its stage (bc is π_ref, so its curve is the reference stage's); "bound": the SFT and
+  iw-SFT bound estimates logged while training iw_sft."""
   panels: dict[str, dict[str, list]] = {}
   for r in recs:
-    rows = workdir_lib.read_rows(os.path.join(r["cell"], "metrics.jsonl"))
     if kind == "eval":
-      stage = stage_of(r["method"])
-      ev = [row for row in rows if row["kind"] == "eval" and row["stage"] == stage]
-      key = (
-        "normalised_score" if ev and ev[0].get("normalised_score") is not None else "return_mean"
-      )
-      series = {r["method"]: ev and ([row["step"] for row in ev], [row[key] for row in ev])}
-    elif r["method"] == "iw_sft":
-      tr = [row for row in rows if row["kind"] == "train" and row["stage"] == "iw_sft"]
-      series = {
-        label: tr and name in tr[0] and ([row["step"] for row in tr], [row[name] for row in tr])
-        for name, label in (("bound/sft", "SFT bound"), ("bound/iw_sft", "iw-SFT bound"))
-      }
+      series = {r.method: r.curves.get("eval")}
+    elif r.method == "iw_sft":
+      series = {label: r.curves.get(label) for label in ("SFT bound", "iw-SFT bound")}
     else:
       series = {}
     for label, curve in series.items():
       if curve:
-        panels.setdefault(r["dataset"], {}).setdefault(label, []).append(curve)
+        panels.setdefault(r.dataset, {}).setdefault(label, []).append(curve)
   return {d: {k: report.curve_band(c) for k, c in s.items()} for d, s in panels.items()}

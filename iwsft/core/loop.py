@@ -112,20 +112,26 @@ def fit(
       state, metrics = compiled[n](state, data, logits, seed_data)
       previous, done = done, done + n
       postfix = run.after_chunk(to_host(metrics), previous, done)
-      eval_rows = None
-      if run.eval_due(done, steps):
-        eval_rows = run.evaluate(state, done)
-        shown = _mean_of(eval_rows, run.hooks.postfix_key)
-        if shown is not None:
-          postfix[run.hooks.postfix_key] = f"{shown:.3g}"
-        progress.note(
-          bar, f"{name} {done}/{steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items())
-        )
+      eval_rows = _evaluate_due(run, state, done, steps, postfix, bar)
       bar.update(n)
       bar.set_postfix(postfix)
       run.save_or_stop(state, previous, done, steps, eval_rows)
   run.finish()
   return state
+
+
+def _evaluate_due(run, state: TrainState, done: int, steps: int, postfix: dict, bar):
+  """The evaluation rows at step `done` when one is due (else None), its score added to the
+  progress postfix and noted as the log's one summary line."""
+  if not run.eval_due(done, steps):
+    return None
+  eval_rows = run.evaluate(state, done)
+  shown = _mean_of(eval_rows, run.hooks.postfix_key)
+  if shown is not None:
+    postfix[run.hooks.postfix_key] = f"{shown:.3g}"
+  line = ", ".join(f"{k} {v}" for k, v in postfix.items())
+  progress.note(bar, f"{run.name} {done}/{steps}: {line}")
+  return eval_rows
 
 
 def _fit_mesh(mesh: Mesh, state: TrainState, seeds_over_devices: bool) -> Mesh:

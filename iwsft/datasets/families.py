@@ -7,7 +7,7 @@ that fails is deleted and the build ends with the reasons.
 """
 
 import os
-import pickle
+import shutil
 import sys
 import time
 
@@ -166,14 +166,14 @@ class _SACFamily:
       p = SAC_PROFILES[self.profile]
       cap = {} if self.max_steps is None else {"max_steps": self.max_steps}
       cfg = sac.SACConfig(seed=self.seed, target_return=self.target, **{**p["sac"], **cap})
-      cached = _read_cache(self.cache_path, cfg)
+      cached = _read_cache(self.cache_path, cfg, self.obs_dim, self.space.shape[0])
       if cached is None:
         partial = None if self.cache_path is None else self.cache_path + ".partial"
         snaps, episodes, _ = sac.train_sac(self.env_id, cfg, checkpoint=partial)
         self.train_seconds = snaps[-1].seconds  # over every resumed part of the training
-        _write_cache(self.cache_path, cfg, snaps, episodes, self.train_seconds)
-        if partial is not None and os.path.exists(partial):
-          os.remove(partial)
+        if self.cache_path is not None:
+          sac.write_behaviour(self.cache_path, cfg, snaps, episodes, self.train_seconds)
+          shutil.rmtree(partial, ignore_errors=True)
       else:
         snaps, episodes, self.train_seconds = cached
       # with a target, training stopped on the snapshot that reached it the second time in a row;
@@ -193,7 +193,7 @@ class _SACFamily:
 
     if self.cache_path is None:
       return
-    path = self.cache_path.removesuffix(".pkl") + ".png"
+    path = self.cache_path + ".png"
     marks = {k: (self._trained[k].step, self._trained[k].eval_return) for k in ("medium", "expert")}
     steps, returns = [s.step for s in snaps], [s.eval_return for s in snaps]
     title = f"SAC on {self.env_id} ({self.profile} profile, seed {self.seed})"
@@ -229,32 +229,18 @@ def _behaviour_cache(env: str, profile: str, seed: int) -> str:
   Minari does not list as a dataset."""
   import minari.storage.datasets_root_dir as root
 
-  return os.path.join(
-    root.get_dataset_path(), ".iwsft-behaviour", f"{env}-{profile}-seed{seed}.pkl"
-  )
+  return os.path.join(root.get_dataset_path(), ".iwsft-behaviour", f"{env}-{profile}-seed{seed}")
 
 
-def _read_cache(path, cfg):
-  if path is None or not os.path.exists(path):
-    return None
+def _read_cache(path, cfg, obs_dim: int, act_dim: int):
+  """(snapshots, episodes, seconds) of the cached SAC run of cfg's recipe (sac._continues); None
+  if there is none."""
   from iwsft.datasets import sac
 
-  saved = sac.read_pickle(path)
-
-  if not sac._continues(saved["config"], cfg, saved["snapshots"][-1].step):  # another recipe
+  saved = None if path is None else sac.read_behaviour(path, obs_dim, act_dim)
+  if saved is None or not sac._continues(saved[0], cfg, saved[1][-1].step):  # another recipe
     return None
-  return saved["snapshots"], saved["episodes"], saved["seconds"]
-
-
-def _write_cache(path, cfg, snapshots, episodes, seconds):
-  if path is None:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    pickle.dump(
-      {"config": cfg, "snapshots": snapshots, "episodes": episodes, "seconds": seconds}, f
-    )
-  os.replace(path + ".tmp", path)
+  return saved[1:]
 
 
 def build(

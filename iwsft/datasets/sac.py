@@ -11,7 +11,6 @@ medium-replay data).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from iwsft.datasets import sac_store
 from iwsft.datasets.collect import Episode
 from iwsft.datasets.sac_agent import (
   Actor,
@@ -147,19 +147,72 @@ class _Progress:
 
 
 def _save(path: str, cfg: SACConfig, run: _Progress) -> None:
-  """Writes the run to `path` atomically (the replay buffer up to its step only)."""
-  import pickle
+  """Writes the run to directory `path` (sac_store; the replay buffer up to its step only)."""
+  arrays = {
+    **sac_store.tree_arrays("state", jax.device_get(run.state)),
+    **{f"buf.{k}": v[: run.step] for k, v in run.buf.items()},
+    "key": np.asarray(jax.random.key_data(run.key)),
+    **_snapshot_arrays(run.snapshots),
+    **sac_store.episodes_arrays("done", run.done, extra=("end_step",)),
+  }
+  meta = {
+    "config": sac_store.config_json(cfg),
+    "step": run.step,
+    "next_seed": run.next_seed,
+    "seconds": run.seconds,
+    "rng": run.rng.bit_generator.state,
+    "snapshots": _snapshot_meta(run.snapshots),
+  }
+  sac_store.write(path, arrays, meta)
 
-  saved = dataclasses.replace(
-    run,
-    state=jax.device_get(run.state),
-    buf={k: v[: run.step] for k, v in run.buf.items()},
-    key=np.asarray(jax.random.key_data(run.key)),
-  )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    pickle.dump({"config": cfg, "run": saved}, f, protocol=pickle.HIGHEST_PROTOCOL)
-  os.replace(path + ".tmp", path)
+
+def _snapshot_arrays(snapshots: list[Snapshot]) -> dict[str, np.ndarray]:
+  return {
+    k: v
+    for i, s in enumerate(snapshots)
+    for k, v in sac_store.tree_arrays(f"actor{i}", s.actor).items()
+  }
+
+
+def _snapshot_meta(snapshots: list[Snapshot]) -> list[dict]:
+  return [{"step": s.step, "eval_return": s.eval_return, "seconds": s.seconds} for s in snapshots]
+
+
+def _snapshots_from(arrays: dict, meta: list[dict], actor) -> list[Snapshot]:
+  """The snapshots _snapshot_arrays/_snapshot_meta stored, on the structure of actor params."""
+  return [
+    Snapshot(
+      m["step"], m["eval_return"], sac_store.tree_from(f"actor{i}", arrays, actor), m["seconds"]
+    )
+    for i, m in enumerate(meta)
+  ]
+
+
+def write_behaviour(path: str, cfg: SACConfig, snapshots: list, episodes: list, seconds: float):
+  """A finished run's behaviour cache: its snapshots and recorded training episodes."""
+  arrays = {
+    **_snapshot_arrays(snapshots),
+    **sac_store.episodes_arrays("episodes", episodes, extra=("end_step",)),
+  }
+  meta = {
+    "config": sac_store.config_json(cfg),
+    "seconds": seconds,
+    "snapshots": _snapshot_meta(snapshots),
+  }
+  sac_store.write(path, arrays, meta)
+
+
+def read_behaviour(path: str, obs_dim: int, act_dim: int):
+  """(config, snapshots, episodes, seconds) of the cache write_behaviour wrote; None if none."""
+  got = sac_store.read(path)
+  if got is None:
+    return None
+  arrays, meta = got
+  cfg = sac_store.config_from(meta["config"])
+  actor = nnx.state(Actor(obs_dim, act_dim, cfg.hidden, nnx.Rngs(0)))
+  snapshots = _snapshots_from(arrays, meta["snapshots"], actor)
+  episodes = sac_store.episodes_from("episodes", arrays, Recorded, ("end_step",))
+  return cfg, snapshots, episodes, meta["seconds"]
 
 
 def _same_recipe(saved: SACConfig, cfg: SACConfig) -> bool:
@@ -174,43 +227,38 @@ def _continues(saved: SACConfig, cfg: SACConfig, step: int) -> bool:
   return _same_recipe(saved, cfg) and step <= cfg.step_cap
 
 
-# Where pickled classes lived before iwsft.datasets moved out of iwsft.control (0.3.0).
-_MOVED = {
-  "iwsft.control.datasets.sac": "iwsft.datasets.sac",
-  "iwsft.control.datasets.collect": "iwsft.datasets.collect",
-}
-
-
-def read_pickle(path: str):
-  """A pickled SAC run or behaviour cache, also one written before the package moved."""
-  import pickle
-
-  class Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-      return super().find_class(_MOVED.get(module, module), name)
-
-  with open(path, "rb") as f:
-    return Unpickler(f).load()
-
-
-def _load(path: str | None, cfg: SACConfig, n: int) -> _Progress | None:
-  """The run saved at `path` by this recipe (_same_recipe), its buffer grown to n steps; else
-  None. A cap n below its step is an error (starting over would overwrite it)."""
-  if path is None or not os.path.exists(path):
+def _load(path: str | None, cfg: SACConfig, n: int, template: SACState) -> _Progress | None:
+  """The run saved at `path` by this recipe (_same_recipe), its buffer grown to n steps, on the
+  structure of the template state; else None. A cap n below its step is an error (starting over
+  would overwrite it)."""
+  got = None if path is None else sac_store.read(path)
+  if got is None:
     return None
-  saved = read_pickle(path)
-  run = saved["run"]
-  if not _same_recipe(saved["config"], cfg):
+  arrays, meta = got
+  if not _same_recipe(sac_store.config_from(meta["config"]), cfg):
     return None
-  if run.step > n:
+  if meta["step"] > n:
     raise UserError(
-      f"{path} holds this run at step {run.step:,}, past the step cap {n:,}: raise max_steps"
-      " (or delete the file to start again)"
+      f"{path} holds this run at step {meta['step']:,}, past the step cap {n:,}: raise max_steps"
+      " (or delete it to start again)"
     )
-  for k, v in run.buf.items():
-    run.buf[k] = np.concatenate([v, np.zeros((n - len(v), *v.shape[1:]), v.dtype)])
-  run.key = jax.random.wrap_key_data(jnp.asarray(run.key))
-  return run
+  buf = {}
+  for k in (k.removeprefix("buf.") for k in arrays if k.startswith("buf.")):
+    v = arrays[f"buf.{k}"]
+    buf[k] = np.concatenate([v, np.zeros((n - len(v), *v.shape[1:]), v.dtype)])
+  rng = np.random.default_rng()
+  rng.bit_generator.state = meta["rng"]
+  return _Progress(
+    step=meta["step"],
+    state=sac_store.tree_from("state", arrays, template),
+    buf=buf,
+    rng=rng,
+    key=jax.random.wrap_key_data(jnp.asarray(arrays["key"])),
+    snapshots=_snapshots_from(arrays, meta["snapshots"], template.actor),
+    done=sac_store.episodes_from("done", arrays, Recorded, ("end_step",)),
+    next_seed=meta["next_seed"],
+    seconds=meta["seconds"],
+  )
 
 
 def _fresh(cfg: SACConfig, state: SACState, obs_dim: int, act_dim: int) -> _Progress:
@@ -232,9 +280,9 @@ def train_sac(
   training episodes, act) where act(actor_params, obs [N, O], key, deterministic) gives actions in
   [-1, 1] (scale to the box).
 
-  checkpoint: a file the run is saved to at the first episode end `checkpoint_seconds` after the
-  last save (and at every episode end of the step cap's last snapshot interval), and resumed from
-  (exactly, on the same machine) when it holds a run of this config.
+  checkpoint: a directory the run is saved to (sac_store) at the first episode end
+  `checkpoint_seconds` after the last save (and at every episode end of the last snapshot
+  interval), and resumed from (exactly, on the same machine) when it holds a run of this config.
   It is left in place (resuming from it ends where this run ends): the caller removes it."""
   env_kwargs = env_kwargs or {}
   env = gym.make(env_id, **env_kwargs)
@@ -244,7 +292,7 @@ def train_sac(
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
   n = cfg.step_cap
-  run = _load(checkpoint, cfg, n) or _fresh(cfg, init_state(), obs_dim, act_dim)
+  run = _load(checkpoint, cfg, n, init_state()) or _fresh(cfg, init_state(), obs_dim, act_dim)
   evaluate = _evaluator(eval_env, act, scale, cfg, jax.random.key(cfg.seed + 2))
   episodes = _Episodes(env, run.next_seed)
   episodes.done = run.done

@@ -43,18 +43,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.compute = ml_collections.ConfigDict(
     {"attention": "full", "attention_chunk": 512, "remat": "none", "logits_chunk": 0}
   )
-
   c.model = _model_section()
   c.task = _task_section()
-
   # Stage 1 trains π_ref on the demonstrations; stage 4 fine-tunes it on the curated samples.
-  lm_stage = dict(schedule="cosine", weight_decay=1e-4, adam_b2=0.95)
-  c.reference = stage_section(
-    steps=2_000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **lm_stage
-  )
-  c.finetune = stage_section(
-    steps=400, batch_size=64, learning_rate=3e-4, warmup_steps=20, **lm_stage
-  )
+  c.reference, c.finetune = _stage_sections()
 
   # iw-SFT (fields of core.objectives.ObjectiveConfig); "step" weights each token.
   c.objective = objective_section(
@@ -86,6 +78,18 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset == "smollm2":
     _smollm2(c)
   return c
+
+
+def _stage_sections() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(reference, finetune): the byte-level model's π_ref training and its fine-tuning."""
+  lm_stage = dict(schedule="cosine", weight_decay=1e-4, adam_b2=0.95)
+  reference = stage_section(
+    steps=2_000, batch_size=64, learning_rate=3e-3, warmup_steps=100, **lm_stage
+  )
+  finetune = stage_section(
+    steps=400, batch_size=64, learning_rate=3e-4, warmup_steps=20, **lm_stage
+  )
+  return reference, finetune
 
 
 def _model_section() -> ml_collections.ConfigDict:

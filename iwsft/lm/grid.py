@@ -18,6 +18,10 @@ from iwsft.lm.config import LM_METHODS, UNWEIGHTED
 from iwsft.lm.pipeline import run_lm
 from iwsft.lm.settings import check_settings
 from iwsft.lm.task import make_task
+from iwsft.sweep import CellRecord
+
+# the weights' diagnostics drawn over fine-tuning (weights.png)
+IW_KEYS = ("iw/ess_fraction", "iw/clip_fraction", "iw/mean_log_ratio", "iw/mean_weight")
 
 
 class LMGrid:
@@ -76,36 +80,45 @@ class LMGrid:
     cfg = with_overrides(self.cfg, {"seed": seed})
     run_lm(cfg, os.path.join(workdir, f"seed_{seed}"), quiet=True)
 
-  def records(self, workdir: str) -> list[dict]:
+  def records(self, workdir: str) -> list[CellRecord]:
+    """Per finished seed, per model, per pass@1 mode: its score, its per-problem outcomes, and
+    (for weighted methods) the weights' diagnostics and their curves over its fine-tuning."""
     out = []
     for seed in (s for s in self.seeds if os.path.exists(self._result(workdir, s))):
+      cell = os.path.join(workdir, f"seed_{seed}")
       with open(self._result(workdir, seed)) as f:
-        result = json.load(f)
-      for mode, dataset in zip(("greedy", "sampled"), self.datasets):
-        for model, r in result["models"].items():
+        models = json.load(f)["models"]
+      rows = workdir_lib.read_rows(os.path.join(cell, "metrics.jsonl"))
+      for model, r in models.items():
+        weighted = model in self.pairs
+        tr = [row for row in rows if row["kind"] == "train" and row["stage"] == model]
+        keys = [k for k in IW_KEYS if weighted and tr and k in tr[0]]
+        curves = {k: ([t["step"] for t in tr], [t[k] for t in tr]) for k in keys}
+        for mode, dataset in zip(("greedy", "sampled"), self.datasets):
           out.append(
-            {
-              "dataset": dataset,
-              "method": model,
-              "seed": seed,
-              "score": 100.0 * r[f"pass@1_{mode}"],
-              "cell": os.path.join(workdir, f"seed_{seed}"),
-            }
+            CellRecord(
+              dataset=dataset,
+              method=model,
+              seed=seed,
+              score=100.0 * r[f"pass@1_{mode}"],
+              cell=cell,
+              weights=report.weight_diagnostics(rows, model) if weighted else None,
+              curves=curves,
+              outcomes=r.get(f"correct_{mode}"),
+            )
           )
     return out
 
-  def extra_tables(self, recs: list[dict], workdir: str) -> tuple[str, list[str]]:
+  def extra_tables(self, recs: list[CellRecord], workdir: str) -> tuple[str, list[str]]:
     """Each weighted method against its unweighted counterpart paired by problem, over every
     seed's held-out problems (report.problem_pairs: McNemar's test and a Wald interval of the
     pass@1 difference): a section of table.md and problems.csv."""
-    outcomes = {}
-    for seed in sorted({r["seed"] for r in recs}):
-      with open(self._result(workdir, seed)) as f:
-        models = json.load(f)["models"]
-      for model, res in models.items():
-        for mode in ("greedy", "sampled"):
-          if f"correct_{mode}" in res:
-            outcomes[(seed, model, mode)] = np.array(res[f"correct_{mode}"])
+    mode_of = dict(zip(self.datasets, ("greedy", "sampled")))
+    outcomes = {
+      (r.seed, r.method, mode_of[r.dataset]): np.array(r.outcomes)
+      for r in recs
+      if r.outcomes is not None
+    }
     rows = report.problem_pairs(
       outcomes, {m: b for m, b in self.pairs.items() if m in self.methods}
     )
@@ -138,17 +151,13 @@ class LMGrid:
     )
     return text, ["problems.csv"]
 
-  def figures(self, recs: list[dict], workdir: str) -> list[str]:
+  def figures(self, recs: list[CellRecord], workdir: str) -> list[str]:
     """weights.png: the importance-weight diagnostics of each weighted method over fine-tuning."""
     panels: dict[str, dict[str, list]] = {}
-    for seed in {r["seed"] for r in recs}:
-      rows = workdir_lib.read_rows(os.path.join(workdir, f"seed_{seed}", "metrics.jsonl"))
-      for method in ("iw_sft", "iw_sft_step"):
-        tr = [row for row in rows if row["kind"] == "train" and row["stage"] == method]
-        for key in ("iw/ess_fraction", "iw/clip_fraction", "iw/mean_log_ratio", "iw/mean_weight"):
-          if tr and key in tr[0]:
-            curve = ([row["step"] for row in tr], [row[key] for row in tr])
-            panels.setdefault(key, {}).setdefault(method, []).append(curve)
+    for r in recs:
+      if r.dataset == self.datasets[0]:  # one training run behind both pass@1 modes
+        for key, curve in r.curves.items():
+          panels.setdefault(key, {}).setdefault(r.method, []).append(curve)
     if not panels:
       return []
     bands = {k: {m: report.curve_band(c) for m, c in s.items()} for k, s in panels.items()}

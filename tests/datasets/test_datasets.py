@@ -135,17 +135,20 @@ def test_medium_replay_runs_past_medium_only_to_reach_its_minimum():
 
 
 def test_trained_policies_are_reused_under_a_raised_step_cap_only(tmp_path):
+  from flax import nnx
+
   from iwsft.datasets import families, sac
 
-  cfg = sac.SACConfig(total_steps=400, max_steps=600, target_return=1.0)
-  path = str(tmp_path / "cache.pkl")
-  families._write_cache(path, cfg, [sac.Snapshot(500, 2.0, None)], [], 1.5)
-  with_cap = lambda cap: families._read_cache(
-    path, sac.SACConfig(**{**cfg.__dict__, "max_steps": cap})
+  cfg = sac.SACConfig(total_steps=400, max_steps=600, target_return=1.0, hidden=(4,))
+  path = str(tmp_path / "cache")
+  actor = nnx.state(sac.Actor(3, 1, cfg.hidden, nnx.Rngs(0)))
+  sac.write_behaviour(path, cfg, [sac.Snapshot(500, 2.0, actor)], [], 1.5)
+  read = lambda **changes: families._read_cache(
+    path, sac.SACConfig(**{**cfg.__dict__, **changes}), 3, 1
   )
-  assert with_cap(600)[2] == 1.5 and with_cap(900)[2] == 1.5  # the run stopped at 500
-  assert with_cap(450) is None  # it would have stopped at 450: another run
-  assert families._read_cache(path, sac.SACConfig(**{**cfg.__dict__, "seed": 1})) is None
+  assert read(max_steps=600)[2] == 1.5 and read(max_steps=900)[2] == 1.5  # it stopped at 500
+  assert read(max_steps=450) is None  # it would have stopped at 450: another run
+  assert read(seed=1) is None
 
 
 def test_a_family_that_fails_its_checks_is_an_error_not_a_dataset(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The SAC behaviour-policy learner and the locomotion datasets it makes."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -82,8 +83,6 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   """TargetNotReached at 600 steps, then the same recipe with max_steps 1,000 resumes from the
   last episode end before 600 and ends where a run capped at 1,000 from the start ends (compared
   through the checkpoints both write at every episode end of their last snapshot interval)."""
-  import pickle
-
   from iwsft.datasets import sac
   from iwsft.datasets.sac import TargetNotReached
   from iwsft.errors import UserError
@@ -108,7 +107,11 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   assert 550 <= starts[1] <= 600 and starts[2] == 0  # the raised cap resumed; the other is new
   with pytest.raises(UserError, match="past the step cap 500: raise max_steps"):
     run(500, tmp_path / "raised")  # a cap below the saved step would throw the run away
-  raised, whole = (pickle.load(open(tmp_path / p, "rb"))["run"] for p in ("raised", "whole"))
+  template = sac.make_sac(4, 1, SACConfig(max_steps=1000, **base))[0]()
+  raised, whole = (
+    sac._load(str(tmp_path / p), SACConfig(max_steps=1000, **base), 1000, template)
+    for p in ("raised", "whole")
+  )
   assert raised.step == whole.step > 950 and raised.next_seed == whole.next_seed  # episodes <= 50
   assert [(s.step, s.eval_return) for s in raised.snapshots] == [
     (s.step, s.eval_return) for s in whole.snapshots
@@ -206,18 +209,52 @@ def test_one_xla_thread_is_set_before_jax_starts_and_refused_after():
     cli.use_one_xla_thread()
 
 
-def test_a_cache_pickled_before_the_package_moved_still_loads(tmp_path):
-  """Behaviour caches written when the builder lived in iwsft.control.datasets load unchanged."""
-  import pickle
+def test_the_behaviour_cache_holds_the_run_exactly(tmp_path):
+  """Snapshots (actor params) and recorded episodes of every length, 0 included, read back as
+  they were written, with the recipe and the training time; a crash after the new copy was
+  complete but before it replaced the old one leaves the new copy readable."""
+  import shutil
+
+  from flax import nnx
 
   from iwsft.datasets import sac
 
-  snap = sac.Snapshot(step=5, eval_return=1.5, actor={"w": np.ones(2)})
-  # protocol 0 names classes as plain text, so the old module path can be written in
-  old = pickle.dumps({"snapshots": [snap], "config": SACConfig()}, protocol=0)
-  for now in (b"iwsft.datasets.sac_agent\n", b"iwsft.datasets.sac\n"):  # where both lived then
-    old = old.replace(now, b"iwsft.control.datasets.sac\n")
-  assert old.count(b"iwsft.control.datasets.sac\n") == 2
-  (tmp_path / "old.pkl").write_bytes(old)
-  back = sac.read_pickle(str(tmp_path / "old.pkl"))
-  assert back["snapshots"][0].step == 5 and back["config"] == SACConfig()
+  cfg = SACConfig(hidden=(8, 8), seed=3)
+  rng = np.random.default_rng(0)
+  actors = [nnx.state(sac.Actor(5, 2, cfg.hidden, nnx.Rngs(i))) for i in range(2)]
+  snaps = [sac.Snapshot(100 * (i + 1), 1.5 * i, a, 7.0 * i) for i, a in enumerate(actors)]
+  eps = [
+    sac.Recorded(
+      rng.normal(size=(t + 1, 5)),
+      rng.normal(size=(t, 2)).astype(np.float32),
+      rng.normal(size=t),
+      t == 3,
+      t != 3,
+      40 + i,
+      end_step=10 * i,
+    )
+    for i, t in enumerate((3, 0, 7))
+  ]
+  path = str(tmp_path / "cache")
+  sac.write_behaviour(path, cfg, snaps, eps, 12.5)
+  shutil.move(path, path + ".new")  # as a crash between the two steps of a replacement leaves it
+  got_cfg, got_snaps, got_eps, seconds = sac.read_behaviour(path, 5, 2)
+  assert got_cfg == cfg and seconds == 12.5
+  assert [(s.step, s.eval_return, s.seconds) for s in got_snaps] == [
+    (100, 0.0, 0.0),
+    (200, 1.5, 7.0),
+  ]
+  for got, want in zip(got_snaps, snaps, strict=True):
+    want_leaves = jax.tree.leaves(want.actor)
+    chex.assert_trees_all_equal(jax.tree.leaves(got.actor), want_leaves)
+  assert len(got_eps) == 3
+  for got, want in zip(got_eps, eps, strict=True):
+    for f in ("observations", "actions", "rewards"):
+      np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+    assert (got.terminated, got.truncated, got.seed, got.end_step) == (
+      want.terminated,
+      want.truncated,
+      want.seed,
+      want.end_step,
+    )
+  assert sac.read_behaviour(str(tmp_path / "none"), 5, 2) is None
