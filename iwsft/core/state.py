@@ -27,6 +27,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: optax state for params.
   step: number of updates applied (int32 scalar).
   key: raw uint32 PRNG key [2] for in-graph sampling (raw so checkpoints stay plain arrays).
+  frozen: parameters the model reads but nothing trains (a LoRA's base model), or None. With
+    them, params, q_params and ref_params are the trained part only (the adapters), and the
+    update's logprob_fn is given whole(part, frozen).
   """
 
   params: Params
@@ -35,6 +38,12 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: optax.OptState
   step: jax.Array
   key: jax.Array
+  frozen: Params = None
+
+
+def whole(params: Params, frozen: Params) -> Params:
+  """What logprob_fn is given: params alone, or {"trained": params, "frozen": frozen}."""
+  return params if frozen is None else {"trained": params, "frozen": frozen}
 
 
 def prng_key(seed: int) -> jax.Array:
@@ -50,12 +59,14 @@ def init_state(
   *,
   keep_q: bool = True,
   keep_ref: bool = True,
+  frozen: Params | None = None,
 ) -> TrainState:
   """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
 
   keep_q / keep_ref False leave q / π_ref out (None): a model-sized copy each that the update
-  does not need (step.state_parts says when). Every array is copied, so the jitted steps may
-  donate the state's buffers without deleting the caller's arrays.
+  does not need (step.state_parts says when). frozen: parameters held constant (TrainState).
+  Every array is copied, so the jitted steps may donate the state's buffers without deleting the
+  caller's arrays.
   """
   copy = lambda t: jax.tree.map(jnp.array, t)
   params = copy(params)
@@ -66,6 +77,7 @@ def init_state(
     opt_state=optimizer.init(params),
     step=jnp.zeros((), jnp.int32),
     key=prng_key(seed),
+    frozen=None if frozen is None else copy(frozen),
   )
 
 

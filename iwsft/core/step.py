@@ -2,7 +2,8 @@
 
 A pipeline supplies only `logprob_fn(params, batch) -> [B, T]` (per-step log-probs of its model);
 the objective, the optimiser, the auxiliary policy q, the frozen reference π_ref and in-graph
-batch sampling live here, once.
+batch sampling live here, once. A state with frozen parameters (TrainState.frozen: a LoRA's base
+model) trains only its params; logprob_fn is then given state.whole(params, frozen).
 
 Batches are dicts of arrays with a leading batch axis B: at least
   "mask":   [B, T] float  real steps / completion tokens
@@ -30,7 +31,7 @@ from iwsft.core.sharding import (
   seed_pool_sharded,
   seed_sharded,
 )
-from iwsft.core.state import TrainState, update_q
+from iwsft.core.state import TrainState, update_q, whole
 
 Batch = dict[str, jax.Array]
 LogProbFn = Callable[[Any, Batch], jax.Array]
@@ -88,12 +89,16 @@ class _Gradients:
     self.logprob_fn, self.objective, self.micro_batches = logprob_fn, objective, micro_batches
     self.need_aux = objective.uses_weights or track_bounds
 
+  def logprob(self, state: TrainState, params, batch: Batch):
+    """logprob_fn of the model with these (trained) params and the state's frozen ones."""
+    return self.logprob_fn(whole(params, state.frozen), batch)
+
   def ref_logprobs(self, state: TrainState, batch: Batch):
     if "logp_ref" in batch:  # π_ref is frozen: its log-probs may be computed once, ahead
       return batch["logp_ref"]
     if state.ref_params is None:
       raise ValueError("the state holds no π_ref (keep_ref=False): pass batch['logp_ref']")
-    return jax.lax.stop_gradient(self.logprob_fn(state.ref_params, batch))
+    return jax.lax.stop_gradient(self.logprob(state, state.ref_params, batch))
 
   def q_logprobs(self, state: TrainState, batch: Batch, logp):
     """q's log-probs: θ's own, detached, when q_decay is 0 (logp: θ's)."""
@@ -102,10 +107,10 @@ class _Gradients:
       return jax.lax.stop_gradient(logp)
     if state.q_params is None:
       raise ValueError(f"the state holds no q (keep_q=False) but q_decay is {q_decay}")
-    return jax.lax.stop_gradient(self.logprob_fn(state.q_params, batch))
+    return jax.lax.stop_gradient(self.logprob(state, state.q_params, batch))
 
   def loss(self, params, state: TrainState, batch: Batch):
-    logp = self.logprob_fn(params, batch)
+    logp = self.logprob(state, params, batch)
     logp_q = logp_ref = None
     if self.need_aux:
       logp_ref = self.ref_logprobs(state, batch)
@@ -116,7 +121,7 @@ class _Gradients:
     """(logp_q, logp_ref) [B, T] of one micro-batch, constants; (None, None) without weighting."""
     if not self.need_aux:
       return None, None
-    logp = self.logprob_fn(state.params, batch) if self.objective.q_decay == 0.0 else None
+    logp = self.logprob(state, state.params, batch) if self.objective.q_decay == 0.0 else None
     return self.q_logprobs(state, batch, logp), self.ref_logprobs(state, batch)
 
   def __call__(self, params, state: TrainState, batch: Batch):
@@ -130,7 +135,7 @@ class _Gradients:
 
     def add(total, part):
       mb, c = part
-      surrogate = lambda p: _surrogate(self.logprob_fn(p, mb), c)
+      surrogate = lambda p: _surrogate(self.logprob(state, p, mb), c)
       grad, logp = jax.grad(surrogate, has_aux=True)(params)
       return jax.tree.map(jnp.add, total, grad), logp
 

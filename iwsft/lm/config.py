@@ -103,6 +103,11 @@ def _model_section() -> ml_collections.ConfigDict:
   m.max_len = 64  # the context (tokens)
   m.dtype = "float32"  # compute type ("bfloat16" halves activations; parameters stay float32)
   m.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
+  # LoRA: fine-tune low-rank adapters (rank lora_rank, output scaled by lora_alpha / lora_rank)
+  # beside the lora_targets projections of every block instead of the model; 0: the whole model
+  m.lora_rank = 0
+  m.lora_alpha = 16.0
+  m.lora_targets = ("qkv", "proj", "up", "down")
   return m
 
 

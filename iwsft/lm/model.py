@@ -51,6 +51,9 @@ class LMConfig:
   attention_chunk: int = 512  # queries per chunk of "chunked" attention
   remat: str = "none"  # recompute each block in the backward pass: "none", "full", "dots"
   logits_chunk: int = 0  # token log-probs this many positions at a time; 0: all at once
+  lora_rank: int = 0  # low-rank adapters beside the lora_targets projections; 0: none
+  lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+  lora_targets: tuple[str, ...] = ("qkv", "proj", "up", "down")
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -68,6 +71,8 @@ class LMConfig:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if self.attention_chunk < 1 or self.logits_chunk < 0:
       raise ValueError("attention_chunk must be >= 1 and logits_chunk >= 0")
+    if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS):
+      raise ValueError(f"lora_rank must be >= 0 and lora_targets of {LORA_TARGETS}")
 
   @property
   def head_dim(self) -> int:
@@ -79,6 +84,7 @@ class LMConfig:
 
 
 ATTENTION = ("full", "chunked", "dot_product")
+LORA_TARGETS = ("qkv", "proj", "up", "down")  # a block's projections
 REMAT = {  # jax.checkpoint policies: what a rematerialised block keeps for the backward pass
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -147,13 +153,23 @@ class Block(nnx.Module):
     self.norm2 = norm()
     self.up = dense(d, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff)
     self.down = dense(cfg.d_ff, d)
+    for name in cfg.lora_targets if cfg.lora_rank else ():  # B starts at 0: the model unchanged
+      base = getattr(self, name)
+      lora = nnx.LoRA(base.in_features, cfg.lora_rank, base.out_features, dtype=dtype, rngs=rngs)
+      setattr(self, f"{name}_lora", lora)
+
+  def _dense(self, name: str, x):
+    """Projection `name` of x, plus its low-rank adapter's (lora_alpha / lora_rank) · x A B."""
+    y = getattr(self, name)(x)
+    lora = getattr(self, f"{name}_lora", None)
+    return y if lora is None else y + (self.cfg.lora_alpha / self.cfg.lora_rank) * lora(x)
 
   def _heads(self, x, positions):
     """x [B,T,d], positions [T] -> q [B,H,T,Dh], k and v [B,K,T,Dh]."""
     b, t, _ = x.shape
     c, dh = self.cfg, self.cfg.head_dim
     q, k, v = jnp.split(
-      self.qkv(self.norm1(x)), [c.n_heads * dh, (c.n_heads + c.kv_heads) * dh], -1
+      self._dense("qkv", self.norm1(x)), [c.n_heads * dh, (c.n_heads + c.kv_heads) * dh], -1
     )
     q, k, v = (y.reshape(b, t, -1, dh).transpose(0, 2, 1, 3) for y in (q, k, v))
     if c.positions == "rope":
@@ -162,12 +178,12 @@ class Block(nnx.Module):
 
   def _finish(self, x, att):
     b, _, t, _ = att.shape
-    x = x + self.proj(att.transpose(0, 2, 1, 3).reshape(b, t, -1))
-    h = self.up(self.norm2(x))
+    x = x + self._dense("proj", att.transpose(0, 2, 1, 3).reshape(b, t, -1))
+    h = self._dense("up", self.norm2(x))
     if self.cfg.mlp == "swiglu":
       gate, up = jnp.split(h, 2, axis=-1)
-      return x + self.down(jax.nn.silu(gate) * up)
-    return x + self.down(jax.nn.gelu(h))
+      return x + self._dense("down", jax.nn.silu(gate) * up)
+    return x + self._dense("down", jax.nn.gelu(h))
 
   def __call__(self, x, positions):
     """Full causal pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache."""
@@ -272,10 +288,14 @@ def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0):
 
   0 < train_layers < n_layers: only the top train_layers of the n_layers blocks and the final norm
   get gradients; the embedding (tied to the output) and the lower blocks are held constant, so the
-  backward pass stops at the lowest trained block.
+  backward pass stops at the lowest trained block. params may also be core.state.whole's
+  {"trained": adapters, "frozen": base} of a model with LoRA adapters (lm/lora.py).
   """
 
   def logprob_fn(params, batch):
+    if isinstance(params, dict) and set(params) == {"trained", "frozen"}:
+      model = nnx.merge(graphdef, params["trained"], params["frozen"])
+      return token_logprobs(model, batch["tokens"])
     if 0 < train_layers < n_layers:
       params = jax.tree_util.tree_map_with_path(
         lambda path, x: x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x),

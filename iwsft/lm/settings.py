@@ -22,7 +22,7 @@ from iwsft.lm import data as lm_data
 from iwsft.lm.checkpoints import load_model as load_checkpoint
 from iwsft.lm.checkpoints import smollm2_path
 from iwsft.lm.config import LM_METHODS, STAGES, WEIGHTED
-from iwsft.lm.model import LMConfig, Transformer
+from iwsft.lm.model import LORA_TARGETS, LMConfig, Transformer
 from iwsft.lm.task import make_task
 from iwsft.lm.tokenizer import ByteTokenizer
 
@@ -109,6 +109,7 @@ def check_settings(cfg) -> Settings:
       "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
       "needs a pretrained one (model.path)"
     )
+  _check_lora(cfg.model)
   check_micro_batches(
     cfg.micro_batches,
     (stage_config(cfg.reference, "reference"), stage_config(cfg.finetune, "finetune")),
@@ -143,6 +144,30 @@ def check_settings(cfg) -> Settings:
   )
 
 
+# model settings of fine-tuning, not of the model π_ref is
+FINETUNE_ONLY = ("path", "train_layers", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def lora_targets(model) -> tuple[str, ...]:
+  """model.lora_targets as names (given on the command line, "qkv,down" is one string)."""
+  return tuple(t for item in model.lora_targets for t in item.split(",") if t)
+
+
+def _check_lora(model) -> None:
+  if model.lora_rank < 0 or model.lora_alpha <= 0:
+    raise UserError(
+      f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {model.lora_rank} and"
+      f" {model.lora_alpha}"
+    )
+  targets = lora_targets(model)
+  if set(targets) - set(LORA_TARGETS) or not targets:
+    raise UserError(
+      f"model.lora_targets must be some of {', '.join(LORA_TARGETS)}, got {model.lora_targets}"
+    )
+  if model.lora_rank and model.train_layers:
+    raise UserError("model.lora_rank and model.train_layers: choose one way to fine-tune")
+
+
 def _compute(section) -> dict:
   """The compute section, checked by LMConfig's own validation."""
   values = section.to_dict()
@@ -156,7 +181,7 @@ def _compute(section) -> dict:
 def model_config(model) -> LMConfig:
   """The byte-level model's LMConfig from the model section."""
   try:
-    return LMConfig(**{k: v for k, v in model.items() if k not in ("path", "train_layers")})
+    return LMConfig(**{k: v for k, v in model.items() if k not in FINETUNE_ONLY})
   except (ValueError, TypeError) as e:
     raise UserError(f"bad model settings: {e}") from None
 

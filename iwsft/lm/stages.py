@@ -33,10 +33,11 @@ from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.io.report import format_table
 from iwsft.lm import data as lm_data
+from iwsft.lm import lora
 from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import make_logprob_fn, param_count, trainable
 from iwsft.lm.sampling import sample_grouped
-from iwsft.lm.settings import Model, Settings, encode, prompt_ids
+from iwsft.lm.settings import Model, Settings, encode, lora_targets, prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,26 @@ def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
   return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
+def _start(ctx: Context, name: str, params, ref_params, data, stage: StageConfig, objective):
+  """(state, logprob_fn, optimiser, graphdef of a LoRA model or None) of a training stage. With
+  LoRA (fine-tuning from π_ref = params), the state trains adapters on the frozen base params,
+  and π_ref is the adapters' initial value (the base model itself)."""
+  s = ctx.settings
+  track_bounds = ref_params is not None
+  parts = state_parts(objective, track_bounds, "logp_ref" in data)
+  if s.model.lora_rank and name != "reference":
+    m = s.model
+    mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, lora_targets(m))
+    graphdef, adapters = lora.adapters(mcfg, s.seed)
+    optimizer = make_optimizer(stage)
+    state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)
+    return state, make_logprob_fn(graphdef), optimizer, graphdef
+  layers = s.model.train_layers if name != "reference" else 0
+  optimizer = _optimizer(ctx, stage, layers)
+  logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
+  return init_state(params, optimizer, s.seed, ref_params, **parts), logprob_fn, optimizer, None
+
+
 def train(ctx: Context, name, params, ref_params, data, logits, stage, objective: ObjectiveConfig):
   """One training stage from params on the pool `data` drawn ∝ exp(logits); saves and returns
   the trained params (name/params, name/info.json)."""
@@ -131,9 +152,9 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   if s.checkpoint_every:
     path = ctx.path("checkpoints", name)
     ckpt = checkpoint.TrainCheckpoints(path, s.checkpoint_every, s.keep_checkpoints)
-  layers = s.model.train_layers if name != "reference" else 0
-  optimizer = _optimizer(ctx, stage, layers)
-  logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
+  state, logprob_fn, optimizer, lora_graph = _start(
+    ctx, name, params, ref_params, data, stage, objective
+  )
   update = make_update(
     logprob_fn,
     optimizer,
@@ -142,8 +163,6 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
     skip_nonfinite=s.skip_nonfinite,
     micro_batches=s.micro_batches,
   )
-  parts = state_parts(objective, ref_params is not None, "logp_ref" in data)
-  state = init_state(params, optimizer, s.seed, ref_params, **parts)
   rows = []
   hooks = Hooks(
     logs=[lambda row: (rows.append(row), ctx.log(row))],
@@ -155,6 +174,8 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   t0 = time.time()
   state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=name, hooks=hooks)
   params = distributed.to_host(state.params)
+  if lora_graph is not None:  # the adapters merged into the base model's own layout
+    params = lora.merge(lora_graph, params, distributed.to_host(state.frozen))
   checkpoint.save_state(ctx.path(name, "params"), params)
   if primary:  # the metrics log (and so the final loss) exists in process 0 only
     info = {

@@ -1,0 +1,202 @@
+"""LoRA: the adapters start as the base model, merge into it exactly (checked against numpy), train
+alone on a frozen base through the shared update step, and run through the language pipeline."""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from iwsft.core.objectives import ObjectiveConfig
+from iwsft.core.state import init_state
+from iwsft.core.step import make_update
+from iwsft.io import checkpoint
+from iwsft.lm import lora
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Qwen2-like: rotary positions, grouped-query attention, q/k/v biases, SwiGLU, untied output
+BASE = LMConfig(
+  vocab_size=50,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  d_ff=48,
+  max_len=16,
+  positions="rope",
+  mlp="swiglu",
+  qkv_bias=True,
+  tie_embeddings=False,
+)
+TOKENS = jax.random.randint(jax.random.key(1), (3, 12), 0, 50)
+
+
+@pytest.fixture(scope="module")
+def base():
+  return nnx.split(Transformer(BASE, rngs=nnx.Rngs(0)))
+
+
+def _random_adapters(adapters, seed):
+  """Adapters with B no longer zero, as after training."""
+  leaves, treedef = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+    treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
+def test_fresh_adapters_are_the_base_model(base):
+  graphdef, params = base
+  cfg = lora.with_lora(BASE, 4, 8.0, ("qkv", "down"))
+  lora_graph, adapters = lora.adapters(cfg, seed=3)
+  assert lora.count(adapters) == 2 * (32 * 4 + 4 * 64) + 2 * (48 * 4 + 4 * 32)
+  want = make_logprob_fn(graphdef)(params, {"tokens": TOKENS})
+  got = make_logprob_fn(lora_graph)({"trained": adapters, "frozen": params}, {"tokens": TOKENS})
+  chex.assert_trees_all_equal(got, want)
+
+
+@pytest.mark.parametrize("targets", [("qkv", "proj", "up", "down"), ("up",)])
+def test_merged_weights_are_the_adapted_model(base, targets):
+  """The merged model's log-probs equal the adapted model's, and each merged kernel is
+  W + (alpha / rank) · A B computed in numpy; everything else is the base's, bit for bit."""
+  graphdef, params = base
+  cfg = lora.with_lora(BASE, 3, 6.0, targets)
+  lora_graph, adapters = lora.adapters(cfg, seed=0)
+  trained = _random_adapters(adapters, 1)
+  merged = lora.merge(lora_graph, trained, params)
+  adapted = make_logprob_fn(lora_graph)({"trained": trained, "frozen": params}, {"tokens": TOKENS})
+  chex.assert_trees_all_close(
+    make_logprob_fn(graphdef)(merged, {"tokens": TOKENS}), adapted, atol=1e-5
+  )
+  before, after = nnx.to_pure_dict(params), nnx.to_pure_dict(merged)
+  ad = nnx.to_pure_dict(trained)
+  for i in range(BASE.n_layers):
+    for name in ("qkv", "proj", "up", "down"):
+      w = np.asarray(before["blocks"][i][name]["kernel"], np.float64)
+      if name in targets:
+        a = np.asarray(ad["blocks"][i][f"{name}_lora"]["lora_a"], np.float64)
+        b = np.asarray(ad["blocks"][i][f"{name}_lora"]["lora_b"], np.float64)
+        w = w + 2.0 * a @ b
+      np.testing.assert_allclose(after["blocks"][i][name]["kernel"], w, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_equal(after["embed"], before["embed"])
+  chex.assert_trees_all_equal(after["blocks"][0]["norm1"], before["blocks"][0]["norm1"])
+
+
+def test_an_update_trains_the_adapters_only_with_adapter_sized_state(base):
+  """The shared update on a state whose base is frozen: the base stays bit for bit; the
+  optimiser's moments, q and π_ref are adapter-sized; the step is the one an optax step on the
+  adapters alone takes with the base held as a constant."""
+  graphdef, params = base
+  cfg = lora.with_lora(BASE, 2, 4.0, ("qkv", "proj", "up", "down"))
+  lora_graph, adapters = lora.adapters(cfg, seed=0)
+  adapters = _random_adapters(adapters, 2)
+  objective = ObjectiveConfig(temperature=1.0, w_max=10.0, self_normalise=False, q_decay=0.5)
+  logprob_fn = make_logprob_fn(lora_graph)
+  optimizer = optax.adam(1e-2)
+  batch = {
+    "tokens": TOKENS,
+    "mask": jnp.ones(TOKENS.shape).at[:, :4].set(0.0),
+    "weight": jnp.ones(TOKENS.shape[0]),
+  }
+  state = init_state(adapters, optimizer, 0, frozen=params)
+  n = lora.count(adapters)
+  assert lora.count(state.q_params) == lora.count(state.ref_params) == n
+  assert sum(x.size for x in jax.tree.leaves(state.opt_state)) == 2 * n + 1  # mu, nu, count
+  update = make_update(logprob_fn, optimizer, objective, track_bounds=False)
+  new, _ = jax.jit(update)(state, batch)
+  chex.assert_trees_all_equal(new.frozen, params)
+
+  # the same step with the base closed over as a constant: the adapters alone are the model
+  closed = lambda p, b: logprob_fn({"trained": p, "frozen": params}, b)
+  plain = init_state(adapters, optimizer, 0)
+  want, _ = jax.jit(make_update(closed, optimizer, objective, track_bounds=False))(plain, batch)
+  chex.assert_trees_all_close(new.params, want.params, atol=1e-7)
+  chex.assert_trees_all_close(new.q_params, want.q_params, atol=1e-7)
+  assert not np.allclose(np.asarray(jax.tree.leaves(new.params)[0]), jax.tree.leaves(adapters)[0])
+
+
+LM_TINY = [
+  "--config.model.d_model=32",
+  "--config.model.n_layers=2",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=64",
+  "--config.model.max_len=48",
+  "--config.task.digits=1",
+  "--config.task.demos=256",
+  "--config.reference.steps=100",
+  "--config.reference.batch_size=16",
+  "--config.task.sample_prompts=32",
+  "--config.task.samples_per_prompt=2",
+  "--config.task.eval_problems=16",
+  "--config.finetune.steps=20",
+  "--config.finetune.batch_size=8",
+  "--config.steps_per_dispatch=10",
+  "--config.finetune.warmup_steps=2",
+  "--config.reference.warmup_steps=5",
+  "--config.methods=iw_sft",
+]
+
+
+BASE_TINY = LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=48)
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[getattr(k, "key", getattr(k, "idx", None))]
+  return tree
+
+
+def test_the_language_pipeline_fine_tunes_adapters_and_saves_the_merged_model(tmp_path):
+  """--config.model.lora_rank: the fine-tuned model is saved in the base layout; only the target
+  projections' kernels moved from π_ref."""
+  work = tmp_path / "lora"
+  seed_dir = work / "seed_0"
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "lm.py"),
+    f"--workdir={work}",
+    "--config.model.lora_rank=4",
+    "--config.model.lora_targets=qkv,down",
+    "--config.finetune.learning_rate=1e-2",
+    *LM_TINY,
+  ]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert r.returncode == 0, r.stderr[-2000:]
+  template = nnx.split(Transformer(BASE_TINY, rngs=nnx.Rngs(0)))[1]
+  ref = nnx.to_pure_dict(checkpoint.restore_state(str(seed_dir / "reference" / "params"), template))
+  tuned = nnx.to_pure_dict(checkpoint.restore_state(str(seed_dir / "iw_sft" / "params"), template))
+  moved = {
+    "/".join(str(getattr(k, "key", getattr(k, "idx", None))) for k in path)
+    for path, x in jax.tree_util.tree_flatten_with_path(tuned)[0]
+    if not np.array_equal(x, _at(ref, path))
+  }
+  assert moved == {f"blocks/{i}/{n}/kernel" for i in (0, 1) for n in ("qkv", "down")}
+  assert (seed_dir / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+  "flag, needle",
+  [
+    ("--config.model.lora_rank=-1", "model.lora_rank must be >= 0"),
+    ("--config.model.lora_targets=qkv,gate", "model.lora_targets must be some of"),
+    ("--config.model.train_layers=1", "choose one way to fine-tune"),
+  ],
+)
+def test_bad_lora_settings_are_one_line_exit_2(tmp_path, flag, needle):
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "lm.py"),
+    f"--workdir={tmp_path / 'w'}",
+    "--config.model.lora_rank=2",
+    flag,
+  ]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "w").exists()
