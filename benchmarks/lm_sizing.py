@@ -5,7 +5,8 @@ time from abstract shapes: no weights are read and nothing runs.
   .venv/bin/python benchmarks/lm_sizing.py --models=smollm2 --tokens=2048,8192
 
 The step is the language pipeline's (iwsft.make_update with the authors' LM recipe, π_ref's
-log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), on
+log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), training the
+whole model or (--lora_ranks) LoRA adapters on the frozen base, on
 `--devices` forced host devices as one FSDP axis (every large leaf split over all of them), one
 sequence per device, in bfloat16 compute with
 float32 parameters (the model's only parameter type today), with chunked attention, rematerialised
@@ -84,17 +85,33 @@ flags.DEFINE_list("models", list(MODELS), "models to size")
 flags.DEFINE_list("tokens", ["22000"], "sequence lengths (one sequence per device)")
 flags.DEFINE_integer("devices", 8, "forced host devices, one FSDP axis over all")
 flags.DEFINE_list("blocks", ["1", "2"], "compile at these depths and extrapolate (empty: whole)")
+flags.DEFINE_list(
+  "lora_ranks",
+  ["0", "16"],
+  "0: the whole model trained; R: LoRA adapters of rank R on all four"
+  " projections of every block, the base frozen",
+)
+
+
+def abstract_state(cfg: LMConfig, optimizer):
+  """(graphdef, the lean training state's shapes): the whole model trained, or with
+  cfg.lora_rank its adapters on the frozen base (as the language pipeline's finetune stage)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  parts = state_parts(recipes.LM, False, True)  # the lean state: no q, no π_ref copies
+  if not cfg.lora_rank:
+    graphdef, params = nnx.split(abstract)
+    return graphdef, jax.eval_shape(lambda p: init_state(p, optimizer, 0, p, **parts), params)
+  graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, ...)
+  make = lambda a, b: init_state(a, optimizer, 0, None, **parts, frozen=b)
+  return graphdef, jax.eval_shape(make, lora, base)
 
 
 def compiled_memory(cfg: LMConfig, tokens: int, mesh) -> dict:
   """XLA's memory analysis of the update at `tokens` tokens per sequence, per device."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract)
   stage = StageConfig(steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4)
   optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
+  graphdef, state = abstract_state(cfg, optimizer)
   update = make_update(make_logprob_fn(graphdef), optimizer, recipes.LM)
-  parts = state_parts(recipes.LM, False, True)  # the lean state: no q, no π_ref copies
-  state = jax.eval_shape(lambda p: init_state(p, optimizer, 0, p, **parts), params)
   b = mesh.devices.size
   batch = {
     "tokens": jax.ShapeDtypeStruct((b, tokens + 1), jnp.int32),
@@ -127,9 +144,9 @@ def _sharded_bytes(state, shardings) -> float:
   return float(total)
 
 
-def size(name: str, tokens: int, mesh, blocks: list[int]) -> dict:
+def size(name: str, tokens: int, mesh, blocks: list[int], lora_rank: int = 0) -> dict:
   """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
-  cfg = dataclasses.replace(MODELS[name], max_len=tokens + 1, **COMPUTE)
+  cfg = dataclasses.replace(MODELS[name], max_len=tokens + 1, lora_rank=lora_rank, **COMPUTE)
   if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
     lo, hi = (compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh) for n in blocks)
     per_block = {k: (hi[k] - lo[k]) / (blocks[1] - blocks[0]) for k in lo}
@@ -143,6 +160,7 @@ def size(name: str, tokens: int, mesh, blocks: list[int]) -> dict:
   state = at_depth["state_bytes"]
   row = {
     "model": name,
+    "lora_rank": lora_rank,
     "tokens": tokens,
     "devices": mesh.devices.size,
     "params_b": float(sum(np.prod(x.shape) for x in shapes)) / 1e9,
@@ -165,9 +183,18 @@ def main(argv):
   rows = []
   for name in F.models:
     for t in (int(t) for t in F.tokens):
-      rows.append(size(name, t, mesh, blocks if name == "qwen2.5-32b" else []))
-      print(table(rows[-1:], list(rows[-1])), flush=True)
-  cols = ["model", "tokens", "devices", "params_b", "state_gib", *(f"state fits {g}" for g in GPUS)]
+      for r in (int(r) for r in F.lora_ranks):
+        rows.append(size(name, t, mesh, blocks if name == "qwen2.5-32b" else [], r))
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+  cols = [
+    "model",
+    "lora_rank",
+    "tokens",
+    "devices",
+    "params_b",
+    "state_gib",
+    *(f"state fits {g}" for g in GPUS),
+  ]
   cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
   print("\n" + table(rows, cols))
   print(f"-> {save('lm_sizing', {'rows': rows, 'compute': COMPUTE})}")

@@ -235,15 +235,22 @@ class Transformer(nnx.Module):
     block's keys and values ([B, K, T, Dh] each)."""
     x = self._embed(tokens, 0)
     positions = jnp.arange(tokens.shape[1])
-    run = lambda block, x: block(x, positions)
-    if self.cfg.remat != "none":
-      run = nnx.remat(run, policy=REMAT[self.cfg.remat])
     ks, vs = [], []
     for block in self.blocks:
-      x, (k, v) = run(block, x)
+      x, (k, v) = self._run(block, x, positions)
       ks.append(k)
       vs.append(v)
     return x, ks, vs
+
+  def _run(self, block: Block, x, positions):
+    """One block's full pass; with remat, as a pure function of the block's state under
+    jax.checkpoint (nnx.remat cannot hold a block whose state was merged from several parts, as
+    LoRA's trained adapters and frozen base)."""
+    if self.cfg.remat == "none":
+      return block(x, positions)
+    graphdef, state = nnx.split(block)
+    pure = lambda state, x: nnx.merge(graphdef, state)(x, positions)
+    return jax.checkpoint(pure, policy=REMAT[self.cfg.remat])(state, x)
 
   def prefill(self, tokens):
     """tokens [B, T] -> (logits [B, T, V], cache) with the cache holding positions < T."""

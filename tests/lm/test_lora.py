@@ -1,6 +1,7 @@
 """LoRA: the adapters start as the base model, merge into it exactly (checked against numpy), train
 alone on a frozen base through the shared update step, and run through the language pipeline."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -200,3 +201,17 @@ def test_bad_lora_settings_are_one_line_exit_2(tmp_path, flag, needle):
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "w").exists()
+
+
+def test_adapter_gradients_are_the_same_with_rematerialised_blocks(base):
+  """remat recomputes a block from its merged state (adapters and frozen base): the same
+  gradients as without it."""
+  graphdef, params = base
+  grads = []
+  for remat in ("none", "full"):
+    cfg = lora.with_lora(dataclasses.replace(BASE, remat=remat), 2, 4.0, ("qkv", "up"))
+    lora_graph, adapters = lora.adapters(cfg, seed=0)
+    fn = make_logprob_fn(lora_graph)
+    loss = lambda a, f, fn=fn: fn({"trained": a, "frozen": f}, {"tokens": TOKENS}).sum()
+    grads.append(jax.jit(jax.grad(loss))(_random_adapters(adapters, 5), params))
+  chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
