@@ -2,7 +2,8 @@
 params) of lm/model.py, and a trained model back to a Hugging Face directory `transformers` loads.
 
 Supported architectures: LlamaForCausalLM (Llama, SmolLM2) and Qwen2ForCausalLM (q/k/v biases).
-Weights are read into numpy (safetensors, no torch; GGUF dequantized to float32 with `gguf`).
+Weights are read one tensor at a time (lm/sources.py: safetensors, no torch; GGUF dequantized to
+float32 with `gguf`) and, given a mesh, placed straight into their shardings (read_params).
 Hugging Face stores a linear layer's weight as [out, in]; ours (nnx.Linear) as [in, out]. llama.cpp
 stores the q and k rows of each head permuted for interleaved-pair RoPE; they are permuted back to
 the rotate-half convention the model uses.
@@ -13,12 +14,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import nnx
 
+from iwsft.core.sharding import state_sharding
 from iwsft.errors import UserError
+from iwsft.lm import sources
 from iwsft.lm.model import LMConfig, Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -100,39 +104,36 @@ def config_to_hf(cfg: LMConfig, special: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------- weights
 
 
-def _hf_to_ours(w: dict[str, np.ndarray], cfg: LMConfig) -> dict:
-  """Hugging Face tensor names -> the pure-dict state of Transformer(cfg)."""
-  t = lambda name: np.ascontiguousarray(np.asarray(w[name], np.float32).T)
-  blocks = {}
+def hf_leaves(cfg: LMConfig) -> dict[tuple, Callable]:
+  """Each leaf of Transformer(cfg)'s pure-dict state, by its key tuple, and how to make it as a
+  float32 array [in, out] from Hugging Face tensors: make(get), get(name) -> array [out, in]."""
+  f32 = lambda x: np.asarray(x, np.float32)
+  t = lambda name: lambda get: np.ascontiguousarray(f32(get(name)).T)
+  cat = lambda names, axis: lambda get: np.concatenate([f(get) for f in names], axis=axis)
+  one = lambda name: lambda get: f32(get(name))
+  out = {
+    ("embed", "embedding"): one("model.embed_tokens.weight"),
+    ("norm", "scale"): one("model.norm.weight"),
+  }
   for i in range(cfg.n_layers):
     p = f"model.layers.{i}."
     a = p + "self_attn."
-    blocks[i] = {
-      "norm1": {"scale": np.asarray(w[p + "input_layernorm.weight"], np.float32)},
-      "qkv": {"kernel": np.concatenate([t(a + f"{x}_proj.weight") for x in "qkv"], axis=1)},
-      "proj": {"kernel": t(a + "o_proj.weight")},
-      "norm2": {"scale": np.asarray(w[p + "post_attention_layernorm.weight"], np.float32)},
-      "up": {
-        "kernel": np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], 1)
-      },
-      "down": {"kernel": t(p + "mlp.down_proj.weight")},
-    }
+    out[("blocks", i, "norm1", "scale")] = one(p + "input_layernorm.weight")
+    out[("blocks", i, "qkv", "kernel")] = cat([t(a + f"{x}_proj.weight") for x in "qkv"], 1)
+    out[("blocks", i, "proj", "kernel")] = t(a + "o_proj.weight")
+    out[("blocks", i, "norm2", "scale")] = one(p + "post_attention_layernorm.weight")
+    up = [t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]
+    out[("blocks", i, "up", "kernel")] = cat(up, 1)
+    out[("blocks", i, "down", "kernel")] = t(p + "mlp.down_proj.weight")
     if cfg.qkv_bias:
-      blocks[i]["qkv"]["bias"] = np.concatenate(
-        [np.asarray(w[a + f"{x}_proj.bias"], np.float32) for x in "qkv"]
-      )
-  state = {
-    "embed": {"embedding": np.asarray(w["model.embed_tokens.weight"], np.float32)},
-    "blocks": blocks,
-    "norm": {"scale": np.asarray(w["model.norm.weight"], np.float32)},
-  }
+      out[("blocks", i, "qkv", "bias")] = cat([one(a + f"{x}_proj.bias") for x in "qkv"], 0)
   if not cfg.tie_embeddings:
-    state["unembed"] = {"kernel": t("lm_head.weight")}
-  return state
+    out[("unembed", "kernel")] = t("lm_head.weight")
+  return out
 
 
 def _ours_to_hf(state: dict, cfg: LMConfig) -> dict[str, np.ndarray]:
-  """The inverse of _hf_to_ours."""
+  """The inverse of hf_leaves: the pure-dict state -> Hugging Face tensors [out, in]."""
   t = lambda x: np.ascontiguousarray(np.asarray(x, np.float32).T)
   dh = cfg.head_dim
   cuts = [cfg.n_heads * dh, (cfg.n_heads + cfg.kv_heads) * dh]
@@ -163,67 +164,53 @@ def _ours_to_hf(state: dict, cfg: LMConfig) -> dict[str, np.ndarray]:
   return w
 
 
-def _params(cfg: LMConfig, pure: dict):
-  """(graphdef, params) of Transformer(cfg) holding the given pure-dict state; shapes checked."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  expected = nnx.to_pure_dict(params)
-  got = jax.tree_util.tree_flatten_with_path(pure)[0]
-  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  for path, x in got:
-    if path not in want or tuple(want[path].shape) != tuple(np.shape(x)):
-      shape = None if path not in want else tuple(want[path].shape)
+def read_params(cfg: LMConfig, get, mesh=None):
+  """(graphdef, params) of Transformer(cfg), each leaf made from `get` (a sources.*Source's) in
+  turn and, with a mesh, placed at once into its sharding there (core.sharding.state_sharding:
+  FSDP over the mesh's fsdp axis) by every process for its own devices. No more than one leaf's
+  tensors are on the host at a time, never the whole model; shapes are checked."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  pure = nnx.to_pure_dict(abstract)
+  shardings = None if mesh is None else state_sharding(pure, mesh)
+  keys = lambda path: tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  places = [None] * len(paths) if shardings is None else jax.tree.leaves(shardings)
+  makers, leaves = hf_leaves(cfg), []
+  for (path, spec), sharding in zip(paths, places, strict=True):
+    make = makers[keys(path)]
+    try:
+      host = make(get)
+    except KeyError as e:
+      raise UserError(f"checkpoint tensor {e} is missing") from None
+    if host.shape != tuple(spec.shape):
       raise UserError(
-        f"checkpoint tensor {jax.tree_util.keystr(path)} has shape {np.shape(x)}, "
-        f"the model expects {shape}"
+        f"checkpoint tensor {jax.tree_util.keystr(path)} has shape {host.shape}, "
+        f"the model expects {tuple(spec.shape)}"
       )
-  nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
-  return graphdef, params
+    if sharding is not None:
+      host = jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])
+    leaves.append(host)
+  nnx.replace_by_pure_dict(abstract, jax.tree.unflatten(treedef, leaves))
+  return graphdef, abstract
 
 
 # ----------------------------------------------------------------------------- readers
 
 
-def load_hf(path: str, max_len: int = 2048):
-  """A Hugging Face model directory (config.json, one or several *.safetensors) -> (cfg, graphdef,
-  params)."""
+def load_hf(path: str, max_len: int = 2048, mesh=None):
+  """A Hugging Face model directory (config.json, one or several *.safetensors, with or without
+  an index) -> (cfg, graphdef, params), read tensor by tensor (read_params)."""
   from safetensors import SafetensorError
-  from safetensors.numpy import load_file
 
   config = os.path.join(path, "config.json")
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not os.path.isfile(config) or not files:
+  if not os.path.isfile(config) or not glob.glob(os.path.join(path, "*.safetensors")):
     raise UserError(f"{path} is not a Hugging Face model directory (config.json and *.safetensors)")
   try:
     with open(config) as f:
       cfg = config_from_hf(json.load(f), max_len)
-    weights = {}
-    for file in files:
-      weights.update(load_file(file))
+    return (cfg, *read_params(cfg, sources.SafetensorsSource(path).get, mesh))
   except (json.JSONDecodeError, SafetensorError, OSError) as e:
     raise UserError(f"cannot read the checkpoint in {path}: {type(e).__name__}: {e}") from None
-  try:
-    state = _hf_to_ours(weights, cfg)
-  except KeyError as e:
-    raise UserError(f"{path}: tensor {e} is missing") from None
-  return (cfg, *_params(cfg, state))
-
-
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-  """Undoes llama.cpp's q/k row permutation (interleaved-pair RoPE -> rotate-half): w [out, in]."""
-  return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-GGUF_NAMES = {
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-}
 
 
 def gguf_config(reader, max_len: int) -> LMConfig:
@@ -251,9 +238,10 @@ def gguf_config(reader, max_len: int) -> LMConfig:
   )
 
 
-def load_gguf(path: str, max_len: int = 2048):
+def load_gguf(path: str, max_len: int = 2048, mesh=None):
   """A GGUF file (llama or qwen2, any quantization `gguf` dequantizes) -> (cfg, graphdef, params,
-  reader); the reader also holds the tokenizer (tokenizer.from_gguf)."""
+  reader), read tensor by tensor (read_params); the reader also holds the tokenizer
+  (tokenizer.from_gguf)."""
   import gguf
 
   try:
@@ -261,44 +249,20 @@ def load_gguf(path: str, max_len: int = 2048):
   except Exception as e:  # noqa: BLE001  missing, truncated or not GGUF
     raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
   cfg = gguf_config(reader, max_len)
-  w = {}
-  for t in reader.tensors:
-    x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    x = x.reshape(tuple(int(n) for n in reversed(t.shape)))
-    w[_hf_name(t.name)] = x
-  for i in range(cfg.n_layers):
-    p = f"model.layers.{i}.self_attn."
-    w[p + "q_proj.weight"] = _unpermute(w[p + "q_proj.weight"], cfg.n_heads)
-    w[p + "k_proj.weight"] = _unpermute(w[p + "k_proj.weight"], cfg.kv_heads)
-  try:
-    state = _hf_to_ours(w, cfg)
-  except KeyError as e:
-    raise UserError(f"{path}: tensor {e} is missing") from None
-  return (cfg, *_params(cfg, state), reader)
+  source = sources.GGUFSource(reader, cfg.n_heads, cfg.kv_heads)
+  return (cfg, *read_params(cfg, source.get, mesh), reader)
 
 
-def _hf_name(name: str) -> str:
-  """A GGUF tensor name -> the Hugging Face one."""
-  fixed = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-  }
-  if name in fixed:
-    return fixed[name]
-  _, i, part, kind = name.split(".")
-  return f"model.layers.{i}.{GGUF_NAMES[part]}.{kind}"
-
-
-def load_model(path: str, max_len: int = 2048):
-  """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer)."""
+def load_model(path: str, max_len: int = 2048, mesh=None):
+  """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer); with a mesh,
+  the params placed in their shardings there as they are read (read_params)."""
   from iwsft.lm import tokenizer
 
   if path.endswith(".gguf"):
-    cfg, graphdef, params, reader = load_gguf(path, max_len)
+    cfg, graphdef, params, reader = load_gguf(path, max_len, mesh)
     tok = tokenizer.from_gguf(reader)
   else:
-    cfg, graphdef, params = load_hf(path, max_len)
+    cfg, graphdef, params = load_hf(path, max_len, mesh)
     tok = tokenizer.from_hf_dir(path)
   if tok.vocab_size > cfg.vocab_size:
     raise UserError(

@@ -51,8 +51,8 @@ def _user_records(s: Settings, model: Model) -> list | None:
 def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> Context:
   """Validates everything, then claims the workdir (process 0 writes) and opens the metrics log."""
   s = check_settings(cfg)
-  model = load_model(s)
   mesh = sharding.make_mesh(s.num_devices or None, s.fsdp)
+  model = load_model(s, mesh)
   for stage in (s.reference, s.finetune):
     sharding.check_batch_size(stage.batch_size, mesh, s.micro_batches)
   records = _user_records(s, model)

