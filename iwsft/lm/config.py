@@ -68,6 +68,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # write each method's fine-tuned pretrained model as a Hugging Face directory, <method>/hf/
   # (float32 safetensors, config.json and the tokenizer); the byte-level model has no HF form
   c.export_hf = True
+  c.export_dtype = "float32"  # of the Hugging Face weights: "float32" or "bfloat16"
 
   # Where metrics go besides metrics.jsonl: TensorBoard (tensorboard), Weights & Biases (wandb,
   # wandb_project, wandb_mode offline|online, wandb_group).

@@ -19,8 +19,8 @@ from iwsft.errors import UserError
 from iwsft.io import checkpoint, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.lm import data as lm_data
+from iwsft.lm.checkpoints import EXPORT_DTYPES, smollm2_path
 from iwsft.lm.checkpoints import load_model as load_checkpoint
-from iwsft.lm.checkpoints import smollm2_path
 from iwsft.lm.config import LM_METHODS, STAGES, WEIGHTED
 from iwsft.lm.model import LORA_TARGETS, LMConfig, Transformer
 from iwsft.lm.task import make_task
@@ -53,6 +53,7 @@ class Settings:
   steps_per_dispatch: int
   precompute_ref: bool
   export_hf: bool
+  export_dtype: str
   checkpoint_every: int
   keep_checkpoints: int
   skip_nonfinite: bool
@@ -110,6 +111,10 @@ def check_settings(cfg) -> Settings:
       "needs a pretrained one (model.path)"
     )
   _check_lora(cfg.model)
+  if cfg.export_dtype not in EXPORT_DTYPES:
+    raise UserError(
+      f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.export_dtype!r}"
+    )
   check_micro_batches(
     cfg.micro_batches,
     (stage_config(cfg.reference, "reference"), stage_config(cfg.finetune, "finetune")),
@@ -138,6 +143,7 @@ def check_settings(cfg) -> Settings:
     steps_per_dispatch=cfg.steps_per_dispatch,
     precompute_ref=bool(cfg.precompute_ref),
     export_hf=bool(cfg.export_hf),
+    export_dtype=cfg.export_dtype,
     checkpoint_every=cfg.checkpoint_every,
     keep_checkpoints=cfg.keep_checkpoints,
     skip_nonfinite=bool(cfg.skip_nonfinite),

@@ -316,8 +316,8 @@ def finetune(ctx: Context) -> None:
       ctx, method, ref, ref, data, logits.astype(np.float32), s.finetune, s.objectives[method]
     )
     ctx.say(f"finetune: {method} on {len(records)} records")
-    if s.export_hf and not s.task.pretrains and distributed.is_primary():
-      save_hf(ctx.path(method, "hf"), ctx.model.mcfg, params, ctx.model.tok)
+    if s.export_hf and not s.task.pretrains:  # a collective: process 0 writes
+      save_hf(ctx.path(method, "hf"), ctx.model.mcfg, params, ctx.model.tok, s.export_dtype)
       ctx.say(f"finetune: {method} written as a Hugging Face directory, {method}/hf/")
 
 

@@ -82,3 +82,42 @@ def test_a_checkpoint_is_placed_into_fsdp_shardings_on_eight_devices(tmp_path):
   assert r["fsdp_shardings"] and r["max_diff"] == 0.0
   assert r["split"] >= 2 * 4 + 2  # every block's four matrices, the embedding and the output
   assert r["shard"][0] * 8 == r["shape"][0] or r["shard"][1] * 8 == r["shape"][1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_an_export_in_several_files_reloads_to_its_rounded_values(tmp_path, dtype):
+  """save_hf past shard_bytes: numbered files with an index naming every tensor and the total
+  size; each parameter gathered once; read back (tensor by tensor) as the parameters rounded to
+  `dtype` in numpy."""
+  cfg, _, params = checkpoints.load_hf(FIXTURE, max_len=64)
+  gathered = []
+  real = checkpoints.distributed.to_host
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(checkpoints.distributed, "to_host", lambda x: gathered.append(x.shape) or real(x))
+    checkpoints.save_hf(str(tmp_path), cfg, params, dtype=dtype, shard_bytes=20_000)
+  assert len(gathered) == len(jax.tree.leaves(params))  # a fused leaf is gathered once
+  index = json.load(open(tmp_path / "model.safetensors.index.json"))
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+  assert sorted(os.listdir(tmp_path)) == sorted([*files, "config.json", sources.INDEX])
+  from safetensors.numpy import load_file
+
+  tensors = {k: v for f in files for k, v in load_file(str(tmp_path / f)).items()}
+  assert set(tensors) == set(index["weight_map"])
+  assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+  assert json.load(open(tmp_path / "config.json"))["torch_dtype"] == dtype
+  _, _, back = checkpoints.load_hf(str(tmp_path), max_len=64)
+  cast = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b).astype(cast).astype(np.float32))
+
+
+def test_a_bad_export_dtype_is_one_line_exit_2(tmp_path):
+  root = os.path.dirname(os.path.dirname(HELPERS))
+  cmd = [sys.executable, "experiments/lm.py", f"--workdir={tmp_path / 'w'}"]
+  r = subprocess.run(
+    [*cmd, "--config.export_dtype=float16"], capture_output=True, text=True, cwd=root, timeout=300
+  )
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+  assert "export_dtype must be one of float32, bfloat16" in r.stderr
+  assert not (tmp_path / "w").exists()
