@@ -8,8 +8,8 @@ The step is the language pipeline's (iwsft.make_update with the authors' LM reci
 log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), training the
 whole model or (--lora_ranks) LoRA adapters on the frozen base, on
 `--devices` forced host devices as one FSDP axis (every large leaf split over all of them), one
-sequence per device, in bfloat16 compute with
-float32 parameters (the model's only parameter type today), with chunked attention, rematerialised
+sequence per device, in bfloat16 compute with float32 parameters (--param_dtype=bfloat16:
+bfloat16 parameters, and Adam's moments with them), with chunked attention, rematerialised
 blocks and chunked log-probs (lm/model.py's compute settings). The blocks are a Python loop, so a
 64-block model compiles slowly on 2 cores: with --blocks=A,B the step is compiled at A and B
 blocks of the full width and the temporaries extrapolated linearly to the model's depth (the
@@ -85,6 +85,9 @@ flags.DEFINE_list("models", list(MODELS), "models to size")
 flags.DEFINE_list("tokens", ["22000"], "sequence lengths (one sequence per device)")
 flags.DEFINE_integer("devices", 8, "forced host devices, one FSDP axis over all")
 flags.DEFINE_list("blocks", ["1", "2"], "compile at these depths and extrapolate (empty: whole)")
+flags.DEFINE_enum(
+  "param_dtype", "float32", ["float32", "bfloat16"], "the parameters' type (Adam's moments follow)"
+)
 flags.DEFINE_list(
   "lora_ranks",
   ["0", "16"],
@@ -144,9 +147,13 @@ def _sharded_bytes(state, shardings) -> float:
   return float(total)
 
 
-def size(name: str, tokens: int, mesh, blocks: list[int], lora_rank: int = 0) -> dict:
+def size(
+  name: str, tokens: int, mesh, blocks: list[int], lora_rank: int = 0, param_dtype="float32"
+) -> dict:
   """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
-  cfg = dataclasses.replace(MODELS[name], max_len=tokens + 1, lora_rank=lora_rank, **COMPUTE)
+  cfg = dataclasses.replace(
+    MODELS[name], max_len=tokens + 1, lora_rank=lora_rank, param_dtype=param_dtype, **COMPUTE
+  )
   if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
     lo, hi = (compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh) for n in blocks)
     per_block = {k: (hi[k] - lo[k]) / (blocks[1] - blocks[0]) for k in lo}
@@ -161,6 +168,7 @@ def size(name: str, tokens: int, mesh, blocks: list[int], lora_rank: int = 0) ->
   row = {
     "model": name,
     "lora_rank": lora_rank,
+    "param_dtype": param_dtype,
     "tokens": tokens,
     "devices": mesh.devices.size,
     "params_b": float(sum(np.prod(x.shape) for x in shapes)) / 1e9,
@@ -184,7 +192,8 @@ def main(argv):
   for name in F.models:
     for t in (int(t) for t in F.tokens):
       for r in (int(r) for r in F.lora_ranks):
-        rows.append(size(name, t, mesh, blocks if name == "qwen2.5-32b" else [], r))
+        depth = blocks if name == "qwen2.5-32b" else []
+        rows.append(size(name, t, mesh, depth, r, F.param_dtype))
         print(table(rows[-1:], list(rows[-1])), flush=True)
   cols = [
     "model",

@@ -11,6 +11,7 @@ the rotate-half convention the model uses.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -183,6 +184,7 @@ def read_params(cfg: LMConfig, get, mesh=None):
       host = make(get)
     except KeyError as e:
       raise UserError(f"checkpoint tensor {e} is missing") from None
+    host = host.astype(spec.dtype)  # the model's parameter type
     if host.shape != tuple(spec.shape):
       raise UserError(
         f"checkpoint tensor {jax.tree_util.keystr(path)} has shape {host.shape}, "
@@ -198,7 +200,7 @@ def read_params(cfg: LMConfig, get, mesh=None):
 # ----------------------------------------------------------------------------- readers
 
 
-def load_hf(path: str, max_len: int = 2048, mesh=None):
+def load_hf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
   """A Hugging Face model directory (config.json, one or several *.safetensors, with or without
   an index) -> (cfg, graphdef, params), read tensor by tensor (read_params)."""
   from safetensors import SafetensorError
@@ -208,7 +210,7 @@ def load_hf(path: str, max_len: int = 2048, mesh=None):
     raise UserError(f"{path} is not a Hugging Face model directory (config.json and *.safetensors)")
   try:
     with open(config) as f:
-      cfg = config_from_hf(json.load(f), max_len)
+      cfg = dataclasses.replace(config_from_hf(json.load(f), max_len), param_dtype=param_dtype)
     return (cfg, *read_params(cfg, sources.SafetensorsSource(path).get, mesh))
   except (json.JSONDecodeError, SafetensorError, OSError) as e:
     raise UserError(f"cannot read the checkpoint in {path}: {type(e).__name__}: {e}") from None
@@ -239,7 +241,7 @@ def gguf_config(reader, max_len: int) -> LMConfig:
   )
 
 
-def load_gguf(path: str, max_len: int = 2048, mesh=None):
+def load_gguf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
   """A GGUF file (llama or qwen2, any quantization `gguf` dequantizes) -> (cfg, graphdef, params,
   reader), read tensor by tensor (read_params); the reader also holds the tokenizer
   (tokenizer.from_gguf)."""
@@ -249,21 +251,22 @@ def load_gguf(path: str, max_len: int = 2048, mesh=None):
     reader = gguf.GGUFReader(path)
   except Exception as e:  # noqa: BLE001  missing, truncated or not GGUF
     raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
-  cfg = gguf_config(reader, max_len)
+  cfg = dataclasses.replace(gguf_config(reader, max_len), param_dtype=param_dtype)
   source = sources.GGUFSource(reader, cfg.n_heads, cfg.kv_heads)
   return (cfg, *read_params(cfg, source.get, mesh), reader)
 
 
-def load_model(path: str, max_len: int = 2048, mesh=None):
-  """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer); with a mesh,
-  the params placed in their shardings there as they are read (read_params)."""
+def load_model(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
+  """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer), the params
+  in param_dtype and, with a mesh, placed in their shardings there as they are read
+  (read_params)."""
   from iwsft.lm import tokenizer
 
   if path.endswith(".gguf"):
-    cfg, graphdef, params, reader = load_gguf(path, max_len, mesh)
+    cfg, graphdef, params, reader = load_gguf(path, max_len, mesh, param_dtype)
     tok = tokenizer.from_gguf(reader)
   else:
-    cfg, graphdef, params = load_hf(path, max_len, mesh)
+    cfg, graphdef, params = load_hf(path, max_len, mesh, param_dtype)
     tok = tokenizer.from_hf_dir(path)
   if tok.vocab_size > cfg.vocab_size:
     raise UserError(

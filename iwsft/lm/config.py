@@ -102,7 +102,8 @@ def _model_section() -> ml_collections.ConfigDict:
   m.n_heads = 4
   m.d_ff = 256
   m.max_len = 64  # the context (tokens)
-  m.dtype = "float32"  # compute type ("bfloat16" halves activations; parameters stay float32)
+  m.dtype = "float32"  # compute type ("bfloat16" halves activations)
+  m.param_dtype = "float32"  # the parameters' type (and Adam's moments'): "bfloat16" halves them
   m.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
   # LoRA: fine-tune low-rank adapters (rank lora_rank, output scaled by lora_alpha / lora_rank)
   # beside the lora_targets projections of every block instead of the model; 0: the whole model

@@ -39,7 +39,9 @@ def merge(graphdef, lora, base):
     for name in cfg.lora_targets:
       dense, adapter = getattr(block, name), getattr(block, f"{name}_lora")
       delta = adapter.lora_a[...] @ adapter.lora_b[...]
-      dense.kernel.value = dense.kernel[...] + (cfg.lora_alpha / cfg.lora_rank) * delta
+      kernel = dense.kernel[...]
+      merged = kernel + (cfg.lora_alpha / cfg.lora_rank) * delta
+      dense.kernel.value = merged.astype(kernel.dtype)
   return nnx.split(model, nnx.LoRAParam, ...)[2]
 
 

@@ -8,7 +8,8 @@ heads shared by n_heads query heads), with optional q/k/v biases (Qwen2); the ou
 tied to the token embedding or not. q, k and v come from one fused matrix [d, (H + 2K) · Dh], and
 SwiGLU's gate and up projections from one [d, 2 · d_ff], so large leaves stay few (FSDP splits
 them). The KV cache is a plain dict of arrays passed in and out (k, v: [layers, B, K, cache_len,
-Dh]), so decoding stays a pure function. Parameters are float32; `dtype` is the compute type.
+Dh]), so decoding stays a pure function. `param_dtype` is the parameters' type (float32 or
+bfloat16), `dtype` the compute type.
 
 For long sequences (compute settings: the same function, less memory): attention "chunked" takes
 the queries `attention_chunk` at a time, each chunk's scores [chunk, T] recomputed in the backward
@@ -47,6 +48,7 @@ class LMConfig:
   qkv_bias: bool = False
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute type: "float32" or "bfloat16"
+  param_dtype: str = "float32"  # the parameters' type: "float32" or "bfloat16"
   attention: str = "full"  # "full", "chunked" or "dot_product" (see the module's docstring)
   attention_chunk: int = 512  # queries per chunk of "chunked" attention
   remat: str = "none"  # recompute each block in the backward pass: "none", "full", "dots"
@@ -64,6 +66,7 @@ class LMConfig:
       ("positions", self.positions, ("learned", "rope")),
       ("mlp", self.mlp, ("gelu", "swiglu")),
       ("dtype", self.dtype, ("float32", "bfloat16")),
+      ("param_dtype", self.param_dtype, ("float32", "bfloat16")),
       ("attention", self.attention, ATTENTION),
       ("remat", self.remat, tuple(REMAT)),
     ):
@@ -145,8 +148,9 @@ class Block(nnx.Module):
   def __init__(self, cfg: LMConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, dh, dtype = cfg.d_model, cfg.head_dim, jnp.dtype(cfg.dtype)
-    dense = lambda i, o, bias=False: nnx.Linear(i, o, use_bias=bias, dtype=dtype, rngs=rngs)
-    norm = lambda: nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    dense = lambda i, o, bias=False: nnx.Linear(i, o, use_bias=bias, **kw)
+    norm = lambda: nnx.RMSNorm(d, epsilon=cfg.norm_eps, **kw)
     self.norm1 = norm()
     self.qkv = dense(d, (cfg.n_heads + 2 * cfg.kv_heads) * dh, cfg.qkv_bias)
     self.proj = dense(cfg.n_heads * dh, d)
@@ -204,14 +208,15 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype = jnp.dtype(cfg.dtype)
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, **kw)
     if cfg.positions == "learned":
-      self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)))
+      pos = 0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model))
+      self.pos = nnx.Param(pos.astype(cfg.param_dtype))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
     if not cfg.tie_embeddings:
-      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+      self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, **kw)
 
   def _logits(self, x):
     x = self.norm(x)
