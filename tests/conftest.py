@@ -18,6 +18,27 @@ HORIZON = 100  # short episodes keep the tests fast; a competent controller scor
 
 EXPERT = "iwsft/pendulum-test/expert-v0"
 MIXED = "iwsft/pendulum-test/mixed-v0"
+
+# The language pipeline's byte-level model at a size that runs in seconds (command-line flags).
+LM_TINY = [
+  "--config.model.d_model=32",
+  "--config.model.n_layers=1",
+  "--config.model.n_heads=2",
+  "--config.model.d_ff=64",
+  "--config.model.max_len=48",
+  "--config.task.digits=1",
+  "--config.task.demos=256",
+  "--config.reference.steps=100",
+  "--config.reference.batch_size=16",
+  "--config.task.sample_prompts=32",
+  "--config.task.samples_per_prompt=2",
+  "--config.task.eval_problems=16",
+  "--config.finetune.steps=20",
+  "--config.finetune.batch_size=8",
+  "--config.steps_per_dispatch=10",
+  "--config.finetune.warmup_steps=2",
+  "--config.reference.warmup_steps=5",
+]
 NAN = "iwsft/pendulum-test/nan-v0"
 WRONG_ACTION = "iwsft/pendulum-test/wrong-action-v0"
 EMPTY = "iwsft/pendulum-test/empty-v0"

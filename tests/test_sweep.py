@@ -13,7 +13,7 @@ import time
 import chex
 import numpy as np
 import pytest
-from conftest import EXPERT, MIXED
+from conftest import EXPERT, LM_TINY, MIXED
 
 from iwsft import sweep as sweep_lib
 from iwsft.io import report
@@ -456,27 +456,6 @@ def test_the_shipped_configs_load_and_name_their_datasets():
     c = load_file(path)
     assert c.dataset == datasets.dataset_id(env, profile, kind), path
     assert load_file(path + ":cpu").finetune.batch_size == 32
-
-
-LM_TINY = [
-  "--config.model.d_model=32",
-  "--config.model.n_layers=1",
-  "--config.model.n_heads=2",
-  "--config.model.d_ff=64",
-  "--config.model.max_len=48",
-  "--config.task.digits=1",
-  "--config.task.demos=256",
-  "--config.reference.steps=100",
-  "--config.reference.batch_size=16",
-  "--config.task.sample_prompts=32",
-  "--config.task.samples_per_prompt=2",
-  "--config.task.eval_problems=16",
-  "--config.finetune.steps=20",
-  "--config.finetune.batch_size=8",
-  "--config.steps_per_dispatch=10",
-  "--config.finetune.warmup_steps=2",
-  "--config.reference.warmup_steps=5",
-]
 
 
 def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LM_TINY
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
@@ -262,18 +263,10 @@ def test_top_1_sampling_is_greedy_decoding(model):
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
 
 
-LM_TINY = [
-  "--config.model.d_model=32",
-  "--config.model.n_layers=1",
-  "--config.model.n_heads=2",
-  "--config.model.d_ff=64",
-  "--config.model.max_len=48",
-  "--config.task.digits=1",
-  "--config.task.demos=256",
+# π_ref's stage alone, long enough to be stopped mid-way
+REFERENCE_ONLY = [
+  *LM_TINY,
   "--config.reference.steps=600",
-  "--config.reference.batch_size=16",
-  "--config.reference.warmup_steps=5",
-  "--config.steps_per_dispatch=10",
   "--config.checkpoint_every=50",
   "--config.stages=reference",
 ]
@@ -288,7 +281,7 @@ def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path)
       sys.executable,
       os.path.join(ROOT, "experiments", "lm.py"),
       f"--workdir={work}",
-      *LM_TINY,
+      *REFERENCE_ONLY,
     ]
 
   whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import LM_TINY
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig
@@ -123,28 +124,6 @@ def test_an_update_trains_the_adapters_only_with_adapter_sized_state(base):
   assert not np.allclose(np.asarray(jax.tree.leaves(new.params)[0]), jax.tree.leaves(adapters)[0])
 
 
-LM_TINY = [
-  "--config.model.d_model=32",
-  "--config.model.n_layers=2",
-  "--config.model.n_heads=2",
-  "--config.model.d_ff=64",
-  "--config.model.max_len=48",
-  "--config.task.digits=1",
-  "--config.task.demos=256",
-  "--config.reference.steps=100",
-  "--config.reference.batch_size=16",
-  "--config.task.sample_prompts=32",
-  "--config.task.samples_per_prompt=2",
-  "--config.task.eval_problems=16",
-  "--config.finetune.steps=20",
-  "--config.finetune.batch_size=8",
-  "--config.steps_per_dispatch=10",
-  "--config.finetune.warmup_steps=2",
-  "--config.reference.warmup_steps=5",
-  "--config.methods=iw_sft",
-]
-
-
 BASE_TINY = LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=48)
 
 
@@ -167,6 +146,8 @@ def test_the_language_pipeline_fine_tunes_adapters_and_saves_the_merged_model(tm
     "--config.model.lora_targets=qkv,down",
     "--config.finetune.learning_rate=1e-2",
     *LM_TINY,
+    "--config.model.n_layers=2",
+    "--config.methods=iw_sft",
   ]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from conftest import LM_TINY
 from flax import nnx
 
 from iwsft.io import checkpoint
@@ -58,22 +59,12 @@ def test_the_language_pipeline_trains_bfloat16_parameters(tmp_path):
   ]
   data.write_text("".join(json.dumps(r) + "\n" for r in records))
   flags = [
+    *LM_TINY,
     "--config.model.param_dtype=bfloat16",
-    "--config.model.d_model=32",
-    "--config.model.n_layers=1",
-    "--config.model.n_heads=2",
-    "--config.model.d_ff=64",
-    "--config.model.max_len=48",
-    "--config.task.digits=1",
     "--config.task.demos=64",
     "--config.reference.steps=20",
-    "--config.reference.batch_size=16",
-    "--config.reference.warmup_steps=5",
     "--config.task.eval_problems=8",
     "--config.finetune.steps=10",
-    "--config.finetune.batch_size=8",
-    "--config.finetune.warmup_steps=2",
-    "--config.steps_per_dispatch=10",
     "--config.methods=iw_sft",
     f"--config.data={data}",
     "--config.stages=reference",
