@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: timing, the machine's matmul peak, and result files.
+"""Shared pieces of the benchmark scripts: timing, the machine's matmul peak, result files, and
+the pretrained architectures the LM benchmarks size and time.
 
 Timings are wall clock around `jax.block_until_ready`, after a warm-up call that compiles; each
 number is the median of `repeats` timed calls, so one slow call (another process, a GC) does not
@@ -17,8 +18,38 @@ import jax
 import jax.numpy as jnp
 
 from iwsft.io.report import format_table
+from iwsft.lm.model import LMConfig
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+ARCHITECTURES = {  # the shapes of the Hugging Face configs (weights are not needed to size or time)
+  "qwen2.5-32b": LMConfig(
+    vocab_size=152_064,
+    d_model=5120,
+    n_layers=64,
+    n_heads=40,
+    n_kv_heads=8,
+    d_ff=27_648,
+    positions="rope",
+    rope_theta=1_000_000.0,
+    mlp="swiglu",
+    qkv_bias=True,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+  ),
+  "smollm2": LMConfig(
+    vocab_size=49_152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    d_ff=1536,
+    positions="rope",
+    rope_theta=100_000.0,
+    mlp="swiglu",
+    norm_eps=1e-5,
+  ),
+}
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:

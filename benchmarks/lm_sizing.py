@@ -39,7 +39,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import save, table  # noqa: E402
+from benchmarks.common import ARCHITECTURES, save, table  # noqa: E402
 from iwsft import recipes  # noqa: E402
 from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
 from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
@@ -51,34 +51,7 @@ GIB = 2**30
 COMPUTE = dict(
   dtype="bfloat16", attention="chunked", attention_chunk=1024, remat="full", logits_chunk=1024
 )
-MODELS = {  # the architectures of the Hugging Face configs
-  "qwen2.5-32b": LMConfig(
-    vocab_size=152_064,
-    d_model=5120,
-    n_layers=64,
-    n_heads=40,
-    n_kv_heads=8,
-    d_ff=27_648,
-    positions="rope",
-    rope_theta=1_000_000.0,
-    mlp="swiglu",
-    qkv_bias=True,
-    tie_embeddings=False,
-    norm_eps=1e-5,
-  ),
-  "smollm2": LMConfig(
-    vocab_size=49_152,
-    d_model=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    d_ff=1536,
-    positions="rope",
-    rope_theta=100_000.0,
-    mlp="swiglu",
-    norm_eps=1e-5,
-  ),
-}
+MODELS = ARCHITECTURES
 GPUS = {"H100 80 GB": 80, "H200 141 GB": 141}
 
 flags.DEFINE_list("models", list(MODELS), "models to size")

@@ -15,6 +15,7 @@ Sampling: `iwsft.lm.sampling.generate` (prefill + one token per step from the ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -39,19 +40,7 @@ SIZES = {  # tiny is the language pipeline's default model
   "large": LMConfig(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_len=256),
   # SmolLM2-135M-Instruct's shape (random weights: throughput does not depend on them), at the
   # pretrained experiment's context
-  "smollm2": LMConfig(
-    vocab_size=49152,
-    d_model=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    d_ff=1536,
-    max_len=64,
-    positions="rope",
-    rope_theta=1e5,
-    mlp="swiglu",
-    norm_eps=1e-5,
-  ),
+  "smollm2": dataclasses.replace(common.ARCHITECTURES["smollm2"], max_len=64),
 }
 
 
