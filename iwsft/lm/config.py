@@ -18,7 +18,7 @@ from iwsft.core.config import log_section, objective_section, stage_section
 LM_METHODS = ("sft", "iw_sft", "iw_sft_step", "sft_q")
 WEIGHTED = ("iw_sft", "iw_sft_step")  # iw_sft_step: one weight per token
 UNWEIGHTED = {"iw_sft": "sft", "iw_sft_step": "sft"}  # each weighted method with every weight 1
-PRESETS = ("tiny", "smollm2")
+PRESETS = ("tiny", "smollm2", "s1k")
 STAGES = ("reference", "sample", "curate", "finetune", "evaluate")
 
 
@@ -78,6 +78,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.skip_nonfinite = False  # skip NaN/inf batches instead of stopping with exit status 1
   if preset == "smollm2":
     _smollm2(c)
+  if preset == "s1k":
+    _s1k(c)
   return c
 
 
@@ -151,3 +153,26 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
   c.objective.update(reduction="sequence_mean", q_decay=0.0)
   c.steps_per_dispatch = 10
   c.checkpoint_every = 0
+
+
+def _s1k(c: ml_collections.ConfigDict) -> None:
+  """The authors' LM run: Qwen2.5-32B-Instruct fine-tuned on s1K-1.1's 1,000 reasoning traces,
+  their recipe: q the current model detached, π_ref the starting model (its log-probs computed
+  once), sequence weights exp(mean token log-ratio) clipped to [0, 16], per-token clip [0.2, 1.8],
+  a per-sequence token mean, AdamW (0.9, 0.95) with weight decay 1e-4 on matrices, clipping at
+  1.0, learning rate 1e-5 on a cosine schedule with 5% warm-up, 8 sequences a step for 5 epochs
+  (625 steps), bfloat16 compute, contexts up to 22,000 tokens, gradient checkpointing. A GPU/TPU
+  job on 8 devices: give the model's Hugging Face directory (model.path) and the traces as
+  JSON lines of {"prompt", "completion"} (data). It fine-tunes only (stages: finetune): its
+  evaluation (AIME24, GPQA-Diamond) is not part of the project."""
+  c.model.update(path="", max_len=22_000, dtype="bfloat16")
+  c.task.kind = "chat_sum"  # a pretrained model's chat template; its problems are not used
+  c.stages = ("finetune",)
+  c.methods = ("sft", "iw_sft", "iw_sft_step")
+  c.precompute_ref = True
+  c.fsdp = 8
+  c.finetune.update(steps=625, batch_size=8, learning_rate=1e-5, warmup_steps=31, clip_norm=1.0)
+  c.objective.update(reduction="sequence_mean", q_decay=0.0)
+  c.compute.update(attention="chunked", attention_chunk=1024, remat="full", logits_chunk=1024)
+  c.steps_per_dispatch = 25
+  c.checkpoint_every = 125

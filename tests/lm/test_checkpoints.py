@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from iwsft.errors import UserError
-from iwsft.lm import checkpoints, tokenizer
+from iwsft.lm import checkpoints
 from iwsft.lm.model import LMConfig, Transformer
 from iwsft.lm.sampling import generate, generate_without_cache
 
@@ -90,17 +90,6 @@ def test_rope_rotates_pairs_by_position_times_frequency():
         [a * np.cos(ang) - b * np.sin(ang), b * np.cos(ang) + a * np.sin(ang)],
         atol=1e-5,
       )
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-  import gguf
-
-  try:
-    path = checkpoints.smollm2_path()
-  except UserError as e:
-    pytest.skip(str(e))
-  return tokenizer.from_gguf(gguf.GGUFReader(path))
 
 
 def test_gguf_tokenizer_gives_the_ids_transformers_gives(smollm2_tokenizer):
