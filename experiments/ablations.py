@@ -92,12 +92,11 @@ class AblationGrid(ControlGrid):
       + ["diff_low", "diff_high", *report.WEIGHT_DIAGNOSTICS],
     )
     plots.score_bars(
-      [r["run"] for r in rows],
-      [r["mean"] for r in rows],
-      [(r["mean"] - r["ci_low"], r["ci_high"] - r["mean"]) for r in rows],
+      rows,
       os.path.join(workdir, "ablations.png"),
       "normalised score ×100",
       f"{self.datasets[0]}: ablations\nmean over seeds, 95% Student-t CI",
+      name="run",
       points=[r["per_seed"] for r in rows],
     )
     method = next(v.method for v in self.variants.values() if v.ablates == "recipe")

@@ -89,9 +89,7 @@ class DemoGrid(ControlGrid):
       text += "\nPaired by seed (same π_ref, same random stream), mean [95% Student-t CI]:\n\n"
       text += f"{paired}\n"
     plots.score_bars(
-      [s["method"] for s in summary],
-      [s["mean"] for s in summary],
-      [(s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]) for s in summary],
+      summary,
       os.path.join(workdir, "scores.png"),
       "normalised score ×100",
       f"{self.datasets[0]}\nmean over seeds {seeds}, 95% Student-t CI",

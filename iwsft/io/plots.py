@@ -115,18 +115,18 @@ def curves_and_levels(
 
 
 def score_bars(
-  names: list[str],
-  means: list[float],
-  errors: list[tuple[float, float]],
+  rows: list[dict],
   path: str,
   ylabel: str,
   title: str,
+  name: str = "method",
   points: list[list[float]] | None = None,
 ) -> None:
-  """A bar per name with an error bar (below, above) the mean, e.g. a 95% CI; `points` draws each
-  name's individual values (its seeds) over the bar."""
+  """A bar per summary row (report.summarise's: mean, ci_low, ci_high), labelled row[name], with
+  its CI as the error bar; `points` draws each row's individual values (its seeds) over it."""
+  names, means = [r[name] for r in rows], [r["mean"] for r in rows]
   fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(names)), 3.8 + 0.3 * (len(names) > 4)))
-  yerr = [[e[0] for e in errors], [e[1] for e in errors]]
+  yerr = [[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]]
   ax.bar(names, means, yerr=yerr, capsize=6, color="C0", alpha=0.6, ecolor="0.25")
   for i, values in enumerate(points or []):
     ax.scatter(
