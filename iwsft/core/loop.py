@@ -209,15 +209,21 @@ class _Run:
   def start(self, state: TrainState) -> tuple[TrainState, int]:
     """The state to train from (restored from the newest checkpoint if any), placed on the mesh."""
     done = 0
-    if self.hooks.checkpoints is not None:
-      restored = self.hooks.checkpoints.restore_latest(self.abstract, self.shardings)
+    if self.hooks.checkpoints is not None:  # checkpoints leave frozen parameters out
+      abstract, shardings = (t.replace(frozen=None) for t in (self.abstract, self.shardings))
+      restored = self.hooks.checkpoints.restore_latest(abstract, shardings)
       if restored is not None:
-        state, done = restored
+        state, done = restored[0].replace(frozen=state.frozen), restored[1]
     if self.hooks.on_resume is not None:
       self.hooks.on_resume(done)
-    return jax.device_put(
-      state, self.shardings, may_alias=False
-    ), done  # the caller's copy survives
+    # the caller's copy survives; frozen parameters are placed without a copy (never donated)
+    trained = jax.device_put(
+      state.replace(frozen=None), self.shardings.replace(frozen=None), may_alias=False
+    )
+    frozen = state.frozen
+    if frozen is not None:
+      frozen = jax.device_put(frozen, self.shardings.frozen, may_alias=True)
+    return trained.replace(frozen=frozen), done
 
   def row(self, kind: str, step: int, values: dict) -> Row:
     return {
@@ -273,7 +279,7 @@ class _Run:
     if ckpt is not None and (
       ckpt.due(done, previous) or done == steps or eval_rows is not None or stopping
     ):
-      ckpt.save(done, state, _mean_of(eval_rows, self.hooks.best_key))
+      ckpt.save(done, state.replace(frozen=None), _mean_of(eval_rows, self.hooks.best_key))
     if stopping:
       self.finish()
       raise Preempted(self.name, done, ckpt.directory if ckpt is not None else None)

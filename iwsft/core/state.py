@@ -64,9 +64,9 @@ def init_state(
   """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
 
   keep_q / keep_ref False leave q / π_ref out (None): a model-sized copy each that the update
-  does not need (step.state_parts says when). frozen: parameters held constant (TrainState).
-  Every array is copied, so the jitted steps may donate the state's buffers without deleting the
-  caller's arrays.
+  does not need (step.state_parts says when). frozen: parameters held constant (TrainState),
+  held as they are: the jitted steps never donate them. Every other array is copied, so the
+  jitted steps may donate the state's buffers without deleting the caller's arrays.
   """
   copy = lambda t: jax.tree.map(jnp.array, t)
   params = copy(params)
@@ -77,7 +77,7 @@ def init_state(
     opt_state=optimizer.init(params),
     step=jnp.zeros((), jnp.int32),
     key=prng_key(seed),
-    frozen=None if frozen is None else copy(frozen),
+    frozen=frozen,
   )
 
 

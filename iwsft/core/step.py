@@ -334,6 +334,7 @@ def make_train_steps(
 ):
   """`train_steps(state, data, logits, seed_data) -> (state, metrics)`: num_steps updates in one
   dispatch, with batches drawn as `sampling` says (its steps and steps_per_dispatch are fit's).
+  The state's buffers are donated, but for its frozen parameters (the caller's, never copied).
 
   Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
   the devices) with the state's key, so there is no host round trip per step; metrics come
@@ -362,10 +363,21 @@ def make_train_steps(
     if capacity is not None:  # packed leaves are split over the devices too
       capacity = -(-capacity // mesh.devices.size) * mesh.devices.size
   train_steps = _scanned_steps(update, sampling, capacity, shard, vmapped, num_steps)
+
+  def steps_on(state, frozen, data, logits, seed_data):  # frozen: an argument never donated
+    state, metrics = train_steps(state.replace(frozen=frozen), data, logits, seed_data)
+    return state.replace(frozen=None), metrics
+
+  trained, frozen = (st.replace(frozen=None), st.frozen) if isinstance(st, TrainState) else (st, st)
   jitted = jax.jit(
-    train_steps,
-    in_shardings=(st, pool, rep, seed_data),
-    out_shardings=(st, rep),
+    steps_on,
+    in_shardings=(trained, frozen, pool, rep, seed_data),
+    out_shardings=(trained, rep),
     donate_argnums=0,
   )
-  return lambda state, data, logits, seed_data=None: jitted(state, data, logits, seed_data or {})
+
+  def run(state, data, logits, seed_data=None):
+    new, metrics = jitted(state.replace(frozen=None), state.frozen, data, logits, seed_data or {})
+    return new.replace(frozen=state.frozen), metrics
+
+  return run

@@ -196,3 +196,36 @@ def test_adapter_gradients_are_the_same_with_rematerialised_blocks(base):
     loss = lambda a, f, fn=fn: fn({"trained": a, "frozen": f}, {"tokens": TOKENS}).sum()
     grads.append(jax.jit(jax.grad(loss))(_random_adapters(adapters, 5), params))
   chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
+
+
+def test_training_reads_the_frozen_base_in_place(base, tmp_path):
+  """fit on a LoRA state: the base is neither copied nor donated (one copy of the base model, the
+  caller's), and the adapters train."""
+  from iwsft.core.loop import Hooks, fit
+  from iwsft.core.sharding import make_mesh
+  from iwsft.core.step import Sampling
+
+  graphdef, params = base
+  lora_graph, adapters = lora.adapters(lora.with_lora(BASE, 2, 4.0, ("qkv", "up")), seed=0)
+  optimizer = optax.adam(1e-2)
+  objective = ObjectiveConfig(temperature=1.0, w_max=10.0, self_normalise=False, q_decay=0.0)
+  update = make_update(make_logprob_fn(lora_graph), optimizer, objective, track_bounds=False)
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (8, 12), 0, 50), np.int32)
+  data = {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32), "weight": np.ones(8)}
+  state = init_state(adapters, optimizer, 0, keep_q=False, frozen=params)
+  sampling = Sampling(4, 2, steps_per_dispatch=2)
+  hooks = lambda: Hooks(checkpoints=checkpoint.TrainCheckpoints(str(tmp_path / "ckpt"), 2, 2))
+  run = lambda s: fit(
+    update, s, data, np.zeros(8), sampling, mesh=make_mesh(1), name="lora", hooks=hooks()
+  )
+  out = run(state)
+  pointers = lambda t: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(t)]
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+  assert pointers(out.frozen) == pointers(params)
+  assert not np.allclose(jax.tree.leaves(out.params)[1], jax.tree.leaves(adapters)[1])
+  # checkpoints hold the trained part only: a rerun resumes the adapters at the last step and
+  # reads the base its caller gives, here a copy
+  again = jax.tree.map(jnp.array, params)
+  resumed = run(init_state(adapters, optimizer, 0, keep_q=False, frozen=again))
+  assert int(resumed.step) == 4 and pointers(resumed.frozen) == pointers(again)
+  chex.assert_trees_all_equal(resumed.params, out.params)
