@@ -177,3 +177,74 @@ def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(
     m: {k: v for k, v in s.items() if k != "train_tokens_per_s"} for m, s in r["models"].items()
   }
   assert scores(res[0]) == scores(res[1])  # everything but the wall-clock throughput
+
+
+def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
+  tmp_path, smollm2_tokenizer
+):
+  """A pretrained model (a tiny random Llama with SmolLM2's tokenizer) read tensor by tensor onto
+  an 8-way FSDP mesh by two processes, each placing its own devices' shards, LoRA-fine-tuned on
+  records and exported in bfloat16 as a collective: what one process with 8 devices makes."""
+  import jax
+  from flax import nnx
+
+  from iwsft.lm import checkpoints
+  from iwsft.lm.model import LMConfig, Transformer
+
+  cfg = LMConfig(
+    vocab_size=smollm2_tokenizer.vocab_size,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=64,
+    max_len=64,
+    positions="rope",
+    mlp="swiglu",
+  )
+  model_dir, data = tmp_path / "model", tmp_path / "mine.jsonl"
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  checkpoints.save_hf(str(model_dir), cfg, nnx.state(model), smollm2_tokenizer)
+  pairs = [(12, 30), (45, 21), (8, 70), (33, 33), (5, 94), (61, 7), (20, 20), (9, 9)]
+  data.write_text(
+    "".join(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}."}) + "\n"
+            for a, b in pairs)
+  )  # fmt: skip
+  args = [
+    os.path.join(ROOT, "experiments", "lm.py"),
+    "--config=iwsft/lm/config.py:smollm2",
+    f"--config.model.path={model_dir}",
+    f"--config.data={data}",
+    "--config.stages=finetune",
+    "--config.methods=iw_sft",
+    "--config.model.lora_rank=4",
+    "--config.model.train_layers=0",
+    "--config.fsdp=8",
+    "--config.finetune.steps=4",
+    "--config.finetune.warmup_steps=1",
+    "--config.finetune.learning_rate=1e-2",
+    "--config.steps_per_dispatch=2",
+    "--config.export_dtype=bfloat16",
+  ]
+  one = subprocess.run(
+    [sys.executable, *args, f"--workdir={tmp_path / 'one'}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env(8),
+    timeout=600,
+  )
+  assert one.returncode == 0, one.stderr[-3000:]
+  run_two_processes(args, tmp_path / "two")
+  exported = [
+    checkpoints.load_hf(str(tmp_path / w / "seed_0" / "iw_sft" / "hf"), 64)[2]
+    for w in ("one", "two")
+  ]
+  for x, y in zip(*(jax.tree.leaves(e) for e in exported), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-2, atol=1e-3)
+  base = jax.tree.leaves(nnx.state(model))
+  moved = [
+    not np.allclose(np.asarray(x), np.asarray(b), atol=1e-2)
+    for x, b in zip(jax.tree.leaves(exported[1]), base)
+  ]
+  assert any(moved)
