@@ -300,8 +300,10 @@ def save_hf(
   if dtype not in EXPORT_DTYPES:
     raise UserError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
   primary = distributed.is_primary()
-  if primary:
+  if primary:  # no weights of an earlier export may stay beside the new ones
     os.makedirs(path, exist_ok=True)
+    for old in glob.glob(os.path.join(path, "*.safetensors")):
+      os.remove(old)
   leaves = {
     keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
   }

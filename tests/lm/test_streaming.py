@@ -90,6 +90,7 @@ def test_an_export_in_several_files_reloads_to_its_rounded_values(tmp_path, dtyp
   size; each parameter gathered once; read back (tensor by tensor) as the parameters rounded to
   `dtype` in numpy."""
   cfg, _, params = checkpoints.load_hf(FIXTURE, max_len=64)
+  checkpoints.save_hf(str(tmp_path), cfg, params)  # an earlier export, one file: replaced whole
   gathered = []
   real = checkpoints.distributed.to_host
   with pytest.MonkeyPatch.context() as m:
