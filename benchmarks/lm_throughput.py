@@ -2,6 +2,7 @@
 sampling tokens/s with and without the KV cache.
 
   python benchmarks/lm_throughput.py [--sizes=tiny,small,medium]
+  python benchmarks/lm_throughput.py --sizes=small --contexts=512,2048 --batch=4   # long sequences
 
 Training runs the shared update (iwsft.core.step: SFT objective, in-graph batch sampling, several
 steps per dispatch) on random token sequences of the model's full context. FLOPs per trained token:
@@ -10,6 +11,9 @@ embedding lookup is free) plus 12·L·T·d for the attention scores and values (
 the full T×T square as computed). MFU = achieved FLOP/s / the matmul peak measured in the same run.
 Sampling: `iwsft.lm.sampling.generate` (prefill + one token per step from the cache) against
 `generate_without_cache` (the whole prefix recomputed every step), same prompts and lengths.
+With --contexts, training only, at each context length under each of the long-sequence compute
+settings (COMPUTES: the plain path, chunked attention and log-probs, and those with remat): what
+the memory they save costs in speed.
 """
 
 from __future__ import annotations
@@ -105,6 +109,35 @@ def sampling_tokens_per_s(
   return out
 
 
+COMPUTES = {  # lm/model.py's compute settings (chunks of 256)
+  "full": {},
+  "chunked": {"attention": "chunked", "attention_chunk": 256, "logits_chunk": 256},
+  "chunked + remat": {
+    "attention": "chunked",
+    "attention_chunk": 256,
+    "logits_chunk": 256,
+    "remat": "full",
+  },
+}
+
+
+def long_rows(args, peak: float) -> list[dict]:
+  """Training tokens/s and MFU per size, context and compute setting."""
+  rows = []
+  for name in args.sizes.split(","):
+    for t in (int(t) for t in args.contexts.split(",")):
+      for compute, settings in COMPUTES.items():
+        cfg = dataclasses.replace(SIZES[name], max_len=t, **settings)
+        tps = train_tokens_per_s(cfg, args.batch, args.steps_per_dispatch, args.repeats)
+        flops = train_flops_per_token(cfg)
+        rows.append(
+          {"model": name, "T": t, "compute": compute, "train tokens/s": tps,
+           "MFU %": 100 * tps * flops / peak}
+        )  # fmt: skip
+        print(common.table(rows[-1:], list(rows[-1])), flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument(
@@ -115,8 +148,16 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--sample_batch", type=int, default=16)
   p.add_argument("--prompt_len", type=int, default=16)
+  p.add_argument("--contexts", default="", help="comma-separated context lengths: long rows")
   args = p.parse_args()
   peak = common.matmul_peak()
+  if args.contexts:
+    rows = long_rows(args, peak)
+    print(f"LM training, batch {args.batch}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(common.table(rows, list(rows[0])))
+    payload = {"batch": args.batch, "matmul_peak_flops": peak, "rows": rows}
+    print(f"-> {common.save(f'lm_throughput-long-{args.sizes}', payload)}")
+    return
   rows = []
   for name in args.sizes.split(","):
     cfg = SIZES[name]
