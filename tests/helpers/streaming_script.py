@@ -15,12 +15,14 @@ import sys
 import jax
 import ml_dtypes
 import numpy as np
+import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_files import reshard  # noqa: E402
 
 from iwsft.core.sharding import make_mesh, state_sharding  # noqa: E402
+from iwsft.core.state import init_state  # noqa: E402
 from iwsft.lm import checkpoints  # noqa: E402
 from iwsft.lm.model import LMConfig, Transformer  # noqa: E402
 
@@ -44,6 +46,14 @@ def main(work: str):
   rules = jax.tree.leaves(state_sharding(got, mesh))
   leaves = jax.tree.leaves(got)
   biggest = max(leaves, key=lambda x: x.size)
+  # the training state made from the placed parameters: its copies and Adam's moments inherit
+  # their shardings, so no full copy is ever made on one device
+  state = init_state(placed, optax.adamw(1e-3), 0, keep_ref=False)
+  large = [x for x in jax.tree.leaves(state) if x.size >= 2**14]
+  state_rules = jax.tree.leaves(state_sharding(state, mesh))
+  big = [
+    (x, r) for x, r in zip(jax.tree.leaves(state), state_rules, strict=True) if x.size >= 2**14
+  ]
   print(
     json.dumps(
       {
@@ -56,6 +66,8 @@ def main(work: str):
         ),
         "shape": list(biggest.shape),
         "shard": list(biggest.addressable_shards[0].data.shape),
+        "state_large_leaves": len(large),
+        "state_fsdp": all(x.sharding == r for x, r in big),
       }
     )
   )

@@ -80,6 +80,8 @@ def test_a_checkpoint_is_placed_into_fsdp_shardings_on_eight_devices(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r["fsdp_shardings"] and r["max_diff"] == 0.0
+  # params, q's copy and Adam's two moments of every large leaf, each in FSDP's sharding
+  assert r["state_fsdp"] and r["state_large_leaves"] == 4 * r["split"]
   assert r["split"] >= 2 * 4 + 2  # every block's four matrices, the embedding and the output
   assert r["shard"][0] * 8 == r["shape"][0] or r["shard"][1] * 8 == r["shape"][1]
 
