@@ -136,3 +136,33 @@ def smollm2_tokenizer():
   except UserError as e:
     pytest.skip(str(e))
   return tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+def save_tiny_pretrained(path, tokenizer, **arch):
+  """A tiny random Llama-family model with `tokenizer`'s vocabulary (Qwen2-like with
+  qkv_bias=True; `arch` changes its shape) written as a Hugging Face directory: a pretrained
+  π_ref for tests. -> (its LMConfig, its params)."""
+  from flax import nnx
+
+  from iwsft.lm import checkpoints
+  from iwsft.lm.model import LMConfig, Transformer
+
+  shape = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_len=64)
+  cfg = LMConfig(
+    vocab_size=tokenizer.vocab_size, positions="rope", mlp="swiglu", **{**shape, **arch}
+  )
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
+  checkpoints.save_hf(str(path), cfg, params, tokenizer)
+  return cfg, params
+
+
+def write_sum_records(path, pairs, **fields) -> None:
+  """User records "What is a + b?" -> "<a + b>." for each (a, b), with `fields` added, as JSON
+  lines."""
+  import json
+
+  lines = [
+    json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}.", **fields}) + "\n"
+    for a, b in pairs
+  ]
+  path.write_text("".join(lines))

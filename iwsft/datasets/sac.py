@@ -227,14 +227,15 @@ def _continues(saved: SACConfig, cfg: SACConfig, step: int) -> bool:
   return _same_recipe(saved, cfg) and step <= cfg.step_cap
 
 
-def _load(path: str | None, cfg: SACConfig, n: int, template: SACState) -> _Progress | None:
+def _load(path: str | None, cfg: SACConfig, n: int, init_state) -> _Progress | None:
   """The run saved at `path` by this recipe (_same_recipe), its buffer grown to n steps, on the
-  structure of the template state; else None. A cap n below its step is an error (starting over
-  would overwrite it)."""
+  structure of init_state()'s state (traced, not computed); else None. A cap n below its step is
+  an error (starting over would overwrite it)."""
   got = None if path is None else sac_store.read(path)
   if got is None:
     return None
   arrays, meta = got
+  template = jax.eval_shape(init_state)
   if not _same_recipe(sac_store.config_from(meta["config"]), cfg):
     return None
   if meta["step"] > n:
@@ -292,7 +293,7 @@ def train_sac(
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
   init_state, update_many, act = make_sac(obs_dim, act_dim, cfg)
   n = cfg.step_cap
-  run = _load(checkpoint, cfg, n, init_state()) or _fresh(cfg, init_state(), obs_dim, act_dim)
+  run = _load(checkpoint, cfg, n, init_state) or _fresh(cfg, init_state(), obs_dim, act_dim)
   evaluate = _evaluator(eval_env, act, scale, cfg, jax.random.key(cfg.seed + 2))
   episodes = _Episodes(env, run.next_seed)
   episodes.done = run.done

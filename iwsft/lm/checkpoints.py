@@ -26,7 +26,7 @@ from iwsft.core.sharding import state_sharding
 from iwsft.errors import UserError
 from iwsft.io import distributed
 from iwsft.lm import sources
-from iwsft.lm.model import LMConfig, Transformer
+from iwsft.lm.model import LMConfig, Transformer, path_keys
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
@@ -162,11 +162,6 @@ def hf_tensors(cfg: LMConfig) -> dict[str, tuple[tuple, Callable]]:
   return out
 
 
-def keys(path) -> tuple:
-  """A tree path as the tuple of its keys (("blocks", 0, "qkv", "kernel"))."""
-  return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-
-
 def read_params(cfg: LMConfig, get, mesh=None):
   """(graphdef, params) of Transformer(cfg), each leaf made from `get` (a sources.*Source's) in
   turn and, with a mesh, placed at once into its sharding there (core.sharding.state_sharding:
@@ -179,7 +174,7 @@ def read_params(cfg: LMConfig, get, mesh=None):
   places = [None] * len(paths) if shardings is None else jax.tree.leaves(shardings)
   makers, leaves = hf_leaves(cfg), []
   for (path, spec), sharding in zip(paths, places, strict=True):
-    make = makers[keys(path)]
+    make = makers[path_keys(path)]
     try:
       host = make(get)
     except KeyError as e:
@@ -282,6 +277,11 @@ def load_model(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "fl
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
+def check_export_dtype(dtype: str) -> None:
+  if dtype not in EXPORT_DTYPES:
+    raise UserError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+
+
 def save_hf(
   path: str,
   cfg: LMConfig,
@@ -297,15 +297,14 @@ def save_hf(
   A collective in a multi-process run (every process calls it; process 0 writes): one parameter
   at a time is gathered (distributed.to_host) and each file written once full, so no process
   holds more than one parameter and one file's tensors, never the whole model."""
-  if dtype not in EXPORT_DTYPES:
-    raise UserError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+  check_export_dtype(dtype)
   primary = distributed.is_primary()
   if primary:  # no weights of an earlier export may stay beside the new ones
     os.makedirs(path, exist_ok=True)
     for old in glob.glob(os.path.join(path, "*.safetensors")):
       os.remove(old)
   leaves = {
-    keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+    path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
   }
   writer = _ShardWriter(path, shard_bytes, primary)
   held = (None, None)

@@ -94,6 +94,7 @@ class LMGrid:
         tr = [row for row in rows if row["kind"] == "train" and row["stage"] == model]
         keys = [k for k in IW_KEYS if weighted and tr and k in tr[0]]
         curves = {k: ([t["step"] for t in tr], [t[k] for t in tr]) for k in keys}
+        weights = report.weight_diagnostics(rows, model) if weighted else None
         for mode, dataset in zip(("greedy", "sampled"), self.datasets):
           out.append(
             CellRecord(
@@ -102,7 +103,7 @@ class LMGrid:
               seed=seed,
               score=100.0 * r[f"pass@1_{mode}"],
               cell=cell,
-              weights=report.weight_diagnostics(rows, model) if weighted else None,
+              weights=weights,
               curves=curves,
               outcomes=r.get(f"correct_{mode}"),
             )

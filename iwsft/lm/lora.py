@@ -43,7 +43,3 @@ def merge(graphdef, lora, base):
       merged = kernel + (cfg.lora_alpha / cfg.lora_rank) * delta
       dense.kernel.value = merged.astype(kernel.dtype)
   return nnx.split(model, nnx.LoRAParam, ...)[2]
-
-
-def count(lora) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(lora)))

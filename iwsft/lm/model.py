@@ -318,9 +318,14 @@ def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0):
   return logprob_fn
 
 
+def path_keys(path) -> tuple:
+  """A tree path as the tuple of its keys, e.g. ("blocks", 0, "qkv", "kernel")."""
+  return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+
+
 def trainable(path, n_layers: int, train_layers: int) -> bool:
   """Whether a parameter (by its tree path) trains when only the top train_layers blocks do."""
-  keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+  keys = path_keys(path)
   if "blocks" in keys:
     return int(keys[keys.index("blocks") + 1]) >= n_layers - train_layers
   return "embed" not in keys and "pos" not in keys

@@ -19,7 +19,7 @@ from iwsft.errors import UserError
 from iwsft.io import checkpoint, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.lm import data as lm_data
-from iwsft.lm.checkpoints import EXPORT_DTYPES, smollm2_path
+from iwsft.lm.checkpoints import check_export_dtype, smollm2_path
 from iwsft.lm.checkpoints import load_model as load_checkpoint
 from iwsft.lm.config import LM_METHODS, STAGES, WEIGHTED
 from iwsft.lm.model import LORA_TARGETS, LMConfig, Transformer
@@ -111,10 +111,7 @@ def check_settings(cfg) -> Settings:
       "needs a pretrained one (model.path)"
     )
   _check_lora(cfg.model)
-  if cfg.export_dtype not in EXPORT_DTYPES:
-    raise UserError(
-      f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.export_dtype!r}"
-    )
+  check_export_dtype(cfg.export_dtype)
   check_micro_batches(
     cfg.micro_batches,
     (stage_config(cfg.reference, "reference"), stage_config(cfg.finetune, "finetune")),
@@ -154,22 +151,13 @@ def check_settings(cfg) -> Settings:
 FINETUNE_ONLY = ("path", "train_layers", "lora_rank", "lora_alpha", "lora_targets")
 
 
-def lora_targets(model) -> tuple[str, ...]:
-  """model.lora_targets as names (given on the command line, "qkv,down" is one string)."""
-  return tuple(t for item in model.lora_targets for t in item.split(",") if t)
-
-
 def _check_lora(model) -> None:
   if model.lora_rank < 0 or model.lora_alpha <= 0:
     raise UserError(
       f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {model.lora_rank} and"
       f" {model.lora_alpha}"
     )
-  targets = lora_targets(model)
-  if set(targets) - set(LORA_TARGETS) or not targets:
-    raise UserError(
-      f"model.lora_targets must be some of {', '.join(LORA_TARGETS)}, got {model.lora_targets}"
-    )
+  _subset(model.lora_targets, LORA_TARGETS, "model.lora_targets")
   if model.lora_rank and model.train_layers:
     raise UserError("model.lora_rank and model.train_layers: choose one way to fine-tune")
 

@@ -37,7 +37,7 @@ from iwsft.lm import lora
 from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import make_logprob_fn, param_count, trainable
 from iwsft.lm.sampling import sample_grouped
-from iwsft.lm.settings import Model, Settings, encode, lora_targets, prompt_ids
+from iwsft.lm.settings import Model, Settings, encode, prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,7 @@ def _start(ctx: Context, name: str, params, ref_params, data, stage: StageConfig
   parts = state_parts(objective, track_bounds, "logp_ref" in data)
   if s.model.lora_rank and name != "reference":
     m = s.model
-    mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, lora_targets(m))
+    mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, m.lora_targets)
     graphdef, adapters = lora.adapters(mcfg, s.seed)
     optimizer = make_optimizer(stage)
     state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)

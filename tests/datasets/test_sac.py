@@ -107,9 +107,9 @@ def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   assert 550 <= starts[1] <= 600 and starts[2] == 0  # the raised cap resumed; the other is new
   with pytest.raises(UserError, match="past the step cap 500: raise max_steps"):
     run(500, tmp_path / "raised")  # a cap below the saved step would throw the run away
-  template = sac.make_sac(4, 1, SACConfig(max_steps=1000, **base))[0]()
+  init_state = sac.make_sac(4, 1, SACConfig(max_steps=1000, **base))[0]
   raised, whole = (
-    sac._load(str(tmp_path / p), SACConfig(max_steps=1000, **base), 1000, template)
+    sac._load(str(tmp_path / p), SACConfig(max_steps=1000, **base), 1000, init_state)
     for p in ("raised", "whole")
   )
   assert raised.step == whole.step > 950 and raised.next_seed == whole.next_seed  # episodes <= 50

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import MIXED
+from conftest import MIXED, save_tiny_pretrained, write_sum_records
 from test_resume import params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,6 +78,19 @@ def run_two_processes(args, work, reads=None):
   return outs
 
 
+def run_one_process(args, work):
+  """The same run in one process with the 8 devices the two processes share."""
+  one = subprocess.run(
+    [sys.executable, *args, f"--workdir={work}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env(8),
+    timeout=600,
+  )
+  assert one.returncode == 0, one.stderr[-3000:]
+
+
 def train_rows(work):
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   return [r for r in rows if r["kind"] == "train"]
@@ -86,15 +99,7 @@ def train_rows(work):
 def test_two_processes_train_the_control_policy_like_one_process_with_as_many_devices(
   datasets, tmp_path
 ):
-  one = subprocess.run(
-    [sys.executable, *CONTROL, f"--workdir={tmp_path / 'one'}"],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=env(8),
-    timeout=600,
-  )
-  assert one.returncode == 0, one.stderr[-3000:]
+  run_one_process(CONTROL, tmp_path / "one")
   outs = run_two_processes(CONTROL, tmp_path / "two", reads=tmp_path / "reads")
   assert (
     "normalised score" in outs[0][0] and "normalised score" not in outs[1][0]
@@ -151,15 +156,7 @@ def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(
   from iwsft.io import checkpoint
   from iwsft.lm.model import LMConfig, Transformer
 
-  one = subprocess.run(
-    [sys.executable, *LM, f"--workdir={tmp_path / 'one'}"],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=env(8),
-    timeout=600,
-  )
-  assert one.returncode == 0, one.stderr[-3000:]
+  run_one_process(LM, tmp_path / "one")
   run_two_processes(LM, tmp_path / "two")
   template = nnx.state(
     Transformer(LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=512, max_len=48), rngs=nnx.Rngs(0))
@@ -186,30 +183,14 @@ def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
   an 8-way FSDP mesh by two processes, each placing its own devices' shards, LoRA-fine-tuned on
   records and exported in bfloat16 as a collective: what one process with 8 devices makes."""
   import jax
-  from flax import nnx
 
   from iwsft.lm import checkpoints
-  from iwsft.lm.model import LMConfig, Transformer
 
-  cfg = LMConfig(
-    vocab_size=smollm2_tokenizer.vocab_size,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=64,
-    max_len=64,
-    positions="rope",
-    mlp="swiglu",
-  )
   model_dir, data = tmp_path / "model", tmp_path / "mine.jsonl"
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  checkpoints.save_hf(str(model_dir), cfg, nnx.state(model), smollm2_tokenizer)
-  pairs = [(12, 30), (45, 21), (8, 70), (33, 33), (5, 94), (61, 7), (20, 20), (9, 9)]
-  data.write_text(
-    "".join(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}."}) + "\n"
-            for a, b in pairs)
-  )  # fmt: skip
+  _, base = save_tiny_pretrained(model_dir, smollm2_tokenizer, d_ff=64)
+  write_sum_records(
+    data, [(12, 30), (45, 21), (8, 70), (33, 33), (5, 94), (61, 7), (20, 20), (9, 9)]
+  )
   args = [
     os.path.join(ROOT, "experiments", "lm.py"),
     "--config=iwsft/lm/config.py:smollm2",
@@ -226,15 +207,7 @@ def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
     "--config.steps_per_dispatch=2",
     "--config.export_dtype=bfloat16",
   ]
-  one = subprocess.run(
-    [sys.executable, *args, f"--workdir={tmp_path / 'one'}"],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=env(8),
-    timeout=600,
-  )
-  assert one.returncode == 0, one.stderr[-3000:]
+  run_one_process(args, tmp_path / "one")
   run_two_processes(args, tmp_path / "two")
   exported = [
     checkpoints.load_hf(str(tmp_path / w / "seed_0" / "iw_sft" / "hf"), 64)[2]
@@ -242,7 +215,7 @@ def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
   ]
   for x, y in zip(*(jax.tree.leaves(e) for e in exported), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-2, atol=1e-3)
-  base = jax.tree.leaves(nnx.state(model))
+  base = jax.tree.leaves(base)
   moved = [
     not np.allclose(np.asarray(x), np.asarray(b), atol=1e-2)
     for x, b in zip(jax.tree.leaves(exported[1]), base)

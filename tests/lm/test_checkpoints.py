@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import save_tiny_pretrained, write_sum_records
 from flax import nnx
 
 from iwsft.errors import UserError
@@ -172,28 +173,9 @@ def test_a_pretrained_model_fine_tunes_on_user_records_and_evaluates(tmp_path, s
   from iwsft.lm.config import get_config
   from iwsft.lm.pipeline import run_lm
 
-  cfg_m = LMConfig(
-    vocab_size=smollm2_tokenizer.vocab_size,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=48,
-    max_len=64,
-    positions="rope",
-    mlp="swiglu",
-  )
-  model_dir = tmp_path / "model"
-  checkpoints.save_hf(
-    str(model_dir), cfg_m, nnx.state(Transformer(cfg_m, rngs=nnx.Rngs(0))), smollm2_tokenizer
-  )
-  data = tmp_path / "data.jsonl"
-  data.write_text(
-    "".join(
-      json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a + b}.", "score": 1.0}) + "\n"
-      for a, b in [(12, 30), (45, 21), (8, 70)]
-    )
-  )
+  model_dir, data = tmp_path / "model", tmp_path / "data.jsonl"
+  save_tiny_pretrained(model_dir, smollm2_tokenizer)
+  write_sum_records(data, [(12, 30), (45, 21), (8, 70)], score=1.0)
   cfg = get_config("smollm2")
   cfg.model.update(path=str(model_dir), train_layers=1)
   cfg.update(data=str(data), stages=("finetune", "evaluate"), steps_per_dispatch=2)

@@ -5,11 +5,9 @@ long-sequence settings' chunked paths exercised)."""
 import json
 
 import numpy as np
-from flax import nnx
+from conftest import save_tiny_pretrained
 
-from iwsft.lm import checkpoints
 from iwsft.lm.config import get_config
-from iwsft.lm.model import LMConfig, Transformer
 
 
 def test_the_preset_is_the_authors_recipe():
@@ -39,21 +37,8 @@ def test_the_preset_is_the_authors_recipe():
 def test_the_preset_fine_tunes_a_pretrained_model_on_traces(tmp_path, smollm2_tokenizer):
   from iwsft.lm.pipeline import run_lm
 
-  cfg_m = LMConfig(
-    vocab_size=smollm2_tokenizer.vocab_size,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=48,
-    max_len=96,
-    positions="rope",
-    mlp="swiglu",
-    qkv_bias=True,
-  )
   model_dir = tmp_path / "qwen2-like"
-  model = Transformer(cfg_m, rngs=nnx.Rngs(0))
-  checkpoints.save_hf(str(model_dir), cfg_m, nnx.state(model), smollm2_tokenizer)
+  save_tiny_pretrained(model_dir, smollm2_tokenizer, max_len=96, qkv_bias=True)
   data = tmp_path / "traces.jsonl"
   traces = [(f"Compute {a} * {b}.", f"Think: {a} * {b} = {a * b}. Answer: {a * b}") for a, b in
             [(12, 3), (7, 8), (21, 4), (5, 5)]]  # fmt: skip
