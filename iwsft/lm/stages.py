@@ -121,24 +121,35 @@ def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
   return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
-def _start(ctx: Context, name: str, params, ref_params, data, stage: StageConfig, objective):
-  """(state, logprob_fn, optimiser, graphdef of a LoRA model or None) of a training stage. With
-  LoRA (fine-tuning from π_ref = params), the state trains adapters on the frozen base params,
-  and π_ref is the adapters' initial value (the base model itself)."""
+def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, objective):
+  """(state, update, LoRA graphdef or None) of a training stage from params on the pool `data`.
+  With LoRA (fine-tuning from π_ref = params), the state trains adapters on the frozen base
+  params, and π_ref is the adapters' initial value (the base model itself)."""
   s = ctx.settings
   track_bounds = ref_params is not None
   parts = state_parts(objective, track_bounds, "logp_ref" in data)
+  graphdef = None
   if s.model.lora_rank and name != "reference":
     m = s.model
     mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, m.lora_targets)
     graphdef, adapters = lora.adapters(mcfg, s.seed)
     optimizer = make_optimizer(stage)
     state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)
-    return state, make_logprob_fn(graphdef), optimizer, graphdef
-  layers = s.model.train_layers if name != "reference" else 0
-  optimizer = _optimizer(ctx, stage, layers)
-  logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
-  return init_state(params, optimizer, s.seed, ref_params, **parts), logprob_fn, optimizer, None
+    logprob_fn = make_logprob_fn(graphdef)
+  else:
+    layers = s.model.train_layers if name != "reference" else 0
+    optimizer = _optimizer(ctx, stage, layers)
+    logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
+    state = init_state(params, optimizer, s.seed, ref_params, **parts)
+  update = make_update(
+    logprob_fn,
+    optimizer,
+    objective,
+    track_bounds,
+    skip_nonfinite=s.skip_nonfinite,
+    micro_batches=s.micro_batches,
+  )
+  return state, update, graphdef
 
 
 def train(ctx: Context, name, params, ref_params, data, logits, stage, objective: ObjectiveConfig):
@@ -152,17 +163,7 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   if s.checkpoint_every:
     path = ctx.path("checkpoints", name)
     ckpt = checkpoint.TrainCheckpoints(path, s.checkpoint_every, s.keep_checkpoints)
-  state, logprob_fn, optimizer, lora_graph = _start(
-    ctx, name, params, ref_params, data, stage, objective
-  )
-  update = make_update(
-    logprob_fn,
-    optimizer,
-    objective,
-    ref_params is not None,
-    skip_nonfinite=s.skip_nonfinite,
-    micro_batches=s.micro_batches,
-  )
+  state, update, lora_graph = training(ctx, name, params, ref_params, data, stage, objective)
   rows = []
   hooks = Hooks(
     logs=[lambda row: (rows.append(row), ctx.log(row))],
@@ -282,7 +283,7 @@ def _with_ref_logprobs(ctx: Context, data: dict, ref) -> dict:
   return {**data, "logp_ref": np.concatenate(chunks).astype(np.float32)}
 
 
-def _pool(ctx: Context, source: str, ref) -> tuple[list, dict]:
+def pool(ctx: Context, source: str, ref) -> tuple[list, dict]:
   """The records of a fine-tuning source and their encoded pool; with precompute_ref, π_ref's
   log-probs too, where the data is at most one epoch of the stage (so that it costs less)."""
   s = ctx.settings
@@ -307,7 +308,7 @@ def finetune(ctx: Context) -> None:
     else:
       source = ctx.path("scored.jsonl" if method == "sft_q" else "curated.jsonl")
     if source not in pools:
-      pools[source] = _pool(ctx, source, ref)
+      pools[source] = pool(ctx, source, ref)
     records, data = pools[source]
     logits = np.zeros(len(records), np.float32)
     if method == "sft_q":
