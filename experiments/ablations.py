@@ -10,6 +10,13 @@ counterpart on the same quality-sampled episodes):
   temperature      1, 3, 10 (the recipe), 30
   q_decay          0 (q is the current policy, detached), 0.9 (the recipe), 0.99
   fine-tuning      the recipe's steps, and --long times as many (iw-SFT and filtered BC)
+--family=curation asks instead whether importance weighting does more than sharper curation
+would: the unweighted methods with their curation sharpened, each paired with its recipe, beside
+the weighted methods at the recipe and π_ref trained on as long (bc_continued):
+  filter           filtered BC on one --percentiles threshold (the recipe: 90/95/98 stratified)
+  quality β        SFT(Q) at --betas, and sampling ∝ the normalised return (quality_mode=linear)
+  batch            each method at a fine-tuning batch of --batch (weights self-normalised over
+                   more episodes), the weighted ones paired with their unweighted counterpart
 The variants are the columns of a control grid run by the sweep engine (iwsft/sweep.py: settings
 validated before anything is written, finished cells skipped, unfinished ones resumed, --part /
 --parts to split it over processes). All runs share one π_ref per seed (trained once) and train
@@ -43,6 +50,10 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds, trained together")
 flags.DEFINE_list("temperatures", ["1", "3", "10", "30"], "iw-SFT temperatures")
 flags.DEFINE_list("q_decays", ["0", "0.9", "0.99"], "iw-SFT q decays")
 flags.DEFINE_integer("long", 5, "the long fine-tuning is this many times the recipe's steps")
+flags.DEFINE_enum("family", "weighting", ["weighting", "curation"], "which ablations")
+flags.DEFINE_list("percentiles", ["95", "97.5", "99"], "curation family: filter thresholds")
+flags.DEFINE_list("betas", ["0.05", "0.03", "0.02"], "curation family: SFT(Q) temperatures")
+flags.DEFINE_integer("batch", 32, "curation family: the larger fine-tuning batch")
 flags.DEFINE_enum(
   "method", "iw_sft", list(BASELINE), "the weighted method whose settings are ablated"
 )
@@ -58,10 +69,7 @@ def variants(cfg, temperatures, q_decays, long: int, method: str = "iw_sft") -> 
   base_t, base_q = float(cfg.objective.temperature), float(cfg.objective.q_decay)
   base, base_long = BASELINE[method], f"{BASELINE[method]} x{long}"
   longer = {"finetune.steps": long * steps}
-  if cfg.finetune.warmup_steps >= steps:  # a recipe whose warm-up is its whole length
-    warm = {"finetune.warmup_steps": steps // 10}
-  else:
-    warm = {}
+  warm = _warm(cfg)
   out = {
     "bc": Variant("bc", ablates="π_ref"),
     base: Variant(base, warm, ablates="baseline"),
@@ -77,6 +85,43 @@ def variants(cfg, temperatures, q_decays, long: int, method: str = "iw_sft") -> 
     if q != base_q:
       out[f"{method} q={q:g}"] = Variant(method, {**warm, "objective.q_decay": q}, base, "q_decay")
   out[f"{method} x{long}"] = Variant(method, longer, base_long, "fine-tuning length")
+  return out
+
+
+def _warm(cfg) -> dict:
+  """A warm-up the recipe's length leaves room for (its own, or a tenth of the steps)."""
+  steps = cfg.finetune.steps
+  return {"finetune.warmup_steps": steps // 10} if cfg.finetune.warmup_steps >= steps else {}
+
+
+def curation_variants(cfg, percentiles, betas, batch: int) -> dict:
+  """{name: Variant}: the curation family (module docstring), baselines first."""
+  warm, beta = _warm(cfg), float(cfg.curation.quality_beta)
+  sft_q = f"sft_q beta={beta:g}"
+  out = {
+    "bc": Variant("bc", ablates="π_ref"),
+    "bc_continued": Variant("bc_continued", warm, ablates="more training"),
+    "filtered_bc": Variant("filtered_bc", warm, ablates="baseline"),
+    sft_q: Variant("sft_q", warm, ablates="baseline"),
+    "iw_sft": Variant("iw_sft", warm, "filtered_bc", "weighting"),
+    f"iw_sft_q beta={beta:g}": Variant("iw_sft_q", warm, sft_q, "weighting"),
+  }
+  for p in percentiles:
+    out[f"filtered_bc p{p:g}"] = Variant(
+      "filtered_bc", {**warm, "curation.percentiles": (p,)}, "filtered_bc", "filter"
+    )
+  for b in betas:
+    if b != beta:
+      out[f"sft_q beta={b:g}"] = Variant(
+        "sft_q", {**warm, "curation.quality_beta": b}, sft_q, "quality β"
+      )
+  out["sft_q linear"] = Variant(
+    "sft_q", {**warm, "curation.quality_mode": "linear"}, sft_q, "quality β"
+  )
+  big = {**warm, "finetune.batch_size": batch}
+  for m in ("filtered_bc", "sft_q", "iw_sft", "iw_sft_q"):
+    base = f"{BASELINE[m]} b{batch}" if m in BASELINE else ""
+    out[f"{m} b{batch}"] = Variant(m, big, base, "batch")
   return out
 
 
@@ -99,10 +144,10 @@ class AblationGrid(ControlGrid):
       name="run",
       points=[r["per_seed"] for r in rows],
     )
-    method = next(v.method for v in self.variants.values() if v.ablates == "recipe")
+    bases = {v.baseline for v in self.variants.values() if v.baseline}
     text = (
       "\nThe ablations, each paired by seed with its baseline; weight diagnostics averaged over"
-      f" fine-tuning\n\n{table(rows, BASELINE[method])}\n"
+      f" fine-tuning\n\n{table(rows, bases.pop() if len(bases) == 1 else None)}\n"
     )
     return text, ["ablations.csv", "ablations.png"]
 
@@ -129,14 +174,18 @@ def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]
   return rows
 
 
-def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
+def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:
+  """The ablation table; baseline None: the rows have different baselines, named in the cells."""
+  vs = lambda r: "" if baseline else f" − {r['baseline']}"
   body = [
     [
       r["run"],
       r["ablates"],
       report.cell_text(r),
       " / ".join(f"{s:.1f}" for s in r["per_seed"]),
-      f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]" if "diff" in r else "–",
+      f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]{vs(r)}"
+      if "diff" in r
+      else "–",
       *report.diagnostics_text(r),
     ]
     for r in rows
@@ -146,7 +195,7 @@ def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
     "ablates",
     "score: mean ± std [95% CI]",
     "per seed",
-    f"− {baseline}, paired [95% CI]",
+    f"− {baseline or 'baseline'}, paired [95% CI]",
     *report.DIAGNOSTICS_HEADER,
   ]
   return report.format_table(head, body)
@@ -155,18 +204,19 @@ def table(rows: list[dict], baseline: str = "filtered_bc") -> str:
 def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
-  seeds = [int(s) for s in F.seeds]
-  todo = variants(
-    F.config, [float(t) for t in F.temperatures], [float(q) for q in F.q_decays], F.long, F.method
-  )
+  try:
+    seeds = [int(s) for s in F.seeds]
+    floats = lambda xs: [float(x) for x in xs]
+    if F.family == "curation":
+      todo = curation_variants(F.config, floats(F.percentiles), floats(F.betas), F.batch)
+      header = f"curation sharpness against importance weighting on {F.dataset}"
+    else:
+      todo = variants(F.config, floats(F.temperatures), floats(F.q_decays), F.long, F.method)
+      header = f"{F.method} ablations on {F.dataset}"
+  except ValueError as e:
+    cli.fail(f"seeds, percentiles, betas, temperatures and q decays must be numbers: {e}")
   grid = AblationGrid(F.config, todo, [F.dataset], seeds, seeds_per_group=0)
-  sweep.run_sweep(
-    grid,
-    F.workdir,
-    F.overwrite,
-    header=f"{F.method} ablations on {F.dataset}",
-    part=(F.part, F.parts),
-  )
+  sweep.run_sweep(grid, F.workdir, F.overwrite, header=header, part=(F.part, F.parts))
 
 
 if __name__ == "__main__":

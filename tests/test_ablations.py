@@ -127,3 +127,45 @@ def _cells(work, run_dir: str) -> list[str]:
     work, MIXED.replace("/", "__"), run_dir, "group_*", "seed_*", "result.json"
   )
   return sorted(glob.glob(pattern))
+
+
+def test_the_curation_family_sharpens_each_unweighted_method_against_its_recipe(datasets, tmp_path):
+  work = tmp_path / "abl_c"
+  run_ablations(work, "--family=curation", "--percentiles=90", "--betas=0.05", "--batch=16")
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  assert list(rows) == [
+    "bc",
+    "bc_continued",
+    "filtered_bc",
+    "sft_q beta=0.1",
+    "iw_sft",
+    "iw_sft_q beta=0.1",
+    "filtered_bc p90",
+    "sft_q beta=0.05",
+    "sft_q linear",
+    "filtered_bc b16",
+    "sft_q b16",
+    "iw_sft b16",
+    "iw_sft_q b16",
+  ]
+  baselines = {
+    "filtered_bc p90": "filtered_bc",
+    "sft_q beta=0.05": "sft_q beta=0.1",
+    "sft_q linear": "sft_q beta=0.1",
+    "iw_sft b16": "filtered_bc b16",
+    "iw_sft_q b16": "sft_q b16",
+    "iw_sft_q beta=0.1": "sft_q beta=0.1",
+  }
+  assert {r: rows[r]["baseline"] for r in baselines} == baselines
+  config = lambda d: json.loads(open(_cells(work, d)[0]).read())["config"]
+  assert config("filtered_bc_p90")["curation"]["percentiles"] == [90.0]
+  assert config("sft_q_linear")["curation"]["quality_mode"] == "linear"
+  assert config("sft_q_beta=0.05")["curation"]["quality_beta"] == 0.05
+  assert config("iw_sft_q_b16")["finetune"]["batch_size"] == 16
+  scores = lambda d: np.array(
+    [json.loads(open(p).read())["normalised_score"] for p in _cells(work, d)]
+  )
+  for run, base in (("sft_q linear", "sft_q_beta=0.1"), ("iw_sft b16", "filtered_bc_b16")):
+    diff = scores(run.replace(" ", "_")) - scores(base)
+    np.testing.assert_allclose(float(rows[run]["diff"]), diff.mean(), atol=1e-9)
+  assert "− baseline, paired" in (work / "table.md").read_text()

@@ -84,7 +84,9 @@ def _curation_section() -> ml_collections.ConfigDict:
   c.percentiles = (90.0, 95.0, 98.0)  # stratified oversampling; () uses top_fraction
   c.top_fraction = 0.1  # filtered BC keeps this top fraction by return
   c.quality_beta = 0.1  # SFT(Q): episodes ∝ exp(normalised return / beta)
-  c.quality_mode = "sample"  # SFT(Q): "sample" episodes by quality, or "weight" losses
+  # SFT(Q): "sample" episodes ∝ exp(normalised return / beta), "weight" their losses by it, or
+  # "linear": sample ∝ the normalised return (beta unused)
+  c.quality_mode = "sample"
   return c
 
 

@@ -32,7 +32,7 @@ class CurationSettings:
   percentiles: tuple[float, ...]  # stratified oversampling; () uses top_fraction
   top_fraction: float
   quality_beta: float
-  quality_mode: str  # SFT(Q): "sample" or "weight"
+  quality_mode: str  # SFT(Q): curation.QUALITY_MODES
 
 
 @dataclasses.dataclass(frozen=True)

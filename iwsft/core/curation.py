@@ -24,6 +24,11 @@ def check_top_fraction(top_fraction: float) -> None:
     raise UserError(f"top_fraction must be in (0, 1], got {top_fraction}")
 
 
+# SFT(Q)'s use of the quality score: "sample" sequences ∝ exp(normalised score / β), "weight"
+# their losses by it, or "linear": sample ∝ the normalised score itself (the bound's reward R ≥ 0)
+QUALITY_MODES = ("sample", "weight", "linear")
+
+
 def check_percentiles(percentiles) -> None:
   for p in percentiles:
     if not 0.0 <= p < 100.0:
@@ -33,8 +38,8 @@ def check_percentiles(percentiles) -> None:
 def check_quality(beta: float, mode: str = "sample") -> None:
   if not beta > 0:
     raise UserError(f"quality temperature beta must be > 0, got {beta}")
-  if mode not in ("sample", "weight"):
-    raise UserError(f"quality_mode must be 'sample' or 'weight', got {mode!r}")
+  if mode not in QUALITY_MODES:
+    raise UserError(f"quality_mode must be one of {', '.join(QUALITY_MODES)}, got {mode!r}")
 
 
 def top_fraction_mask(scores: np.ndarray, top_fraction: float) -> np.ndarray:
@@ -118,5 +123,8 @@ def sampling_logits(
       return quality_logits(scores, quality_beta).astype(np.float32)
     if quality_mode == "weight":
       return np.zeros(len(scores), np.float32)
-    raise UserError(f"quality_mode must be 'sample' or 'weight', got {quality_mode!r}")
+    if quality_mode == "linear":
+      with np.errstate(divide="ignore"):
+        return np.log(normalise_scores(scores)).astype(np.float32)
+    check_quality(quality_beta, quality_mode)
   raise UserError(f"unknown method {method!r}")

@@ -70,3 +70,12 @@ def test_with_overrides_sets_dotted_keys_on_a_copy():
   for bad in ("finetune.stepz", "nowhere.steps", "method.x"):
     with pytest.raises(UserError, match=bad):
       with_overrides(cfg, {bad: 1})
+
+
+def test_linear_quality_mode_samples_in_proportion_to_the_normalised_score():
+  scores = np.array([5.0, 7.0, 10.0, 15.0])
+  lg = curation.sampling_logits(scores, "sft_q", quality_mode="linear")
+  p = np.exp(lg - lg.max())
+  np.testing.assert_allclose(p / p.sum(), np.array([0.0, 2.0, 5.0, 10.0]) / 17.0, atol=1e-7)
+  with pytest.raises(UserError, match="quality_mode"):
+    curation.sampling_logits(scores, "sft_q", quality_mode="square")
