@@ -44,6 +44,7 @@ def make_update(
   track_bounds: bool = False,
   skip_nonfinite: bool = False,
   micro_batches: int = 1,
+  ref_logprob_fn: LogProbFn | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
 
@@ -59,10 +60,12 @@ def make_update(
     self-normalisation and the loss's denominators are the whole batch's, objectives.
     loss_coefficients), with the activations of one micro-batch at a time. Every leaf of the
     batch needs the leading batch axis (padded batches, not packed ones).
+  ref_logprob_fn: π_ref's log-probs from its params when the batch has no "logp_ref" (default
+    logprob_fn), e.g. an LM's distribution at its sampling temperature.
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-  gradients = _Gradients(logprob_fn, objective, track_bounds, micro_batches)
+  gradients = _Gradients(logprob_fn, objective, track_bounds, micro_batches, ref_logprob_fn)
 
   def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     grads, metrics = gradients(state.params, state, batch)
@@ -85,8 +88,9 @@ class _Gradients:
   """`(params, state, batch) -> (grads, metrics)` of iw_sft_loss for make_update: at once, or
   accumulated over micro-batches."""
 
-  def __init__(self, logprob_fn: LogProbFn, objective, track_bounds: bool, micro_batches: int):
+  def __init__(self, logprob_fn, objective, track_bounds: bool, micro_batches: int, ref_fn=None):
     self.logprob_fn, self.objective, self.micro_batches = logprob_fn, objective, micro_batches
+    self.ref_fn = ref_fn or logprob_fn
     self.need_aux = objective.uses_weights or track_bounds
 
   def logprob(self, state: TrainState, params, batch: Batch):
@@ -98,7 +102,7 @@ class _Gradients:
       return batch["logp_ref"]
     if state.ref_params is None:
       raise ValueError("the state holds no π_ref (keep_ref=False): pass batch['logp_ref']")
-    return jax.lax.stop_gradient(self.logprob(state, state.ref_params, batch))
+    return jax.lax.stop_gradient(self.ref_fn(whole(state.ref_params, state.frozen), batch))
 
   def q_logprobs(self, state: TrainState, batch: Batch, logp):
     """q's log-probs: θ's own, detached, when q_decay is 0 (logp: θ's)."""

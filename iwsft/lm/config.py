@@ -65,6 +65,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # π_ref's log-probs of the fine-tuning data once, not in every batch (where the data is at most
   # one epoch of the stage, so that it costs less)
   c.precompute_ref = False
+  # π_ref's log-probs are the model's at this temperature. 1: the model as it is (the authors'
+  # choice: π_ref = the starting model); task.sample_temperature (with top_k 0): exactly the
+  # distribution the curated samples were drawn from
+  c.ref_temperature = 1.0
   # write each method's fine-tuned pretrained model as a Hugging Face directory, <method>/hf/
   # (float32 safetensors, config.json and the tokenizer); the byte-level model has no HF form
   c.export_hf = True

@@ -275,28 +275,31 @@ class Transformer(nnx.Module):
     return self._logits(x)[:, 0], {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
-def token_logprobs(model: Transformer, tokens):
-  """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0.
+def token_logprobs(model: Transformer, tokens, temperature: float = 1.0):
+  """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]) (the model's distribution at
+  `temperature`: softmax(logits / temperature)); entry 0 is 0.
 
   With model.cfg.logits_chunk = c > 0 the logits are made c positions at a time and recomputed
   in the backward pass, so at most [B, c, V] of them exist at once."""
   c = model.cfg.logits_chunk
   targets = tokens[:, 1:]
+  scale = (lambda x: x) if temperature == 1.0 else (lambda x: x / temperature)
   if not c or c >= targets.shape[1]:
-    picked = objectives.token_logprobs(model(tokens[:, :-1]), targets)
+    picked = objectives.token_logprobs(scale(model(tokens[:, :-1])), targets)
     return jnp.pad(picked, ((0, 0), (1, 0)))
   x, _, _ = model.hidden(tokens[:, :-1])
   b, t, d = x.shape
   n = -(-t // c)
   xs = jnp.pad(x, [(0, 0), (0, n * c - t), (0, 0)]).reshape(b, n, c, d).swapaxes(0, 1)
   ys = jnp.pad(targets, [(0, 0), (0, n * c - t)]).reshape(b, n, c).swapaxes(0, 1)
-  chunk = jax.checkpoint(lambda xy: objectives.token_logprobs(model._logits(xy[0]), xy[1]))
+  chunk = jax.checkpoint(lambda xy: objectives.token_logprobs(scale(model._logits(xy[0])), xy[1]))
   picked = jax.lax.map(chunk, (xs, ys)).swapaxes(0, 1).reshape(b, n * c)[:, :t]
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0):
-  """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"]).
+def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0, temperature: float = 1.0):
+  """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"]):
+  token_logprobs at `temperature`.
 
   0 < train_layers < n_layers: only the top train_layers of the n_layers blocks and the final norm
   get gradients; the embedding (tied to the output) and the lower blocks are held constant, so the
@@ -307,13 +310,13 @@ def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0):
   def logprob_fn(params, batch):
     if isinstance(params, dict) and set(params) == {"trained", "frozen"}:
       model = nnx.merge(graphdef, params["trained"], params["frozen"])
-      return token_logprobs(model, batch["tokens"])
+      return token_logprobs(model, batch["tokens"], temperature)
     if 0 < train_layers < n_layers:
       params = jax.tree_util.tree_map_with_path(
         lambda path, x: x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x),
         params,
       )
-    return token_logprobs(nnx.merge(graphdef, params), batch["tokens"])
+    return token_logprobs(nnx.merge(graphdef, params), batch["tokens"], temperature)
 
   return logprob_fn
 

@@ -52,6 +52,7 @@ class Settings:
   top_k: int
   steps_per_dispatch: int
   precompute_ref: bool
+  ref_temperature: float  # π_ref's log-probs are the model's at this temperature
   export_hf: bool
   export_dtype: str
   checkpoint_every: int
@@ -105,6 +106,8 @@ def check_settings(cfg) -> Settings:
     raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
   if cfg.steps_per_dispatch < 1:
     raise UserError(f"steps_per_dispatch must be >= 1, got {cfg.steps_per_dispatch}")
+  if not cfg.ref_temperature > 0:
+    raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
   if task.pretrains == bool(cfg.model.path):
     raise UserError(
       "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
@@ -139,6 +142,7 @@ def check_settings(cfg) -> Settings:
     top_k=cfg.top_k,
     steps_per_dispatch=cfg.steps_per_dispatch,
     precompute_ref=bool(cfg.precompute_ref),
+    ref_temperature=float(cfg.ref_temperature),
     export_hf=bool(cfg.export_hf),
     export_dtype=cfg.export_dtype,
     checkpoint_every=cfg.checkpoint_every,

@@ -141,6 +141,9 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     optimizer = _optimizer(ctx, stage, layers)
     logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
     state = init_state(params, optimizer, s.seed, ref_params, **parts)
+  ref_fn = None
+  if s.ref_temperature != 1.0:
+    ref_fn = make_logprob_fn(graphdef or ctx.model.graphdef, temperature=s.ref_temperature)
   update = make_update(
     logprob_fn,
     optimizer,
@@ -148,6 +151,7 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     track_bounds,
     skip_nonfinite=s.skip_nonfinite,
     micro_batches=s.micro_batches,
+    ref_logprob_fn=ref_fn,
   )
   return state, update, graphdef
 
@@ -275,7 +279,7 @@ def curate(ctx: Context) -> None:
 
 def _with_ref_logprobs(ctx: Context, data: dict, ref) -> dict:
   """The pool with π_ref's log-probs ("logp_ref" [N, T]), computed once (π_ref is frozen)."""
-  logprob = jax.jit(make_logprob_fn(ctx.model.graphdef))
+  logprob = jax.jit(make_logprob_fn(ctx.model.graphdef, temperature=ctx.settings.ref_temperature))
   chunks = [
     np.asarray(logprob(ref, {"tokens": data["tokens"][i : i + 32]}))
     for i in range(0, len(data["tokens"]), 32)

@@ -132,8 +132,12 @@ def trace(ctx: Context, method: str, probe: Probe, every: int, seed: int) -> lis
   pieces of `every` updates) and returns point() at step 0 and after each piece. J is sampled
   with one key at every point (common random numbers across steps and methods)."""
   s = ctx.settings
-  if not s.task.pretrains or s.model.lora_rank:
-    raise UserError("the bound check needs the byte-level model (π_ref known exactly), no LoRA")
+  exact = s.task_cfg.sample_temperature == 1.0 and s.top_k == 0 and s.ref_temperature == 1.0
+  if not s.task.pretrains or s.model.lora_rank or not exact:
+    raise UserError(
+      "the bound check needs π_ref known exactly: the byte-level model without LoRA, sampled at"
+      " task.sample_temperature 1 with top_k 0 and ref_temperature 1"
+    )
   ref = ctx.load("reference")
   records, data = pool(ctx, ctx.path("curated.jsonl"), ref)
   logits = np.zeros(len(records), np.float32)

@@ -1,6 +1,7 @@
 """The bound check (lm/tightness.py): its per-sample terms against closed forms on an enumerable
 toy distribution, its log-likelihoods against numpy, and its experiment end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -103,3 +104,66 @@ def test_the_bound_experiment_runs_and_at_pi_ref_both_bounds_are_its_success_rat
     )
   assert (work / "bounds.png").stat().st_size > 0
   assert "iw_minus_sft" in (work / "table.md").read_text()
+
+
+def _tiny_lm():
+  from iwsft.lm.model import LMConfig, Transformer
+
+  cfg = LMConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=12)
+  return Transformer(cfg, rngs=nnx.Rngs(1))
+
+
+def _numpy_logprobs(model, tokens, temperature):
+  logits = np.asarray(model(jax.numpy.asarray(tokens)), np.float64)[:, :-1] / temperature
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  picked = np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0] - logz
+  return np.pad(picked, ((0, 0), (1, 0)))
+
+
+def test_pi_ref_at_a_temperature_is_log_softmax_of_the_scaled_logits_in_the_update():
+  import optax
+
+  from iwsft.core.objectives import ObjectiveConfig
+  from iwsft.core.state import init_state
+  from iwsft.core.step import make_update
+  from iwsft.lm.model import make_logprob_fn
+
+  model = _tiny_lm()
+  graphdef, params = nnx.split(model)
+  tokens = np.random.default_rng(0).integers(3, 200, (4, 12)).astype(np.int32)
+  for chunk in (0, 4):  # the whole logits, and the chunked path
+    g = graphdef if not chunk else nnx.split(_chunked(model, chunk))[0]
+    got = np.asarray(make_logprob_fn(g, temperature=0.7)(params, {"tokens": tokens}))
+    np.testing.assert_allclose(got, _numpy_logprobs(model, tokens, 0.7), atol=2e-5)
+  mask = np.zeros((4, 12), np.float32)
+  mask[:, 5:] = 1.0
+  batch = {"tokens": tokens, "mask": mask, "weight": np.ones(4, np.float32)}
+  objective = ObjectiveConfig("sequence", temperature=1.0, w_max=16.0, self_normalise=False)
+  state = init_state(params, optax.adam(1e-2), 0, keep_q=False)
+  tempered = make_update(
+    make_logprob_fn(graphdef),
+    optax.adam(1e-2),
+    dataclasses.replace(objective, q_decay=0.0),
+    ref_logprob_fn=make_logprob_fn(graphdef, temperature=0.7),
+  )
+  given = make_update(
+    make_logprob_fn(graphdef), optax.adam(1e-2), dataclasses.replace(objective, q_decay=0.0)
+  )
+  ref = _numpy_logprobs(model, tokens, 0.7).astype(np.float32)
+  a, ma = jax.jit(tempered)(state, batch)
+  b, mb = jax.jit(given)(state, {**batch, "logp_ref": ref})
+  np.testing.assert_allclose(ma["iw/mean_log_ratio"], mb["iw/mean_log_ratio"], rtol=1e-5)
+  assert abs(float(ma["iw/mean_log_ratio"])) > 0.1  # at temperature 1 it would be 0 (q = θ = π_ref)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def _chunked(model, chunk):
+  import dataclasses as dc
+
+  from iwsft.lm.model import Transformer
+
+  cfg = dc.replace(model.cfg, logits_chunk=chunk)
+  return nnx.merge(
+    nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0], nnx.state(model)
+  )
