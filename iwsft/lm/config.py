@@ -36,6 +36,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
   c.micro_batches = 1  # gradients accumulated over this many parts of each batch (same update)
+  # each (micro-)batch's sequences packed end to end into this many rows of the context, when
+  # they fit (the same log-probs, loss and gradients at less cost); 0: every sequence padded
+  c.packed_rows = 0
   # How the model computes (the same function, less memory for long sequences; lm/model.py):
   # attention "full", "chunked" (queries attention_chunk at a time) or "dot_product"
   # (jax.nn.dot_product_attention: cuDNN on GPUs); remat "none", "full" or "dots" (recompute

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from iwsft.core import objectives
+from iwsft.lm import packing
 from iwsft.lm.tokenizer import VOCAB_SIZE
 
 
@@ -108,14 +109,24 @@ def _attend(q, k, v, mask):
   return jnp.einsum("bkgqt,bktd->bkgqd", probs, v).reshape(b, h, tq, d)
 
 
-def _attend_causal(q, k, v, cfg: LMConfig):
+def _attend_causal(q, k, v, cfg: LMConfig, segments=None):
   """Causal self-attention over a whole sequence, as cfg.attention says: q [B,H,T,D], k/v
-  [B,K,T,D] -> [B,H,T,D]; every implementation equals _attend with a causal mask."""
+  [B,K,T,D] -> [B,H,T,D]; every implementation equals _attend with a causal mask. segments
+  [B, T] (packed rows): a token attends only to earlier tokens of its own segment."""
   t = q.shape[2]
+
+  def causal(rows):  # [B or 1, 1, len(rows), T]
+    m = (rows[:, None] >= jnp.arange(t)[None])[None, None]
+    if segments is None:
+      return m
+    return m & (segments[:, rows][:, None, :, None] == segments[:, None, None, :])
+
   if cfg.attention == "dot_product":
     swap = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, heads, D], its layout
-    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
-  causal = lambda rows: (rows[:, None] >= jnp.arange(t)[None])[None, None]
+    if segments is None:
+      return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
+    mask = causal(jnp.arange(t))
+    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask))
   if cfg.attention == "full" or t <= cfg.attention_chunk:
     return _attend(q, k, v, causal(jnp.arange(t)))
   c = cfg.attention_chunk
@@ -126,17 +137,20 @@ def _attend_causal(q, k, v, cfg: LMConfig):
   @jax.checkpoint  # the chunk's scores are recomputed in the backward pass, never all kept
   def chunk(args):
     i, qc = args
-    return _attend(qc, k, v, causal(i * c + jnp.arange(c)))
+    return _attend(qc, k, v, causal(jnp.minimum(i * c + jnp.arange(c), t - 1)))
 
   out = jax.lax.map(chunk, (jnp.arange(n), qs))  # [n, B, H, c, D]
   return out.transpose(1, 2, 0, 3, 4).reshape(*q.shape[:2], n * c, q.shape[-1])[:, :, :t]
 
 
 def rope(x, positions, theta: float):
-  """Rotary embedding, rotate-half convention: x [B, H, T, D], positions [T] -> [B, H, T, D]."""
+  """Rotary embedding, rotate-half convention: x [B, H, T, D], positions [T] or [B, T] ->
+  [B, H, T, D]."""
   d = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # [T, D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [T or B x T, D/2]
+  if positions.ndim == 2:
+    angles = angles[:, None]  # [B, 1, T, D/2]
   cos = jnp.cos(jnp.concatenate([angles, angles], -1))
   sin = jnp.sin(jnp.concatenate([angles, angles], -1))
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -169,7 +183,7 @@ class Block(nnx.Module):
     return y if lora is None else y + (self.cfg.lora_alpha / self.cfg.lora_rank) * lora(x)
 
   def _heads(self, x, positions):
-    """x [B,T,d], positions [T] -> q [B,H,T,Dh], k and v [B,K,T,Dh]."""
+    """x [B,T,d], positions [T] or [B,T] -> q [B,H,T,Dh], k and v [B,K,T,Dh]."""
     b, t, _ = x.shape
     c, dh = self.cfg, self.cfg.head_dim
     q, k, v = jnp.split(
@@ -189,10 +203,11 @@ class Block(nnx.Module):
       return x + self._dense("down", jax.nn.silu(gate) * up)
     return x + self._dense("down", jax.nn.gelu(h))
 
-  def __call__(self, x, positions):
-    """Full causal pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache."""
+  def __call__(self, x, positions, segments=None):
+    """Full causal pass: x [B,T,d] -> (x, (k, v)) with k, v [B,K,T,Dh] for a cache; segments
+    [B,T] or None (_attend_causal)."""
     q, k, v = self._heads(x, positions)
-    return self._finish(x, _attend_causal(q, k, v, self.cfg)), (k, v)
+    return self._finish(x, _attend_causal(q, k, v, self.cfg, segments)), (k, v)
 
   def decode(self, x, k_cache, v_cache, pos):
     """One token: x [B,1,d], caches [B,K,L,Dh], pos scalar -> (x, k_cache, v_cache)."""
@@ -222,39 +237,42 @@ class Transformer(nnx.Module):
     x = self.norm(x)
     return self.embed.attend(x) if self.cfg.tie_embeddings else self.unembed(x)
 
-  def _embed(self, tokens, start):
-    """tokens [B, T] at positions start.. -> [B, T, d]."""
+  def _embed(self, tokens, start, positions=None):
+    """tokens [B, T] at positions start.. (or at positions [B, T]) -> [B, T, d]."""
     x = self.embed(tokens)
     if self.cfg.positions == "learned":
-      x = x + jax.lax.dynamic_slice_in_dim(self.pos[...], start, tokens.shape[1])[None].astype(
-        x.dtype
-      )
+      if positions is None:
+        pos = jax.lax.dynamic_slice_in_dim(self.pos[...], start, tokens.shape[1])[None]
+      else:
+        pos = self.pos[...][positions]
+      x = x + pos.astype(x.dtype)
     return x
 
   def __call__(self, tokens):
     logits, _ = self.prefill(tokens)
     return logits
 
-  def hidden(self, tokens):
+  def hidden(self, tokens, segments=None):
     """tokens [B, T] -> the last block's output [B, T, d] (before the final norm), and every
-    block's keys and values ([B, K, T, Dh] each)."""
-    x = self._embed(tokens, 0)
-    positions = jnp.arange(tokens.shape[1])
+    block's keys and values ([B, K, T, Dh] each). segments [B, T] (packed rows, each token its
+    sequence's id): positions restart at each segment, and no token attends across segments."""
+    positions = jnp.arange(tokens.shape[1]) if segments is None else segment_positions(segments)
+    x = self._embed(tokens, 0, None if segments is None else positions)
     ks, vs = [], []
     for block in self.blocks:
-      x, (k, v) = self._run(block, x, positions)
+      x, (k, v) = self._run(block, x, positions, segments)
       ks.append(k)
       vs.append(v)
     return x, ks, vs
 
-  def _run(self, block: Block, x, positions):
+  def _run(self, block: Block, x, positions, segments=None):
     """One block's full pass; with remat, as a pure function of the block's state under
     jax.checkpoint (nnx.remat cannot hold a block whose state was merged from several parts, as
     LoRA's trained adapters and frozen base)."""
     if self.cfg.remat == "none":
-      return block(x, positions)
+      return block(x, positions, segments)
     graphdef, state = nnx.split(block)
-    pure = lambda state, x: nnx.merge(graphdef, state)(x, positions)
+    pure = lambda state, x: nnx.merge(graphdef, state)(x, positions, segments)
     return jax.checkpoint(pure, policy=REMAT[self.cfg.remat])(state, x)
 
   def prefill(self, tokens):
@@ -275,7 +293,16 @@ class Transformer(nnx.Module):
     return self._logits(x)[:, 0], {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
-def token_logprobs(model: Transformer, tokens, temperature: float = 1.0):
+def segment_positions(segments):
+  """segments [B, T] -> [B, T]: each token's index within its run of equal segment ids."""
+  t = jnp.arange(segments.shape[1])
+  new = jnp.concatenate(
+    [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+  )
+  return t - jax.lax.cummax(jnp.where(new, t, 0), axis=1)
+
+
+def token_logprobs(model: Transformer, tokens, temperature: float = 1.0, segments=None):
   """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]) (the model's distribution at
   `temperature`: softmax(logits / temperature)); entry 0 is 0.
 
@@ -284,10 +311,10 @@ def token_logprobs(model: Transformer, tokens, temperature: float = 1.0):
   c = model.cfg.logits_chunk
   targets = tokens[:, 1:]
   scale = (lambda x: x) if temperature == 1.0 else (lambda x: x / temperature)
+  x, _, _ = model.hidden(tokens[:, :-1], None if segments is None else segments[:, :-1])
   if not c or c >= targets.shape[1]:
-    picked = objectives.token_logprobs(scale(model(tokens[:, :-1])), targets)
+    picked = objectives.token_logprobs(scale(model._logits(x)), targets)
     return jnp.pad(picked, ((0, 0), (1, 0)))
-  x, _, _ = model.hidden(tokens[:, :-1])
   b, t, d = x.shape
   n = -(-t // c)
   xs = jnp.pad(x, [(0, 0), (0, n * c - t), (0, 0)]).reshape(b, n, c, d).swapaxes(0, 1)
@@ -297,9 +324,13 @@ def token_logprobs(model: Transformer, tokens, temperature: float = 1.0):
   return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0, temperature: float = 1.0):
+def make_logprob_fn(
+  graphdef, n_layers: int = 0, train_layers: int = 0, temperature: float = 1.0, packed_rows: int = 0
+):
   """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"]):
-  token_logprobs at `temperature`.
+  token_logprobs at `temperature`. packed_rows > 0: the batch's sequences computed packed into
+  that many rows when they fit (lm/packing.py; batch["mask"] gives their lengths), the same
+  values at less cost.
 
   0 < train_layers < n_layers: only the top train_layers of the n_layers blocks and the final norm
   get gradients; the embedding (tied to the output) and the lower blocks are held constant, so the
@@ -310,13 +341,19 @@ def make_logprob_fn(graphdef, n_layers: int = 0, train_layers: int = 0, temperat
   def logprob_fn(params, batch):
     if isinstance(params, dict) and set(params) == {"trained", "frozen"}:
       model = nnx.merge(graphdef, params["trained"], params["frozen"])
-      return token_logprobs(model, batch["tokens"], temperature)
-    if 0 < train_layers < n_layers:
-      params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x),
-        params,
-      )
-    return token_logprobs(nnx.merge(graphdef, params), batch["tokens"], temperature)
+    else:
+      if 0 < train_layers < n_layers:
+        params = jax.tree_util.tree_map_with_path(
+          lambda path, x: (
+            x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x)
+          ),
+          params,
+        )
+      model = nnx.merge(graphdef, params)
+    rows = lambda tokens, segments: token_logprobs(model, tokens, temperature, segments)
+    if not packed_rows:
+      return rows(batch["tokens"], None)
+    return packing.packed_logprobs(rows, batch["tokens"], batch["mask"], packed_rows)
 
   return logprob_fn
 

@@ -39,6 +39,7 @@ class Settings:
   num_devices: int
   fsdp: int
   micro_batches: int
+  packed_rows: int  # rows a (micro-)batch is packed into; 0: padded
   compute: dict  # LMConfig's compute fields (attention, attention_chunk, remat, logits_chunk)
   model: ml_collections.ConfigDict  # read-only copy of the model section
   task_cfg: ml_collections.ConfigDict  # read-only copy of the task section
@@ -106,6 +107,12 @@ def check_settings(cfg) -> Settings:
     raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
   if cfg.steps_per_dispatch < 1:
     raise UserError(f"steps_per_dispatch must be >= 1, got {cfg.steps_per_dispatch}")
+  finetune_rows = cfg.finetune.batch_size // max(cfg.micro_batches, 1)
+  if not 0 <= cfg.packed_rows <= finetune_rows:
+    raise UserError(
+      f"packed_rows must be in [0, {finetune_rows}] (the fine-tuning batch per micro-batch),"
+      f" got {cfg.packed_rows}"
+    )
   if not cfg.ref_temperature > 0:
     raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
   if task.pretrains == bool(cfg.model.path):
@@ -129,6 +136,7 @@ def check_settings(cfg) -> Settings:
     num_devices=cfg.num_devices,
     fsdp=cfg.fsdp,
     micro_batches=cfg.micro_batches,
+    packed_rows=cfg.packed_rows,
     compute=_compute(cfg.compute),
     model=frozen(cfg.model),
     task_cfg=frozen(cfg.task),

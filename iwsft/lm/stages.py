@@ -135,15 +135,18 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     graphdef, adapters = lora.adapters(mcfg, s.seed)
     optimizer = make_optimizer(stage)
     state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)
-    logprob_fn = make_logprob_fn(graphdef)
+    logprob_fn = make_logprob_fn(graphdef, packed_rows=s.packed_rows)
   else:
     layers = s.model.train_layers if name != "reference" else 0
     optimizer = _optimizer(ctx, stage, layers)
-    logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
+    rows = s.packed_rows if name != "reference" else 0
+    logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers, 1.0, rows)
     state = init_state(params, optimizer, s.seed, ref_params, **parts)
   ref_fn = None
   if s.ref_temperature != 1.0:
-    ref_fn = make_logprob_fn(graphdef or ctx.model.graphdef, temperature=s.ref_temperature)
+    ref_fn = make_logprob_fn(
+      graphdef or ctx.model.graphdef, temperature=s.ref_temperature, packed_rows=s.packed_rows
+    )
   update = make_update(
     logprob_fn,
     optimizer,
