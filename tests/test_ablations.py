@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import MIXED
 from test_control import NO_PERCENTILES, ROOT, TINY
 
@@ -97,6 +98,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   assert rows["filtered_bc"]["diff"] == ""  # baselines have no paired difference
 
 
+@pytest.mark.slow
 def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
   work = tmp_path / "abl_q"
   run_ablations(work, "--method=iw_sft_q", "--temperatures=10", "--q_decays=0")
@@ -129,6 +131,7 @@ def _cells(work, run_dir: str) -> list[str]:
   return sorted(glob.glob(pattern))
 
 
+@pytest.mark.slow
 def test_the_curation_family_sharpens_each_unweighted_method_against_its_recipe(datasets, tmp_path):
   work = tmp_path / "abl_c"
   run_ablations(work, "--family=curation", "--percentiles=90", "--betas=0.05", "--batch=16")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import MIXED, save_tiny_pretrained, write_sum_records
 from test_resume import params
 
@@ -149,6 +150,7 @@ LM = [
 # within a process, replicated across the processes
 
 
+@pytest.mark.slow
 def test_two_processes_run_every_lm_stage_like_one_process_with_as_many_devices(tmp_path):
   import jax
   from flax import nnx

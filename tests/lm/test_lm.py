@@ -272,6 +272,7 @@ REFERENCE_ONLY = [
 ]
 
 
+@pytest.mark.slow
 def test_an_lm_stage_stopped_by_sigterm_resumes_to_the_same_parameters(tmp_path):
   import signal
   import time
