@@ -210,7 +210,7 @@ class ControlGrid:
       return_mean=result["return_mean"],
       wall_time_s=result["wall_time_s"],
       seeds_trained_together=result.get("seeds_trained_together", 1),
-      weights=report.weight_diagnostics(rows, stage) if weighted else None,
+      weights=_weights(rows, stage, result) if weighted else None,
       curves=_cell_curves(rows, stage),
     )
 
@@ -276,3 +276,12 @@ def _curves(recs: list[CellRecord], kind: str) -> dict[str, dict[str, tuple]]:
       if curve:
         panels.setdefault(r.dataset, {}).setdefault(label, []).append(curve)
   return {d: {k: report.curve_band(c) for k, c in s.items()} for d, s in panels.items()}
+
+
+def _weights(rows: list[dict], stage: str, result: dict) -> dict:
+  """A weighted cell's diagnostics: averaged over its fine-tuning, and its final weights' order."""
+  out = report.weight_diagnostics(rows, stage)
+  final = result.get("final_weights")
+  if final is not None:
+    out["final/spearman_log_ratio_return"] = final["spearman_log_ratio_return"]
+  return out

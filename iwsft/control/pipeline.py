@@ -17,7 +17,8 @@ Writes to the workdir (per seed under seed_<s>/ when several train together):
   run.json        the settings, checked when resuming
   checkpoints/    periodic TrainState checkpoints of each stage (orbax), the last K and the best
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
-  result.json     method, dataset, seed, config, final normalised score and raw return, wall time
+  result.json     method, dataset, seed, config, final normalised score and raw return, wall time,
+                  and for weighted methods how the final weights order the curated episodes
   curve.png       learning curve
   tensorboard/    the metrics rows as TensorBoard event files, one directory per stage
   policy/         the final policy: params and constants (observation/action normalisation), orbax,
@@ -204,7 +205,7 @@ def _claim(
 # ----------------------------------------------------------------------------- write
 
 
-def _result(ctx: Context, seed: int, final: dict, wall: float) -> dict:
+def _result(ctx: Context, seed: int, final: dict, order: dict | None, wall: float) -> dict:
   config = dict(ctx.settings.config, seed=seed)
   d = ctx.data
   return {
@@ -222,6 +223,7 @@ def _result(ctx: Context, seed: int, final: dict, wall: float) -> dict:
     "dataset_episodes": int(d.dataset.total_episodes),
     "dataset_steps": int(d.dataset.total_steps),
     "curated_episodes": int(np.isfinite(d.logits).sum()),
+    "final_weights": order,  # stages.weights_against_returns
     "wall_time_s": wall,
     "seeds_trained_together": len(ctx.seeds),
     "devices": [str(x) for x in d.mesh.devices.flat],
@@ -294,11 +296,13 @@ def _run(cfg, seeds, workdir, overwrite, reference_dir, quiet, per_seed_dirs) ->
       ctx = dataclasses.replace(
         ctx, policies=dataclasses.replace(ctx.policies, constants=constants)
       )
-      finals = stages.final_evaluation(ctx, stages.finetune(ctx, ref_params))
+      params = stages.finetune(ctx, ref_params)
+      finals = stages.final_evaluation(ctx, params)
+      orders = stages.weights_against_returns(ctx, ref_params, params)
   finally:
     for log in ctx.space.logs:
       log.close()
   wall = round(time.time() - t_start, 2)
-  results = [_result(ctx, s, final, wall) for s, final in zip(seeds, finals)]
+  results = [_result(ctx, *x, wall) for x in zip(seeds, finals, orders)]
   write(ctx, results, per_seed_dirs)
   return results

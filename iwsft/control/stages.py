@@ -2,6 +2,7 @@
 
   reference(ctx, reference_dir) -> (params, constants)  π_ref = BC on all episodes, saved for reuse
   finetune(ctx, ref_params) -> params                   the method from π_ref ("bc": π_ref itself)
+  weights_against_returns(ctx, ref_params, params)      the final weights' order of the episodes
   final_evaluation(ctx, params) -> evaluations          policies saved, exported, evaluated
 
 Several seeds train together, vmapped over a leading seed axis: params are lists, one per seed.
@@ -14,6 +15,7 @@ import json
 import os
 
 import jax
+import numpy as np
 
 from iwsft.control import data as data_lib
 from iwsft.control import export, video
@@ -234,6 +236,49 @@ def finetune(ctx: Context, ref_params: list) -> list:
   return train_stage(
     ctx, s.method, ref_params, ref_params, curated, s.finetune, s.objective, key_offset=1
   )
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's rank correlation (ties share their average rank); nan for a constant input."""
+
+  def ranks(x):
+    order = np.empty(len(x))
+    order[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=order) / counts)[inverse]
+
+  ra, rb = ranks(a), ranks(b)
+  if ra.std() == 0 or rb.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def weights_against_returns(ctx: Context, ref_params: list, params: list) -> list[dict | None]:
+  """Per seed, how the trained policy's importance weights order the curated episodes: the
+  Spearman correlation over them of log θ/π_ref (each episode's log-likelihood ratio, length-
+  normalised as the weights are) with the episode's return. θ stands in for q, which lags it by
+  ~1 / (1 − q_decay) updates at a learning rate annealed to 0. None for unweighted methods."""
+  s, d = ctx.settings, ctx.data
+  if s.finetune is None or not s.objective.uses_weights:
+    return [None] * len(ctx.seeds)
+  logprob_fn = make_logprob_fn(ctx.policies.graphdef, ctx.policies.constants)
+  pool = d.share.pool(d.weight, d.mesh)
+  stacked = len(ctx.seeds) > 1
+  ln = s.objective.length_normalise
+  seq = jax.jit(lambda lp, m: objectives.sequence_logprob(lp, m, ln))
+  ratio = []
+  for p in (params, ref_params):
+    placed = sharding.put_replicated(stack_seeds(p), d.mesh)
+    lp = pool_logprobs(logprob_fn, placed, pool, d.mesh, stacked)
+    ratio.append(np.asarray(distributed.to_host(seq(lp, pool["mask"])), np.float64))
+  log_ratio = (ratio[0] - ratio[1]).reshape(len(ctx.seeds), -1)[:, : d.share.num_rows]
+  curated = np.isfinite(np.asarray(d.logits))
+  returns = np.asarray(d.share.returns, np.float64)[curated]
+  out = []
+  for row in log_ratio[:, curated]:
+    rho = _spearman(row, returns)
+    out.append({"spearman_log_ratio_return": rho, "episodes": int(curated.sum())})
+  return out
 
 
 def final_evaluation(ctx: Context, params: list) -> list[dict]:

@@ -305,8 +305,16 @@ def paired_table(rows: Sequence[dict], datasets: Sequence[str] = ()) -> str:
   return format_table(["dataset", *(f"{m} − {b}" for m, b in pairs)], body)
 
 
-WEIGHT_DIAGNOSTICS = ("iw/ess_fraction", "iw/max_weight", "iw/clip_fraction", "iw/mean_log_ratio")
-DIAGNOSTICS_HEADER = ["ESS / batch", "max w", "clipped", "mean log q/π_ref"]
+# the weights' diagnostics averaged over fine-tuning, and (control) the Spearman correlation of
+# the final log-weights with the curated episodes' returns (result.json's final_weights)
+WEIGHT_DIAGNOSTICS = (
+  "iw/ess_fraction",
+  "iw/max_weight",
+  "iw/clip_fraction",
+  "iw/mean_log_ratio",
+  "final/spearman_log_ratio_return",
+)
+DIAGNOSTICS_HEADER = ["ESS / batch", "max w", "clipped", "mean log q/π_ref", "ρ(final w, return)"]
 
 
 def weight_diagnostics(rows: Sequence[dict], stage: str) -> dict[str, float]:
@@ -331,7 +339,7 @@ def mean_diagnostics(runs: Sequence[dict]) -> dict[str, float]:
 
 def diagnostics_text(row: dict) -> list[str]:
   """The DIAGNOSTICS_HEADER cells of a row holding WEIGHT_DIAGNOSTICS ("–" where one is missing)."""
-  formats = zip(WEIGHT_DIAGNOSTICS, ("{:.2f}", "{:.1f}", "{:.2f}", "{:.3f}"))
+  formats = zip(WEIGHT_DIAGNOSTICS, ("{:.2f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:+.2f}"))
   return [f.format(row[k]) if row.get(k) is not None else "–" for k, f in formats]
 
 

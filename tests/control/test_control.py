@@ -136,6 +136,43 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
     np.asarray(policy.obs_std[...]), np.maximum(real.std(axis=0), 1e-3), rtol=1e-5
   )
   np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
+  top = np.argsort(-eps.returns, kind="stable")[:10]  # top_fraction 0.25 of 40 episodes
+  _check_final_weights(work, result, eps, top)  # equal returns: no correlation (nan)
+
+
+def _np_loglik(params, consts, obs, act):
+  """Per-step log N(act; centre + scale · tanh(MLP(normalised obs)), (scale · σ)²) in float64."""
+  v = lambda x: np.asarray(x["value"] if isinstance(x, dict) else x, np.float64)
+  layers = [params["hidden"][k] for k in sorted(params["hidden"], key=int)] + [params["mean_head"]]
+  x = (obs - v(consts["obs_mean"])) / v(consts["obs_std"])
+  for i, layer in enumerate(layers):
+    x = x @ v(layer["kernel"]) + v(layer["bias"])
+    x = np.maximum(x, 0) if i < len(layers) - 1 else np.tanh(x)
+  mean = v(consts["act_centre"]) + v(consts["act_scale"]) * x
+  std = v(consts["act_scale"]) * np.exp(np.clip(v(params["log_std"]), -5.0, 2.0))
+  z = (act - mean) / std
+  return np.sum(-0.5 * z**2 - np.log(std) - 0.5 * np.log(2 * np.pi), axis=-1)
+
+
+def _check_final_weights(work, result, eps, curated):
+  """result.json's final_weights: the Spearman correlation of the curated episodes' mean
+  log θ/π_ref with their returns, recomputed in numpy and scipy from the saved weights."""
+  import orbax.checkpoint as ocp
+  from scipy import stats
+
+  ckpt = ocp.StandardCheckpointer()
+  consts = ckpt.restore(work / "policy" / "constants")
+  theta, ref = (ckpt.restore(work / d / "params") for d in ("policy", "reference"))
+  ratio = []
+  for i in curated:
+    n = int(eps.mask[i].sum())
+    obs, act = eps.observations[i, :n].astype(np.float64), eps.actions[i, :n].astype(np.float64)
+    ratio.append(np.mean(_np_loglik(theta, consts, obs, act) - _np_loglik(ref, consts, obs, act)))
+  with np.errstate(invalid="ignore"):
+    want = stats.spearmanr(ratio, eps.returns[curated]).statistic
+  final = result["final_weights"]
+  assert final["episodes"] == len(curated)
+  np.testing.assert_allclose(final["spearman_log_ratio_return"], want, atol=1e-9)
 
 
 def test_observations_are_not_normalised_when_switched_off(datasets, tmp_path):
@@ -166,6 +203,14 @@ def test_quality_methods_run(datasets, tmp_path, method, extra):
   assert r.returncode == 0, r.stderr[-2000:]
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == method and np.isfinite(result["return_mean"])
+  if method == "sft_q":
+    assert result["final_weights"] is None
+  else:  # every episode is curated, with returns of every size
+    from iwsft.control.data import episodes_from_minari, load_dataset
+
+    eps = episodes_from_minari(load_dataset(MIXED))
+    _check_final_weights(work, result, eps, np.arange(40))
+    assert abs(result["final_weights"]["spearman_log_ratio_return"]) > 0
 
 
 def test_validation_split_is_held_out_and_scored(datasets, tmp_path):
