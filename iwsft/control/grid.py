@@ -281,7 +281,7 @@ def _curves(recs: list[CellRecord], kind: str) -> dict[str, dict[str, tuple]]:
 def _weights(rows: list[dict], stage: str, result: dict) -> dict:
   """A weighted cell's diagnostics: averaged over its fine-tuning, and its final weights' order."""
   out = report.weight_diagnostics(rows, stage)
-  final = result.get("final_weights")
-  if final is not None:
+  final = result.get("final_log_ratio")
+  if final is not None and final.get("spearman_log_ratio_return") is not None:
     out["final/spearman_log_ratio_return"] = final["spearman_log_ratio_return"]
   return out

@@ -223,7 +223,7 @@ def _result(ctx: Context, seed: int, final: dict, order: dict | None, wall: floa
     "dataset_episodes": int(d.dataset.total_episodes),
     "dataset_steps": int(d.dataset.total_steps),
     "curated_episodes": int(np.isfinite(d.logits).sum()),
-    "final_weights": order,  # stages.weights_against_returns
+    "final_log_ratio": order,  # stages.final_log_ratio
     "wall_time_s": wall,
     "seeds_trained_together": len(ctx.seeds),
     "devices": [str(x) for x in d.mesh.devices.flat],
@@ -298,7 +298,7 @@ def _run(cfg, seeds, workdir, overwrite, reference_dir, quiet, per_seed_dirs) ->
       )
       params = stages.finetune(ctx, ref_params)
       finals = stages.final_evaluation(ctx, params)
-      orders = stages.weights_against_returns(ctx, ref_params, params)
+      orders = stages.final_log_ratio(ctx, ref_params, params)
   finally:
     for log in ctx.space.logs:
       log.close()

@@ -2,7 +2,7 @@
 
   reference(ctx, reference_dir) -> (params, constants)  π_ref = BC on all episodes, saved for reuse
   finetune(ctx, ref_params) -> params                   the method from π_ref ("bc": π_ref itself)
-  weights_against_returns(ctx, ref_params, params)      the final weights' order of the episodes
+  final_log_ratio(ctx, ref_params, params)              log θ/π_ref on the curated episodes
   final_evaluation(ctx, params) -> evaluations          policies saved, exported, evaluated
 
 Several seeds train together, vmapped over a leading seed axis: params are lists, one per seed.
@@ -253,13 +253,14 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def weights_against_returns(ctx: Context, ref_params: list, params: list) -> list[dict | None]:
-  """Per seed, how the trained policy's importance weights order the curated episodes: the
-  Spearman correlation over them of log θ/π_ref (each episode's log-likelihood ratio, length-
-  normalised as the weights are) with the episode's return. θ stands in for q, which lags it by
-  ~1 / (1 − q_decay) updates at a learning rate annealed to 0. None for unweighted methods."""
+def final_log_ratio(ctx: Context, ref_params: list, params: list) -> list[dict | None]:
+  """Per seed, how far the fine-tuned θ moved from π_ref on the curated episodes, and how its
+  importance weights order them: the mean over them of log θ/π_ref (each episode's log-likelihood
+  ratio, length-normalised as the weights are) and its Spearman correlation with the episode's
+  return (for weighted methods; θ stands in for q, which lags it by ~1 / (1 − q_decay) updates at
+  a learning rate annealed to 0). None without a fine-tuning stage."""
   s, d = ctx.settings, ctx.data
-  if s.finetune is None or not s.objective.uses_weights:
+  if s.finetune is None:
     return [None] * len(ctx.seeds)
   logprob_fn = make_logprob_fn(ctx.policies.graphdef, ctx.policies.constants)
   pool = d.share.pool(d.weight, d.mesh)
@@ -275,9 +276,15 @@ def weights_against_returns(ctx: Context, ref_params: list, params: list) -> lis
   curated = np.isfinite(np.asarray(d.logits))
   returns = np.asarray(d.share.returns, np.float64)[curated]
   out = []
+  weighted = s.objective.uses_weights
   for row in log_ratio[:, curated]:
-    rho = _spearman(row, returns)
-    out.append({"spearman_log_ratio_return": rho, "episodes": int(curated.sum())})
+    out.append(
+      {
+        "mean_log_ratio": float(row.mean()),
+        "spearman_log_ratio_return": _spearman(row, returns) if weighted else None,
+        "episodes": int(curated.sum()),
+      }
+    )
   return out
 
 

@@ -306,7 +306,7 @@ def paired_table(rows: Sequence[dict], datasets: Sequence[str] = ()) -> str:
 
 
 # the weights' diagnostics averaged over fine-tuning, and (control) the Spearman correlation of
-# the final log-weights with the curated episodes' returns (result.json's final_weights)
+# the final log-weights with the curated episodes' returns (result.json's final_log_ratio)
 WEIGHT_DIAGNOSTICS = (
   "iw/ess_fraction",
   "iw/max_weight",

@@ -137,7 +137,7 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
   )
   np.testing.assert_allclose(np.asarray(policy.act_scale[...]), [3.0])
   top = np.argsort(-eps.returns, kind="stable")[:10]  # top_fraction 0.25 of 40 episodes
-  _check_final_weights(work, result, eps, top)  # equal returns: no correlation (nan)
+  _check_final_log_ratio(work, result, eps, top)  # equal returns: no correlation (nan)
 
 
 def _np_loglik(params, consts, obs, act):
@@ -154,8 +154,8 @@ def _np_loglik(params, consts, obs, act):
   return np.sum(-0.5 * z**2 - np.log(std) - 0.5 * np.log(2 * np.pi), axis=-1)
 
 
-def _check_final_weights(work, result, eps, curated):
-  """result.json's final_weights: the Spearman correlation of the curated episodes' mean
+def _check_final_log_ratio(work, result, eps, curated):
+  """result.json's final_log_ratio: the Spearman correlation of the curated episodes' mean
   log θ/π_ref with their returns, recomputed in numpy and scipy from the saved weights."""
   import orbax.checkpoint as ocp
   from scipy import stats
@@ -170,9 +170,10 @@ def _check_final_weights(work, result, eps, curated):
     ratio.append(np.mean(_np_loglik(theta, consts, obs, act) - _np_loglik(ref, consts, obs, act)))
   with np.errstate(invalid="ignore"):
     want = stats.spearmanr(ratio, eps.returns[curated]).statistic
-  final = result["final_weights"]
+  final = result["final_log_ratio"]
   assert final["episodes"] == len(curated)
   np.testing.assert_allclose(final["spearman_log_ratio_return"], want, atol=1e-9)
+  np.testing.assert_allclose(final["mean_log_ratio"], np.mean(ratio), rtol=1e-4, atol=1e-5)
 
 
 def test_observations_are_not_normalised_when_switched_off(datasets, tmp_path):
@@ -204,13 +205,14 @@ def test_quality_methods_run(datasets, tmp_path, method, extra):
   result = json.loads((work / "result.json").read_text())
   assert result["method"] == method and np.isfinite(result["return_mean"])
   if method == "sft_q":
-    assert result["final_weights"] is None
+    assert result["final_log_ratio"]["spearman_log_ratio_return"] is None
+    assert np.isfinite(result["final_log_ratio"]["mean_log_ratio"])
   else:  # every episode is curated, with returns of every size
     from iwsft.control.data import episodes_from_minari, load_dataset
 
     eps = episodes_from_minari(load_dataset(MIXED))
-    _check_final_weights(work, result, eps, np.arange(40))
-    assert abs(result["final_weights"]["spearman_log_ratio_return"]) > 0
+    _check_final_log_ratio(work, result, eps, np.arange(40))
+    assert abs(result["final_log_ratio"]["spearman_log_ratio_return"]) > 0
 
 
 def test_validation_split_is_held_out_and_scored(datasets, tmp_path):
