@@ -17,6 +17,9 @@ the weighted methods at the recipe and π_ref trained on as long (bc_continued):
   quality β        SFT(Q) at --betas, and sampling ∝ the normalised return (quality_mode=linear)
   batch            each method at a fine-tuning batch of --batch (weights self-normalised over
                    more episodes), the weighted ones paired with their unweighted counterpart
+--family=length asks whether weighting matters more as θ moves away from π_ref: iw-SFT against
+filtered BC and iw-SFT(Q) against SFT(Q) at --lengths times the recipe's fine-tuning steps, with
+each run's final mean log θ/π_ref over the curated episodes (how far it moved).
 The variants are the columns of a control grid run by the sweep engine (iwsft/sweep.py: settings
 validated before anything is written, finished cells skipped, unfinished ones resumed, --part /
 --parts to split it over processes). All runs share one π_ref per seed (trained once) and train
@@ -31,6 +34,7 @@ ablations.csv, ablations.png, the engine's table.csv, cells.csv and paired.csv, 
 
 import os
 
+import numpy as np
 from absl import flags
 
 from iwsft import sweep
@@ -50,7 +54,10 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds, trained together")
 flags.DEFINE_list("temperatures", ["1", "3", "10", "30"], "iw-SFT temperatures")
 flags.DEFINE_list("q_decays", ["0", "0.9", "0.99"], "iw-SFT q decays")
 flags.DEFINE_integer("long", 5, "the long fine-tuning is this many times the recipe's steps")
-flags.DEFINE_enum("family", "weighting", ["weighting", "curation"], "which ablations")
+flags.DEFINE_enum("family", "weighting", ["weighting", "curation", "length"], "which ablations")
+flags.DEFINE_list(
+  "lengths", ["1", "2", "5", "10"], "length family: multiples of the recipe's steps"
+)
 flags.DEFINE_list("percentiles", ["95", "97.5", "99"], "curation family: filter thresholds")
 flags.DEFINE_list("betas", ["0.05", "0.03", "0.02"], "curation family: SFT(Q) temperatures")
 flags.DEFINE_integer("batch", 32, "curation family: the larger fine-tuning batch")
@@ -94,6 +101,20 @@ def _warm(cfg) -> dict:
   return {"finetune.warmup_steps": steps // 10} if cfg.finetune.warmup_steps >= steps else {}
 
 
+def length_variants(cfg, lengths) -> dict:
+  """{name: Variant}: the length family (module docstring), each weighted method and its
+  unweighted counterpart at every multiple of the recipe's fine-tuning steps."""
+  out, warm = {"bc": Variant("bc", ablates="π_ref")}, _warm(cfg)
+  for k in lengths:
+    tag, longer = (
+      ("", warm) if k == 1 else (f" x{k:g}", {"finetune.steps": int(k * cfg.finetune.steps)})
+    )
+    for weighted, base in (("iw_sft", "filtered_bc"), ("iw_sft_q", "sft_q")):
+      out[base + tag] = Variant(base, longer, ablates="baseline")
+      out[weighted + tag] = Variant(weighted, longer, base + tag, "fine-tuning length")
+  return out
+
+
 def curation_variants(cfg, percentiles, betas, batch: int) -> dict:
   """{name: Variant}: the curation family (module docstring), baselines first."""
   warm, beta = _warm(cfg), float(cfg.curation.quality_beta)
@@ -134,7 +155,7 @@ class AblationGrid(ControlGrid):
       os.path.join(workdir, "ablations.csv"),
       rows,
       ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
-      + ["diff_low", "diff_high", *report.WEIGHT_DIAGNOSTICS],
+      + ["diff_low", "diff_high", "divergence", *report.WEIGHT_DIAGNOSTICS],
     )
     plots.score_bars(
       rows,
@@ -170,6 +191,8 @@ def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]
       row.update(baseline=v.baseline, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
     if v.method in config.WEIGHTED:
       row.update(report.mean_diagnostics([r.weights for r in mine]))
+    moved = [r.divergence for r in mine if r.divergence is not None]
+    row["divergence"] = float(np.mean(moved)) if moved else None
     rows.append(row)
   return rows
 
@@ -186,6 +209,7 @@ def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:
       f"{r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]{vs(r)}"
       if "diff" in r
       else "–",
+      "–" if r.get("divergence") is None else f"{r['divergence']:.3f}",
       *report.diagnostics_text(r),
     ]
     for r in rows
@@ -196,6 +220,7 @@ def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:
     "score: mean ± std [95% CI]",
     "per seed",
     f"− {baseline or 'baseline'}, paired [95% CI]",
+    "log θ/π_ref at end",
     *report.DIAGNOSTICS_HEADER,
   ]
   return report.format_table(head, body)
@@ -210,6 +235,9 @@ def main(argv):
     if F.family == "curation":
       todo = curation_variants(F.config, floats(F.percentiles), floats(F.betas), F.batch)
       header = f"curation sharpness against importance weighting on {F.dataset}"
+    elif F.family == "length":
+      todo = length_variants(F.config, floats(F.lengths))
+      header = f"importance weighting against fine-tuning length on {F.dataset}"
     else:
       todo = variants(F.config, floats(F.temperatures), floats(F.q_decays), F.long, F.method)
       header = f"{F.method} ablations on {F.dataset}"

@@ -36,6 +36,7 @@ CELL_COLUMNS = [
   "wall_time_s",
   "seeds_trained_together",
   "cell",
+  "divergence",
 ]
 
 
@@ -48,6 +49,8 @@ class CellRecord:
   (report.WEIGHT_DIAGNOSTICS) averaged over the cell's own training, for weighted methods (None
   for the others). curves: {series: (steps [S], values [S])} logged while training, for the
   figures. outcomes: per-problem correctness behind the score [P] (LM cells), for paired tests.
+  divergence: how far fine-tuning moved the policy from π_ref, the mean log θ/π_ref over the
+  curated sequences at the end (control cells with a fine-tuning stage).
   """
 
   dataset: str
@@ -63,6 +66,7 @@ class CellRecord:
     default_factory=dict
   )
   outcomes: Sequence[bool] | None = None
+  divergence: float | None = None
 
   def row(self) -> dict:
     """The record's CELL_COLUMNS: a cells.csv row, and what iwsft.io.report reads."""

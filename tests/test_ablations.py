@@ -172,3 +172,31 @@ def test_the_curation_family_sharpens_each_unweighted_method_against_its_recipe(
     diff = scores(run.replace(" ", "_")) - scores(base)
     np.testing.assert_allclose(float(rows[run]["diff"]), diff.mean(), atol=1e-9)
   assert "− baseline, paired" in (work / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, tmp_path):
+  work = tmp_path / "abl_l"
+  run_ablations(work, "--family=length", "--lengths=1,2", NO_PERCENTILES)
+  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  assert list(rows) == [
+    "bc",
+    "filtered_bc",
+    "iw_sft",
+    "sft_q",
+    "iw_sft_q",
+    "filtered_bc x2",
+    "iw_sft x2",
+    "sft_q x2",
+    "iw_sft_q x2",
+  ]
+  assert rows["iw_sft x2"]["baseline"] == "filtered_bc x2"
+  assert rows["iw_sft_q"]["baseline"] == "sft_q"
+  steps = lambda d: json.loads(open(_cells(work, d)[0]).read())["config"]["finetune"]["steps"]
+  assert (steps("iw_sft"), steps("sft_q_x2")) == (40, 80)
+  for run, d in (("filtered_bc x2", "filtered_bc_x2"), ("iw_sft", "iw_sft")):
+    moved = [
+      json.loads(open(p).read())["final_log_ratio"]["mean_log_ratio"] for p in _cells(work, d)
+    ]
+    np.testing.assert_allclose(float(rows[run]["divergence"]), np.mean(moved), rtol=1e-9)
+  assert rows["bc"]["divergence"] == ""  # π_ref has not moved from itself

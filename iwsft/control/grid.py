@@ -211,6 +211,7 @@ class ControlGrid:
       wall_time_s=result["wall_time_s"],
       seeds_trained_together=result.get("seeds_trained_together", 1),
       weights=_weights(rows, stage, result) if weighted else None,
+      divergence=(result.get("final_log_ratio") or {}).get("mean_log_ratio"),
       curves=_cell_curves(rows, stage),
     )
 
