@@ -4,9 +4,9 @@ the byte-level LM, whose π_ref is known exactly (iwsft/lm/tightness.py says wha
   python experiments/bound_vs_j.py --workdir=runs/bound-vs-j --seeds=0,1,2
 
 Each seed runs the language pipeline's reference, sample and curate stages in
-<workdir>/seed_<s> (reused when there), then fine-tunes each method from π_ref, stopping every
---every updates to estimate J(θ) from one sample per --j_prompts held-out prompt and both bounds
-from fresh π_ref samples on --bound_prompts others. A finished (seed, method) is kept in
+<workdir>/seed_<s> (reused when there), then fine-tunes each method from π_ref, stopping at
+each of --points (updates) to estimate J(θ) from one sample per --j_prompts held-out prompt and
+both bounds from fresh π_ref samples on --bound_prompts others. A finished (seed, method) is kept in
 seed_<s>/bounds_<method>.json and reused. Writes <workdir>/bounds.csv, table.md and bounds.png.
 Settings: --config (default iwsft/lm/config.py, the tiny preset) with --config.<key>=<value>.
 """
@@ -27,7 +27,9 @@ cli.define_config(cli.config_file(config), "language-pipeline settings (the tiny
 flags.DEFINE_string("workdir", "runs/bound-vs-j", "output directory")
 flags.DEFINE_list("seeds", ["0"], "seeds, each run in <workdir>/seed_<s>")
 flags.DEFINE_list("methods", ["sft", "iw_sft"], "fine-tuning methods traced")
-flags.DEFINE_integer("every", 50, "updates between evaluation points")
+flags.DEFINE_list(
+  "points", ["0", "5", "10", "20", "30", "50", "100", "200", "400"], "updates at which to evaluate"
+)
 flags.DEFINE_integer("bound_prompts", 2000, "held-out prompts with one π_ref sample each (bounds)")
 flags.DEFINE_integer("j_prompts", 1000, "held-out prompts with one π_θ sample each (J)")
 
@@ -47,7 +49,7 @@ def _seed_rows(seed: int) -> list[dict]:
       if ctx is None:
         ctx = prepare(cfg, wd)
         probe = tightness.make_probe(ctx, ctx.load("reference"), F.bound_prompts, F.j_prompts, seed)
-      trace = tightness.trace(ctx, method, probe, F.every, seed)
+      trace = tightness.trace(ctx, method, probe, [int(p) for p in F.points], seed)
       with open(path, "w") as f:
         json.dump(trace, f, indent=1)
     rows += [{"seed": seed, **r} for r in json.load(open(path))]
@@ -100,12 +102,10 @@ def _table(rows: list[dict], methods: list[str]) -> str:
 def main(argv):
   cli.no_arguments(argv)
   F = flags.FLAGS
-  if F.every < 1:
-    cli.fail(f"--every must be >= 1, got {F.every}")
   try:
-    seeds = [int(s) for s in F.seeds]
+    seeds, _ = [int(s) for s in F.seeds], [int(p) for p in F.points]
   except ValueError:
-    cli.fail(f"--seeds must be integers, got {','.join(F.seeds)}")
+    cli.fail("--seeds and --points must be integers")
   rows = [r for s in seeds for r in _seed_rows(s)]
   os.makedirs(F.workdir, exist_ok=True)
   fields = ["seed", "method", "step", *(f"{q}{e}" for q in QUANTITIES for e in ("", "_se")), "ess"]

@@ -127,9 +127,9 @@ def point(ctx: Context, probe: Probe, params, q_params, key) -> dict:
   return row
 
 
-def trace(ctx: Context, method: str, probe: Probe, every: int, seed: int) -> list[dict]:
-  """Fine-tunes π_ref with `method` on the curated samples (the pipeline's finetune stage, in
-  pieces of `every` updates) and returns point() at step 0 and after each piece. J is sampled
+def trace(ctx: Context, method: str, probe: Probe, points: list[int], seed: int) -> list[dict]:
+  """Fine-tunes π_ref with `method` on the curated samples (the pipeline's finetune stage, stopped
+  after each of `points` updates, increasing from 0) and returns point() at each. J is sampled
   with one key at every point (common random numbers across steps and methods)."""
   s = ctx.settings
   exact = s.task_cfg.sample_temperature == 1.0 and s.top_k == 0 and s.ref_temperature == 1.0
@@ -138,19 +138,23 @@ def trace(ctx: Context, method: str, probe: Probe, every: int, seed: int) -> lis
       "the bound check needs π_ref known exactly: the byte-level model without LoRA, sampled at"
       " task.sample_temperature 1 with top_k 0 and ref_temperature 1"
     )
+  if (
+    points[0] != 0
+    or any(b <= a for a, b in zip(points, points[1:]))
+    or points[-1] > s.finetune.steps
+  ):
+    raise UserError(f"points must rise from 0 to at most finetune.steps ({s.finetune.steps})")
   ref = ctx.load("reference")
   records, data = pool(ctx, ctx.path("curated.jsonl"), ref)
   logits = np.zeros(len(records), np.float32)
   state, update, _ = training(ctx, method, ref, ref, data, s.finetune, s.objectives[method])
   key = jax.random.key(seed + 202)
   rows = [{"method": method, "step": 0, **point(ctx, probe, ref, None, key)}]
-  done, steps = 0, s.finetune.steps
-  while done < steps:
-    n = min(every, steps - done)
-    sampling = Sampling(n, s.finetune.batch_size, steps_per_dispatch=s.steps_per_dispatch)
-    state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=f"{method} {done}+")
-    done += n
-    rows.append(
-      {"method": method, "step": done, **point(ctx, probe, state.params, state.q_params, key)}
+  for done, target in zip(points, points[1:]):
+    sampling = Sampling(
+      target - done, s.finetune.batch_size, steps_per_dispatch=s.steps_per_dispatch
     )
+    state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=f"{method} {done}+")
+    row = point(ctx, probe, state.params, state.q_params, key)
+    rows.append({"method": method, "step": target, **row})
   return rows

@@ -81,7 +81,7 @@ def test_the_bound_experiment_runs_and_at_pi_ref_both_bounds_are_its_success_rat
     sys.executable,
     os.path.join(ROOT, "experiments", "bound_vs_j.py"),
     f"--workdir={work}",
-    "--every=10",
+    "--points=0,10,20",
     "--bound_prompts=64",
     "--j_prompts=32",
     "--config.reference.steps=300",
