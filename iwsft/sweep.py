@@ -7,12 +7,13 @@ weights change per seed (paired.csv) and the weights' diagnostics (weights.csv),
 figures.
 
 The grids are iwsft.control.grid.ControlGrid and iwsft.lm.grid.LMGrid (their layouts are there).
-A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), controls
-({curated method: the same training without curation}), score_label, and
-validate(), identity(), plan(workdir), describe(group), prepare(), run(group, workdir),
-records(workdir) (a CellRecord per finished cell, read by the pipeline from its own cells),
-training_data(dataset), extra_tables(records, workdir) and figures(records, workdir). The engine
-reads nothing of a cell but its record.
+A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), controls ({curated
+method: the same training without curation}), score_label, and validate(), identity() (and
+optionally defaults(): the identity of the default settings, so that a setting added after a sweep
+was recorded matches at its default), plan(workdir), describe(group), prepare(), run(group,
+workdir), records(workdir) (a CellRecord per finished cell, read by the pipeline from its own
+cells), training_data(dataset), extra_tables(records, workdir) and figures(records, workdir). The
+engine reads nothing of a cell but its record.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def run_sweep(
   _check_part(part, overwrite)
   grid.validate()
   identity = {"pipeline": grid.cfg.pipeline, "config": grid.identity()}
+  defaults = {"config": grid.defaults()} if hasattr(grid, "defaults") else None
   if dry_run:
-    changed = workdir_lib.settings_difference(workdir, identity)
+    changed = workdir_lib.settings_difference(workdir, identity, defaults)
     if changed:
       say(f"{workdir} holds a sweep with other settings ({changed}): --overwrite reruns every cell")
       return {}
@@ -108,7 +110,7 @@ def run_sweep(
     say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
     say("\n".join(grid.describe(g) for g in todo))
     return {}
-  _claim(workdir, identity, overwrite)
+  _claim(workdir, identity, overwrite, defaults)
   if not grid.cfg.log.wandb_group:  # the sweep's runs as one group in W&B
     grid.cfg.log.wandb_group = os.path.basename(workdir)
   todo = _mine(grid, grid.plan(workdir), part)  # after any removal by _claim
@@ -155,9 +157,9 @@ def _mine(grid, groups: list, part: tuple[int, int]) -> list:
   return [g for g in groups if keys.index(grid.key(g)) % parts == index]
 
 
-def _claim(workdir: str, identity: dict, overwrite: bool) -> None:
+def _claim(workdir: str, identity: dict, overwrite: bool, defaults: dict | None) -> None:
   """Records the sweep's settings; with overwrite, removes cells made with other settings."""
-  _, changed = workdir_lib.claim_workdir(workdir, identity, overwrite, marker="")
+  _, changed = workdir_lib.claim_workdir(workdir, identity, overwrite, "", defaults)
   if changed:  # only with overwrite
     for name in os.listdir(workdir):
       if name != "run.json":

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from iwsft import datasets
-from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED, WEIGHTED
+from iwsft.control.config import CONTROLS, METHODS, UNWEIGHTED, WEIGHTED, get_config
 from iwsft.control.pipeline import run_control_seeds
 from iwsft.control.settings import validate
 from iwsft.core.config import with_overrides
@@ -106,6 +106,10 @@ class ControlGrid:
     if self.configs:
       identity["dataset_configs"] = {d: self._settings(c) for d, c in self.configs.items()}
     return identity
+
+  def defaults(self) -> dict:
+    """The identity of the default settings (claim_workdir's defaults)."""
+    return self._settings(get_config())
 
   @staticmethod
   def _settings(cfg) -> dict:

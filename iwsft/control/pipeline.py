@@ -39,6 +39,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from iwsft.control import config as control_config
 from iwsft.control import data as data_lib
 from iwsft.control import stages
 from iwsft.control.policy import GaussianPolicy, split_policy
@@ -181,7 +182,8 @@ def _claim(
   seed_dirs = [f"seed_{s}" for s in ctx.seeds] if per_seed_dirs else ["."]
   primary = distributed.is_primary()
   if primary:
-    workdir, _ = workdir_lib.claim_workdir(workdir, identity, overwrite)
+    defaults = {"config": workdir_lib.result_settings(control_config.get_config())}
+    workdir, _ = workdir_lib.claim_workdir(workdir, identity, overwrite, defaults=defaults)
     if overwrite:
       workdir_lib.remove_outputs(
         workdir, OUTPUTS + tuple(d for d in os.listdir(workdir) if d.startswith("seed_"))

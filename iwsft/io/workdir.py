@@ -56,16 +56,21 @@ def result_settings(cfg, *also: str) -> dict:
 
 
 def claim_workdir(
-  path: str, identity: dict, overwrite: bool, marker: str = "result.json"
+  path: str, identity: dict, overwrite: bool, marker: str = "result.json", defaults=None
 ) -> tuple[str, bool]:
   """prepare_workdir, then records the run's identity in run.json -> (workdir, whether it changed).
 
   identity: the settings a resumed run must share (JSON-able). An unfinished run with other settings
   is refused unless overwrite; the caller removes what overwrite replaces (remove_outputs).
+  defaults: the identity of the default settings (same shape): a setting that run.json lacks (a
+  run recorded before the setting existed) matches when it is at its default here, the value
+  that run computed with.
   """
   path = prepare_workdir(path, overwrite, marker)
-  previous = _read_identity(path)
   identity = canonical(identity)
+  previous = _read_identity(path)
+  if previous is not None and defaults is not None:
+    previous = _with_defaults(previous, identity, canonical(defaults))
   changed = previous is not None and previous != identity
   if changed and not overwrite:
     raise UserError(
@@ -77,13 +82,16 @@ def claim_workdir(
   return path, changed
 
 
-def settings_difference(path: str, identity: dict) -> str | None:
+def settings_difference(path: str, identity: dict, defaults=None) -> str | None:
   """The first setting in which `identity` differs from the run recorded in path/run.json (None
-  when there is none, or no run.json)."""
+  when there is none, or no run.json); defaults as claim_workdir's."""
+  identity = canonical(identity)
   previous = _read_identity(os.path.abspath(os.path.expanduser(path)))
-  if previous is None or previous == canonical(identity):
+  if previous is not None and defaults is not None:
+    previous = _with_defaults(previous, identity, canonical(defaults))
+  if previous is None or previous == identity:
     return None
-  return _first_difference(previous, canonical(identity))
+  return _first_difference(previous, identity)
 
 
 def finished_result(path: str, identity: dict) -> dict | None:
@@ -113,6 +121,19 @@ def _read_identity(path: str) -> dict | None:
     raise UserError(
       f"{run_json} is corrupt ({e}); remove it, or choose another --workdir"
     ) from None
+
+
+def _with_defaults(previous, identity, defaults):
+  """previous with each key it lacks that identity holds at its value in defaults added."""
+  if not all(isinstance(x, dict) for x in (previous, identity, defaults)):
+    return previous
+  out = dict(previous)
+  for k, v in identity.items():
+    if k in previous:
+      out[k] = _with_defaults(previous[k], v, defaults.get(k))
+    elif k in defaults and defaults[k] == v:
+      out[k] = v
+  return out
 
 
 def _first_difference(old, new, prefix: str = "") -> str:

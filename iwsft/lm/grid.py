@@ -14,7 +14,7 @@ from iwsft.core.config import with_overrides
 from iwsft.errors import UserError
 from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
-from iwsft.lm.config import LM_METHODS, UNWEIGHTED
+from iwsft.lm.config import LM_METHODS, UNWEIGHTED, get_config
 from iwsft.lm.pipeline import run_lm
 from iwsft.lm.settings import check_settings
 from iwsft.lm.task import make_task
@@ -47,6 +47,11 @@ class LMGrid:
 
   def identity(self) -> dict:
     return workdir_lib.result_settings(self.cfg, "seed", "stages")
+
+  @staticmethod
+  def defaults() -> dict:
+    """The identity of the default settings (claim_workdir's defaults)."""
+    return workdir_lib.result_settings(get_config(), "seed", "stages")
 
   def _result(self, workdir: str, seed: int) -> str:
     return os.path.join(workdir, f"seed_{seed}", "result.json")

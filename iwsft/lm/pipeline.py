@@ -17,7 +17,7 @@ from iwsft.io import distributed, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.lm import data as lm_data
-from iwsft.lm.config import LM_METHODS, STAGES
+from iwsft.lm.config import LM_METHODS, STAGES, get_config
 from iwsft.lm.settings import Model, Settings, check_settings, encode, load_model
 from iwsft.lm.stages import STAGE_FUNCTIONS, Context
 
@@ -61,7 +61,8 @@ def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> 
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
   if primary:
-    _, changed = workdir_lib.claim_workdir(workdir, identity, overwrite, marker="")
+    defaults = workdir_lib.result_settings(get_config(), "stages", "methods")
+    _, changed = workdir_lib.claim_workdir(workdir, identity, overwrite, "", defaults)
     if changed:  # only reachable with overwrite
       workdir_lib.remove_outputs(workdir, OUTPUTS)
   distributed.barrier("workdir")

@@ -290,3 +290,29 @@ def test_a_workdir_resumes_under_other_execution_settings_only(tmp_path, pipelin
   with pytest.raises(UserError, match="other settings .*finetune"):
     workdir.claim_workdir(path, workdir.result_settings(other), overwrite=False)
   assert open(os.path.join(path, "run.json")).read() == recorded
+
+
+def test_a_setting_newer_than_the_recorded_run_matches_only_at_its_default(tmp_path):
+  import json
+
+  from iwsft.errors import UserError
+  from iwsft.io import workdir
+
+  defaults = {"config": {"lr": 0.1, "new": {"rows": 0, "temp": 1.0}}}
+  path = str(tmp_path / "run")
+  os.makedirs(path)
+  with open(os.path.join(path, "run.json"), "w") as f:  # recorded before "new" existed
+    json.dump({"config": {"lr": 0.1}}, f)
+  now = {"config": {"lr": 0.1, "new": {"rows": 0, "temp": 1.0}}}
+  _, changed = workdir.claim_workdir(path, now, False, "", defaults)
+  assert not changed
+  assert json.load(open(os.path.join(path, "run.json"))) == now  # recorded in full from now on
+  with open(os.path.join(path, "run.json"), "w") as f:
+    json.dump({"config": {"lr": 0.1}}, f)
+  moved = {"config": {"lr": 0.1, "new": {"rows": 0, "temp": 0.7}}}
+  with pytest.raises(UserError, match="other settings"):
+    workdir.claim_workdir(path, moved, False, "", defaults)
+  assert workdir.settings_difference(path, moved, defaults) is not None
+  assert workdir.settings_difference(path, now, defaults) is None
+  with pytest.raises(UserError, match="other settings"):  # without defaults: refused
+    workdir.claim_workdir(path, now, False, "")
