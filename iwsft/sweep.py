@@ -102,14 +102,7 @@ def run_sweep(
   identity = {"pipeline": grid.cfg.pipeline, "config": grid.identity()}
   defaults = {"config": grid.defaults()} if hasattr(grid, "defaults") else None
   if dry_run:
-    changed = workdir_lib.settings_difference(workdir, identity, defaults)
-    if changed:
-      say(f"{workdir} holds a sweep with other settings ({changed}): --overwrite reruns every cell")
-      return {}
-    todo = _mine(grid, grid.plan(workdir), part)
-    say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
-    say("\n".join(grid.describe(g) for g in todo))
-    return {}
+    return _dry_run(grid, workdir, identity, defaults, part, say)
   _claim(workdir, identity, overwrite, defaults)
   if not grid.cfg.log.wandb_group:  # the sweep's runs as one group in W&B
     grid.cfg.log.wandb_group = os.path.basename(workdir)
@@ -148,6 +141,18 @@ def _check_part(part: tuple[int, int], overwrite: bool) -> None:
     raise UserError(f"--part must lie in [0, --parts={parts}), got {index}")
   if parts > 1 and overwrite:
     raise UserError("--overwrite with --parts: one part would remove another's cells")
+
+
+def _dry_run(grid, workdir: str, identity: dict, defaults, part: tuple[int, int], say) -> dict:
+  """Says what a run would do (or that the workdir holds other settings), changing nothing."""
+  changed = workdir_lib.settings_difference(workdir, identity, defaults)
+  if changed:
+    say(f"{workdir} holds a sweep with other settings ({changed}): --overwrite reruns every cell")
+    return {}
+  todo = _mine(grid, grid.plan(workdir), part)
+  say(f"{len(todo)} run(s) to do in {workdir}" + ("" if todo else " (all cells finished)"))
+  say("\n".join(grid.describe(g) for g in todo))
+  return {}
 
 
 def _mine(grid, groups: list, part: tuple[int, int]) -> list:

@@ -39,13 +39,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # each (micro-)batch's sequences packed end to end into this many rows of the context, when
   # they fit (the same log-probs, loss and gradients at less cost); 0: every sequence padded
   c.packed_rows = 0
-  # How the model computes (the same function, less memory for long sequences; lm/model.py):
-  # attention "full", "chunked" (queries attention_chunk at a time) or "dot_product"
-  # (jax.nn.dot_product_attention: cuDNN on GPUs); remat "none", "full" or "dots" (recompute
-  # each block in the backward pass); logits_chunk: token log-probs that many positions at a time
-  c.compute = ml_collections.ConfigDict(
-    {"attention": "full", "attention_chunk": 512, "remat": "none", "logits_chunk": 0}
-  )
+  c.compute = _compute_section()
   c.model = _model_section()
   c.task = _task_section()
   # Stage 1 trains π_ref on the demonstrations; stage 4 fine-tunes it on the curated samples.
@@ -88,6 +82,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset == "s1k":
     _s1k(c)
   return c
+
+
+def _compute_section() -> ml_collections.ConfigDict:
+  """How the model computes (the same function, less memory for long sequences; lm/model.py):
+  attention "full", "chunked" (queries attention_chunk at a time) or "dot_product"
+  (jax.nn.dot_product_attention: cuDNN on GPUs); remat "none", "full" or "dots" (recompute each
+  block in the backward pass); logits_chunk: token log-probs that many positions at a time."""
+  return ml_collections.ConfigDict(
+    {"attention": "full", "attention_chunk": 512, "remat": "none", "logits_chunk": 0}
+  )
 
 
 def _stage_sections() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:

@@ -107,14 +107,7 @@ def check_settings(cfg) -> Settings:
     raise UserError("task.digits, task.samples_per_prompt and task.eval_problems must be >= 1")
   if cfg.steps_per_dispatch < 1:
     raise UserError(f"steps_per_dispatch must be >= 1, got {cfg.steps_per_dispatch}")
-  finetune_rows = cfg.finetune.batch_size // max(cfg.micro_batches, 1)
-  if not 0 <= cfg.packed_rows <= finetune_rows:
-    raise UserError(
-      f"packed_rows must be in [0, {finetune_rows}] (the fine-tuning batch per micro-batch),"
-      f" got {cfg.packed_rows}"
-    )
-  if not cfg.ref_temperature > 0:
-    raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
+  _check_lm_objective(cfg)
   if task.pretrains == bool(cfg.model.path):
     raise UserError(
       "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
@@ -161,6 +154,18 @@ def check_settings(cfg) -> Settings:
 
 # model settings of fine-tuning, not of the model π_ref is
 FINETUNE_ONLY = ("path", "train_layers", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def _check_lm_objective(cfg) -> None:
+  """packed_rows within the fine-tuning (micro-)batch; a positive ref_temperature."""
+  finetune_rows = cfg.finetune.batch_size // max(cfg.micro_batches, 1)
+  if not 0 <= cfg.packed_rows <= finetune_rows:
+    raise UserError(
+      f"packed_rows must be in [0, {finetune_rows}] (the fine-tuning batch per micro-batch),"
+      f" got {cfg.packed_rows}"
+    )
+  if not cfg.ref_temperature > 0:
+    raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
 
 
 def _check_lora(model) -> None:
