@@ -238,8 +238,9 @@ def finetune(ctx: Context, ref_params: list) -> list:
   )
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman's rank correlation (ties share their average rank); nan for a constant input."""
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+  """Spearman's rank correlation (ties share their average rank); None (undefined) for a
+  constant input."""
 
   def ranks(x):
     order = np.empty(len(x))
@@ -249,7 +250,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
   ra, rb = ranks(a), ranks(b)
   if ra.std() == 0 or rb.std() == 0:
-    return float("nan")
+    return None
   return float(np.corrcoef(ra, rb)[0, 1])
 
 
