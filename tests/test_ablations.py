@@ -41,7 +41,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   run_ablations(
     work, "--temperatures=1,10", "--q_decays=0,0.9", "--config.curation.top_fraction=0.25"
   )
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  rows = _ablation_rows(work)
   want = [
     "bc",
     "filtered_bc",
@@ -102,7 +102,7 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
 def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
   work = tmp_path / "abl_q"
   run_ablations(work, "--method=iw_sft_q", "--temperatures=10", "--q_decays=0")
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  rows = _ablation_rows(work)
   assert list(rows) == [
     "bc",
     "sft_q",
@@ -123,6 +123,11 @@ def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
   assert rows["sft_q"]["iw/ess_fraction"] == ""  # an unweighted method has no weight diagnostics
 
 
+def _ablation_rows(work) -> dict:
+  """ablations.csv as {run: row}, in the file's order."""
+  return {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+
+
 def _cells(work, run_dir: str) -> list[str]:
   """The result.json of each seed of a variant (its directory name), in seed order."""
   pattern = os.path.join(
@@ -135,7 +140,7 @@ def _cells(work, run_dir: str) -> list[str]:
 def test_the_curation_family_sharpens_each_unweighted_method_against_its_recipe(datasets, tmp_path):
   work = tmp_path / "abl_c"
   run_ablations(work, "--family=curation", "--percentiles=90", "--betas=0.05", "--batch=16")
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  rows = _ablation_rows(work)
   assert list(rows) == [
     "bc",
     "bc_continued",
@@ -178,7 +183,7 @@ def test_the_curation_family_sharpens_each_unweighted_method_against_its_recipe(
 def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, tmp_path):
   work = tmp_path / "abl_l"
   run_ablations(work, "--family=length", "--lengths=1,2", NO_PERCENTILES)
-  rows = {row["run"]: row for row in csv.DictReader(open(work / "ablations.csv"))}
+  rows = _ablation_rows(work)
   assert list(rows) == [
     "bc",
     "filtered_bc",
