@@ -34,6 +34,17 @@ flags.DEFINE_integer("bound_prompts", 2000, "held-out prompts with one π_ref sa
 flags.DEFINE_integer("j_prompts", 1000, "held-out prompts with one π_θ sample each (J)")
 
 QUANTITIES = ("J", "bound_sft", "bound_iw", "is_estimate", "iw_minus_sft", "kl_ref_theta")
+GAPS = {"J_minus_sft": "bound_sft", "J_minus_iw": "bound_iw"}  # how loose each bound is
+
+
+def _with_gaps(row: dict) -> dict:
+  """J − each bound; J and the bounds come from independent samples, so their s.e. add in
+  quadrature."""
+  out = dict(row)
+  for gap, bound in GAPS.items():
+    out[gap] = row["J"] - row[bound]
+    out[f"{gap}_se"] = float(np.hypot(row["J_se"], row[f"{bound}_se"]))
+  return out
 
 
 def _seed_rows(seed: int) -> list[dict]:
@@ -52,7 +63,7 @@ def _seed_rows(seed: int) -> list[dict]:
       trace = tightness.trace(ctx, method, probe, [int(p) for p in F.points], seed)
       with open(path, "w") as f:
         json.dump(trace, f, indent=1)
-    rows += [{"seed": seed, **r} for r in json.load(open(path))]
+    rows += [_with_gaps({"seed": seed, **r}) for r in json.load(open(path))]
   return rows
 
 
@@ -87,7 +98,7 @@ def _table(rows: list[dict], methods: list[str]) -> str:
     last = max(r["step"] for r in rows if r["method"] == m)
     at = [r for r in rows if r["method"] == m and r["step"] == last]
     cells = []
-    for q in QUANTITIES:
+    for q in (*QUANTITIES, *GAPS):
       v = np.array([r[q] for r in at])
       if len(v) > 1:
         lo, hi = t_interval(v)
@@ -96,7 +107,7 @@ def _table(rows: list[dict], methods: list[str]) -> str:
         lo, hi = v[0] - 1.96 * se, v[0] + 1.96 * se
       cells.append(f"{v.mean():.3f} [{lo:.3f}, {hi:.3f}]")
     out.append([m, last, len(at), *cells])
-  return format_table(["trained by", "step", "seeds", *QUANTITIES], out)
+  return format_table(["trained by", "step", "seeds", *QUANTITIES, *GAPS], out)
 
 
 def main(argv):
@@ -108,7 +119,8 @@ def main(argv):
     cli.fail("--seeds and --points must be integers")
   rows = [r for s in seeds for r in _seed_rows(s)]
   os.makedirs(F.workdir, exist_ok=True)
-  fields = ["seed", "method", "step", *(f"{q}{e}" for q in QUANTITIES for e in ("", "_se")), "ess"]
+  names = (*QUANTITIES, *GAPS)
+  fields = ["seed", "method", "step", *(f"{q}{e}" for q in names for e in ("", "_se")), "ess"]
   write_csv(os.path.join(F.workdir, "bounds.csv"), rows, fields)
   text = _table(rows, F.methods)
   with open(os.path.join(F.workdir, "table.md"), "w") as f:

@@ -1,6 +1,7 @@
 """The bound check (lm/tightness.py): its per-sample terms against closed forms on an enumerable
 toy distribution, its log-likelihoods against numpy, and its experiment end to end."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -104,6 +105,12 @@ def test_the_bound_experiment_runs_and_at_pi_ref_both_bounds_are_its_success_rat
     )
   assert (work / "bounds.png").stat().st_size > 0
   assert "iw_minus_sft" in (work / "table.md").read_text()
+  with open(work / "bounds.csv") as f:
+    csv_rows = list(csv.DictReader(f))
+  for row in csv_rows:
+    j, b, jse, bse = (float(row[k]) for k in ("J", "bound_sft", "J_se", "bound_sft_se"))
+    np.testing.assert_allclose(float(row["J_minus_sft"]), j - b, atol=1e-9)
+    np.testing.assert_allclose(float(row["J_minus_sft_se"]), (jse**2 + bse**2) ** 0.5, atol=1e-9)
 
 
 def _tiny_lm():
