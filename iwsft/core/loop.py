@@ -74,6 +74,7 @@ def fit(
   hooks: Hooks | None = None,
   seed_data=None,
   seeds_over_devices: bool = False,
+  split=None,
 ) -> TrainState:
   """Trains `state` for sampling.steps updates of `update` on batches drawn from `data`.
 
@@ -87,6 +88,8 @@ def fit(
   seeds_over_devices splits those seeds over the mesh's devices (sharding.seed_mesh: as many
   devices as share the seeds evenly, each training its seeds on whole batches from the whole
   pool) instead of splitting every batch over all devices.
+  split: which dimension of each state leaf the mesh's model axis splits (tensor parallelism,
+  sharding.state_sharding's split), or None.
   Chunk boundaries depend only on the step count, so a resumed run dispatches exactly the
   computations of an uninterrupted one. A non-finite loss or gradient that was not skipped stops
   training with FloatingPointError naming the step; the last checkpoint saved is the last good
@@ -94,7 +97,7 @@ def fit(
   """
   steps = sampling.steps
   mesh = _fit_mesh(mesh, state, seeds_over_devices)
-  run = _Run(name, state, hooks or Hooks(), mesh, seeds_over_devices)
+  run = _Run(name, state, hooks or Hooks(), mesh, seeds_over_devices, split)
   state, done = run.start(state)
   data, logits = _place_pool(data, logits, mesh, seeds_over_devices)
   seed_data = _place_seed_data(seed_data, data, mesh, run.seeds is not None, seeds_over_devices)
@@ -192,7 +195,9 @@ def _mean_of(rows: Sequence[Row] | None, key: str | None) -> float | None:
 class _Run:
   """One stage's bookkeeping around the dispatches: seeds, rows, checkpoints and stops."""
 
-  def __init__(self, name: str, state: TrainState, hooks: Hooks, mesh: Mesh, by_seed: bool):
+  def __init__(
+    self, name: str, state: TrainState, hooks: Hooks, mesh: Mesh, by_seed: bool, split=None
+  ):
     self.name, self.hooks, self.t0 = name, hooks, time.time()
     self.seeds = num_seeds(state)
     self.index = list(range(self.seeds)) if self.seeds else [None]  # seed_slice indices
@@ -204,7 +209,7 @@ class _Run:
     if by_seed:
       self.shardings = jax.tree.map(lambda _: seed_sharded(mesh), self.abstract)
     else:
-      self.shardings = state_sharding(self.abstract, mesh)
+      self.shardings = state_sharding(self.abstract, mesh, split=split)
 
   def start(self, state: TrainState) -> tuple[TrainState, int]:
     """The state to train from (restored from the newest checkpoint if any), placed on the mesh."""

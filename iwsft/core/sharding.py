@@ -1,9 +1,10 @@
-"""Where arrays live: the (data, fsdp) device mesh, FSDP's per-leaf rule, and the sampling pool.
+"""Where arrays live: the (data, fsdp, model) device mesh, the per-leaf rule, and the sampling pool.
 
-Batches and the sampling pool (the training sequences on the devices) are split over every device
-of the mesh along their leading axis; parameters and optimiser state are replicated, or split over
-the "fsdp" axis when large (state_sharding). The pool is padded to a multiple of the device count,
-and each process supplies only its own rows of it (pool_rows, put_pool).
+Batches and the sampling pool (the training sequences on the devices) are split over the data and
+fsdp axes along their leading axis, whole on each device of a model group; parameters and
+optimiser state are replicated, or split over the "fsdp" axis when large, and over the "model"
+axis where the model says (tensor parallelism; state_sharding). The pool is padded to a multiple
+of the device count, and each process supplies only its own rows of it (pool_rows, put_pool).
 
 Independent seeds of a small model can instead be split over the devices (seed_mesh,
 seed_sharded): each device holds its seeds' whole state and the whole pool, and trains them on
@@ -21,22 +22,38 @@ from iwsft.errors import UserError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+MODEL_AXIS = "model"
+AXES = (DATA_AXIS, FSDP_AXIS, MODEL_AXIS)
 FSDP_MIN_SIZE = 2**14  # elements; smaller leaves stay replicated under FSDP
 
 
-def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
-  """A (data, fsdp) mesh over the first num_devices devices (all by default).
+def make_mesh(num_devices: int | None = None, fsdp: int = 1, model: int = 1) -> Mesh:
+  """A (data, fsdp, model) mesh over the first num_devices devices (all by default).
 
-  fsdp=1 is plain data parallelism with replicated state.
+  fsdp=1, model=1 is plain data parallelism with replicated state. A model group's devices are
+  adjacent (the fastest links), then an fsdp group's.
   """
   devices = jax.devices()
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
       raise UserError(f"asked for {num_devices} devices, {len(devices)} available")
     devices = devices[:num_devices]
-  if fsdp < 1 or len(devices) % fsdp:
-    raise UserError(f"fsdp {fsdp} must be a positive divisor of the {len(devices)} devices")
-  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
+  if model < 1 or len(devices) % model:
+    raise UserError(
+      f"tensor_parallel {model} must be a positive divisor of the {len(devices)} devices"
+    )
+  if fsdp < 1 or len(devices) % (fsdp * model):
+    raise UserError(
+      f"fsdp {fsdp} must be a positive divisor of the {len(devices) // model} devices left "
+      f"by tensor_parallel {model}"
+    )
+  shape = (len(devices) // (fsdp * model), fsdp, model)
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways a batch is split: the data and fsdp axes (a model group shares its rows)."""
+  return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -66,7 +83,7 @@ def seed_mesh(mesh: Mesh, num_seeds: int) -> Mesh:
     )
   devices = list(mesh.devices.flat)
   d = max(k for k in range(1, min(len(devices), num_seeds) + 1) if num_seeds % k == 0)
-  return Mesh(np.asarray(devices[:d]).reshape(d, 1), (DATA_AXIS, FSDP_AXIS))
+  return Mesh(np.asarray(devices[:d]).reshape(d, 1, 1), AXES)
 
 
 def seed_sharded(mesh: Mesh) -> NamedSharding:
@@ -74,39 +91,50 @@ def seed_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
 
 
-def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
-  """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs): FSDP's rule.
+def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE, split=None):
+  """A NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs).
 
-  A leaf of at least min_size elements is split over the "fsdp" axis along its largest dimension
-  that the axis size divides; smaller leaves (biases, norms, step, key) are replicated, since
-  splitting them saves little memory and costs a gather each.
+  Tensor parallelism: split(key path tuple, shape) -> the dimension of a leaf split over the
+  "model" axis, or None (e.g. lm.model.tensor_parallel_dim); without split, or on a model axis of
+  1, nothing is. FSDP: a leaf of at least min_size elements is split over the "fsdp" axis along
+  its largest other dimension that the axis size divides; smaller leaves (biases, norms, step,
+  key) are replicated, since splitting them saves little memory and costs a gather each.
   """
-  n = mesh.shape[FSDP_AXIS]
+  n, m = mesh.shape[FSDP_AXIS], mesh.shape.get(MODEL_AXIS, 1)
 
-  def rule(x):
-    shape = tuple(x.shape)
-    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-      return replicated(mesh)
-    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
-    if not dims:
-      return replicated(mesh)
-    spec = [None] * len(shape)
-    spec[dims[0]] = FSDP_AXIS
+  def rule(path, x):
+    shape, spec = tuple(x.shape), [None] * len(x.shape)
+    tp = None if split is None or m == 1 else split(_keys(path), shape)
+    if tp is not None:
+      if shape[tp] % m:
+        raise ValueError(f"{jax.tree_util.keystr(path)} {shape}: dim {tp} does not split {m} ways")
+      spec[tp] = MODEL_AXIS
+    if n > 1 and int(np.prod(shape, dtype=np.int64)) >= min_size:
+      dims = [d for d in range(len(shape)) if d != tp and shape[d] % n == 0]
+      if dims:
+        spec[max(dims, key=lambda d: (shape[d], -d))] = FSDP_AXIS
     return NamedSharding(mesh, P(*spec))
 
-  return jax.tree.map(rule, state)
+  return jax.tree_util.tree_map_with_path(rule, state)
+
+
+def _keys(path) -> tuple:
+  """A tree path as its dict keys and sequence indices (attribute steps as None)."""
+  return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
   """A batch splits over the mesh's devices, and into micro_batches parts that each do (else a
   UserError naming the setting)."""
-  n = mesh.devices.size
+  n = batch_devices(mesh)
   if batch_size < 1 or batch_size % n:
-    raise UserError(f"batch_size {batch_size} must be a positive multiple of the {n} devices")
+    raise UserError(
+      f"batch_size {batch_size} must be a positive multiple of the {n} data-parallel devices"
+    )
   if micro_batches < 1 or batch_size % (micro_batches * n):
     raise UserError(
       f"micro_batches {micro_batches} must divide batch_size {batch_size} into parts that are "
-      f"multiples of the {n} devices"
+      f"multiples of the {n} data-parallel devices"
     )
 
 

@@ -41,6 +41,7 @@ def prepare_workdir(path: str, overwrite: bool, marker: str = "result.json") -> 
 EXECUTION_SETTINGS = (
   "num_devices",
   "fsdp",
+  "tensor_parallel",
   "seeds_over_devices",
   "micro_batches",
   "compute",

@@ -26,7 +26,15 @@ from iwsft.core.sharding import state_sharding
 from iwsft.errors import UserError
 from iwsft.io import distributed
 from iwsft.lm import sources
-from iwsft.lm.model import LMConfig, Transformer, path_keys
+from iwsft.lm.model import (
+  LMConfig,
+  Transformer,
+  check_tensor_parallel,
+  path_keys,
+  qkv_columns,
+  tensor_parallel_dim,
+  up_columns,
+)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
@@ -112,8 +120,12 @@ def hf_leaves(cfg: LMConfig) -> dict[tuple, Callable]:
   float32 array [in, out] from Hugging Face tensors: make(get), get(name) -> array [out, in]."""
   f32 = lambda x: np.asarray(x, np.float32)
   t = lambda name: lambda get: np.ascontiguousarray(f32(get(name)).T)
-  cat = lambda names, axis: lambda get: np.concatenate([f(get) for f in names], axis=axis)
   one = lambda name: lambda get: f32(get(name))
+
+  def cat(names, axis, columns):  # concatenated in HF's order, then reordered as the model's
+    return lambda get: np.take(np.concatenate([f(get) for f in names], axis=axis), columns, axis)
+
+  qkv, up = qkv_columns(cfg), up_columns(cfg)
   out = {
     ("embed", "embedding"): one("model.embed_tokens.weight"),
     ("norm", "scale"): one("model.norm.weight"),
@@ -122,14 +134,14 @@ def hf_leaves(cfg: LMConfig) -> dict[tuple, Callable]:
     p = f"model.layers.{i}."
     a = p + "self_attn."
     out[("blocks", i, "norm1", "scale")] = one(p + "input_layernorm.weight")
-    out[("blocks", i, "qkv", "kernel")] = cat([t(a + f"{x}_proj.weight") for x in "qkv"], 1)
+    out[("blocks", i, "qkv", "kernel")] = cat([t(a + f"{x}_proj.weight") for x in "qkv"], 1, qkv)
     out[("blocks", i, "proj", "kernel")] = t(a + "o_proj.weight")
     out[("blocks", i, "norm2", "scale")] = one(p + "post_attention_layernorm.weight")
-    up = [t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]
-    out[("blocks", i, "up", "kernel")] = cat(up, 1)
+    gate_up = [t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]
+    out[("blocks", i, "up", "kernel")] = cat(gate_up, 1, up)
     out[("blocks", i, "down", "kernel")] = t(p + "mlp.down_proj.weight")
     if cfg.qkv_bias:
-      out[("blocks", i, "qkv", "bias")] = cat([one(a + f"{x}_proj.bias") for x in "qkv"], 0)
+      out[("blocks", i, "qkv", "bias")] = cat([one(a + f"{x}_proj.bias") for x in "qkv"], 0, qkv)
   if not cfg.tie_embeddings:
     out[("unembed", "kernel")] = t("lm_head.weight")
   return out
@@ -140,21 +152,26 @@ def hf_tensors(cfg: LMConfig) -> dict[str, tuple[tuple, Callable]]:
   comes from, how: make(leaf [in, out]) -> tensor [out, in]), in the order a file lists them."""
   t = lambda x: np.ascontiguousarray(np.asarray(x).T)
   one = lambda x: np.asarray(x)
-  part = lambda cuts, k, axis, f: lambda x: f(np.split(np.asarray(x), cuts, axis=axis)[k])
+
+  def part(order, cuts, k, axis, f):  # back to HF's column order, then its k-th projection
+    undo = np.argsort(order)
+    return lambda x: f(np.split(np.take(np.asarray(x), undo, axis), cuts, axis=axis)[k])
+
   dh = cfg.head_dim
   qkv = [cfg.n_heads * dh, (cfg.n_heads + cfg.kv_heads) * dh]
+  qkv_order, up_order = qkv_columns(cfg), up_columns(cfg)
   out = {"model.embed_tokens.weight": (("embed", "embedding"), one)}
   for i in range(cfg.n_layers):
     p, b = f"model.layers.{i}.", ("blocks", i)
     out[p + "input_layernorm.weight"] = ((*b, "norm1", "scale"), one)
     for k, x in enumerate("qkv"):
-      out[p + f"self_attn.{x}_proj.weight"] = ((*b, "qkv", "kernel"), part(qkv, k, 1, t))
+      out[p + f"self_attn.{x}_proj.weight"] = ((*b, "qkv", "kernel"), part(qkv_order, qkv, k, 1, t))
     for k, x in enumerate("qkv" if cfg.qkv_bias else ""):
-      out[p + f"self_attn.{x}_proj.bias"] = ((*b, "qkv", "bias"), part(qkv, k, 0, one))
+      out[p + f"self_attn.{x}_proj.bias"] = ((*b, "qkv", "bias"), part(qkv_order, qkv, k, 0, one))
     out[p + "self_attn.o_proj.weight"] = ((*b, "proj", "kernel"), t)
     out[p + "post_attention_layernorm.weight"] = ((*b, "norm2", "scale"), one)
-    out[p + "mlp.gate_proj.weight"] = ((*b, "up", "kernel"), part(2, 0, 1, t))
-    out[p + "mlp.up_proj.weight"] = ((*b, "up", "kernel"), part(2, 1, 1, t))
+    out[p + "mlp.gate_proj.weight"] = ((*b, "up", "kernel"), part(up_order, 2, 0, 1, t))
+    out[p + "mlp.up_proj.weight"] = ((*b, "up", "kernel"), part(up_order, 2, 1, 1, t))
     out[p + "mlp.down_proj.weight"] = ((*b, "down", "kernel"), t)
   out["model.norm.weight"] = (("norm", "scale"), one)
   if not cfg.tie_embeddings:
@@ -165,11 +182,14 @@ def hf_tensors(cfg: LMConfig) -> dict[str, tuple[tuple, Callable]]:
 def read_params(cfg: LMConfig, get, mesh=None):
   """(graphdef, params) of Transformer(cfg), each leaf made from `get` (a sources.*Source's) in
   turn and, with a mesh, placed at once into its sharding there (core.sharding.state_sharding:
-  FSDP over the mesh's fsdp axis) by every process for its own devices. No more than one leaf's
+  FSDP over the mesh's fsdp axis, tensor parallelism over its model axis) by every process for its
+  own devices. No more than one leaf's
   tensors are on the host at a time, never the whole model; shapes are checked."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   pure = nnx.to_pure_dict(abstract)
-  shardings = None if mesh is None else state_sharding(pure, mesh)
+  if mesh is not None:
+    check_tensor_parallel(cfg, mesh)
+  shardings = None if mesh is None else state_sharding(pure, mesh, split=tensor_parallel_dim)
   paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
   places = [None] * len(paths) if shardings is None else jax.tree.leaves(shardings)
   makers, leaves = hf_leaves(cfg), []

@@ -35,6 +35,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
+  # devices each block's attention heads and MLP units are split over (Megatron-style tensor
+  # parallelism, the mesh's model axis); divides the key/value heads and the MLP width
+  c.tensor_parallel = 1
   c.micro_batches = 1  # gradients accumulated over this many parts of each batch (same update)
   # each (micro-)batch's sequences packed end to end into this many rows of the context, when
   # they fit (the same log-probs, loss and gradients at less cost); 0: every sequence padded

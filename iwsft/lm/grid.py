@@ -16,7 +16,7 @@ from iwsft.io import plots, report
 from iwsft.io import workdir as workdir_lib
 from iwsft.lm.config import LM_METHODS, UNWEIGHTED, get_config
 from iwsft.lm.pipeline import run_lm
-from iwsft.lm.settings import check_settings
+from iwsft.lm.settings import check_settings, run_identity
 from iwsft.lm.task import make_task
 from iwsft.sweep import CellRecord
 
@@ -46,7 +46,7 @@ class LMGrid:
     return self.task
 
   def identity(self) -> dict:
-    return workdir_lib.result_settings(self.cfg, "seed", "stages")
+    return {**workdir_lib.result_settings(self.cfg, "seed", "stages"), **run_identity()}
 
   @staticmethod
   def defaults() -> dict:

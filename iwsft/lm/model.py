@@ -7,7 +7,11 @@ Llama and Qwen2); the MLP is GELU or SwiGLU; attention is grouped-query (n_kv_he
 heads shared by n_heads query heads), with optional q/k/v biases (Qwen2); the output projection is
 tied to the token embedding or not. q, k and v come from one fused matrix [d, (H + 2K) · Dh], and
 SwiGLU's gate and up projections from one [d, 2 · d_ff], so large leaves stay few (FSDP splits
-them). The KV cache is a plain dict of arrays passed in and out (k, v: [layers, B, K, cache_len,
+them). Their columns are grouped so that any contiguous split of them is whole heads and whole
+MLP units (tensor parallelism, `tensor_parallel_dim`): qkv's are [K, G + 2, Dh] (each key/value
+head's G query heads, then its key, then its value; G = H / K), up's [d_ff, 2] (each unit's gate
+and up). Hugging Face's separate projections are these columns reordered (lm/checkpoints.py).
+The KV cache is a plain dict of arrays passed in and out (k, v: [layers, B, K, cache_len,
 Dh]), so decoding stays a pure function. `param_dtype` is the parameters' type (float32 or
 bfloat16), `dtype` the compute type.
 
@@ -26,9 +30,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from iwsft.core import objectives
+from iwsft.errors import UserError
 from iwsft.lm import packing
 from iwsft.lm.tokenizer import VOCAB_SIZE
 
@@ -87,6 +93,9 @@ class LMConfig:
     return self.n_kv_heads or self.n_heads
 
 
+# What the parameters' layout is (recorded in each run's identity, so a run saved in another
+# layout is refused rather than read wrongly): 2 = qkv and up grouped (tensor_parallel_dim).
+PARAM_LAYOUT = 2
 ATTENTION = ("full", "chunked", "dot_product")
 LORA_TARGETS = ("qkv", "proj", "up", "down")  # a block's projections
 REMAT = {  # jax.checkpoint policies: what a rematerialised block keeps for the backward pass
@@ -171,6 +180,9 @@ class Block(nnx.Module):
     self.norm2 = norm()
     self.up = dense(d, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff)
     self.down = dense(cfg.d_ff, d)
+    # drawn as [q | k | v] and [gate | up] columns, then grouped: the same function at init
+    self.qkv.kernel.value = self.qkv.kernel[...][:, qkv_columns(cfg)]
+    self.up.kernel.value = self.up.kernel[...][:, up_columns(cfg)]
     for name in cfg.lora_targets if cfg.lora_rank else ():  # B starts at 0: the model unchanged
       base = getattr(self, name)
       lora = nnx.LoRA(base.in_features, cfg.lora_rank, base.out_features, dtype=dtype, rngs=rngs)
@@ -186,10 +198,10 @@ class Block(nnx.Module):
     """x [B,T,d], positions [T] or [B,T] -> q [B,H,T,Dh], k and v [B,K,T,Dh]."""
     b, t, _ = x.shape
     c, dh = self.cfg, self.cfg.head_dim
-    q, k, v = jnp.split(
-      self._dense("qkv", self.norm1(x)), [c.n_heads * dh, (c.n_heads + c.kv_heads) * dh], -1
-    )
-    q, k, v = (y.reshape(b, t, -1, dh).transpose(0, 2, 1, 3) for y in (q, k, v))
+    g = c.n_heads // c.kv_heads
+    y = self._dense("qkv", self.norm1(x)).reshape(b, t, c.kv_heads, g + 2, dh)
+    q, k, v = y[:, :, :, :g].reshape(b, t, c.n_heads, dh), y[:, :, :, g], y[:, :, :, g + 1]
+    q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
     if c.positions == "rope":
       q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     return q, k, v
@@ -199,7 +211,8 @@ class Block(nnx.Module):
     x = x + self._dense("proj", att.transpose(0, 2, 1, 3).reshape(b, t, -1))
     h = self._dense("up", self.norm2(x))
     if self.cfg.mlp == "swiglu":
-      gate, up = jnp.split(h, 2, axis=-1)
+      h = h.reshape(*h.shape[:-1], self.cfg.d_ff, 2)
+      gate, up = h[..., 0], h[..., 1]
       return x + self._dense("down", jax.nn.silu(gate) * up)
     return x + self._dense("down", jax.nn.gelu(h))
 
@@ -356,6 +369,52 @@ def make_logprob_fn(
     return packing.packed_logprobs(rows, batch["tokens"], batch["mask"], packed_rows)
 
   return logprob_fn
+
+
+def qkv_columns(cfg: LMConfig) -> np.ndarray:
+  """[(H + 2K) · Dh] indices: qkv's grouped columns as positions in [q | k | v] order (q heads,
+  then k heads, then v heads, each Dh wide); new[:, i] = fused[:, qkv_columns[i]]."""
+  h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  g = h // kv
+  heads = [[j * g + i for i in range(g)] + [h + j, h + kv + j] for j in range(kv)]
+  return (np.asarray(heads).reshape(-1, 1) * dh + np.arange(dh)).reshape(-1)
+
+
+def up_columns(cfg: LMConfig) -> np.ndarray:
+  """[2 · d_ff] (SwiGLU) or [d_ff] indices: up's columns as positions in [gate | up] order."""
+  f = cfg.d_ff
+  if cfg.mlp != "swiglu":
+    return np.arange(f)
+  return np.stack([np.arange(f), f + np.arange(f)], axis=1).reshape(-1)
+
+
+def tensor_parallel_dim(keys: tuple, shape) -> int | None:
+  """Which dimension of a parameter (by its key path; a prefix such as an optimiser moment's is
+  ignored) is split over the mesh's model axis, Megatron-style: qkv's and up's output columns
+  (whole key/value-head groups and MLP units, so attention and the activation stay local), proj's
+  and down's input rows (their products are summed over the axis). None: not split (norms,
+  embeddings, LoRA adapters)."""
+  keys = tuple(k for k in keys if k is not None)
+  if "blocks" not in keys or len(keys) < 2:
+    return None
+  name, leaf = keys[-2], keys[-1]
+  if name in ("qkv", "up"):
+    return len(shape) - 1
+  if name in ("proj", "down") and leaf == "kernel":
+    return 0
+  return None
+
+
+def check_tensor_parallel(cfg: LMConfig, mesh) -> None:
+  """The mesh's model axis splits whole key/value-head groups and MLP units (else a UserError
+  naming the setting)."""
+  ways = mesh.shape.get("model", 1)
+  if cfg.kv_heads % ways:
+    raise UserError(
+      f"tensor_parallel {ways} must divide the model's {cfg.kv_heads} key/value heads"
+    )
+  if cfg.d_ff % ways:
+    raise UserError(f"tensor_parallel {ways} must divide the model's MLP width {cfg.d_ff}")
 
 
 def path_keys(path) -> tuple:

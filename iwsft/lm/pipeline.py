@@ -18,7 +18,7 @@ from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
 from iwsft.lm import data as lm_data
 from iwsft.lm.config import LM_METHODS, STAGES, get_config
-from iwsft.lm.settings import Model, Settings, check_settings, encode, load_model
+from iwsft.lm.settings import Model, Settings, check_settings, encode, load_model, run_identity
 from iwsft.lm.stages import STAGE_FUNCTIONS, Context
 
 # Everything a run writes to its workdir (removed by --overwrite when the settings changed).
@@ -51,13 +51,13 @@ def _user_records(s: Settings, model: Model) -> list | None:
 def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> Context:
   """Validates everything, then claims the workdir (process 0 writes) and opens the metrics log."""
   s = check_settings(cfg)
-  mesh = sharding.make_mesh(s.num_devices or None, s.fsdp)
+  mesh = sharding.make_mesh(s.num_devices or None, s.fsdp, s.tensor_parallel)
   model = load_model(s, mesh)
   for stage in (s.reference, s.finetune):
     sharding.check_batch_size(stage.batch_size, mesh, s.micro_batches)
   records = _user_records(s, model)
   # Stages and methods may differ between calls on one workdir; the device count may change too.
-  identity = workdir_lib.result_settings(cfg, "stages", "methods")
+  identity = {**workdir_lib.result_settings(cfg, "stages", "methods"), **run_identity()}
   workdir = os.path.abspath(os.path.expanduser(workdir))
   primary = distributed.is_primary()  # only process 0 writes; checkpoints are collective
   if primary:

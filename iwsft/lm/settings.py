@@ -22,7 +22,13 @@ from iwsft.lm import data as lm_data
 from iwsft.lm.checkpoints import check_export_dtype, smollm2_path
 from iwsft.lm.checkpoints import load_model as load_checkpoint
 from iwsft.lm.config import LM_METHODS, STAGES, WEIGHTED
-from iwsft.lm.model import LORA_TARGETS, LMConfig, Transformer
+from iwsft.lm.model import (
+  LORA_TARGETS,
+  PARAM_LAYOUT,
+  LMConfig,
+  Transformer,
+  check_tensor_parallel,
+)
 from iwsft.lm.task import make_task
 from iwsft.lm.tokenizer import ByteTokenizer
 
@@ -38,6 +44,7 @@ class Settings:
   data: str  # user records instead of the sample and curate stages ("" for none)
   num_devices: int
   fsdp: int
+  tensor_parallel: int
   micro_batches: int
   packed_rows: int  # rows a (micro-)batch is packed into; 0: padded
   compute: dict  # LMConfig's compute fields (attention, attention_chunk, remat, logits_chunk)
@@ -128,6 +135,7 @@ def check_settings(cfg) -> Settings:
     data=cfg.data,
     num_devices=cfg.num_devices,
     fsdp=cfg.fsdp,
+    tensor_parallel=cfg.tensor_parallel,
     micro_batches=cfg.micro_batches,
     packed_rows=cfg.packed_rows,
     compute=_compute(cfg.compute),
@@ -210,6 +218,12 @@ def _pretrained(model, mesh=None):
   return mcfg, graphdef, params, tok
 
 
+def run_identity() -> dict:
+  """What a run records beside its settings: the parameters' layout (model.PARAM_LAYOUT), so a
+  workdir saved in another one is refused (claim_workdir's defaults leave it out)."""
+  return {"param_layout": PARAM_LAYOUT}
+
+
 def prompt_ids(task, tok, prompt: str) -> list[int]:
   """A task prompt's ids: the tokenizer's (chat) prompt, then the task's response prefix."""
   return lm_data.prompt_tokens(prompt, tok, task.response_prefix(prompt))
@@ -231,6 +245,8 @@ def load_model(s: Settings, mesh=None) -> Model:
     mcfg, graphdef, init_params, tok = _pretrained(s.model, mesh)
   else:
     mcfg, tok = model_config(s.model), ByteTokenizer()
+    if mesh is not None:
+      check_tensor_parallel(mcfg, mesh)
     graphdef, init_params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(s.seed)))
   if any(getattr(mcfg, k) != v for k, v in s.compute.items()):  # the graph computes as told
     mcfg = dataclasses.replace(mcfg, **s.compute)

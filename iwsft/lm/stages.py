@@ -35,7 +35,7 @@ from iwsft.io.report import format_table
 from iwsft.lm import data as lm_data
 from iwsft.lm import lora
 from iwsft.lm.checkpoints import save_hf
-from iwsft.lm.model import make_logprob_fn, param_count, trainable
+from iwsft.lm.model import make_logprob_fn, param_count, tensor_parallel_dim, trainable
 from iwsft.lm.sampling import sample_grouped
 from iwsft.lm.settings import Model, Settings, encode, prompt_ids
 
@@ -180,7 +180,8 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   )
   sampling = Sampling(stage.steps, stage.batch_size, steps_per_dispatch=s.steps_per_dispatch)
   t0 = time.time()
-  state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=name, hooks=hooks)
+  where = dict(mesh=ctx.mesh, split=tensor_parallel_dim)
+  state = fit(update, state, data, logits, sampling, name=name, hooks=hooks, **where)
   params = distributed.to_host(state.params)
   if lora_graph is not None:  # the adapters merged into the base model's own layout
     params = lora.merge(lora_graph, params, distributed.to_host(state.frozen))

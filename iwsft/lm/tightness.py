@@ -24,7 +24,7 @@ from iwsft.core.loop import fit
 from iwsft.core.step import Sampling
 from iwsft.errors import UserError
 from iwsft.lm import data as lm_data
-from iwsft.lm.model import make_logprob_fn
+from iwsft.lm.model import make_logprob_fn, tensor_parallel_dim
 from iwsft.lm.sampling import sample_grouped
 from iwsft.lm.stages import Context, pool, problems, training
 
@@ -154,7 +154,8 @@ def trace(ctx: Context, method: str, probe: Probe, points: list[int], seed: int)
     sampling = Sampling(
       target - done, s.finetune.batch_size, steps_per_dispatch=s.steps_per_dispatch
     )
-    state = fit(update, state, data, logits, sampling, mesh=ctx.mesh, name=f"{method} {done}+")
+    where = dict(mesh=ctx.mesh, split=tensor_parallel_dim)
+    state = fit(update, state, data, logits, sampling, name=f"{method} {done}+", **where)
     row = point(ctx, probe, state.params, state.q_params, key)
     rows.append({"method": method, "step": target, **row})
   return rows
