@@ -7,9 +7,13 @@ time from abstract shapes: no weights are read and nothing runs.
 The step is the language pipeline's (iwsft.make_update with the authors' LM recipe, π_ref's
 log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), training the
 whole model or (--lora_ranks) LoRA adapters on the frozen base, on
-`--devices` forced host devices as one FSDP axis (every large leaf split over all of them), one
-sequence per device, in bfloat16 compute with float32 parameters (--param_dtype=bfloat16:
-bfloat16 parameters, and Adam's moments with them), with chunked attention, rematerialised
+`--devices` forced host devices as one FSDP axis (every large leaf split over all of them) or, with
+--tensor_parallel=M, as FSDP over devices / M times a model axis of M (each block's heads and MLP
+units split M ways, Megatron-style), a global batch of one sequence per device (a model group's
+devices share their sequences: --micro_batches=M keeps one sequence's activations at a time per
+device), in bfloat16
+compute with float32 parameters (--param_dtype=bfloat16: bfloat16 parameters, and Adam's moments
+with them), with chunked attention, rematerialised
 blocks and chunked log-probs (lm/model.py's compute settings). The blocks are a Python loop, so a
 64-block model compiles slowly on 2 cores: with --blocks=A,B the step is compiled at A and B
 blocks of the full width and the temporaries extrapolated linearly to the model's depth (the
@@ -45,7 +49,13 @@ from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
 from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
 from iwsft.core.state import init_state  # noqa: E402
 from iwsft.core.step import make_update, state_parts  # noqa: E402
-from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn  # noqa: E402
+from iwsft.lm.model import (  # noqa: E402
+  LMConfig,
+  Transformer,
+  check_tensor_parallel,
+  make_logprob_fn,
+  tensor_parallel_dim,
+)
 
 GIB = 2**30
 COMPUTE = dict(
@@ -56,7 +66,11 @@ GPUS = {"H100 80 GB": 80, "H200 141 GB": 141}
 
 flags.DEFINE_list("models", list(MODELS), "models to size")
 flags.DEFINE_list("tokens", ["22000"], "sequence lengths (one sequence per device)")
-flags.DEFINE_integer("devices", 8, "forced host devices, one FSDP axis over all")
+flags.DEFINE_integer("devices", 8, "forced host devices")
+flags.DEFINE_integer("tensor_parallel", 1, "the model axis (FSDP over the remaining devices)")
+flags.DEFINE_integer(
+  "micro_batches", 1, "the batch's gradient accumulated over this many parts (make_update)"
+)
 flags.DEFINE_list("blocks", ["1", "2"], "compile at these depths and extrapolate (empty: whole)")
 flags.DEFINE_enum(
   "param_dtype", "float32", ["float32", "bfloat16"], "the parameters' type (Adam's moments follow)"
@@ -82,12 +96,14 @@ def abstract_state(cfg: LMConfig, optimizer):
   return graphdef, jax.eval_shape(make, lora, base)
 
 
-def compiled_memory(cfg: LMConfig, tokens: int, mesh) -> dict:
+def compiled_memory(cfg: LMConfig, tokens: int, mesh, micro_batches: int = 1) -> dict:
   """XLA's memory analysis of the update at `tokens` tokens per sequence, per device."""
   stage = StageConfig(steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4)
   optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
   graphdef, state = abstract_state(cfg, optimizer)
-  update = make_update(make_logprob_fn(graphdef), optimizer, recipes.LM)
+  update = make_update(
+    make_logprob_fn(graphdef), optimizer, recipes.LM, micro_batches=micro_batches
+  )
   b = mesh.devices.size
   batch = {
     "tokens": jax.ShapeDtypeStruct((b, tokens + 1), jnp.int32),
@@ -95,7 +111,7 @@ def compiled_memory(cfg: LMConfig, tokens: int, mesh) -> dict:
     "weight": jax.ShapeDtypeStruct((b,), jnp.float32),
     "logp_ref": jax.ShapeDtypeStruct((b, tokens + 1), jnp.float32),
   }
-  shardings = state_sharding(state, mesh)
+  shardings = state_sharding(state, mesh, split=tensor_parallel_dim)
   step = jax.jit(
     update,
     in_shardings=(shardings, batch_sharded(mesh)),
@@ -121,20 +137,29 @@ def _sharded_bytes(state, shardings) -> float:
 
 
 def size(
-  name: str, tokens: int, mesh, blocks: list[int], lora_rank: int = 0, param_dtype="float32"
+  name: str,
+  tokens: int,
+  mesh,
+  blocks: list[int],
+  lora_rank: int = 0,
+  param_dtype="float32",
+  micro_batches: int = 1,
 ) -> dict:
   """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
   cfg = dataclasses.replace(
     MODELS[name], max_len=tokens + 1, lora_rank=lora_rank, param_dtype=param_dtype, **COMPUTE
   )
   if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
-    lo, hi = (compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh) for n in blocks)
+    lo, hi = (
+      compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh, micro_batches)
+      for n in blocks
+    )
     per_block = {k: (hi[k] - lo[k]) / (blocks[1] - blocks[0]) for k in lo}
     at_depth = {k: lo[k] + (cfg.n_layers - blocks[0]) * per_block[k] for k in lo}
     compile_s = lo["compile_s"] + hi["compile_s"]
     how = f"compiled at {blocks[0]} and {blocks[1]} blocks, linear in depth"
   else:
-    at_depth = compiled_memory(cfg, tokens, mesh)
+    at_depth = compiled_memory(cfg, tokens, mesh, micro_batches)
     per_block, compile_s, how = {"temp_bytes": float("nan")}, at_depth["compile_s"], "whole"
   shapes = jax.tree.leaves(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = at_depth["state_bytes"]
@@ -144,6 +169,8 @@ def size(
     "param_dtype": param_dtype,
     "tokens": tokens,
     "devices": mesh.devices.size,
+    "tensor_parallel": mesh.shape["model"],
+    "micro_batches": micro_batches,
     "params_b": float(sum(np.prod(x.shape) for x in shapes)) / 1e9,
     "state_gib": state / GIB,
     "temp_gib": at_depth["temp_bytes"] / GIB,
@@ -159,27 +186,32 @@ def size(
 def main(argv):
   del argv
   F = flags.FLAGS
-  mesh = make_mesh(F.devices, fsdp=F.devices)
+  tp = F.tensor_parallel
+  mesh = make_mesh(F.devices, fsdp=F.devices // tp, model=tp)
   blocks = [int(b) for b in F.blocks]
   rows = []
   for name in F.models:
     for t in (int(t) for t in F.tokens):
       for r in (int(r) for r in F.lora_ranks):
         depth = blocks if name == "qwen2.5-32b" else []
-        rows.append(size(name, t, mesh, depth, r, F.param_dtype))
+        check_tensor_parallel(MODELS[name], mesh)
+        rows.append(size(name, t, mesh, depth, r, F.param_dtype, F.micro_batches))
         print(table(rows[-1:], list(rows[-1])), flush=True)
   cols = [
     "model",
     "lora_rank",
     "tokens",
     "devices",
+    "tensor_parallel",
+    "micro_batches",
     "params_b",
     "state_gib",
     *(f"state fits {g}" for g in GPUS),
   ]
   cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
   print("\n" + table(rows, cols))
-  print(f"-> {save('lm_sizing', {'rows': rows, 'compute': COMPUTE})}")
+  name = "lm_sizing" if tp == 1 else f"lm_sizing-tp{tp}-mb{F.micro_batches}"
+  print(f"-> {save(name, {'rows': rows, 'compute': COMPUTE})}")
 
 
 if __name__ == "__main__":

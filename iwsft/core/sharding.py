@@ -97,10 +97,16 @@ def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE, split=None)
   Tensor parallelism: split(key path tuple, shape) -> the dimension of a leaf split over the
   "model" axis, or None (e.g. lm.model.tensor_parallel_dim); without split, or on a model axis of
   1, nothing is. FSDP: a leaf of at least min_size elements is split over the "fsdp" axis along
-  its largest other dimension that the axis size divides; smaller leaves (biases, norms, step,
-  key) are replicated, since splitting them saves little memory and costs a gather each.
+  its largest other dimension that the axis size divides; a large leaf the model axis does not
+  split (an embedding) is split over fsdp and model together where its dimension allows, so no
+  large leaf is whole on every device of a model group. Smaller leaves (biases, norms, step, key)
+  are replicated, since splitting them saves little memory and costs a gather each.
   """
   n, m = mesh.shape[FSDP_AXIS], mesh.shape.get(MODEL_AXIS, 1)
+
+  def largest(shape, ways, skip=None):
+    dims = [d for d in range(len(shape)) if d != skip and shape[d] % ways == 0]
+    return max(dims, key=lambda d: (shape[d], -d)) if dims else None
 
   def rule(path, x):
     shape, spec = tuple(x.shape), [None] * len(x.shape)
@@ -109,10 +115,13 @@ def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE, split=None)
       if shape[tp] % m:
         raise ValueError(f"{jax.tree_util.keystr(path)} {shape}: dim {tp} does not split {m} ways")
       spec[tp] = MODEL_AXIS
-    if n > 1 and int(np.prod(shape, dtype=np.int64)) >= min_size:
-      dims = [d for d in range(len(shape)) if d != tp and shape[d] % n == 0]
-      if dims:
-        spec[max(dims, key=lambda d: (shape[d], -d))] = FSDP_AXIS
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+      return NamedSharding(mesh, P(*spec))
+    both = None if tp is not None or m == 1 else largest(shape, n * m)
+    if both is not None:
+      spec[both] = (FSDP_AXIS, MODEL_AXIS) if n > 1 else MODEL_AXIS
+    elif n > 1 and largest(shape, n, tp) is not None:
+      spec[largest(shape, n, tp)] = FSDP_AXIS
     return NamedSharding(mesh, P(*spec))
 
   return jax.tree_util.tree_map_with_path(rule, state)

@@ -19,7 +19,7 @@ from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, tensor_parall
 
 # Qwen2-like: rotary positions, SwiGLU, q/k/v biases, untied output, grouped-query attention
 CFG = LMConfig(
-  vocab_size=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_len=16,
+  vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_len=16,
   positions="rope", mlp="swiglu", qkv_bias=True, tie_embeddings=False,
 )  # fmt: skip
 
@@ -83,6 +83,7 @@ def main():
       "proj_rows": _spans(block["proj"]["kernel"][...], 0),
       "down_rows": _spans(block["down"]["kernel"][...], 0),
       "qkv_shard": list(block["qkv"]["kernel"][...].addressable_shards[0].data.shape),
+      "embed_shard": list(out.params["embed"]["embedding"][...].addressable_shards[0].data.shape),
       "moment_specs_match": _moments_match(out),
     }
   print(json.dumps(report))
