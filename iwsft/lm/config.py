@@ -33,6 +33,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.stages = STAGES  # any subset, run in this order
   c.methods = ("sft", "iw_sft", "sft_q")  # of LM_METHODS; π_ref ("reference") is always evaluated
   c.data = ""  # a JSON-lines file of curated records to fine-tune on instead of stages 2-3
+  # a JSON-lines math benchmark, {"prompt", "answer"} a line, that the evaluate stage scores
+  # instead of the task's problems (answers checked with math-verify: lm/answers.py)
+  c.eval_data = ""
   c.num_devices = 0  # 0: all devices
   c.fsdp = 1  # devices each large parameter (and its optimiser state) is split over
   # devices each block's attention heads and MLP units are split over (Megatron-style tensor
@@ -177,8 +180,9 @@ def _s1k(c: ml_collections.ConfigDict) -> None:
   1.0, learning rate 1e-5 on a cosine schedule with 5% warm-up, 8 sequences a step for 5 epochs
   (625 steps), bfloat16 compute, contexts up to 22,000 tokens, gradient checkpointing. A GPU/TPU
   job on 8 devices: give the model's Hugging Face directory (model.path) and the traces as
-  JSON lines of {"prompt", "completion"} (data). It fine-tunes only (stages: finetune): its
-  evaluation (AIME24, GPQA-Diamond) is not part of the project."""
+  JSON lines of {"prompt", "completion"} (data). It fine-tunes only (stages: finetune); add the
+  evaluate stage and eval_data (a math benchmark such as AIME24 as JSON lines of {"prompt",
+  "answer"}) for pass@1 checked with math-verify. GPQA-Diamond is not built."""
   c.model.update(path="", max_len=22_000, dtype="bfloat16")
   c.task.kind = "chat_sum"  # a pretrained model's chat template; its problems are not used
   c.stages = ("finetune",)

@@ -16,9 +16,18 @@ from iwsft.errors import UserError
 from iwsft.io import distributed, tracking
 from iwsft.io import workdir as workdir_lib
 from iwsft.io.preemption import PreemptionGuard
+from iwsft.lm import answers
 from iwsft.lm import data as lm_data
 from iwsft.lm.config import LM_METHODS, STAGES, get_config
-from iwsft.lm.settings import Model, Settings, check_settings, encode, load_model, run_identity
+from iwsft.lm.settings import (
+  Model,
+  Settings,
+  check_settings,
+  encode,
+  load_model,
+  prompt_ids,
+  run_identity,
+)
 from iwsft.lm.stages import STAGE_FUNCTIONS, Context
 
 # Everything a run writes to its workdir (removed by --overwrite when the settings changed).
@@ -48,6 +57,22 @@ def _user_records(s: Settings, model: Model) -> list | None:
   return records
 
 
+def _eval_problems(s: Settings, model: Model) -> list | None:
+  """The (prompt, answer) pairs of --config.eval_data, each prompt checked to leave room in the
+  context for an answer, or None."""
+  if not s.eval_data:
+    return None
+  problems = answers.read_answers(s.eval_data)
+  answers.MathAnswers(problems[:1])  # math-verify installed and the answers parse
+  for n, (prompt, _) in enumerate(problems, 1):
+    if len(prompt_ids(s.task, model.tok, prompt)) + 2 > model.mcfg.max_len:
+      raise UserError(
+        f"{s.eval_data}:{n}: the prompt leaves no room for an answer in model.max_len "
+        f"{model.mcfg.max_len}"
+      )
+  return problems
+
+
 def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> Context:
   """Validates everything, then claims the workdir (process 0 writes) and opens the metrics log."""
   s = check_settings(cfg)
@@ -56,6 +81,7 @@ def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> 
   for stage in (s.reference, s.finetune):
     sharding.check_batch_size(stage.batch_size, mesh, s.micro_batches)
   records = _user_records(s, model)
+  problems = _eval_problems(s, model)
   # Stages and methods may differ between calls on one workdir; the device count may change too.
   identity = {**workdir_lib.result_settings(cfg, "stages", "methods"), **run_identity()}
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -71,7 +97,9 @@ def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> 
     if primary
     else workdir_lib.NullLog()
   )
-  return Context(s, model, mesh, workdir, overwrite, quiet, log, PreemptionGuard(), records)
+  return Context(
+    s, model, mesh, workdir, overwrite, quiet, log, PreemptionGuard(), records, problems
+  )
 
 
 def run_lm(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> dict | None:

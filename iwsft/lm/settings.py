@@ -42,6 +42,7 @@ class Settings:
   stages: tuple[str, ...]
   methods: tuple[str, ...]
   data: str  # user records instead of the sample and curate stages ("" for none)
+  eval_data: str  # a math benchmark the evaluate stage scores instead ("" for none)
   num_devices: int
   fsdp: int
   tensor_parallel: int
@@ -133,6 +134,7 @@ def check_settings(cfg) -> Settings:
     stages=stages,
     methods=methods,
     data=cfg.data,
+    eval_data=cfg.eval_data,
     num_devices=cfg.num_devices,
     fsdp=cfg.fsdp,
     tensor_parallel=cfg.tensor_parallel,

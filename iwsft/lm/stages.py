@@ -34,6 +34,7 @@ from iwsft.io.preemption import PreemptionGuard
 from iwsft.io.report import format_table
 from iwsft.lm import data as lm_data
 from iwsft.lm import lora
+from iwsft.lm.answers import MathAnswers
 from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import make_logprob_fn, param_count, tensor_parallel_dim, trainable
 from iwsft.lm.sampling import sample_grouped
@@ -53,6 +54,7 @@ class Context:
   log: object
   guard: PreemptionGuard
   user_records: list | None  # the records of settings.data, checked whole, or None
+  eval_problems: list | None = None  # (prompt, answer) of settings.eval_data, or None
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *parts)
@@ -330,8 +332,9 @@ def finetune(ctx: Context) -> None:
       ctx.say(f"finetune: {method} written as a Hugging Face directory, {method}/hf/")
 
 
-def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dict:
-  """A model's pass@1 and partial score on the prompts, greedy and sampled."""
+def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list, verify) -> dict:
+  """A model's pass@1 and partial score on the prompts, greedy and sampled; verify(prompt,
+  completion) -> (correct, partial score)."""
   s, m = ctx.settings, ctx.model
   params = ctx.load(name)
   res = {}
@@ -341,7 +344,7 @@ def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dic
       m.graphdef, params, tokens, key, m.max_new, temp, s.top_k, special=m.special
     )
     texts = [m.tok.decode(x) for x in comps]
-    scores = np.array([s.task.verify(p, t) for p, t in zip(prompts, texts)])
+    scores = np.array([verify(p, t) for p, t in zip(prompts, texts)])
     res[f"pass@1_{mode}"] = float(scores[:, 0].mean())
     res[f"correct_{mode}"] = [int(x) for x in scores[:, 0]]  # per problem: paired tests
     res[f"score_{mode}"] = float(scores[:, 1].mean())
@@ -352,18 +355,23 @@ def _pass_at_1(ctx: Context, name: str, prompts: list[str], tokens: list) -> dic
 
 
 def evaluate(ctx: Context) -> dict:
-  """pass@1 of π_ref and every method on held-out problems: result.json and table.md."""
+  """pass@1 of π_ref and every method on held-out problems (or settings.eval_data's benchmark,
+  answers checked with math-verify): result.json and table.md."""
   s, c = ctx.settings, ctx.settings.task_cfg
-  seen = set(problems(s, c.sample_prompts, 2))
-  if s.task.pretrains:
-    seen |= set(problems(s, c.demos, 1))
-  held_out = problems(s, c.eval_problems, 3, exclude=seen)
-  prompts = [s.task.prompt(a, b) for a, b in held_out]
+  if ctx.eval_problems is not None:
+    prompts, verify = [p for p, _ in ctx.eval_problems], MathAnswers(ctx.eval_problems).verify
+  else:
+    seen = set(problems(s, c.sample_prompts, 2))
+    if s.task.pretrains:
+      seen |= set(problems(s, c.demos, 1))
+    held_out = problems(s, c.eval_problems, 3, exclude=seen)
+    prompts, verify = [s.task.prompt(a, b) for a, b in held_out], s.task.verify
   tokens = [ctx.prompt_ids(p) for p in prompts]
-  models = {n: _pass_at_1(ctx, n, prompts, tokens) for n in ["reference", *s.methods]}
+  models = {n: _pass_at_1(ctx, n, prompts, tokens, verify) for n in ["reference", *s.methods]}
   result = {
     "seed": s.seed,
-    "eval_problems": len(held_out),
+    "eval_data": s.eval_data or None,
+    "eval_problems": len(prompts),
     "models": models,
     "parameters": param_count(ctx.model.init_params),
     "config": s.config,
