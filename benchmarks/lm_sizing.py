@@ -68,6 +68,9 @@ flags.DEFINE_list("models", list(MODELS), "models to size")
 flags.DEFINE_list("tokens", ["22000"], "sequence lengths (one sequence per device)")
 flags.DEFINE_integer("devices", 8, "forced host devices")
 flags.DEFINE_integer("tensor_parallel", 1, "the model axis (FSDP over the remaining devices)")
+flags.DEFINE_enum(
+  "moment_dtype", "", ["", "float32", "bfloat16"], "Adam's moments' type ('': the parameters')"
+)
 flags.DEFINE_integer(
   "micro_batches", 1, "the batch's gradient accumulated over this many parts (make_update)"
 )
@@ -96,9 +99,13 @@ def abstract_state(cfg: LMConfig, optimizer):
   return graphdef, jax.eval_shape(make, lora, base)
 
 
-def compiled_memory(cfg: LMConfig, tokens: int, mesh, micro_batches: int = 1) -> dict:
+def compiled_memory(
+  cfg: LMConfig, tokens: int, mesh, micro_batches: int = 1, moment_dtype: str = ""
+) -> dict:
   """XLA's memory analysis of the update at `tokens` tokens per sequence, per device."""
-  stage = StageConfig(steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4)
+  stage = StageConfig(
+    steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4, moment_dtype=moment_dtype
+  )
   optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
   graphdef, state = abstract_state(cfg, optimizer)
   update = make_update(
@@ -144,6 +151,7 @@ def size(
   lora_rank: int = 0,
   param_dtype="float32",
   micro_batches: int = 1,
+  moment_dtype: str = "",
 ) -> dict:
   """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
   cfg = dataclasses.replace(
@@ -151,7 +159,9 @@ def size(
   )
   if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
     lo, hi = (
-      compiled_memory(dataclasses.replace(cfg, n_layers=n), tokens, mesh, micro_batches)
+      compiled_memory(
+        dataclasses.replace(cfg, n_layers=n), tokens, mesh, micro_batches, moment_dtype
+      )
       for n in blocks
     )
     per_block = {k: (hi[k] - lo[k]) / (blocks[1] - blocks[0]) for k in lo}
@@ -159,7 +169,7 @@ def size(
     compile_s = lo["compile_s"] + hi["compile_s"]
     how = f"compiled at {blocks[0]} and {blocks[1]} blocks, linear in depth"
   else:
-    at_depth = compiled_memory(cfg, tokens, mesh, micro_batches)
+    at_depth = compiled_memory(cfg, tokens, mesh, micro_batches, moment_dtype)
     per_block, compile_s, how = {"temp_bytes": float("nan")}, at_depth["compile_s"], "whole"
   shapes = jax.tree.leaves(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = at_depth["state_bytes"]
@@ -167,6 +177,7 @@ def size(
     "model": name,
     "lora_rank": lora_rank,
     "param_dtype": param_dtype,
+    "moment_dtype": moment_dtype or param_dtype,
     "tokens": tokens,
     "devices": mesh.devices.size,
     "tensor_parallel": mesh.shape["model"],
@@ -195,7 +206,8 @@ def main(argv):
       for r in (int(r) for r in F.lora_ranks):
         depth = blocks if name == "qwen2.5-32b" else []
         check_tensor_parallel(MODELS[name], mesh)
-        rows.append(size(name, t, mesh, depth, r, F.param_dtype, F.micro_batches))
+        args = (F.param_dtype, F.micro_batches, F.moment_dtype)
+        rows.append(size(name, t, mesh, depth, r, *args))
         print(table(rows[-1:], list(rows[-1])), flush=True)
   cols = [
     "model",
@@ -211,6 +223,8 @@ def main(argv):
   cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
   print("\n" + table(rows, cols))
   name = "lm_sizing" if tp == 1 else f"lm_sizing-tp{tp}-mb{F.micro_batches}"
+  if F.moment_dtype:
+    name += f"-moments-{F.moment_dtype}"
   print(f"-> {save(name, {'rows': rows, 'compute': COMPUTE})}")
 
 

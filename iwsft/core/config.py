@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -29,6 +30,8 @@ class StageConfig:
   weight_decay: AdamW's decoupled weight decay of weight matrices (0: plain Adam); norms and
     biases are not decayed (as Hugging Face's Trainer).
   clip_norm: clip the gradient to this global norm first (0: no clipping).
+  moment_dtype: the type Adam's moments are kept in: "" (the parameters' own), "float32" (e.g.
+    beside bfloat16 parameters) or "bfloat16".
   """
 
   steps: int = 1000
@@ -40,6 +43,7 @@ class StageConfig:
   weight_decay: float = 0.0
   adam_b2: float = 0.999
   clip_norm: float = 0.0
+  moment_dtype: str = ""
 
   def __post_init__(self):
     if self.steps < 1:
@@ -54,6 +58,10 @@ class StageConfig:
       raise UserError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
     if self.clip_norm < 0 or self.weight_decay < 0:
       raise UserError("clip_norm and weight_decay must be >= 0")
+    if self.moment_dtype not in ("", "float32", "bfloat16"):
+      raise UserError(
+        f"moment_dtype must be '', 'float32' or 'bfloat16', got {self.moment_dtype!r}"
+      )
     if not 0 <= self.warmup_steps < self.steps:
       raise UserError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
 
@@ -155,4 +163,25 @@ def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
     opt = optax.adam(lr, b2=stage.adam_b2)
   if stage.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(stage.clip_norm), opt)
-  return opt
+  return with_state_dtype(opt, stage.moment_dtype) if stage.moment_dtype else opt
+
+
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`inner` with its state (Adam's moments) kept in `dtype`: gradients and parameters are cast
+  to it on the way in, and the updates back to the gradients' own types."""
+
+  def cast(tree, to):
+    return jax.tree.map(
+      lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+  def init(params):
+    return inner.init(cast(params, dtype))
+
+  def update(updates, state, params=None):
+    types = jax.tree.map(lambda x: x.dtype, updates)
+    params = None if params is None else cast(params, dtype)
+    out, state = inner.update(cast(updates, dtype), state, params)
+    return jax.tree.map(lambda x, t: x.astype(t), out, types), state
+
+  return optax.GradientTransformation(init, update)

@@ -122,7 +122,8 @@ def _model_section() -> ml_collections.ConfigDict:
   m.d_ff = 256
   m.max_len = 64  # the context (tokens)
   m.dtype = "float32"  # compute type ("bfloat16" halves activations)
-  m.param_dtype = "float32"  # the parameters' type (and Adam's moments'): "bfloat16" halves them
+  # the parameters' type, and Adam's moments' unless finetune.moment_dtype says otherwise
+  m.param_dtype = "float32"
   m.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
   # LoRA: fine-tune low-rank adapters (rank lora_rank, output scaled by lora_alpha / lora_rank)
   # beside the lora_targets projections of every block instead of the model; 0: the whole model
