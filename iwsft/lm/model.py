@@ -338,12 +338,17 @@ def token_logprobs(model: Transformer, tokens, temperature: float = 1.0, segment
 
 
 def make_logprob_fn(
-  graphdef, n_layers: int = 0, train_layers: int = 0, temperature: float = 1.0, packed_rows: int = 0
+  graphdef,
+  n_layers: int = 0,
+  train_layers: int = 0,
+  temperature: float = 1.0,
+  packed_rows: int = 0,
+  packed_groups: int = 1,
 ):
   """The LM's `logprob_fn(params, batch) -> [B, T]` for the shared update step (batch["tokens"]):
   token_logprobs at `temperature`. packed_rows > 0: the batch's sequences computed packed into
   that many rows when they fit (lm/packing.py; batch["mask"] gives their lengths), the same
-  values at less cost.
+  values at less cost; in packed_groups blocks, one per data-parallel device.
 
   0 < train_layers < n_layers: only the top train_layers of the n_layers blocks and the final norm
   get gradients; the embedding (tied to the output) and the lower blocks are held constant, so the
@@ -366,7 +371,7 @@ def make_logprob_fn(
     rows = lambda tokens, segments: token_logprobs(model, tokens, temperature, segments)
     if not packed_rows:
       return rows(batch["tokens"], None)
-    return packing.packed_logprobs(rows, batch["tokens"], batch["mask"], packed_rows)
+    return packing.packed_logprobs(rows, batch["tokens"], batch["mask"], packed_rows, packed_groups)
 
   return logprob_fn
 

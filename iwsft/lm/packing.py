@@ -10,6 +10,10 @@ back at their [B, T] places (unpack), and the objective sees exactly the padded 
 per-sequence weights (each segment's log-ratio summed or averaged within it), the same loss and
 gradients, for every objective mode and reduction. A batch that does not fit in R rows is computed
 padded (both are compiled; lax.cond picks one per batch), so results never depend on R.
+
+On several data-parallel devices the batch's rows are split over them in contiguous blocks;
+packed in `groups` blocks (one per device), each block's sequences fill rows of their own, so no
+sequence moves to another device to be packed.
 """
 
 from __future__ import annotations
@@ -63,16 +67,23 @@ def unpack(values: jax.Array, lengths, row, offset) -> jax.Array:
   return jnp.where((col > 0) & (col < lengths[:, None]), picked, 0.0)
 
 
-def packed_logprobs(logprob_rows, tokens: jax.Array, mask: jax.Array, rows: int):
+def packed_logprobs(logprob_rows, tokens: jax.Array, mask: jax.Array, rows: int, groups: int = 1):
   """[B, T] token log-probs of a batch, computed on `rows` packed rows when its sequences fit.
 
   logprob_rows(tokens [N, T], segments [N, T] or None) -> [N, T] log-probs (entry t that of
-  token t given the earlier tokens of its segment)."""
-  lengths = lengths_of(mask)
-  row, offset, fits = plan(lengths, rows, tokens.shape[1])
+  token t given the earlier tokens of its segment). groups: the batch's contiguous blocks of
+  B / groups sequences are packed each into rows / groups rows (the data-parallel devices'
+  shards, kept on their devices); the batch is computed padded unless every block fits."""
+  (b, t), g = tokens.shape, groups
+  if b % g or rows % g:
+    raise ValueError(f"packing groups {g} must divide the batch {b} and the packed rows {rows}")
+  lengths = lengths_of(mask).reshape(g, b // g)
+  row, offset, fits = jax.vmap(plan, in_axes=(0, None, None))(lengths, rows // g, t)
 
   def packed(_):
-    p_tokens, segments = pack(tokens, lengths, row, offset, rows)
-    return unpack(logprob_rows(p_tokens, segments), lengths, row, offset)
+    pack_group = jax.vmap(pack, in_axes=(0, 0, 0, 0, None))
+    p_tokens, segments = pack_group(tokens.reshape(g, b // g, t), lengths, row, offset, rows // g)
+    values = logprob_rows(p_tokens.reshape(rows, t), segments.reshape(rows, t))
+    return jax.vmap(unpack)(values.reshape(g, rows // g, t), lengths, row, offset).reshape(b, t)
 
-  return jax.lax.cond(fits, packed, lambda _: logprob_rows(tokens, None), None)
+  return jax.lax.cond(jnp.all(fits), packed, lambda _: logprob_rows(tokens, None), None)

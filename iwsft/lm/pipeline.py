@@ -80,6 +80,11 @@ def prepare(cfg, workdir: str, overwrite: bool = False, quiet: bool = False) -> 
   model = load_model(s, mesh)
   for stage in (s.reference, s.finetune):
     sharding.check_batch_size(stage.batch_size, mesh, s.micro_batches)
+  if s.packed_rows % sharding.batch_devices(mesh):
+    raise UserError(
+      f"packed_rows {s.packed_rows} must be a multiple of the {sharding.batch_devices(mesh)} "
+      "data-parallel devices (each packs its own sequences)"
+    )
   records = _user_records(s, model)
   problems = _eval_problems(s, model)
   # Stages and methods may differ between calls on one workdir; the device count may change too.

@@ -25,6 +25,7 @@ from iwsft.core import curation
 from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
+from iwsft.core.sharding import batch_devices
 from iwsft.core.state import init_state
 from iwsft.core.step import Sampling, make_update, state_parts
 from iwsft.errors import UserError
@@ -131,24 +132,25 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
   track_bounds = ref_params is not None
   parts = state_parts(objective, track_bounds, "logp_ref" in data)
   graphdef = None
+  pack = dict(packed_rows=s.packed_rows, packed_groups=batch_devices(ctx.mesh))
   if s.model.lora_rank and name != "reference":
     m = s.model
     mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, m.lora_targets)
     graphdef, adapters = lora.adapters(mcfg, s.seed)
     optimizer = make_optimizer(stage)
     state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)
-    logprob_fn = make_logprob_fn(graphdef, packed_rows=s.packed_rows)
+    logprob_fn = make_logprob_fn(graphdef, **pack)
   else:
     layers = s.model.train_layers if name != "reference" else 0
     optimizer = _optimizer(ctx, stage, layers)
     rows = s.packed_rows if name != "reference" else 0
-    logprob_fn = make_logprob_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers, 1.0, rows)
+    logprob_fn = make_logprob_fn(
+      ctx.model.graphdef, ctx.model.mcfg.n_layers, layers, 1.0, rows, pack["packed_groups"]
+    )
     state = init_state(params, optimizer, s.seed, ref_params, **parts)
   ref_fn = None
   if s.ref_temperature != 1.0:
-    ref_fn = make_logprob_fn(
-      graphdef or ctx.model.graphdef, temperature=s.ref_temperature, packed_rows=s.packed_rows
-    )
+    ref_fn = make_logprob_fn(graphdef or ctx.model.graphdef, temperature=s.ref_temperature, **pack)
   update = make_update(
     logprob_fn,
     optimizer,

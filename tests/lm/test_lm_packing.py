@@ -2,6 +2,9 @@
 log-probs and the update's gradients against the padded batch, and no attention across segments."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -16,6 +19,8 @@ from iwsft.core.state import init_state
 from iwsft.core.step import make_update
 from iwsft.lm import packing
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, token_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 T = 24
 ARCHS = {  # GQA + RoPE + Qwen2 biases + SwiGLU; learned positions + GELU
@@ -140,3 +145,43 @@ def test_packed_rows_beyond_the_batch_is_a_user_error(tmp_path):
     check_settings(cfg)
   cfg.packed_rows = 8
   assert dataclasses.asdict(check_settings(cfg).finetune)["batch_size"] == 64
+
+
+def test_packing_per_device_block_equals_the_padded_batch():
+  """groups = 2 (two data-parallel devices): each half of the batch packed into rows of its own
+  gives the padded log-probs; a half that does not fit makes the whole batch padded, even when
+  the batch as a whole would fit in as many rows (the same values either way)."""
+  graphdef, params = nnx.split(_model("qwen2"))
+  batch, lengths = _batch(2, b=8)
+  padded = make_logprob_fn(graphdef)(params, batch)
+  rows = 2 * max(_first_fit(lengths[:4], T)[2], _first_fit(lengths[4:], T)[2])
+  assert rows < 8
+  got = make_logprob_fn(graphdef, packed_rows=rows, packed_groups=2)(params, batch)
+  chex.assert_trees_all_close(got * batch["mask"], padded * batch["mask"], atol=1e-5)
+  lens = np.array([12, 13, 5, 5])  # first half: 2 rows; second: 1; all four first-fit: 2 rows
+  assert _first_fit(lens, T)[2] == 2 and _first_fit(lens[:2], T)[2] == 2
+  tokens = np.where(np.arange(T)[None] < lens[:, None], 7, 0).astype(np.int32)
+  mask = (np.arange(T)[None] < lens[:, None]).astype(np.float32) * (np.arange(T)[None] >= 2)
+  plan = jax.vmap(packing.plan, in_axes=(0, None, None))
+  fits = plan(packing.lengths_of(jnp.asarray(mask)).reshape(2, 2), 1, T)[2]
+  assert list(np.asarray(fits)) == [False, True]  # so packed_logprobs computes it padded
+  small = {"tokens": tokens, "mask": mask, "weight": np.ones(4, np.float32)}
+  whole = make_logprob_fn(graphdef, packed_rows=2, packed_groups=2)(params, small)
+  chex.assert_trees_all_close(whole, make_logprob_fn(graphdef)(params, small), atol=1e-6)
+  with pytest.raises(ValueError, match="packing groups 3 must divide"):
+    make_logprob_fn(graphdef, packed_rows=4, packed_groups=3)(params, batch)
+
+
+def test_packed_rows_not_a_multiple_of_the_data_parallel_devices_is_one_line_exit_2(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "lm.py"),
+    f"--workdir={tmp_path / 'w'}",
+    "--config.packed_rows=4",
+  ]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert "packed_rows 4 must be a multiple of the 8 data-parallel devices" in lines[0]
+  assert not (tmp_path / "w").exists()
