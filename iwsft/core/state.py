@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from iwsft.core.sharding import state_sharding
+
 Params = Any
 
 
@@ -60,6 +62,8 @@ def init_state(
   keep_q: bool = True,
   keep_ref: bool = True,
   frozen: Params | None = None,
+  mesh=None,
+  split=None,
 ) -> TrainState:
   """Fresh state: q starts at params; π_ref defaults to params (fine-tuning starts from π_ref).
 
@@ -67,7 +71,14 @@ def init_state(
   does not need (step.state_parts says when). frozen: parameters held constant (TrainState),
   held as they are: the jitted steps never donate them. Every other array is copied, so the
   jitted steps may donate the state's buffers without deleting the caller's arrays.
+  mesh: the state is made inside one jitted function with each leaf born in its sharding there
+  (sharding.state_sharding with `split`), so no copy or optimiser moment is ever whole on one
+  device.
   """
+  if mesh is not None:
+    make = lambda p, r: init_state(p, optimizer, seed, r, keep_q=keep_q, keep_ref=keep_ref)
+    shardings = state_sharding(jax.eval_shape(make, params, ref_params), mesh, split=split)
+    return jax.jit(make, out_shardings=shardings)(params, ref_params).replace(frozen=frozen)
   copy = lambda t: jax.tree.map(jnp.array, t)
   params = copy(params)
   return TrainState(

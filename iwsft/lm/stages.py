@@ -133,12 +133,13 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
   parts = state_parts(objective, track_bounds, "logp_ref" in data)
   graphdef = None
   pack = dict(packed_rows=s.packed_rows, packed_groups=batch_devices(ctx.mesh))
+  where = dict(mesh=ctx.mesh, split=tensor_parallel_dim)  # the state made in its shardings
   if s.model.lora_rank and name != "reference":
     m = s.model
     mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, m.lora_targets)
     graphdef, adapters = lora.adapters(mcfg, s.seed)
     optimizer = make_optimizer(stage)
-    state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params)
+    state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params, **where)
     logprob_fn = make_logprob_fn(graphdef, **pack)
   else:
     layers = s.model.train_layers if name != "reference" else 0
@@ -147,7 +148,7 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     logprob_fn = make_logprob_fn(
       ctx.model.graphdef, ctx.model.mcfg.n_layers, layers, 1.0, rows, pack["packed_groups"]
     )
-    state = init_state(params, optimizer, s.seed, ref_params, **parts)
+    state = init_state(params, optimizer, s.seed, ref_params, **parts, **where)
   ref_fn = None
   if s.ref_temperature != 1.0:
     ref_fn = make_logprob_fn(graphdef or ctx.model.graphdef, temperature=s.ref_temperature, **pack)

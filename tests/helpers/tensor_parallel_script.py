@@ -68,7 +68,8 @@ def main():
   one, loss_one = run(iwsft.make_mesh(1))
   report = {"devices": jax.device_count(), "loss_one": loss_one}
   for data_ways, fsdp, model in ((2, 2, 2), (1, 4, 2), (4, 1, 2)):
-    out, loss = run(iwsft.make_mesh(8, fsdp=fsdp, model=model))
+    mesh = iwsft.make_mesh(8, fsdp=fsdp, model=model)
+    out, loss = run(mesh)
     diffs = [
       float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
       for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(one.params))
@@ -85,8 +86,25 @@ def main():
       "qkv_shard": list(block["qkv"]["kernel"][...].addressable_shards[0].data.shape),
       "embed_shard": list(out.params["embed"]["embedding"][...].addressable_shards[0].data.shape),
       "moment_specs_match": _moments_match(out),
+      "born_sharded": _born_sharded(params, opt, ref, mesh),
     }
   print(json.dumps(report))
+
+
+def _born_sharded(params, opt, ref, mesh) -> bool:
+  """init_state with a mesh: every leaf in state_sharding's sharding, the values init_state's."""
+  state = iwsft.init_state(params, opt, 0, ref, mesh=mesh, split=tensor_parallel_dim)
+  want = iwsft.state_sharding(state, mesh, split=tensor_parallel_dim)
+  same_place = all(
+    x.sharding.is_equivalent_to(s, x.ndim)
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True)
+  )
+  plain = iwsft.init_state(params, opt, 0, ref)
+  same_values = all(
+    np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain), strict=True)
+  )
+  return same_place and same_values
 
 
 def _moments_match(state) -> bool:

@@ -98,7 +98,8 @@ def test_data_fsdp_model_meshes_train_as_one_device_with_whole_heads_per_shard()
   """On 8 forced devices, (data, fsdp, model) = (2, 2, 2), (1, 4, 2), (4, 1, 2): the same losses
   and parameters as one device (1e-4), and each model-axis shard of a block holds whole
   key/value-head groups (qkv's columns, proj's rows) and whole MLP units (up's columns, down's
-  rows); the optimiser's momentum is sharded as its parameter, and the embedding (which the
+  rows); the optimiser's momentum is sharded as its parameter, init_state(mesh=) makes every
+  leaf in that sharding, and the embedding (which the
   model axis does not split) over fsdp and model together."""
   script = os.path.join(ROOT, "tests", "helpers", "tensor_parallel_script.py")
   out = subprocess.run(
@@ -119,5 +120,5 @@ def test_data_fsdp_model_meshes_train_as_one_device_with_whole_heads_per_shard()
     assert r["proj_rows"] == halves(h * dh)  # the query heads of the same groups
     assert r["up_columns"] == halves(2 * d_ff) and r["down_rows"] == halves(d_ff)  # whole units
     assert r["qkv_shard"] == [d // fsdp, kv * group // 2]  # fsdp splits the other dimension
-    assert r["moment_specs_match"]
+    assert r["moment_specs_match"] and r["born_sharded"]
     assert r["embed_shard"] == [256 // (fsdp * 2), d]  # fsdp and model together
