@@ -239,19 +239,12 @@ def finetune(ctx: Context, ref_params: list) -> list:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-  """Spearman's rank correlation (ties share their average rank); None (undefined) for a
-  constant input."""
+  """Spearman's rank correlation (scipy); None (undefined) for a constant input."""
+  from scipy import stats
 
-  def ranks(x):
-    order = np.empty(len(x))
-    order[np.argsort(x, kind="stable")] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=order) / counts)[inverse]
-
-  ra, rb = ranks(a), ranks(b)
-  if ra.std() == 0 or rb.std() == 0:
+  if np.ptp(a) == 0 or np.ptp(b) == 0:
     return None
-  return float(np.corrcoef(ra, rb)[0, 1])
+  return float(stats.spearmanr(a, b).statistic)
 
 
 def final_log_ratio(ctx: Context, ref_params: list, params: list) -> list[dict | None]:
