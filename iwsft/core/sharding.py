@@ -110,7 +110,7 @@ def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE, split=None)
 
   def rule(path, x):
     shape, spec = tuple(x.shape), [None] * len(x.shape)
-    tp = None if split is None or m == 1 else split(_keys(path), shape)
+    tp = None if split is None or m == 1 else split(path_keys(path), shape)
     if tp is not None:
       if shape[tp] % m:
         raise ValueError(f"{jax.tree_util.keystr(path)} {shape}: dim {tp} does not split {m} ways")
@@ -127,8 +127,9 @@ def state_sharding(state, mesh: Mesh, min_size: int = FSDP_MIN_SIZE, split=None)
   return jax.tree_util.tree_map_with_path(rule, state)
 
 
-def _keys(path) -> tuple:
-  """A tree path as its dict keys and sequence indices (attribute steps as None)."""
+def path_keys(path) -> tuple:
+  """A tree path as the tuple of its dict keys and sequence indices (attribute steps as None),
+  e.g. ("blocks", 0, "qkv", "kernel")."""
   return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 

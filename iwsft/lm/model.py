@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from iwsft.core import objectives
+from iwsft.core.sharding import path_keys
 from iwsft.errors import UserError
 from iwsft.lm import packing
 from iwsft.lm.tokenizer import VOCAB_SIZE
@@ -420,11 +421,6 @@ def check_tensor_parallel(cfg: LMConfig, mesh) -> None:
     )
   if cfg.d_ff % ways:
     raise UserError(f"tensor_parallel {ways} must divide the model's MLP width {cfg.d_ff}")
-
-
-def path_keys(path) -> tuple:
-  """A tree path as the tuple of its keys, e.g. ("blocks", 0, "qkv", "kernel")."""
-  return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
 def trainable(path, n_layers: int, train_layers: int) -> bool:
