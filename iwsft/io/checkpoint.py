@@ -29,7 +29,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from iwsft.errors import UserError
-from iwsft.io.distributed import to_host
 
 _policies = ocp.checkpoint_managers
 
@@ -37,19 +36,38 @@ _policies = ocp.checkpoint_managers
 def save_state(path: str, state: nnx.State) -> None:
   """Writes an NNX state (e.g. policy params) to directory `path` (replacing it).
 
-  Host copies are written, so every process of a multi-process run can call it with its own copy.
+  A collective: every process of a multi-process run calls it. Host arrays (the same in every
+  process) are written once; arrays split over the mesh are written by each process from its
+  own shards, never gathered.
   """
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(path), to_host(nnx.to_pure_dict(state)), force=True)
+  ckptr.save(os.path.abspath(path), jax.tree.map(_savable, nnx.to_pure_dict(state)), force=True)
   ckptr.wait_until_finished()
+
+
+def _savable(x):
+  """A global jax array as it is (orbax writes each shard from the process holding it); a
+  process-local one of a multi-process run, and any host value, as numpy (the same in every
+  process)."""
+  if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+    return x
+  return np.asarray(x)
 
 
 def restore_state(path: str, template: nnx.State) -> nnx.State:
   """Reads `path` into the structure, shapes and dtypes of `template`; a UserError if they
-  differ."""
+  differ. A template leaf spread over several devices is restored in its sharding (each process
+  reading its own shards); any other leaf as a host (numpy) array."""
   ckptr = ocp.StandardCheckpointer()
   target = nnx.to_pure_dict(template)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  spread = lambda x: isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype, sharding=x.sharding if spread(x) else local
+    ),
+    target,
+  )
   try:
     restored = ckptr.restore(os.path.abspath(path), abstract)
   except Exception as e:
@@ -57,6 +75,7 @@ def restore_state(path: str, template: nnx.State) -> nnx.State:
       f"checkpoint {path} does not match this model: {type(e).__name__}: "
       f"{str(e).splitlines()[0] if str(e) else ''}"
     ) from None
+  restored = jax.tree.map(lambda r, x: r if spread(x) else np.asarray(r), restored, target)
   state = jax.tree.map(lambda x: x, template)
   nnx.replace_by_pure_dict(state, restored)
   return state

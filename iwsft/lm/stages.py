@@ -187,9 +187,9 @@ def train(ctx: Context, name, params, ref_params, data, logits, stage, objective
   t0 = time.time()
   where = dict(mesh=ctx.mesh, split=tensor_parallel_dim)
   state = fit(update, state, data, logits, sampling, name=name, hooks=hooks, **where)
-  params = distributed.to_host(state.params)
+  params = state.params  # on the devices: never whole in any one process
   if lora_graph is not None:  # the adapters merged into the base model's own layout
-    params = lora.merge(lora_graph, params, distributed.to_host(state.frozen))
+    params = lora.merge(lora_graph, params, state.frozen)
   checkpoint.save_state(ctx.path(name, "params"), params)
   if primary:  # the metrics log (and so the final loss) exists in process 0 only
     info = {
