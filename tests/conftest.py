@@ -166,3 +166,21 @@ def write_sum_records(path, pairs, **fields) -> None:
     for a, b in pairs
   ]
   path.write_text("".join(lines))
+
+
+def lm_command_error(workdir, *flags, devices: int = 0) -> str:
+  """Runs experiments/lm.py with `flags` on `workdir` (with `devices` forced CPU devices if > 0),
+  asserts it failed with exit 2 and one line and wrote nothing, and returns that line."""
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  if devices:
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(root, "experiments", "lm.py"), f"--workdir={workdir}", *flags]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert not os.path.exists(workdir)
+  return lines[0]

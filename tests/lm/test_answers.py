@@ -3,11 +3,9 @@ it."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import save_tiny_pretrained
+from conftest import lm_command_error, save_tiny_pretrained
 
 from iwsft.errors import UserError
 from iwsft.lm.answers import MathAnswers, read_answers
@@ -74,13 +72,5 @@ def test_the_s1k_preset_fine_tunes_then_scores_a_math_benchmark(tmp_path, smollm
 
 def test_a_bad_benchmark_is_one_line_exit_2_and_nothing_is_written(tmp_path):
   bench = _write(tmp_path / "bench.jsonl", [{"prompt": "What is 1 + 1?"}])
-  cmd = [
-    sys.executable,
-    os.path.join(ROOT, "experiments", "lm.py"),
-    f"--workdir={tmp_path / 'w'}",
-    f"--config.eval_data={bench}",
-  ]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  lines = r.stderr.strip().splitlines()
-  assert r.returncode == 2 and len(lines) == 1 and "bench.jsonl:1: need an object" in lines[0]
-  assert not (tmp_path / "w").exists()
+  line = lm_command_error(tmp_path / "w", f"--config.eval_data={bench}")
+  assert "bench.jsonl:1: need an object" in line

@@ -3,8 +3,6 @@ log-probs and the update's gradients against the padded batch, and no attention 
 
 import dataclasses
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -12,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import lm_command_error
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig
@@ -173,15 +172,5 @@ def test_packing_per_device_block_equals_the_padded_batch():
 
 
 def test_packed_rows_not_a_multiple_of_the_data_parallel_devices_is_one_line_exit_2(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  cmd = [
-    sys.executable,
-    os.path.join(ROOT, "experiments", "lm.py"),
-    f"--workdir={tmp_path / 'w'}",
-    "--config.packed_rows=4",
-  ]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-  lines = r.stderr.strip().splitlines()
-  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
-  assert "packed_rows 4 must be a multiple of the 8 data-parallel devices" in lines[0]
-  assert not (tmp_path / "w").exists()
+  line = lm_command_error(tmp_path / "w", "--config.packed_rows=4", devices=8)
+  assert "packed_rows 4 must be a multiple of the 8 data-parallel devices" in line

@@ -9,6 +9,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from conftest import lm_command_error
 from flax import nnx
 
 from iwsft.core.sharding import make_mesh
@@ -81,17 +82,8 @@ def test_a_model_axis_that_does_not_divide_the_devices_is_a_user_error():
 
 def test_the_command_refuses_a_model_axis_the_heads_do_not_split(tmp_path):
   """8 devices, tensor_parallel 8, the tiny model's 4 heads: one line, exit 2, nothing written."""
-  cmd = [
-    sys.executable,
-    os.path.join(ROOT, "experiments", "lm.py"),
-    f"--workdir={tmp_path / 'w'}",
-    "--config.tensor_parallel=8",
-  ]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=FORCED_8, timeout=300)
-  lines = r.stderr.strip().splitlines()
-  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
-  assert "tensor_parallel 8 must divide the model's 4 key/value heads" in lines[0]
-  assert not (tmp_path / "w").exists()
+  line = lm_command_error(tmp_path / "w", "--config.tensor_parallel=8", devices=8)
+  assert "tensor_parallel 8 must divide the model's 4 key/value heads" in line
 
 
 def test_data_fsdp_model_meshes_train_as_one_device_with_whole_heads_per_shard():
