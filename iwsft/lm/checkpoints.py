@@ -16,6 +16,7 @@ import glob
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import ml_dtypes
@@ -32,6 +33,7 @@ from iwsft.lm.model import (
   check_tensor_parallel,
   path_keys,
   qkv_columns,
+  stacked,
   tensor_parallel_dim,
   up_columns,
 )
@@ -183,8 +185,9 @@ def read_params(cfg: LMConfig, get, mesh=None):
   """(graphdef, params) of Transformer(cfg), each leaf made from `get` (a sources.*Source's) in
   turn and, with a mesh, placed at once into its sharding there (core.sharding.state_sharding:
   FSDP over the mesh's fsdp axis, tensor parallelism over its model axis) by every process for its
-  own devices. No more than one leaf's
-  tensors are on the host at a time, never the whole model; shapes are checked."""
+  own devices. No more than one leaf's tensors are on the host at a time, never the whole model (a
+  scanned model's stacked leaf: one layer's tensors and this process's shards of the leaf); shapes
+  are checked."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   pure = nnx.to_pure_dict(abstract)
   if mesh is not None:
@@ -194,17 +197,13 @@ def read_params(cfg: LMConfig, get, mesh=None):
   places = [None] * len(paths) if shardings is None else jax.tree.leaves(shardings)
   makers, leaves = hf_leaves(cfg), []
   for (path, spec), sharding in zip(paths, places, strict=True):
-    make = makers[path_keys(path)]
-    try:
-      host = make(get)
-    except KeyError as e:
-      raise UserError(f"checkpoint tensor {e} is missing") from None
-    host = host.astype(spec.dtype)  # the model's parameter type
-    if host.shape != tuple(spec.shape):
-      raise UserError(
-        f"checkpoint tensor {jax.tree_util.keystr(path)} has shape {host.shape}, "
-        f"the model expects {tuple(spec.shape)}"
-      )
+    keys = path_keys(path)
+    if stacked(keys):  # blocks/<leaf> [L, ...] from blocks/<i>/<leaf>, a layer at a time
+      layer = lambda i: (keys[0], i, *keys[1:])
+      read = lambda i: _read(makers[layer(i)], get, spec.dtype, spec.shape[1:], layer(i))
+      leaves.append(_stacked_leaf([partial(read, i) for i in range(cfg.n_layers)], spec, sharding))
+      continue
+    host = _read(makers[keys], get, spec.dtype, spec.shape, keys)
     if sharding is not None:
       host = jax.make_array_from_callback(host.shape, sharding, lambda i, h=host: h[i])
     leaves.append(host)
@@ -212,10 +211,44 @@ def read_params(cfg: LMConfig, get, mesh=None):
   return graphdef, abstract
 
 
+def _read(make, get, dtype, shape, keys: tuple) -> np.ndarray:
+  """make(get) in the parameter type dtype; a missing tensor or a shape other than `shape` is a
+  UserError naming it."""
+  try:
+    host = make(get).astype(dtype)
+  except KeyError as e:
+    raise UserError(f"checkpoint tensor {e} is missing") from None
+  if host.shape != tuple(shape):
+    name = "/".join(map(str, keys))
+    raise UserError(f"checkpoint tensor {name} has shape {host.shape}, the model expects {shape}")
+  return host
+
+
+def _stacked_leaf(layers: list[Callable], spec, sharding):
+  """A stacked leaf [L, ...] from its layers' makers (each -> [...]): on the host, or, with a
+  sharding, this process's shards filled one layer at a time and put on their devices."""
+  if sharding is None:
+    return np.stack([make() for make in layers])
+  shape = tuple(spec.shape)
+  where = sharding.addressable_devices_indices_map(shape)
+  key = lambda index: tuple((s.start, s.stop) for s in index)
+  shards = {key(i): np.empty(sharding.shard_shape(shape), spec.dtype) for i in where.values()}
+  for layer, make in enumerate(layers):
+    host = make()
+    for index in where.values():
+      rows = range(shape[0])[index[0]]
+      if layer in rows:
+        shards[key(index)][rows.index(layer)] = host[index[1:]]
+  arrays = [jax.device_put(shards[key(i)], d) for d, i in where.items()]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 # ----------------------------------------------------------------------------- readers
 
 
-def load_hf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
+def load_hf(
+  path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32", scan_layers=False
+):
   """A Hugging Face model directory (config.json, one or several *.safetensors, with or without
   an index) -> (cfg, graphdef, params), read tensor by tensor (read_params)."""
   from safetensors import SafetensorError
@@ -225,7 +258,8 @@ def load_hf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float
     raise UserError(f"{path} is not a Hugging Face model directory (config.json and *.safetensors)")
   try:
     with open(config) as f:
-      cfg = dataclasses.replace(config_from_hf(json.load(f), max_len), param_dtype=param_dtype)
+      cfg = config_from_hf(json.load(f), max_len)
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype, scan_layers=scan_layers)
     return (cfg, *read_params(cfg, sources.SafetensorsSource(path).get, mesh))
   except (json.JSONDecodeError, SafetensorError, OSError) as e:
     raise UserError(f"cannot read the checkpoint in {path}: {type(e).__name__}: {e}") from None
@@ -256,7 +290,9 @@ def gguf_config(reader, max_len: int) -> LMConfig:
   )
 
 
-def load_gguf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
+def load_gguf(
+  path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32", scan_layers=False
+):
   """A GGUF file (llama or qwen2, any quantization `gguf` dequantizes) -> (cfg, graphdef, params,
   reader), read tensor by tensor (read_params); the reader also holds the tokenizer
   (tokenizer.from_gguf)."""
@@ -266,22 +302,25 @@ def load_gguf(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "flo
     reader = gguf.GGUFReader(path)
   except Exception as e:  # noqa: BLE001  missing, truncated or not GGUF
     raise UserError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
-  cfg = dataclasses.replace(gguf_config(reader, max_len), param_dtype=param_dtype)
+  cfg = gguf_config(reader, max_len)
+  cfg = dataclasses.replace(cfg, param_dtype=param_dtype, scan_layers=scan_layers)
   source = sources.GGUFSource(reader, cfg.n_heads, cfg.kv_heads)
   return (cfg, *read_params(cfg, source.get, mesh), reader)
 
 
-def load_model(path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32"):
+def load_model(
+  path: str, max_len: int = 2048, mesh=None, param_dtype: str = "float32", scan_layers=False
+):
   """A Hugging Face directory or a .gguf file -> (cfg, graphdef, params, tokenizer), the params
-  in param_dtype and, with a mesh, placed in their shardings there as they are read
-  (read_params)."""
+  in param_dtype (the blocks stacked with scan_layers) and, with a mesh, placed in their
+  shardings there as they are read (read_params)."""
   from iwsft.lm import tokenizer
 
   if path.endswith(".gguf"):
-    cfg, graphdef, params, reader = load_gguf(path, max_len, mesh, param_dtype)
+    cfg, graphdef, params, reader = load_gguf(path, max_len, mesh, param_dtype, scan_layers)
     tok = tokenizer.from_gguf(reader)
   else:
-    cfg, graphdef, params = load_hf(path, max_len, mesh, param_dtype)
+    cfg, graphdef, params = load_hf(path, max_len, mesh, param_dtype, scan_layers)
     tok = tokenizer.from_hf_dir(path)
   if tok.vocab_size > cfg.vocab_size:
     raise UserError(
@@ -326,11 +365,14 @@ def save_hf(
   leaves = {
     path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
   }
+  for keys in [k for k in leaves if stacked(k)]:  # a scanned model's: one layer at a time
+    leaves.update({(keys[0], i, *keys[1:]): _Layer(leaves[keys], i) for i in range(cfg.n_layers)})
   writer = _ShardWriter(path, shard_bytes, primary)
   held = (None, None)
   for name, (key, make) in hf_tensors(cfg).items():
     if held[0] != key:  # a fused leaf gives several tensors: gathered once
-      held = (key, distributed.to_host(leaves[key]))
+      leaf = leaves[key]
+      held = (key, distributed.to_host(leaf() if isinstance(leaf, _Layer) else leaf))
     writer.add(name, make(held[1]).astype(EXPORT_DTYPES[dtype]))
   writer.close()
   if primary:
@@ -340,6 +382,17 @@ def save_hf(
     if tokenizer is not None:
       tokenizer.save(path)
   distributed.barrier(f"save_hf {path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """Layer i of a stacked leaf, sliced when called (every process slices a global array alike)."""
+
+  stacked: object
+  i: int
+
+  def __call__(self):
+    return self.stacked[self.i]
 
 
 class _ShardWriter:

@@ -125,6 +125,9 @@ def _model_section() -> ml_collections.ConfigDict:
   # the parameters' type, and Adam's moments' unless finetune.moment_dtype says otherwise
   m.param_dtype = "float32"
   m.train_layers = 0  # fine-tune only the top this many blocks (and the final norm); 0: all
+  # the blocks stacked and run by one lax.scan: one block compiled whatever the depth (the
+  # parameters' layout: blocks/qkv/kernel [n_layers, ...]; checkpoints load and export as usual)
+  m.scan_layers = False
   # LoRA: fine-tune low-rank adapters (rank lora_rank, output scaled by lora_alpha / lora_rank)
   # beside the lora_targets projections of every block instead of the model; 0: the whole model
   m.lora_rank = 0
@@ -179,12 +182,13 @@ def _s1k(c: ml_collections.ConfigDict) -> None:
   once), sequence weights exp(mean token log-ratio) clipped to [0, 16], per-token clip [0.2, 1.8],
   a per-sequence token mean, AdamW (0.9, 0.95) with weight decay 1e-4 on matrices, clipping at
   1.0, learning rate 1e-5 on a cosine schedule with 5% warm-up, 8 sequences a step for 5 epochs
-  (625 steps), bfloat16 compute, contexts up to 22,000 tokens, gradient checkpointing. A GPU/TPU
+  (625 steps), bfloat16 compute, contexts up to 22,000 tokens, gradient checkpointing (here with
+  the blocks scanned). A GPU/TPU
   job on 8 devices: give the model's Hugging Face directory (model.path) and the traces as
   JSON lines of {"prompt", "completion"} (data). It fine-tunes only (stages: finetune); add the
   evaluate stage and eval_data (a math benchmark such as AIME24 as JSON lines of {"prompt",
   "answer"}) for pass@1 checked with math-verify. GPQA-Diamond is not built."""
-  c.model.update(path="", max_len=22_000, dtype="bfloat16")
+  c.model.update(path="", max_len=22_000, dtype="bfloat16", scan_layers=True)
   c.task.kind = "chat_sum"  # a pretrained model's chat template; its problems are not used
   c.stages = ("finetune",)
   c.methods = ("sft", "iw_sft", "iw_sft_step")

@@ -32,10 +32,12 @@ def adapters(mcfg: LMConfig, seed: int):
 
 def merge(graphdef, lora, base):
   """The base parameters with every adapter merged into its projection: kernel + (alpha / rank)
-  · A B [in, out]; the base model's own state layout (no adapter leaves)."""
+  · A B [in, out] (per layer, for a scanned model's stacked leaves); the base model's own state
+  layout (no adapter leaves)."""
   model = nnx.merge(graphdef, lora, base, copy=True)  # base itself stays as it was
   cfg = model.cfg
-  for block in model.blocks:
+  blocks = [model.blocks] if cfg.scan_layers else model.blocks  # stacked: [L, ...] leaves
+  for block in blocks:
     for name in cfg.lora_targets:
       dense, adapter = getattr(block, name), getattr(block, f"{name}_lora")
       delta = adapter.lora_a[...] @ adapter.lora_b[...]

@@ -22,6 +22,13 @@ jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs that have it). `remat
 block's activations in the backward pass ("full"; "dots" keeps the matrix products). A
 `logits_chunk` computes the token log-probs that many positions at a time, so the float32 logits
 [B, T, V] are never whole.
+
+`scan_layers` stacks the blocks: `blocks` is one Block whose every leaf has a leading layer axis
+(`blocks/qkv/kernel` [n_layers, d, ...] instead of `blocks/<i>/qkv/kernel`), run by one
+`jax.lax.scan`, so one block is compiled whatever the depth (compile time and program size flat
+in n_layers; with remat, one block's temporaries). It is a parameter layout, not only a way to
+compute: at the same seed the stacked model's leaves are the per-layer model's stacked
+(`stack_blocks`), checkpoints load and export in Hugging Face's per-layer tensors either way.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class LMConfig:
   lora_rank: int = 0  # low-rank adapters beside the lora_targets projections; 0: none
   lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = ("qkv", "proj", "up", "down")
+  scan_layers: bool = False  # blocks stacked ([n_layers, ...] leaves) and run by one lax.scan
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -242,7 +250,8 @@ class Transformer(nnx.Module):
     if cfg.positions == "learned":
       pos = 0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model))
       self.pos = nnx.Param(pos.astype(cfg.param_dtype))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+    self.blocks = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, **kw)
     if not cfg.tie_embeddings:
       self.unembed = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, **kw)
@@ -268,43 +277,76 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens, segments=None):
     """tokens [B, T] -> the last block's output [B, T, d] (before the final norm), and every
-    block's keys and values ([B, K, T, Dh] each). segments [B, T] (packed rows, each token its
-    sequence's id): positions restart at each segment, and no token attends across segments."""
+    block's keys and values ([layers, B, K, T, Dh] each). segments [B, T] (packed rows, each token
+    its sequence's id): positions restart at each segment, and no token attends across segments."""
     positions = jnp.arange(tokens.shape[1]) if segments is None else segment_positions(segments)
     x = self._embed(tokens, 0, None if segments is None else positions)
+    if self.cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+      step = lambda x, layer: self._run(graphdef, layer, x, positions, segments)
+      x, (ks, vs) = jax.lax.scan(step, x, state)
+      return x, ks, vs
     ks, vs = [], []
     for block in self.blocks:
-      x, (k, v) = self._run(block, x, positions, segments)
+      x, (k, v) = self._run(*nnx.split(block), x, positions, segments)
       ks.append(k)
       vs.append(v)
-    return x, ks, vs
+    return x, jnp.stack(ks), jnp.stack(vs)
 
-  def _run(self, block: Block, x, positions, segments=None):
-    """One block's full pass; with remat, as a pure function of the block's state under
-    jax.checkpoint (nnx.remat cannot hold a block whose state was merged from several parts, as
-    LoRA's trained adapters and frozen base)."""
-    if self.cfg.remat == "none":
-      return block(x, positions, segments)
-    graphdef, state = nnx.split(block)
+  def _run(self, graphdef, state, x, positions, segments=None):
+    """One block's full pass as a pure function of its state, under jax.checkpoint with remat
+    (nnx.remat cannot hold a block merged from several parts, as LoRA's adapters and base)."""
     pure = lambda state, x: nnx.merge(graphdef, state)(x, positions, segments)
+    if self.cfg.remat == "none":
+      return pure(state, x)
     return jax.checkpoint(pure, policy=REMAT[self.cfg.remat])(state, x)
 
   def prefill(self, tokens):
     """tokens [B, T] -> (logits [B, T, V], cache) with the cache holding positions < T."""
     x, ks, vs = self.hidden(tokens)
     pad = [(0, 0), (0, 0), (0, 0), (0, self.cfg.max_len - tokens.shape[1]), (0, 0)]
-    cache = {"k": jnp.pad(jnp.stack(ks), pad), "v": jnp.pad(jnp.stack(vs), pad)}
-    return self._logits(x), cache
+    return self._logits(x), {"k": jnp.pad(ks, pad), "v": jnp.pad(vs, pad)}
 
   def decode(self, token, cache, pos):
     """token [B] at position pos (scalar) -> (logits [B, V], cache with pos filled)."""
     x = self._embed(token[:, None], pos)
+    if self.cfg.scan_layers:
+      graphdef, state = nnx.split(self.blocks)
+
+      def layer(x, args):
+        state, k, v = args
+        x, k, v = nnx.merge(graphdef, state).decode(x, k, v, pos)
+        return x, (k, v)
+
+      x, (ks, vs) = jax.lax.scan(layer, x, (state, cache["k"], cache["v"]))
+      return self._logits(x)[:, 0], {"k": ks, "v": vs}
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
       x, k, v = block.decode(x, cache["k"][i], cache["v"][i], pos)
       ks.append(k)
       vs.append(v)
     return self._logits(x)[:, 0], {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+
+
+def stack_modules(modules: list) -> nnx.Module:
+  """Modules of one structure -> one module of it whose every variable is theirs stacked on a new
+  leading axis (the scanned blocks: lax.scan runs it one slice at a time)."""
+  states = [nnx.state(m) for m in modules]
+  return nnx.merge(nnx.graphdef(modules[0]), jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+def stacked(keys: tuple) -> bool:
+  """Whether a parameter (by its key path) is a scanned model's stacked block leaf
+  [n_layers, ...] (blocks/qkv/kernel), not one block's (blocks/3/qkv/kernel) nor outside them."""
+  keys = tuple(k for k in keys if k is not None)
+  i = keys.index("blocks") + 1 if "blocks" in keys else len(keys)
+  return i < len(keys) and not str(keys[i]).isdigit()
+
+
+def stack_blocks(pure: dict) -> dict:
+  """A per-layer model's pure-dict state -> the scanned model's (its blocks stacked in order)."""
+  layers = [pure["blocks"][k] for k in sorted(pure["blocks"], key=int)]
+  return {**pure, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
 def segment_positions(segments):
@@ -362,12 +404,7 @@ def make_logprob_fn(
       model = nnx.merge(graphdef, params["trained"], params["frozen"])
     else:
       if 0 < train_layers < n_layers:
-        params = jax.tree_util.tree_map_with_path(
-          lambda path, x: (
-            x if trainable(path, n_layers, train_layers) else jax.lax.stop_gradient(x)
-          ),
-          params,
-        )
+        params = hold_lower_layers(params, n_layers, train_layers, jax.lax.stop_gradient)
       model = nnx.merge(graphdef, params)
     rows = lambda tokens, segments: token_logprobs(model, tokens, temperature, segments)
     if not packed_rows:
@@ -407,7 +444,7 @@ def tensor_parallel_dim(keys: tuple, shape) -> int | None:
   if name in ("qkv", "up"):
     return len(shape) - 1
   if name in ("proj", "down") and leaf == "kernel":
-    return 0
+    return 1 if stacked(keys) else 0
   return None
 
 
@@ -424,11 +461,26 @@ def check_tensor_parallel(cfg: LMConfig, mesh) -> None:
 
 
 def trainable(path, n_layers: int, train_layers: int) -> bool:
-  """Whether a parameter (by its tree path) trains when only the top train_layers blocks do."""
+  """Whether a parameter (by its tree path) trains when only the top train_layers blocks do; a
+  stacked block leaf trains, its lower layers held by hold_lower_layers."""
   keys = path_keys(path)
   if "blocks" in keys:
-    return int(keys[keys.index("blocks") + 1]) >= n_layers - train_layers
+    return stacked(keys) or int(keys[keys.index("blocks") + 1]) >= n_layers - train_layers
   return "embed" not in keys and "pos" not in keys
+
+
+def hold_lower_layers(tree, n_layers: int, train_layers: int, hold):
+  """tree (parameters, or updates of them) with hold(x) applied where only the top train_layers
+  blocks train: whole leaves that do not train (trainable), and a stacked leaf's lower
+  n_layers - train_layers layers."""
+  frozen = n_layers - train_layers
+
+  def leaf(path, x):
+    if stacked(path_keys(path)):
+      return jnp.concatenate([hold(x[:frozen]), x[frozen:]])
+    return x if trainable(path, n_layers, train_layers) else hold(x)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def param_count(params) -> int:

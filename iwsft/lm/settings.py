@@ -213,7 +213,9 @@ def _pretrained(model, mesh=None):
   path = smollm2_path() if model.path == "smollm2" else model.path
   if not os.path.exists(path):
     raise UserError(f"model.path {path} does not exist")
-  mcfg, graphdef, params, tok = load_checkpoint(path, model.max_len, mesh, model.param_dtype)
+  mcfg, graphdef, params, tok = load_checkpoint(
+    path, model.max_len, mesh, model.param_dtype, model.scan_layers
+  )
   if model.dtype != mcfg.dtype:
     mcfg = dataclasses.replace(mcfg, dtype=model.dtype)
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))[0]

@@ -18,6 +18,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -37,7 +38,13 @@ from iwsft.lm import data as lm_data
 from iwsft.lm import lora
 from iwsft.lm.answers import MathAnswers
 from iwsft.lm.checkpoints import save_hf
-from iwsft.lm.model import make_logprob_fn, param_count, tensor_parallel_dim, trainable
+from iwsft.lm.model import (
+  hold_lower_layers,
+  make_logprob_fn,
+  param_count,
+  tensor_parallel_dim,
+  trainable,
+)
 from iwsft.lm.sampling import sample_grouped
 from iwsft.lm.settings import Model, Settings, encode, prompt_ids
 
@@ -121,7 +128,12 @@ def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
     lambda path, _: "train" if trainable(path, n, train_layers) else "freeze",
     ctx.model.init_params,
   )
-  return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+  optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+  if not ctx.model.mcfg.scan_layers:
+    return optimizer
+  # a scanned model's stacked block leaves train whole; their lower layers' updates are zeroed
+  hold = optax.stateless(lambda u, _: hold_lower_layers(u, n, train_layers, jnp.zeros_like))
+  return optax.chain(optimizer, hold)
 
 
 def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, objective):
