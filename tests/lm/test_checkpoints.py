@@ -23,10 +23,12 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 HF = os.path.join(FIXTURES, "hf")
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["blocks", "scanned"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_logits_match_transformers(arch):
+def test_logits_match_transformers(arch, scan_layers):
   path = os.path.join(HF, f"tiny-{arch}")
-  cfg, graphdef, params = checkpoints.load_hf(path, max_len=64)
+  cfg, graphdef, params = checkpoints.load_hf(path, max_len=64, scan_layers=scan_layers)
+  assert cfg.scan_layers == scan_layers
   assert cfg.positions == "rope" and cfg.mlp == "swiglu" and cfg.kv_heads < cfg.n_heads
   assert cfg.qkv_bias == (arch == "qwen2") and cfg.tie_embeddings == (arch == "qwen2")
   ref = np.load(os.path.join(path, "logits.npz"))
