@@ -24,7 +24,7 @@ from hf_files import reshard  # noqa: E402
 from iwsft.core.sharding import make_mesh, state_sharding  # noqa: E402
 from iwsft.core.state import init_state  # noqa: E402
 from iwsft.lm import checkpoints  # noqa: E402
-from iwsft.lm.model import LMConfig, Transformer  # noqa: E402
+from iwsft.lm.model import LMConfig, Transformer, stack_blocks, tensor_parallel_dim  # noqa: E402
 
 
 def main(work: str):
@@ -68,9 +68,34 @@ def main(work: str):
         "shard": list(biggest.addressable_shards[0].data.shape),
         "state_large_leaves": len(large),
         "state_fsdp": all(x.sharding == r for x, r in big),
+        **_scanned(work, want),
       }
     )
   )
+
+
+def _scanned(work: str, want: dict) -> dict:
+  """The checkpoint loaded scanned onto (data, fsdp, model) = (2, 2, 2): stacked leaves filled a
+  layer at a time into their shardings; exported from there and read back per layer."""
+  mesh = make_mesh(8, fsdp=2, model=2)
+  cfg, _, placed = checkpoints.load_hf(work, max_len=32, mesh=mesh, scan_layers=True)
+  got = nnx.to_pure_dict(placed)
+  rules = jax.tree.leaves(state_sharding(got, mesh, split=tensor_parallel_dim))
+  checkpoints.save_hf(work + "-export", cfg, placed)
+  _, _, back = checkpoints.load_hf(work + "-export", max_len=32)
+  diff = lambda xs, ys: max(
+    float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    for a, b in zip(jax.tree.leaves(xs), jax.tree.leaves(ys), strict=True)
+  )
+  return {
+    "scanned_shardings": all(
+      x.sharding.is_equivalent_to(r, x.ndim)
+      for x, r in zip(jax.tree.leaves(got), rules, strict=True)
+    ),
+    "scanned_split": sum(not x.is_fully_replicated for x in jax.tree.leaves(got)),
+    "scanned_diff": diff(got, stack_blocks(want)),
+    "scanned_export_diff": diff(nnx.to_pure_dict(back), want),
+  }
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints one JSON line: per mesh, the losses and the parameters' max difference fr
 run, and for each block projection the column (or row) ranges its model-axis shards hold.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -15,7 +16,13 @@ from flax import nnx
 
 import iwsft
 from iwsft.core.objectives import ObjectiveConfig
-from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, tensor_parallel_dim
+from iwsft.lm.model import (
+  LMConfig,
+  Transformer,
+  make_logprob_fn,
+  stack_blocks,
+  tensor_parallel_dim,
+)
 
 # Qwen2-like: rotary positions, SwiGLU, q/k/v biases, untied output, grouped-query attention
 CFG = LMConfig(
@@ -38,9 +45,6 @@ def main():
   # SGD: a parameter's difference from one device is the gradients' (Adam's normalisation would
   # magnify rounding in near-zero gradients into whole steps)
   opt = optax.sgd(0.5, momentum=0.9)
-  update = iwsft.make_update(
-    make_logprob_fn(graphdef), opt, ObjectiveConfig("sequence", temperature=1.0, q_decay=0.9)
-  )
   rng = np.random.default_rng(0)
   n = 40
   data = {
@@ -50,8 +54,11 @@ def main():
   }
   ref = jax.tree.map(lambda x: x * 0.99, params)
 
-  def run(mesh):
+  def run(mesh, graphdef=graphdef, params=params):
     rows = []
+    objective = ObjectiveConfig("sequence", temperature=1.0, q_decay=0.9)
+    update = iwsft.make_update(make_logprob_fn(graphdef), opt, objective)
+    ref = jax.tree.map(lambda x: x * 0.99, params)
     out = iwsft.fit(
       update,
       iwsft.init_state(params, opt, 0, ref),
@@ -88,7 +95,30 @@ def main():
       "moment_specs_match": _moments_match(out),
       "born_sharded": _born_sharded(params, opt, ref, mesh),
     }
+  report["scanned"] = _scanned(run, one)
   print(json.dumps(report))
+
+
+def _scanned(run, one) -> dict:
+  """The scanned model (blocks stacked) on 2 x 2 x 2: the per-layer one-device run's parameters
+  stacked, each model-axis shard of a stacked projection whole heads/units of every layer."""
+  graphdef, params = nnx.split(
+    Transformer(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(0))
+  )
+  out, loss = run(iwsft.make_mesh(8, fsdp=2, model=2), graphdef, params)
+  want = stack_blocks(nnx.to_pure_dict(one.params))
+  got = nnx.to_pure_dict(out.params)
+  blocks = got["blocks"]
+  return {
+    "loss": loss,
+    "max_param_diff": max(
+      float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    ),
+    "qkv_columns": _spans(blocks["qkv"]["kernel"], 2),
+    "proj_rows": _spans(blocks["proj"]["kernel"], 1),
+    "layers": _spans(blocks["qkv"]["kernel"], 0),
+  }
 
 
 def _born_sharded(params, opt, ref, mesh) -> bool:

@@ -1,6 +1,7 @@
 """Pretrained checkpoints read tensor by tensor: sharded Hugging Face files in bfloat16, float16
 or float32 load to the checkpoint's values (rounded in numpy), never more than one tensor on the
-host at a time, and straight into FSDP shardings on 8 forced devices."""
+host at a time, and straight into FSDP shardings on 8 forced devices (a scanned model's stacked
+leaves too, with tensor parallelism, exported back from there)."""
 
 import json
 import os
@@ -84,6 +85,9 @@ def test_a_checkpoint_is_placed_into_fsdp_shardings_on_eight_devices(tmp_path):
   assert r["state_fsdp"] and r["state_large_leaves"] == 4 * r["split"]
   assert r["split"] >= 2 * 4 + 2  # every block's four matrices, the embedding and the output
   assert r["shard"][0] * 8 == r["shape"][0] or r["shard"][1] * 8 == r["shape"][1]
+  # scanned onto 2 x 2 x 2: stacked leaves in their shardings, the same values, exported back
+  assert r["scanned_shardings"] and r["scanned_split"] >= 4 + 2
+  assert r["scanned_diff"] == 0.0 and r["scanned_export_diff"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

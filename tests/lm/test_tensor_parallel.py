@@ -91,8 +91,8 @@ def test_data_fsdp_model_meshes_train_as_one_device_with_whole_heads_per_shard()
   and parameters as one device (1e-4), and each model-axis shard of a block holds whole
   key/value-head groups (qkv's columns, proj's rows) and whole MLP units (up's columns, down's
   rows); the optimiser's momentum is sharded as its parameter, init_state(mesh=) makes every
-  leaf in that sharding, and the embedding (which the
-  model axis does not split) over fsdp and model together."""
+  leaf in that sharding, and the embedding (which the model axis does not split) over fsdp and
+  model together. The scanned model on (2, 2, 2) trains as the per-layer model on one device."""
   script = os.path.join(ROOT, "tests", "helpers", "tensor_parallel_script.py")
   out = subprocess.run(
     [sys.executable, script], env=FORCED_8, check=True, capture_output=True, text=True
@@ -114,3 +114,8 @@ def test_data_fsdp_model_meshes_train_as_one_device_with_whole_heads_per_shard()
     assert r["qkv_shard"] == [d // fsdp, kv * group // 2]  # fsdp splits the other dimension
     assert r["moment_specs_match"] and r["born_sharded"]
     assert r["embed_shard"] == [256 // (fsdp * 2), d]  # fsdp and model together
+  r = report["scanned"]  # blocks stacked [layers, ...], on 2 x 2 x 2
+  np.testing.assert_allclose(r["loss"], report["loss_one"], rtol=1e-4)
+  assert r["max_param_diff"] < 1e-4
+  assert r["qkv_columns"] == halves(kv * group) and r["proj_rows"] == halves(h * dh)
+  assert r["layers"] == [[0, 2]]  # the scanned axis is never split
