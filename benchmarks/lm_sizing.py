@@ -6,22 +6,22 @@ time from abstract shapes: no weights are read and nothing runs.
 
 The step is the language pipeline's (iwsft.make_update with the authors' LM recipe, π_ref's
 log-probs precomputed, AdamW with clipping, the lean state: no q or π_ref copies), training the
-whole model or (--lora_ranks) LoRA adapters on the frozen base, on
-`--devices` forced host devices as one FSDP axis (every large leaf split over all of them) or, with
---tensor_parallel=M, as FSDP over devices / M times a model axis of M (each block's heads and MLP
-units split M ways, Megatron-style), a global batch of one sequence per device (a model group's
-devices share their sequences: --micro_batches=M keeps one sequence's activations at a time per
-device), in bfloat16
-compute with float32 parameters (--param_dtype=bfloat16: bfloat16 parameters, and Adam's moments
-with them), with chunked attention, rematerialised
-blocks and chunked log-probs (lm/model.py's compute settings). The blocks are a Python loop, so a
-64-block model compiles slowly on 2 cores: with --blocks=A,B the step is compiled at A and B
-blocks of the full width and the temporaries extrapolated linearly to the model's depth (the
-table says so); parameters, q, π_ref and the optimiser state are computed exactly from their
-sharded shapes, and whether that state alone fits a GPU is the table's firm statement. The
-temporaries are what XLA's CPU backend assigns: it widens bfloat16 operations to float32 and its
-schedule does not lower them under remat (a `jax.checkpoint` of a plain MLP stack measures the
-same there), so they are not a GPU's number; a GPU's own allocation is the check that settles it.
+whole model or (--lora_ranks) LoRA adapters on the frozen base, on `--devices` forced host
+devices as one FSDP axis (every large leaf split over all of them) or, with --tensor_parallel=M,
+as FSDP over devices / M times a model axis of M (each block's heads and MLP units split M ways,
+Megatron-style), a global batch of one sequence per device (a model group's devices share their
+sequences: --micro_batches=M keeps one sequence's activations at a time per device), in bfloat16
+compute with float32 parameters (--param_dtype=bfloat16: bfloat16 parameters, and Adam's
+moments with them), with chunked attention, rematerialised blocks and chunked log-probs
+(lm/model.py's compute settings). The blocks are scanned (model.scan_layers), so the whole model
+is compiled at its depth; with --noscan_layers they are a Python loop, which compiles slowly at
+64 blocks on 2 cores, so Qwen2.5-32B's step is then compiled at --blocks=A,B blocks of the full
+width and the temporaries extrapolated linearly to the model's depth (the table says which).
+Parameters, q, π_ref and the optimiser state are computed exactly from their sharded shapes, and
+whether that state alone fits a GPU is the table's firm statement. The temporaries are what XLA's
+CPU backend assigns: it widens bfloat16 operations to float32 and its schedule does not lower
+them under remat (a `jax.checkpoint` of a plain MLP stack measures the same there), so they are
+not a GPU's number; a GPU's own allocation is the check that settles it.
 """
 
 import os
@@ -74,7 +74,14 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
   "micro_batches", 1, "the batch's gradient accumulated over this many parts (make_update)"
 )
-flags.DEFINE_list("blocks", ["1", "2"], "compile at these depths and extrapolate (empty: whole)")
+flags.DEFINE_bool(
+  "scan_layers", True, "blocks scanned (compiled whole); --noscan_layers: a Python loop of blocks"
+)
+flags.DEFINE_list(
+  "blocks",
+  ["1", "2"],
+  "unscanned Qwen2.5-32B: compile at these depths and extrapolate (empty: whole)",
+)
 flags.DEFINE_enum(
   "param_dtype", "float32", ["float32", "bfloat16"], "the parameters' type (Adam's moments follow)"
 )
@@ -152,10 +159,16 @@ def size(
   param_dtype="float32",
   micro_batches: int = 1,
   moment_dtype: str = "",
+  scan_layers: bool = True,
 ) -> dict:
   """One row: per-device state and temporaries (extrapolated in depth when `blocks`)."""
   cfg = dataclasses.replace(
-    MODELS[name], max_len=tokens + 1, lora_rank=lora_rank, param_dtype=param_dtype, **COMPUTE
+    MODELS[name],
+    max_len=tokens + 1,
+    lora_rank=lora_rank,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    **COMPUTE,
   )
   if blocks:  # affine in depth: temp(n) = a + n · per_block, measured at two depths
     lo, hi = (
@@ -170,7 +183,8 @@ def size(
     how = f"compiled at {blocks[0]} and {blocks[1]} blocks, linear in depth"
   else:
     at_depth = compiled_memory(cfg, tokens, mesh, micro_batches, moment_dtype)
-    per_block, compile_s, how = {"temp_bytes": float("nan")}, at_depth["compile_s"], "whole"
+    per_block, compile_s = {"temp_bytes": float("nan")}, at_depth["compile_s"]
+    how = "whole, scanned" if scan_layers else "whole"
   shapes = jax.tree.leaves(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   state = at_depth["state_bytes"]
   row = {
@@ -182,6 +196,7 @@ def size(
     "devices": mesh.devices.size,
     "tensor_parallel": mesh.shape["model"],
     "micro_batches": micro_batches,
+    "scan_layers": scan_layers,
     "params_b": float(sum(np.prod(x.shape) for x in shapes)) / 1e9,
     "state_gib": state / GIB,
     "temp_gib": at_depth["temp_bytes"] / GIB,
@@ -204,9 +219,9 @@ def main(argv):
   for name in F.models:
     for t in (int(t) for t in F.tokens):
       for r in (int(r) for r in F.lora_ranks):
-        depth = blocks if name == "qwen2.5-32b" else []
+        depth = blocks if name == "qwen2.5-32b" and not F.scan_layers else []
         check_tensor_parallel(MODELS[name], mesh)
-        args = (F.param_dtype, F.micro_batches, F.moment_dtype)
+        args = (F.param_dtype, F.micro_batches, F.moment_dtype, F.scan_layers)
         rows.append(size(name, t, mesh, depth, r, *args))
         print(table(rows[-1:], list(rows[-1])), flush=True)
   cols = [
@@ -223,6 +238,10 @@ def main(argv):
   cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
   print("\n" + table(rows, cols))
   name = "lm_sizing" if tp == 1 else f"lm_sizing-tp{tp}-mb{F.micro_batches}"
+  if F.param_dtype != "float32":
+    name += f"-params-{F.param_dtype}"
+  if not F.scan_layers:
+    name += "-loop"
   if F.moment_dtype:
     name += f"-moments-{F.moment_dtype}"
   print(f"-> {save(name, {'rows': rows, 'compute': COMPUTE})}")
