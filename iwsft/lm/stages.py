@@ -26,9 +26,9 @@ from iwsft.core import curation
 from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
-from iwsft.core.sharding import batch_devices
+from iwsft.core.sharding import batch_devices, shard_pool
 from iwsft.core.state import init_state
-from iwsft.core.step import Sampling, make_update, state_parts
+from iwsft.core.step import Sampling, make_update, pool_logprobs, state_parts
 from iwsft.errors import UserError
 from iwsft.io import checkpoint, distributed
 from iwsft.io import workdir as workdir_lib
@@ -299,13 +299,12 @@ def curate(ctx: Context) -> None:
 
 
 def _with_ref_logprobs(ctx: Context, data: dict, ref) -> dict:
-  """The pool with π_ref's log-probs ("logp_ref" [N, T]), computed once (π_ref is frozen)."""
-  logprob = jax.jit(make_logprob_fn(ctx.model.graphdef, temperature=ctx.settings.ref_temperature))
-  chunks = [
-    np.asarray(logprob(ref, {"tokens": data["tokens"][i : i + 32]}))
-    for i in range(0, len(data["tokens"]), 32)
-  ]
-  return {**data, "logp_ref": np.concatenate(chunks).astype(np.float32)}
+  """The pool placed on the mesh (each process its rows) with π_ref's log-probs ("logp_ref" [N',
+  T], split over the devices as the pool), computed once through the sharded pool path (π_ref is
+  frozen)."""
+  placed = shard_pool(data, ctx.mesh)
+  logprob = make_logprob_fn(ctx.model.graphdef, temperature=ctx.settings.ref_temperature)
+  return {**placed, "logp_ref": pool_logprobs(logprob, ref, placed, ctx.mesh)}
 
 
 def pool(ctx: Context, source: str, ref) -> tuple[list, dict]:
