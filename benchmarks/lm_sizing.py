@@ -238,6 +238,8 @@ def main(argv):
   cols += ["temp_gib", "temp_gib_per_block", "how", "compile_s"]
   print("\n" + table(rows, cols))
   name = "lm_sizing" if tp == 1 else f"lm_sizing-tp{tp}-mb{F.micro_batches}"
+  if F.devices != 8:
+    name += f"-devices{F.devices}"
   if F.param_dtype != "float32":
     name += f"-params-{F.param_dtype}"
   if not F.scan_layers:
