@@ -31,7 +31,7 @@ from iwsft.core.sharding import make_mesh, state_sharding
 from iwsft.core.state import TrainState, init_state, stack_seeds, unstack_seeds, update_q
 from iwsft.core.step import Sampling, make_train_steps, make_update, pool_logprobs
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 __all__ = [
   "Hooks",
