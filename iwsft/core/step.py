@@ -45,6 +45,7 @@ def make_update(
   skip_nonfinite: bool = False,
   micro_batches: int = 1,
   ref_logprob_fn: LogProbFn | None = None,
+  trunk_fn: Callable[[Any, Batch], Batch] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Builds the pure update `update(state, batch) -> (state, metrics)` (not yet jitted).
 
@@ -62,10 +63,15 @@ def make_update(
     batch needs the leading batch axis (padded batches, not packed ones).
   ref_logprob_fn: π_ref's log-probs from its params when the batch has no "logp_ref" (default
     logprob_fn), e.g. an LM's distribution at its sampling temperature.
+  trunk_fn: `trunk_fn(params, batch) -> batch` adds to each (micro-)batch what θ, q and π_ref
+    share, computed once from the state's params, e.g. a frozen trunk's output
+    (lm.model.make_trunk_fn), which logprob_fn (and ref_logprob_fn) then start from.
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-  gradients = _Gradients(logprob_fn, objective, track_bounds, micro_batches, ref_logprob_fn)
+  gradients = _Gradients(
+    logprob_fn, objective, track_bounds, micro_batches, ref_logprob_fn, trunk_fn
+  )
 
   def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     grads, metrics = gradients(state.params, state, batch)
@@ -88,10 +94,18 @@ class _Gradients:
   """`(params, state, batch) -> (grads, metrics)` of iw_sft_loss for make_update: at once, or
   accumulated over micro-batches."""
 
-  def __init__(self, logprob_fn, objective, track_bounds: bool, micro_batches: int, ref_fn=None):
+  def __init__(
+    self, logprob_fn, objective, track_bounds: bool, micro_batches: int, ref_fn=None, trunk_fn=None
+  ):
     self.logprob_fn, self.objective, self.micro_batches = logprob_fn, objective, micro_batches
-    self.ref_fn = ref_fn or logprob_fn
+    self.ref_fn, self.trunk_fn = ref_fn or logprob_fn, trunk_fn
     self.need_aux = objective.uses_weights or track_bounds
+
+  def prepare(self, state: TrainState, batch: Batch) -> Batch:
+    """The batch with what θ, q and π_ref share (trunk_fn of the state's params), once."""
+    if self.trunk_fn is None:
+      return batch
+    return self.trunk_fn(whole(state.params, state.frozen), batch)
 
   def logprob(self, state: TrainState, params, batch: Batch):
     """logprob_fn of the model with these (trained) params and the state's frozen ones."""
@@ -114,6 +128,7 @@ class _Gradients:
     return jax.lax.stop_gradient(self.logprob(state, state.q_params, batch))
 
   def loss(self, params, state: TrainState, batch: Batch):
+    batch = self.prepare(state, batch)
     logp = self.logprob(state, params, batch)
     logp_q = logp_ref = None
     if self.need_aux:
@@ -133,6 +148,8 @@ class _Gradients:
       return jax.grad(self.loss, has_aux=True)(params, state, batch)
     k, mask, weight = self.micro_batches, batch["mask"], batch["weight"]
     parts = _split(batch, k)
+    if self.trunk_fn is not None:
+      parts = jax.lax.map(lambda mb: self.prepare(state, mb), parts)
     _, aux = jax.lax.scan(lambda c, mb: (c, self.aux_logprobs(state, mb)), None, parts)
     logp_q, logp_ref = jax.tree.map(_join, aux)
     coef = loss_coefficients(logp_q, logp_ref, mask, weight, self.objective)

@@ -275,19 +275,23 @@ class Transformer(nnx.Module):
     logits, _ = self.prefill(tokens)
     return logits
 
-  def hidden(self, tokens, segments=None):
+  def hidden(self, tokens, segments=None, layers: slice = slice(None), x=None):
     """tokens [B, T] -> the last block's output [B, T, d] (before the final norm), and every
     block's keys and values ([layers, B, K, T, Dh] each). segments [B, T] (packed rows, each token
-    its sequence's id): positions restart at each segment, and no token attends across segments."""
+    its sequence's id): positions restart at each segment, and no token attends across segments.
+    layers: which blocks run (all by default); x [B, T, d]: the input of the first of them (the
+    output of those before it) instead of the tokens' embedding."""
     positions = jnp.arange(tokens.shape[1]) if segments is None else segment_positions(segments)
-    x = self._embed(tokens, 0, None if segments is None else positions)
+    if x is None:
+      x = self._embed(tokens, 0, None if segments is None else positions)
     if self.cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
+      state = jax.tree.map(lambda leaf: leaf[layers], state)
       step = lambda x, layer: self._run(graphdef, layer, x, positions, segments)
       x, (ks, vs) = jax.lax.scan(step, x, state)
       return x, ks, vs
     ks, vs = [], []
-    for block in self.blocks:
+    for block in list(self.blocks)[layers]:
       x, (k, v) = self._run(*nnx.split(block), x, positions, segments)
       ks.append(k)
       vs.append(v)
@@ -358,16 +362,24 @@ def segment_positions(segments):
   return t - jax.lax.cummax(jnp.where(new, t, 0), axis=1)
 
 
-def token_logprobs(model: Transformer, tokens, temperature: float = 1.0, segments=None):
+def token_logprobs(
+  model: Transformer, tokens, temperature: float = 1.0, segments=None, trunk=None, trunk_layers=0
+):
   """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]) (the model's distribution at
-  `temperature`: softmax(logits / temperature)); entry 0 is 0.
+  `temperature`: softmax(logits / temperature)); entry 0 is 0. trunk [B, T - 1, d]: the output of
+  the model's lower trunk_layers blocks on tokens[:, :-1] (trunk_output), from which only the
+  blocks above run.
 
   With model.cfg.logits_chunk = c > 0 the logits are made c positions at a time and recomputed
   in the backward pass, so at most [B, c, V] of them exist at once."""
   c = model.cfg.logits_chunk
   targets = tokens[:, 1:]
   scale = (lambda x: x) if temperature == 1.0 else (lambda x: x / temperature)
-  x, _, _ = model.hidden(tokens[:, :-1], None if segments is None else segments[:, :-1])
+  inputs = (tokens[:, :-1], None if segments is None else segments[:, :-1])
+  if trunk is None:
+    x, _, _ = model.hidden(*inputs)
+  else:
+    x, _, _ = model.hidden(*inputs, layers=slice(trunk_layers, None), x=trunk)
   if not c or c >= targets.shape[1]:
     picked = objectives.token_logprobs(scale(model._logits(x)), targets)
     return jnp.pad(picked, ((0, 0), (1, 0)))
@@ -399,19 +411,40 @@ def make_logprob_fn(
   {"trained": adapters, "frozen": base} of a model with LoRA adapters (lm/lora.py).
   """
 
+  frozen = n_layers - train_layers if 0 < train_layers < n_layers else 0
+
   def logprob_fn(params, batch):
     if isinstance(params, dict) and set(params) == {"trained", "frozen"}:
       model = nnx.merge(graphdef, params["trained"], params["frozen"])
     else:
-      if 0 < train_layers < n_layers:
+      if frozen:
         params = hold_lower_layers(params, n_layers, train_layers, jax.lax.stop_gradient)
       model = nnx.merge(graphdef, params)
+    if "trunk" in batch:  # the frozen blocks' output (make_trunk_fn): only the blocks above run
+      if not frozen:
+        raise ValueError("a batch with a trunk needs the logprob_fn of the same train_layers")
+      return token_logprobs(model, batch["tokens"], temperature, None, batch["trunk"], frozen)
     rows = lambda tokens, segments: token_logprobs(model, tokens, temperature, segments)
     if not packed_rows:
       return rows(batch["tokens"], None)
     return packing.packed_logprobs(rows, batch["tokens"], batch["mask"], packed_rows, packed_groups)
 
   return logprob_fn
+
+
+def make_trunk_fn(graphdef, n_layers: int, train_layers: int):
+  """The update's `trunk_fn(params, batch) -> batch` when only the top train_layers of n_layers
+  blocks train (core.step.make_update): the embedding and the lower blocks are frozen, the same in
+  θ, q and π_ref, so their output on the batch ("trunk" [B, T - 1, d]) is computed once and the
+  three log-probs run only the blocks above it (make_logprob_fn). Padded batches only."""
+  frozen = n_layers - train_layers
+
+  def trunk_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    x, _, _ = model.hidden(batch["tokens"][:, :-1], layers=slice(0, frozen))
+    return {**batch, "trunk": jax.lax.stop_gradient(x)}
+
+  return trunk_fn
 
 
 def qkv_columns(cfg: LMConfig) -> np.ndarray:

@@ -41,6 +41,7 @@ from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import (
   hold_lower_layers,
   make_logprob_fn,
+  make_trunk_fn,
   param_count,
   tensor_parallel_dim,
   trainable,
@@ -143,7 +144,7 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
   s = ctx.settings
   track_bounds = ref_params is not None
   parts = state_parts(objective, track_bounds, "logp_ref" in data)
-  graphdef = None
+  graphdef = trunk_fn = None
   pack = dict(packed_rows=s.packed_rows, packed_groups=batch_devices(ctx.mesh))
   where = dict(mesh=ctx.mesh, split=tensor_parallel_dim)  # the state made in its shardings
   if s.model.lora_rank and name != "reference":
@@ -161,9 +162,16 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
       ctx.model.graphdef, ctx.model.mcfg.n_layers, layers, 1.0, rows, pack["packed_groups"]
     )
     state = init_state(params, optimizer, s.seed, ref_params, **parts, **where)
+    shared = parts["keep_q"] or parts["keep_ref"]  # q's or π_ref's log-probs in the update
+    if 0 < layers < ctx.model.mcfg.n_layers and not rows and shared:  # one frozen trunk for all
+      trunk_fn = make_trunk_fn(ctx.model.graphdef, ctx.model.mcfg.n_layers, layers)
   ref_fn = None
   if s.ref_temperature != 1.0:
-    ref_fn = make_logprob_fn(graphdef or ctx.model.graphdef, temperature=s.ref_temperature, **pack)
+    graph, temperature = graphdef or ctx.model.graphdef, s.ref_temperature
+    if trunk_fn is None:
+      ref_fn = make_logprob_fn(graph, temperature=temperature, **pack)
+    else:  # from the shared trunk, as logprob_fn
+      ref_fn = make_logprob_fn(graph, ctx.model.mcfg.n_layers, layers, temperature)
   update = make_update(
     logprob_fn,
     optimizer,
@@ -172,6 +180,7 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     skip_nonfinite=s.skip_nonfinite,
     micro_batches=s.micro_batches,
     ref_logprob_fn=ref_fn,
+    trunk_fn=trunk_fn,
   )
   return state, update, graphdef
 
