@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import save_tiny_pretrained, write_sum_records
+from conftest import lm_command_error, save_tiny_pretrained, write_sum_records
 from flax import nnx
 
 from iwsft.errors import UserError
@@ -21,6 +21,7 @@ from iwsft.lm.sampling import generate, generate_without_cache
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 HF = os.path.join(FIXTURES, "hf")
+LM_CONFIG = os.path.join(os.path.dirname(os.path.dirname(FIXTURES)), "iwsft", "lm", "config.py")
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["blocks", "scanned"])
@@ -218,8 +219,6 @@ CLI_BAD = [
 
 @pytest.mark.parametrize("case,needle", CLI_BAD, ids=[c[0] for c in CLI_BAD])
 def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_path, case, needle):
-  import subprocess
-  import sys
 
   model = tmp_path / case
   if case != "nowhere":
@@ -231,23 +230,10 @@ def test_bad_pretrained_models_are_one_line_exit_2_and_nothing_is_written(tmp_pa
     config = json.loads(path.read_text())
     del config["hidden_size"]
     path.write_text(json.dumps(config))
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  work = tmp_path / "work"
-  r = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(root, "experiments", "lm.py"),
-      "--config=" + os.path.join(root, "iwsft", "lm", "config.py") + ":smollm2",
-      f"--config.model.path={model}",
-      f"--workdir={work}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
+  line = lm_command_error(
+    tmp_path / "work", f"--config={LM_CONFIG}:smollm2", f"--config.model.path={model}"
   )
-  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
-  assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr[-2000:]
-  assert not work.exists()
+  assert needle in line
 
 
 def test_a_chat_prompt_longer_than_the_context_is_a_user_error(tmp_path, smollm2_tokenizer):

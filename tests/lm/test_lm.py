@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LM_TINY
+from conftest import LM_TINY, lm_command_error
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
@@ -160,23 +160,8 @@ BAD = [
 def test_bad_jsonl_is_one_line_exit_2(tmp_path, content, needle):
   f = tmp_path / "data.jsonl"
   f.write_bytes(content)
-  work = tmp_path / "work"
-  r = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "lm.py"),
-      f"--config.data={f}",
-      f"--workdir={work}",
-      "--config.stages=finetune",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert r.returncode == 2, r.stderr[-2000:]
-  lines = [l for l in r.stderr.splitlines() if l.strip() and "warn" not in l.lower()]
-  assert len(lines) == 1 and needle in lines[0], r.stderr
-  assert not work.exists()
+  line = lm_command_error(tmp_path / "work", f"--config.data={f}", "--config.stages=finetune")
+  assert needle in line
 
 
 def test_tiny_run_of_all_stages(tmp_path):

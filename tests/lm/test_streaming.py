@@ -14,6 +14,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import lm_command_error
 from hf_files import reshard
 
 from iwsft.lm import checkpoints, sources
@@ -120,11 +121,5 @@ def test_an_export_in_several_files_reloads_to_its_rounded_values(tmp_path, dtyp
 
 
 def test_a_bad_export_dtype_is_one_line_exit_2(tmp_path):
-  root = os.path.dirname(os.path.dirname(HELPERS))
-  cmd = [sys.executable, "experiments/lm.py", f"--workdir={tmp_path / 'w'}"]
-  r = subprocess.run(
-    [*cmd, "--config.export_dtype=float16"], capture_output=True, text=True, cwd=root, timeout=300
-  )
-  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-  assert "export_dtype must be one of float32, bfloat16" in r.stderr
-  assert not (tmp_path / "w").exists()
+  line = lm_command_error(tmp_path / "w", "--config.export_dtype=float16")
+  assert "export_dtype must be one of float32, bfloat16" in line
