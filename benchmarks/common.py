@@ -64,6 +64,23 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def matmul_params(cfg: LMConfig) -> int:
+  """Parameters of the matrix multiplies: attention, MLP and the unembedding (the embedding
+  lookup is free)."""
+  d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+  return cfg.n_layers * (2 * d * d + 2 * d * kv + mlp) + d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: LMConfig, weight_grads: bool = True) -> int:
+  """Model FLOPs a trained token costs at context cfg.max_len: 6 · N (forward 2 N, backward 4 N;
+  4 · N when only activation gradients flow through frozen weights, as under LoRA) plus
+  12 · L · T · d for the attention scores and values, the full T × T square (the usual MFU
+  accounting: remat's recomputation is not counted)."""
+  n = (6 if weight_grads else 4) * matmul_params(cfg)
+  return n + 12 * cfg.n_layers * cfg.max_len * cfg.d_model
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a float32 n×n matmul chain on the default device: the practical peak we compare
   with."""

@@ -43,7 +43,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import ARCHITECTURES, save, table  # noqa: E402
+from benchmarks.common import ARCHITECTURES, save, table, train_flops_per_token  # noqa: E402
 from iwsft import recipes  # noqa: E402
 from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
 from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
@@ -58,6 +58,9 @@ from iwsft.lm.model import (  # noqa: E402
 )
 
 GIB = 2**30
+S1K_STEPS, S1K_BATCH = 625, 8  # the authors' 5 epochs of s1K-1.1's 1,000 traces, 8 a step
+GPU_BF16_FLOPS = 989e12  # an H100's (and H200's) dense bfloat16 peak
+MFU = 0.4
 COMPUTE = dict(
   dtype="bfloat16", attention="chunked", attention_chunk=1024, remat="full", logits_chunk=1024
 )
@@ -84,6 +87,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_enum(
   "param_dtype", "float32", ["float32", "bfloat16"], "the parameters' type (Adam's moments follow)"
+)
+flags.DEFINE_bool(
+  "flops_only", False, "print the FLOPs and time table (analytic, nothing compiled) and stop"
 )
 flags.DEFINE_list(
   "lora_ranks",
@@ -209,9 +215,37 @@ def size(
   return row
 
 
+def flops_row(name: str, tokens: int, lora_rank: int, gpus: int = 8) -> dict:
+  """Model FLOPs of one step of S1K_BATCH sequences of `tokens` tokens (every trace at that
+  length: an upper bound for traces up to it), and the hours of the authors' S1K_STEPS steps on
+  `gpus` GPUs at MFU of their bfloat16 peak."""
+  cfg = dataclasses.replace(MODELS[name], max_len=tokens)
+  step = train_flops_per_token(cfg, weight_grads=not lora_rank) * tokens * S1K_BATCH
+  hours = S1K_STEPS * step / (gpus * GPU_BF16_FLOPS * MFU) / 3600
+  return {
+    "model": name,
+    "lora_rank": lora_rank,
+    "tokens": tokens,
+    "PFLOP per step": step / 1e15,
+    "GPUs": gpus,
+    f"hours for {S1K_STEPS} steps at {MFU:.0%} MFU": hours,
+  }
+
+
 def main(argv):
   del argv
   F = flags.FLAGS
+  if F.flops_only:
+    rows = [
+      flops_row(name, int(t), int(r), gpus)
+      for name in F.models
+      for t in F.tokens
+      for r in F.lora_ranks
+      for gpus in (8, 1)
+    ]
+    print(table(rows, list(rows[0])))
+    print(f"-> {save('lm_flops', {'rows': rows})}")
+    return
   tp = F.tensor_parallel
   mesh = make_mesh(F.devices, fsdp=F.devices // tp, model=tp)
   blocks = [int(b) for b in F.blocks]

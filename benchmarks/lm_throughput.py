@@ -48,16 +48,6 @@ SIZES = {  # tiny is the language pipeline's default model
 }
 
 
-def matmul_params(cfg: LMConfig) -> int:
-  d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
-  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
-  return cfg.n_layers * (2 * d * d + 2 * d * kv + mlp) + d * cfg.vocab_size
-
-
-def train_flops_per_token(cfg: LMConfig) -> int:
-  return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.max_len * cfg.d_model
-
-
 def train_tokens_per_s(cfg: LMConfig, batch: int, steps_per_dispatch: int, repeats: int) -> float:
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   optimizer = make_optimizer(StageConfig(steps=10**9, batch_size=batch, learning_rate=1e-4))
@@ -129,7 +119,7 @@ def long_rows(args, peak: float) -> list[dict]:
       for compute, settings in COMPUTES.items():
         cfg = dataclasses.replace(SIZES[name], max_len=t, **settings)
         tps = train_tokens_per_s(cfg, args.batch, args.steps_per_dispatch, args.repeats)
-        flops = train_flops_per_token(cfg)
+        flops = common.train_flops_per_token(cfg)
         rows.append(
           {"model": name, "T": t, "compute": compute, "train tokens/s": tps,
            "MFU %": 100 * tps * flops / peak}
@@ -162,7 +152,7 @@ def main():
   for name in args.sizes.split(","):
     cfg = SIZES[name]
     tps = train_tokens_per_s(cfg, args.batch, args.steps_per_dispatch, args.repeats)
-    flops = train_flops_per_token(cfg)
+    flops = common.train_flops_per_token(cfg)
     samp = sampling_tokens_per_s(
       cfg, args.sample_batch, args.prompt_len, 1
     )  # the uncached pass is slow
