@@ -225,7 +225,9 @@ def test_two_processes_read_a_pretrained_model_onto_the_mesh_and_export_it(
   assert any(moved)
 
 
-@pytest.mark.parametrize("scan", ["0", "1"], ids=["blocks", "scanned"])
+@pytest.mark.parametrize(
+  "scan", [pytest.param("0", marks=pytest.mark.slow), "1"], ids=["blocks", "scanned"]
+)
 def test_two_processes_export_a_split_model_each_writing_its_own_files(tmp_path, scan):
   """Parameters split over both processes' devices (fsdp 4 x model 2), exported in several
   files: each process writes a disjoint share of them, no parameter is gathered into every

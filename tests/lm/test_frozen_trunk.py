@@ -52,7 +52,10 @@ def _setup(trunk: bool, micro_batches: int, ref_temperature: float = 1.0):
   return update, state, batch
 
 
-@pytest.mark.parametrize("micro_batches,ref_temperature", [(1, 1.0), (2, 1.0), (1, 0.7)])
+@pytest.mark.parametrize(
+  "micro_batches,ref_temperature",
+  [pytest.param(1, 1.0, marks=pytest.mark.slow), (2, 1.0), (1, 0.7)],  # (1, 1.0): make test-slow
+)
 def test_a_shared_frozen_trunk_gives_the_same_update(micro_batches, ref_temperature):
   """3 updates with and without the shared trunk: the same metrics, parameters and q. π_ref
   differs from θ in its top block only, as when fine-tuning starts from it."""

@@ -15,7 +15,7 @@ from iwsft.lm import stages
 from iwsft.lm.model import LMConfig, Transformer
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.7])
 def test_precomputed_ref_logprobs_are_the_models_log_softmax_per_row(temperature):
   cfg = LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_len=12)
   model = Transformer(cfg, rngs=nnx.Rngs(3))

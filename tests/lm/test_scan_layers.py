@@ -66,8 +66,15 @@ def _assert_close(got: dict, want: dict, rel: float = 1e-5):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=rel * scale)
 
 
-@pytest.mark.parametrize("compute", list(COMPUTE))
-@pytest.mark.parametrize("arch", list(ARCHS))
+DEFAULT_RUN = {("qwen2", "remat + chunked"), ("learned", "plain")}  # the others: make test-slow
+CASES = [
+  pytest.param(a, c, marks=() if (a, c) in DEFAULT_RUN else pytest.mark.slow, id=f"{a}-{c}")
+  for a in ARCHS
+  for c in COMPUTE
+]
+
+
+@pytest.mark.parametrize("arch,compute", CASES)
 def test_the_scanned_model_is_the_per_layer_model_stacked(arch, compute):
   blocks, scanned = _models(arch, **COMPUTE[compute])
   got = _pure(scanned)
