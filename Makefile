@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations offline-rl bench fixtures test test-slow clean
+.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations offline-rl bench device-prep fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on t
 	.venv-d3rlpy/bin/python -m pip install -q "torch==2.13.0"
 	.venv-d3rlpy/bin/python -m pip install -q "d3rlpy>=2.8,<2.9"
 	touch $@
+
+device-prep: install  ## what benchmarks/device_check.py needs on a lent GPU beside its image's jax/flax: .device/ (carry it)
+	rm -rf .device && mkdir -p .device
+	cp -r $(VENV)/lib/python*/site-packages/ml_collections .device/
 
 bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write benchmarks/results/*.json
 	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes

@@ -37,24 +37,18 @@ import dataclasses  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import lm_step  # noqa: E402
 from benchmarks.common import ARCHITECTURES, save, table, train_flops_per_token  # noqa: E402
-from iwsft import recipes  # noqa: E402
-from iwsft.core.config import StageConfig, make_optimizer  # noqa: E402
-from iwsft.core.sharding import batch_sharded, make_mesh, replicated, state_sharding  # noqa: E402
-from iwsft.core.state import init_state  # noqa: E402
-from iwsft.core.step import make_update, state_parts  # noqa: E402
+from iwsft.core.sharding import make_mesh  # noqa: E402
 from iwsft.lm.model import (  # noqa: E402
   LMConfig,
   Transformer,
   check_tensor_parallel,
-  make_logprob_fn,
-  tensor_parallel_dim,
 )
 
 GIB = 2**30
@@ -99,61 +93,20 @@ flags.DEFINE_list(
 )
 
 
-def abstract_state(cfg: LMConfig, optimizer):
-  """(graphdef, the lean training state's shapes): the whole model trained, or with
-  cfg.lora_rank its adapters on the frozen base (as the language pipeline's finetune stage)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  parts = state_parts(recipes.LM, False, True)  # the lean state: no q, no π_ref copies
-  if not cfg.lora_rank:
-    graphdef, params = nnx.split(abstract)
-    return graphdef, jax.eval_shape(lambda p: init_state(p, optimizer, 0, p, **parts), params)
-  graphdef, lora, base = nnx.split(abstract, nnx.LoRAParam, ...)
-  make = lambda a, b: init_state(a, optimizer, 0, None, **parts, frozen=b)
-  return graphdef, jax.eval_shape(make, lora, base)
-
-
 def compiled_memory(
   cfg: LMConfig, tokens: int, mesh, micro_batches: int = 1, moment_dtype: str = ""
 ) -> dict:
   """XLA's memory analysis of the update at `tokens` tokens per sequence, per device."""
-  stage = StageConfig(
-    steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4, moment_dtype=moment_dtype
-  )
-  optimizer = make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
-  graphdef, state = abstract_state(cfg, optimizer)
-  update = make_update(
-    make_logprob_fn(graphdef), optimizer, recipes.LM, micro_batches=micro_batches
-  )
-  b = mesh.devices.size
-  batch = {
-    "tokens": jax.ShapeDtypeStruct((b, tokens + 1), jnp.int32),
-    "mask": jax.ShapeDtypeStruct((b, tokens + 1), jnp.float32),
-    "weight": jax.ShapeDtypeStruct((b,), jnp.float32),
-    "logp_ref": jax.ShapeDtypeStruct((b, tokens + 1), jnp.float32),
-  }
-  shardings = state_sharding(state, mesh, split=tensor_parallel_dim)
-  step = jax.jit(
-    update,
-    in_shardings=(shardings, batch_sharded(mesh)),
-    out_shardings=(shardings, replicated(mesh)),
-    donate_argnums=0,
-  )
+  step, state, shardings, _ = lm_step.jitted_step(cfg, mesh, micro_batches, moment_dtype)
   t0 = time.perf_counter()
+  batch = lm_step.batch_shapes(mesh.devices.size, tokens)
   mem = step.lower(state, batch).compile().memory_analysis()
   return {
-    "state_bytes": _sharded_bytes(state, shardings),
+    "state_bytes": lm_step.sharded_bytes(state, shardings),
     "temp_bytes": float(mem.temp_size_in_bytes),
     "argument_bytes": float(mem.argument_size_in_bytes),
     "compile_s": time.perf_counter() - t0,
   }
-
-
-def _sharded_bytes(state, shardings) -> float:
-  """Bytes one device holds of `state` under `shardings` (exact, from the shard shapes)."""
-  total = 0
-  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
-    total += np.prod(s.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
-  return float(total)
 
 
 def size(
