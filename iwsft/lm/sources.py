@@ -18,6 +18,7 @@ import numpy as np
 from iwsft.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+READ_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the types a checkpoint is read in
 
 
 class SafetensorsSource:
@@ -38,8 +39,16 @@ class SafetensorsSource:
       self.where = {name: f for f, h in self._open.items() for name in h.keys()}
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor `name` (a KeyError when the checkpoint has none)."""
-    return self._open[self.where[name]].get_tensor(name)
+    """The tensor `name` (a KeyError when the checkpoint has none; a UserError when it is stored
+    in a type other than READ_DTYPES, such as a quantised model's int8 or float8)."""
+    handle = self._open[self.where[name]]
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in READ_DTYPES:
+      raise UserError(
+        f"checkpoint tensor {name} is stored as {dtype}; iwsft reads {', '.join(READ_DTYPES)} "
+        "(a quantised checkpoint: use its unquantised weights)"
+      )
+    return handle.get_tensor(name)
 
 
 GGUF_NAMES = {

@@ -21,6 +21,7 @@ from iwsft.lm import checkpoints, sources
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "tiny-qwen2")
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers")
+LM_CONFIG = os.path.join(os.path.dirname(HELPERS), "..", "iwsft", "lm", "config.py")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -59,6 +60,22 @@ def test_tensors_are_read_one_at_a_time(tmp_path, monkeypatch):
   index = json.load(open(os.path.join(work, "model.safetensors.index.json")))["weight_map"]
   assert sorted(names) == sorted(index) and len(set(names)) == len(names)
   assert max(alive) == 0
+
+
+def test_a_quantised_tensor_is_one_line_exit_2(tmp_path):
+  """A checkpoint with an int8 tensor (as quantised ones store them): refused by name, not cast."""
+  from safetensors.numpy import load_file, save_file
+
+  work = tmp_path / "m"
+  shutil.copytree(FIXTURE, work)
+  (path,) = work.glob("*.safetensors")
+  tensors = load_file(str(path))
+  tensors["model.norm.weight"] = np.ones_like(tensors["model.norm.weight"], np.int8)
+  save_file(tensors, str(path))
+  line = lm_command_error(
+    tmp_path / "w", f"--config={LM_CONFIG}:smollm2", f"--config.model.path={work}"
+  )
+  assert "checkpoint tensor model.norm.weight is stored as I8" in line
 
 
 def test_an_index_naming_a_missing_file_is_a_user_error(tmp_path):
