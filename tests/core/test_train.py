@@ -251,7 +251,9 @@ def _pool(n=12, t=5, seed=3):
   }
 
 
-@pytest.mark.parametrize("step_level", [False, True])
+@pytest.mark.parametrize(
+  "step_level", [pytest.param(False, marks=pytest.mark.slow), True]
+)  # sequence-level weights: make test-slow
 def test_vmapped_seeds_train_like_separate_runs(step_level):
   """Three seeds stacked and trained in one vmapped program = the three seeds trained one by one:
   same parameters, same per-seed log rows, each seed evaluated on its own parameters."""

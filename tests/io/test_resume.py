@@ -142,7 +142,9 @@ def test_sigterm_saves_and_exits_75_then_the_rerun_matches(uninterrupted, tmp_pa
   assert rows(work) == rows(uninterrupted)
 
 
-@pytest.mark.parametrize("first,then", [(8, 1), (1, 8)], ids=["8to1", "1to8"])
+@pytest.mark.parametrize(
+  "first,then", [(8, 1), pytest.param(1, 8, marks=pytest.mark.slow)], ids=["8to1", "1to8"]
+)  # 1 -> 8: make test-slow
 def test_a_run_resumes_on_another_device_count(uninterrupted, tmp_path, first, then):
   work = tmp_path / "run"
   proc = start(work, f"--config.num_devices={first}", devices=EIGHT if first == 8 else None)
