@@ -332,11 +332,15 @@ class Transformer(nnx.Module):
     return self._logits(x)[:, 0], {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
+def _stack(trees: list):
+  """Trees of one structure -> one tree of it, each leaf theirs stacked on a new leading axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def stack_modules(modules: list) -> nnx.Module:
   """Modules of one structure -> one module of it whose every variable is theirs stacked on a new
   leading axis (the scanned blocks: lax.scan runs it one slice at a time)."""
-  states = [nnx.state(m) for m in modules]
-  return nnx.merge(nnx.graphdef(modules[0]), jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  return nnx.merge(nnx.graphdef(modules[0]), _stack([nnx.state(m) for m in modules]))
 
 
 def stacked(keys: tuple) -> bool:
@@ -350,7 +354,7 @@ def stacked(keys: tuple) -> bool:
 def stack_blocks(pure: dict) -> dict:
   """A per-layer model's pure-dict state -> the scanned model's (its blocks stacked in order)."""
   layers = [pure["blocks"][k] for k in sorted(pure["blocks"], key=int)]
-  return {**pure, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+  return {**pure, "blocks": _stack(layers)}
 
 
 def segment_positions(segments):
@@ -367,7 +371,7 @@ def token_logprobs(
 ):
   """tokens [B, T] -> [B, T]: entry t is log p(tokens[t] | tokens[<t]) (the model's distribution at
   `temperature`: softmax(logits / temperature)); entry 0 is 0. trunk [B, T - 1, d]: the output of
-  the model's lower trunk_layers blocks on tokens[:, :-1] (trunk_output), from which only the
+  the model's lower trunk_layers blocks on tokens[:, :-1] (make_trunk_fn), from which only the
   blocks above run.
 
   With model.cfg.logits_chunk = c > 0 the logits are made c positions at a time and recomputed
