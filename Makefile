@@ -55,9 +55,10 @@ offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on t
 	.venv-d3rlpy/bin/python -m pip install -q "d3rlpy>=2.8,<2.9"
 	touch $@
 
-device-prep: install  ## what benchmarks/device_check.py needs on a lent GPU beside its image's jax/flax: .device/ (carry it)
-	rm -rf .device && mkdir -p .device
-	cp -r $(VENV)/lib/python*/site-packages/ml_collections .device/
+device-prep: install  ## for benchmarks/device_check.py on a lent GPU: .device/base (what its image lacks), .device/pinned (our flax, optax, chex); carry .device
+	rm -rf .device && mkdir -p .device/base .device/pinned
+	cp -r $(VENV)/lib/python*/site-packages/ml_collections .device/base/
+	cd $(VENV)/lib/python*/site-packages && cp -r flax optax chex $(CURDIR)/.device/pinned/
 
 bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write benchmarks/results/*.json
 	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes

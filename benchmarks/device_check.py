@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -45,6 +46,7 @@ CASES = {  # name: (model, tokens)
   "smollm2-8192-dot_product": (dataclasses.replace(SMOL, attention="dot_product"), 8192),
   "qwen32b-width-4-blocks-22000": (QWEN4, 22_000),
   "qwen32b-width-4-blocks-22000-lora16": (dataclasses.replace(QWEN4, lora_rank=16), 22_000),
+  "qwen32b-22000-lora16": (dataclasses.replace(QWEN4, n_layers=64, lora_rank=16), 22_000),
   "tiny": (LMConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=65, **LONG), 64),
 }
 
@@ -74,6 +76,12 @@ def check(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float) -> dict:
     "state_gib": gib(lm_step.sharded_bytes(shapes, shardings)),
     "predicted_temp_gib": gib(mem.temp_size_in_bytes),
     "predicted_argument_gib": gib(mem.argument_size_in_bytes),
+    "predicted_peak_gib": gib(
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    ),  # fmt: skip
     "peak_in_use_gib": gib(stats.get("peak_bytes_in_use")),
     "device_limit_gib": gib(stats.get("bytes_limit")),
     "compile_s": compile_s,
@@ -84,27 +92,41 @@ def check(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float) -> dict:
   }
 
 
+def run_case(name: str, steps: int, peak_tflops: float) -> dict:
+  """One case in a process of its own: its row, or the error that ended it."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--one={name}", f"--steps={steps}"]
+  r = subprocess.run([*cmd, f"--peak_tflops={peak_tflops}"], capture_output=True, text=True)
+  rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
+  if r.returncode == 0 and rows:
+    return json.loads(rows[-1])
+  tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+  return {"case": name, "error": f"exit {r.returncode}: {tail[:300]}"}
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--cases", default=",".join(c for c in CASES if c != "tiny"))
   p.add_argument("--steps", type=int, default=3, help="timed steps a case, after one warm-up")
   p.add_argument("--peak_tflops", type=float, default=989.0, help="the device's bf16 peak")
   p.add_argument("--out", default="", help="write the rows there (the device's $OUT), not results/")
+  p.add_argument("--one", default="", help=argparse.SUPPRESS)  # the per-case process
   args = p.parse_args()
+  if args.one:
+    print(json.dumps({"case": args.one, **check(*CASES[args.one], args.steps, args.peak_tflops)}))
+    return
+  names = args.cases.split(",")
+  if unknown := [n for n in names if n not in CASES]:
+    sys.exit(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
   rows = []
-  for name in args.cases.split(","):
-    if name not in CASES:
-      sys.exit(f"unknown case {name!r}; known: {', '.join(CASES)}")
-    try:
-      row = {"case": name, **check(*CASES[name], args.steps, args.peak_tflops)}
-    except Exception as e:  # noqa: BLE001  one case out of memory must not lose the others
-      row = {"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-  cols = ["case", "state_gib", "predicted_temp_gib", "peak_in_use_gib", "s_per_step", "mfu_percent"]
+  for name in names:  # saved after every case: a lease that ends early keeps what ran
+    rows.append(run_case(name, args.steps, args.peak_tflops))
+    print(json.dumps(rows[-1]), flush=True)
+    path = common.save(
+      "device_check", {"rows": rows, "peak_tflops": args.peak_tflops}, args.out or common.RESULTS
+    )
+  cols = ["case", "state_gib", "predicted_peak_gib", "peak_in_use_gib", "s_per_step", "mfu_percent"]
   print(common.table(rows, cols))
-  payload = {"rows": rows, "peak_tflops": args.peak_tflops}
-  print(f"-> {common.save('device_check', payload, args.out or common.RESULTS)}")
+  print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -30,5 +30,6 @@ def test_the_device_check_runs_its_tiny_case_and_sizes_the_state(tmp_path):
   state = row["state_gib"] * 2**30
   assert 12 * n <= state <= 12 * n + 1024  # plus the step, the key and Adam's count
   assert row["predicted_temp_gib"] > 0 and row["s_per_step"] > 0
+  assert row["predicted_peak_gib"] >= row["state_gib"] + row["predicted_temp_gib"]
   assert row["tokens_per_s"] == tokens / row["s_per_step"]
   assert row["loss"] == row["loss"]  # finite: not NaN
