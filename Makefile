@@ -55,10 +55,9 @@ offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on t
 	.venv-d3rlpy/bin/python -m pip install -q "d3rlpy>=2.8,<2.9"
 	touch $@
 
-device-prep: install  ## for benchmarks/device_check.py on a lent GPU: .device/base (what its image lacks), .device/pinned (our flax, optax, chex); carry .device
-	rm -rf .device && mkdir -p .device/base .device/pinned
-	cp -r $(VENV)/lib/python*/site-packages/ml_collections .device/base/
-	cd $(VENV)/lib/python*/site-packages && cp -r flax optax chex $(CURDIR)/.device/pinned/
+device-prep: install  ## for benchmarks/device_check.py on a lent GPU: what its image lacks (ml_collections, gguf) in .device/; carry .device
+	rm -rf .device && mkdir -p .device
+	cd $(VENV)/lib/python*/site-packages && cp -r ml_collections gguf $(CURDIR)/.device/
 
 bench: install .venv-d3rlpy/.installed  ## benchmarks: print tables, write benchmarks/results/*.json
 	$(PY) benchmarks/bc_throughput.py --d3rlpy=yes

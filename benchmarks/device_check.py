@@ -3,16 +3,20 @@ compiler predicts it (XLA's memory analysis, the number docs/scaling.md sizes th
 with on CPU) against what the device really allocates when the step runs, and its speed.
 
   python benchmarks/device_check.py --out=DIR                 # on the device: the prepared set
+  python benchmarks/device_check.py --compile_only=1          # the compiler's analysis alone
   python benchmarks/device_check.py --cases=tiny --steps=2    # anywhere (the test's smoke run)
 
 Each case compiles the update of benchmarks/lm_step.py on one device (the scanned model, remat
-"full", chunked attention and log-probs, bfloat16 compute, one sequence a step), builds a
-random state in it and runs warm-up plus --steps timed steps: the compiled analysis (state,
-temporaries), the device's peak bytes in use (memory_stats; CPU backends have none), seconds a
-step, tokens/s and the model FLOP utilisation against --peak_tflops. Cases: SmolLM2-135M at 2,048
-and 8,192 tokens; four Qwen2.5-32B-width blocks at 22,000 tokens (bfloat16 parameters, whole and
-LoRA rank 16), which a 141 GB device holds, so the 64-block numbers can be scaled from them;
-"dot_product" attention (cuDNN's fused kernel on GPUs) beside the chunked one for SmolLM2.
+"full", chunked attention and log-probs, bfloat16 compute, one sequence a step), prints the
+compiled analysis (state, temporaries, predicted peak), then builds a random state and runs
+warm-up plus --steps timed steps: the device's peak bytes in use (memory_stats; CPU backends
+have none), seconds a step, tokens/s and the model FLOP utilisation against --peak_tflops.
+Cases: SmolLM2-135M at 2,048 and 8,192 tokens, and with "dot_product" attention
+(jax.nn.dot_product_attention, the implementation left to JAX); four Qwen2.5-32B-width blocks at
+22,000 tokens (bfloat16 parameters, whole and LoRA rank 16); the whole 64-block model at 22,000
+tokens with LoRA rank 16 (docs/scaling.md's one-device goal). Each case runs in a process of
+its own, so the device's peak is that case's alone and one case that runs out of memory (or
+--case_timeout) loses no other.
 """
 
 from __future__ import annotations
@@ -51,15 +55,29 @@ CASES = {  # name: (model, tokens)
 }
 
 
-def check(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float) -> dict:
-  """One case on the first device: predicted and allocated bytes, seconds a step."""
-  cfg = dataclasses.replace(cfg, max_len=tokens + 1)
-  mesh = make_mesh(1)
-  step, shapes, shardings, opt = lm_step.jitted_step(cfg, mesh)
+def _gib(x):
+  return None if x is None else float(x) / 2**30
+
+
+def compile_case(cfg: LMConfig, tokens: int):
+  """(the compiled step, its row: state bytes, the compiler's memory analysis, compile time)."""
+  step, shapes, shardings, opt = lm_step.jitted_step(cfg, make_mesh(1))
   t0 = time.perf_counter()
   compiled = step.lower(shapes, lm_step.batch_shapes(1, tokens)).compile()
-  compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
+  peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+  return (compiled, opt, shardings), {
+    "state_gib": _gib(lm_step.sharded_bytes(shapes, shardings)),
+    "predicted_temp_gib": _gib(mem.temp_size_in_bytes),
+    "predicted_argument_gib": _gib(mem.argument_size_in_bytes),
+    "predicted_peak_gib": _gib(peak + mem.temp_size_in_bytes),
+    "compile_s": time.perf_counter() - t0,
+  }
+
+
+def run_case_here(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float, compiled) -> dict:
+  """Runs the compiled step on a random state: the device's peak bytes, seconds a step."""
+  compiled, opt, shardings = compiled
   state = lm_step.concrete_state(cfg, opt, shardings)
   batch = lm_step.random_batch(1, tokens, cfg.vocab_size)
   state, metrics = compiled(state, batch)  # warm-up
@@ -71,20 +89,9 @@ def check(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float) -> dict:
   seconds = (time.perf_counter() - t0) / steps
   stats = jax.devices()[0].memory_stats() or {}
   flops = common.train_flops_per_token(cfg, weight_grads=not cfg.lora_rank) * tokens
-  gib = lambda x: None if x is None else float(x) / 2**30
   return {
-    "state_gib": gib(lm_step.sharded_bytes(shapes, shardings)),
-    "predicted_temp_gib": gib(mem.temp_size_in_bytes),
-    "predicted_argument_gib": gib(mem.argument_size_in_bytes),
-    "predicted_peak_gib": gib(
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      - mem.alias_size_in_bytes
-      + mem.temp_size_in_bytes
-    ),  # fmt: skip
-    "peak_in_use_gib": gib(stats.get("peak_bytes_in_use")),
-    "device_limit_gib": gib(stats.get("bytes_limit")),
-    "compile_s": compile_s,
+    "peak_in_use_gib": _gib(stats.get("peak_bytes_in_use")),
+    "device_limit_gib": _gib(stats.get("bytes_limit")),
     "s_per_step": seconds,
     "tokens_per_s": tokens / seconds,
     "mfu_percent": 100 * flops / seconds / (peak_tflops * 1e12),
@@ -92,15 +99,33 @@ def check(cfg: LMConfig, tokens: int, steps: int, peak_tflops: float) -> dict:
   }
 
 
-def run_case(name: str, steps: int, peak_tflops: float) -> dict:
-  """One case in a process of its own: its row, or the error that ended it."""
-  cmd = [sys.executable, os.path.abspath(__file__), f"--one={name}", f"--steps={steps}"]
-  r = subprocess.run([*cmd, f"--peak_tflops={peak_tflops}"], capture_output=True, text=True)
-  rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
-  if r.returncode == 0 and rows:
-    return json.loads(rows[-1])
-  tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-  return {"case": name, "error": f"exit {r.returncode}: {tail[:300]}"}
+def one_case(name: str, steps: int, peak_tflops: float, compile_only: bool) -> None:
+  """Prints the case's compiled row (so a run cut short keeps it), then the whole row."""
+  cfg, tokens = CASES[name]
+  cfg = dataclasses.replace(cfg, max_len=tokens + 1)
+  compiled, row = compile_case(cfg, tokens)
+  row = {"case": name, **row}
+  print(json.dumps(row), flush=True)
+  if not compile_only:
+    print(json.dumps({**row, **run_case_here(cfg, tokens, steps, peak_tflops, compiled)}))
+
+
+def run_case(name: str, args) -> dict:
+  """One case in a process of its own: its row, with the error that ended it if one did."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--one={name}", f"--steps={args.steps}"]
+  cmd += [f"--peak_tflops={args.peak_tflops}", f"--compile_only={args.compile_only}"]
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout or None)
+    out, err, code = r.stdout, r.stderr, r.returncode
+  except subprocess.TimeoutExpired as e:
+    out, err, code = e.stdout or b"", f"timed out after {args.case_timeout} s", "timeout"
+    out = out.decode() if isinstance(out, bytes) else out
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  row = rows[-1] if rows else {"case": name}
+  if code != 0:
+    tail = (str(err).strip().splitlines() or ["no output"])[-1]
+    row["error"] = f"exit {code}: {tail[:300]}"
+  return row
 
 
 def main():
@@ -109,21 +134,22 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="timed steps a case, after one warm-up")
   p.add_argument("--peak_tflops", type=float, default=989.0, help="the device's bf16 peak")
   p.add_argument("--out", default="", help="write the rows there (the device's $OUT), not results/")
+  p.add_argument("--compile_only", type=int, default=0, help="1: the compiler's analysis only")
+  p.add_argument("--case_timeout", type=float, default=0, help="seconds a case may take (0: none)")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)  # the per-case process
   args = p.parse_args()
   if args.one:
-    print(json.dumps({"case": args.one, **check(*CASES[args.one], args.steps, args.peak_tflops)}))
-    return
+    return one_case(args.one, args.steps, args.peak_tflops, bool(args.compile_only))
   names = args.cases.split(",")
   if unknown := [n for n in names if n not in CASES]:
     sys.exit(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
   rows = []
   for name in names:  # saved after every case: a lease that ends early keeps what ran
-    rows.append(run_case(name, args.steps, args.peak_tflops))
+    rows.append(run_case(name, args))
     print(json.dumps(rows[-1]), flush=True)
-    path = common.save(
-      "device_check", {"rows": rows, "peak_tflops": args.peak_tflops}, args.out or common.RESULTS
-    )
+    payload = {"rows": rows, "peak_tflops": args.peak_tflops}
+    stem = "device_check-compile_only" if args.compile_only else "device_check"
+    path = common.save(stem, payload, args.out or common.RESULTS)
   cols = ["case", "state_gib", "predicted_peak_gib", "peak_in_use_gib", "s_per_step", "mfu_percent"]
   print(common.table(rows, cols))
   print(f"-> {path}")

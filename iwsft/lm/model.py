@@ -18,7 +18,8 @@ bfloat16), `dtype` the compute type.
 For long sequences (compute settings: the same function, less memory): attention "chunked" takes
 the queries `attention_chunk` at a time, each chunk's scores [chunk, T] recomputed in the backward
 pass instead of kept, so its memory grows linearly in T, not as T²; "dot_product" is
-jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs that have it). `remat` recomputes each
+jax.nn.dot_product_attention with the implementation left to JAX (cuDNN's fused kernel where
+JAX picks it; on one H200 it did not: docs/benchmarks.md). `remat` recomputes each
 block's activations in the backward pass ("full"; "dots" keeps the matrix products). A
 `logits_chunk` computes the token log-probs that many positions at a time, so the float32 logits
 [B, T, V] are never whole.
