@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MINARI_DATASETS_PATH ?= $(CURDIR)/.minari/datasets
 
-.PHONY: install docs demo datasets datasets-full lm lm-smollm2 sweep ablations offline-rl bench device-prep fixtures test test-slow clean
+.PHONY: install docs demo datasets datasets-full lm lm-smollm2 lm-smollm2-5epochs sweep ablations offline-rl bench device-prep fixtures test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ lm: install  ## the language pipeline, 3 seeds (about 15 minutes on 2 cores)
 
 lm-smollm2: install  ## the paper's LM experiment in miniature: SmolLM2-135M-Instruct, 3 seeds, tables with CIs
 	$(PY) experiments/sweep.py --config=iwsft/lm/config.py:smollm2 --workdir=runs/smollm2 --seeds=0,1,2
+
+lm-smollm2-5epochs: install  ## the same where the policy moves: 5 epochs, 500 problems a seed, SFT vs iw-SFT (hours; resumable)
+	$(PY) experiments/sweep.py --config=iwsft/lm/config.py:smollm2-5epochs --workdir=runs/smollm2-5epochs --seeds=0,1,2
 
 sweep: install  ## the default CPU sweep: 5 methods x Hopper small medium/medium-replay/medium-expert x 5 seeds
 	$(PY) experiments/sweep.py --workdir=runs/sweep
