@@ -12,7 +12,8 @@ compiled analysis (state, temporaries, predicted peak), then builds a random sta
 warm-up plus --steps timed steps: the device's peak bytes in use (memory_stats; CPU backends
 have none), seconds a step, tokens/s and the model FLOP utilisation against --peak_tflops.
 Cases: SmolLM2-135M at 2,048 and 8,192 tokens, and with "dot_product" attention
-(jax.nn.dot_product_attention, the implementation left to JAX); four Qwen2.5-32B-width blocks at
+(jax.nn.dot_product_attention, the implementation left to JAX: XLA's) and "cudnn" (its cuDNN
+kernel; on a CPU this case's row is its error); four Qwen2.5-32B-width blocks at
 22,000 tokens (bfloat16 parameters, whole and LoRA rank 16); the whole 64-block model at 22,000
 tokens with LoRA rank 16 (docs/scaling.md's one-device goal). Each case runs in a process of
 its own, so the device's peak is that case's alone and one case that runs out of memory (or
@@ -48,6 +49,7 @@ CASES = {  # name: (model, tokens)
   "smollm2-2048": (SMOL, 2048),
   "smollm2-8192": (SMOL, 8192),
   "smollm2-8192-dot_product": (dataclasses.replace(SMOL, attention="dot_product"), 8192),
+  "smollm2-8192-cudnn": (dataclasses.replace(SMOL, attention="cudnn"), 8192),
   "qwen32b-width-4-blocks-22000": (QWEN4, 22_000),
   "qwen32b-width-4-blocks-22000-lora16": (dataclasses.replace(QWEN4, lora_rank=16), 22_000),
   "qwen32b-22000-lora16": (dataclasses.replace(QWEN4, n_layers=64, lora_rank=16), 22_000),

@@ -18,8 +18,9 @@ bfloat16), `dtype` the compute type.
 For long sequences (compute settings: the same function, less memory): attention "chunked" takes
 the queries `attention_chunk` at a time, each chunk's scores [chunk, T] recomputed in the backward
 pass instead of kept, so its memory grows linearly in T, not as T²; "dot_product" is
-jax.nn.dot_product_attention with the implementation left to JAX (cuDNN's fused kernel where
-JAX picks it; on one H200 it did not: docs/benchmarks.md). `remat` recomputes each
+jax.nn.dot_product_attention with the implementation left to JAX (which, in jax 0.10 and 0.11,
+is always XLA's: the scores are materialised), "cudnn" the same with cuDNN's fused kernel
+(GPUs only; unpacked rows). `remat` recomputes each
 block's activations in the backward pass ("full"; "dots" keeps the matrix products). A
 `logits_chunk` computes the token log-probs that many positions at a time, so the float32 logits
 [B, T, V] are never whole.
@@ -35,6 +36,7 @@ compute: at the same seed the stacked model's leaves are the per-layer model's s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,7 @@ class LMConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute type: "float32" or "bfloat16"
   param_dtype: str = "float32"  # the parameters' type: "float32" or "bfloat16"
-  attention: str = "full"  # "full", "chunked" or "dot_product" (see the module's docstring)
+  attention: str = "full"  # one of ATTENTION (see the module's docstring)
   attention_chunk: int = 512  # queries per chunk of "chunked" attention
   remat: str = "none"  # recompute each block in the backward pass: "none", "full", "dots"
   logits_chunk: int = 0  # token log-probs this many positions at a time; 0: all at once
@@ -106,7 +108,11 @@ class LMConfig:
 # What the parameters' layout is (recorded in each run's identity, so a run saved in another
 # layout is refused rather than read wrongly): 2 = qkv and up grouped (tensor_parallel_dim).
 PARAM_LAYOUT = 2
-ATTENTION = ("full", "chunked", "dot_product")
+ATTENTION = ("full", "chunked", "dot_product", "cudnn")
+DOT_PRODUCT = {
+  "dot_product": None,
+  "cudnn": "cudnn",
+}  # jax.nn.dot_product_attention's implementation
 LORA_TARGETS = ("qkv", "proj", "up", "down")  # a block's projections
 REMAT = {  # jax.checkpoint policies: what a rematerialised block keeps for the backward pass
   "none": None,
@@ -140,12 +146,14 @@ def _attend_causal(q, k, v, cfg: LMConfig, segments=None):
       return m
     return m & (segments[:, rows][:, None, :, None] == segments[:, None, None, :])
 
-  if cfg.attention == "dot_product":
+  if cfg.attention in ("dot_product", "cudnn"):
     swap = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, heads, D], its layout
+    attend = functools.partial(
+      jax.nn.dot_product_attention, implementation=DOT_PRODUCT[cfg.attention]
+    )
     if segments is None:
-      return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
-    mask = causal(jnp.arange(t))
-    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask))
+      return swap(attend(swap(q), swap(k), swap(v), is_causal=True))
+    return swap(attend(swap(q), swap(k), swap(v), mask=causal(jnp.arange(t))))
   if cfg.attention == "full" or t <= cfg.attention_chunk:
     return _attend(q, k, v, causal(jnp.arange(t)))
   c = cfg.attention_chunk

@@ -86,8 +86,9 @@ def test_chunked_attention_memory_grows_linearly_not_quadratically_in_length():
     (["--config.compute.remat=some"], "remat must be one of"),
     (["--config.compute.attention=flash"], "attention must be one of"),
     (["--config.micro_batches=3"], "must divide batch_size"),
+    (["--config.compute.attention=cudnn"], "'cudnn' needs a GPU (this backend: cpu)"),
   ],
-  ids=["remat", "attention", "micro_batches"],
+  ids=["remat", "attention", "micro_batches", "cudnn on CPU"],
 )
 def test_bad_compute_settings_are_one_line_exit_2(tmp_path, args, needle):
   assert needle in lm_command_error(tmp_path / "work", *args)
