@@ -20,6 +20,12 @@ EXPERT = "iwsft/pendulum-test/expert-v0"
 MIXED = "iwsft/pendulum-test/mixed-v0"
 
 # The language pipeline's byte-level model at a size that runs in seconds (command-line flags).
+# Qwen2-like model settings: grouped-query attention, rotary positions, q/k/v biases, SwiGLU,
+# an untied output layer
+QWEN2_LIKE = dict(n_kv_heads=2, positions="rope", mlp="swiglu", qkv_bias=True, tie_embeddings=False)
+# a tiny model of that architecture
+QWEN2_TINY = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=48, **QWEN2_LIKE)
+
 LM_TINY = [
   "--config.model.d_model=32",
   "--config.model.n_layers=1",

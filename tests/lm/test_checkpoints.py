@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import lm_command_error, save_tiny_pretrained, write_sum_records
+from conftest import QWEN2_TINY, lm_command_error, save_tiny_pretrained, write_sum_records
 from flax import nnx
 
 from iwsft.errors import UserError
@@ -51,19 +51,7 @@ def test_export_reloads_to_the_same_model(arch, tmp_path):
 
 
 def test_kv_cache_decoding_equals_the_full_pass_with_rope_and_gqa():
-  cfg = LMConfig(
-    vocab_size=50,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=48,
-    max_len=24,
-    positions="rope",
-    mlp="swiglu",
-    qkv_bias=True,
-    tie_embeddings=False,
-  )
+  cfg = LMConfig(**QWEN2_TINY, max_len=24)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   prompts = jnp.asarray(np.random.default_rng(0).integers(3, 50, (3, 5)), jnp.int32)
   special = (0, 1, 2)

@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import lm_command_error
+from conftest import QWEN2_LIKE, lm_command_error
 from flax import nnx
 
 from iwsft.lm.model import LMConfig, Transformer, token_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ARCHS = {  # Qwen2-like (GQA, RoPE, q/k/v biases, SwiGLU) and the byte-level model's (learned)
-  "qwen2": dict(n_kv_heads=2, positions="rope", mlp="swiglu", qkv_bias=True, tie_embeddings=False),
+ARCHS = {  # Qwen2-like and the byte-level model's (learned positions)
+  "qwen2": QWEN2_LIKE,
   "learned": dict(positions="learned"),
 }
 COMPUTE = {

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import LM_TINY, lm_command_error
+from conftest import LM_TINY, QWEN2_TINY, lm_command_error
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig
@@ -23,20 +23,7 @@ from iwsft.lm import lora
 from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, param_count, path_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Qwen2-like: rotary positions, grouped-query attention, q/k/v biases, SwiGLU, untied output
-BASE = LMConfig(
-  vocab_size=50,
-  d_model=32,
-  n_layers=2,
-  n_heads=4,
-  n_kv_heads=2,
-  d_ff=48,
-  max_len=16,
-  positions="rope",
-  mlp="swiglu",
-  qkv_bias=True,
-  tie_embeddings=False,
-)
+BASE = LMConfig(**QWEN2_TINY, max_len=16)
 TOKENS = jax.random.randint(jax.random.key(1), (3, 12), 0, 50)
 
 

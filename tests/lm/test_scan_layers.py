@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import QWEN2_LIKE
 from flax import nnx
 
 from iwsft.core.config import StageConfig
@@ -26,8 +27,8 @@ from iwsft.lm.model import (
   token_logprobs,
 )
 
-ARCHS = {  # Qwen2-like (GQA, RoPE, q/k/v biases, SwiGLU, untied) and the byte-level model's
-  "qwen2": dict(n_kv_heads=2, positions="rope", mlp="swiglu", qkv_bias=True, tie_embeddings=False),
+ARCHS = {  # Qwen2-like and the byte-level model's (learned positions)
+  "qwen2": QWEN2_LIKE,
   "learned": dict(positions="learned"),
 }
 COMPUTE = {
