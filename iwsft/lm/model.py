@@ -20,10 +20,10 @@ the queries `attention_chunk` at a time, each chunk's scores [chunk, T] recomput
 pass instead of kept, so its memory grows linearly in T, not as T²; "dot_product" is
 jax.nn.dot_product_attention with the implementation left to JAX (which, in jax 0.10 and 0.11,
 is always XLA's: the scores are materialised), "cudnn" the same with cuDNN's fused kernel
-(GPUs only; unpacked rows). `remat` recomputes each
-block's activations in the backward pass ("full"; "dots" keeps the matrix products). A
-`logits_chunk` computes the token log-probs that many positions at a time, so the float32 logits
-[B, T, V] are never whole.
+(GPUs only; unpacked rows), "splash" the Pallas splash-attention kernel (TPUs; lm/splash.py).
+`remat` recomputes each block's activations in the backward pass ("full"; "dots" keeps the
+matrix products). A `logits_chunk` computes the token log-probs that many positions at a
+time, so the float32 logits [B, T, V] are never whole.
 
 `scan_layers` stacks the blocks: `blocks` is one Block whose every leaf has a leading layer axis
 (`blocks/qkv/kernel` [n_layers, d, ...] instead of `blocks/<i>/qkv/kernel`), run by one
@@ -47,6 +47,7 @@ from iwsft.core import objectives
 from iwsft.core.sharding import path_keys
 from iwsft.errors import UserError
 from iwsft.lm import packing
+from iwsft.lm.splash import splash_attention
 from iwsft.lm.tokenizer import VOCAB_SIZE
 
 
@@ -108,11 +109,9 @@ class LMConfig:
 # What the parameters' layout is (recorded in each run's identity, so a run saved in another
 # layout is refused rather than read wrongly): 2 = qkv and up grouped (tensor_parallel_dim).
 PARAM_LAYOUT = 2
-ATTENTION = ("full", "chunked", "dot_product", "cudnn")
-DOT_PRODUCT = {
-  "dot_product": None,
-  "cudnn": "cudnn",
-}  # jax.nn.dot_product_attention's implementation
+ATTENTION = ("full", "chunked", "dot_product", "cudnn", "splash")
+# jax.nn.dot_product_attention's implementation for each attention setting that uses it
+DOT_PRODUCT = {"dot_product": None, "cudnn": "cudnn"}
 LORA_TARGETS = ("qkv", "proj", "up", "down")  # a block's projections
 REMAT = {  # jax.checkpoint policies: what a rematerialised block keeps for the backward pass
   "none": None,
@@ -154,6 +153,8 @@ def _attend_causal(q, k, v, cfg: LMConfig, segments=None):
     if segments is None:
       return swap(attend(swap(q), swap(k), swap(v), is_causal=True))
     return swap(attend(swap(q), swap(k), swap(v), mask=causal(jnp.arange(t))))
+  if cfg.attention == "splash":
+    return splash_attention(q, k, v, segments)
   if cfg.attention == "full" or t <= cfg.attention_chunk:
     return _attend(q, k, v, causal(jnp.arange(t)))
   c = cfg.attention_chunk

@@ -169,7 +169,7 @@ FINETUNE_ONLY = ("path", "train_layers", "lora_rank", "lora_alpha", "lora_target
 
 def _check_lm_objective(cfg) -> None:
   """packed_rows within the fine-tuning (micro-)batch; a positive ref_temperature; cuDNN
-  attention on a GPU."""
+  attention on a GPU, splash attention on a TPU."""
   finetune_rows = cfg.finetune.batch_size // max(cfg.micro_batches, 1)
   if not 0 <= cfg.packed_rows <= finetune_rows:
     raise UserError(
@@ -178,11 +178,13 @@ def _check_lm_objective(cfg) -> None:
     )
   if not cfg.ref_temperature > 0:
     raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
-  if cfg.compute.attention == "cudnn":
-    if (backend := jax.default_backend()) != "gpu":
-      raise UserError(f"compute.attention 'cudnn' needs a GPU (this backend: {backend})")
-    if cfg.packed_rows:
-      raise UserError("compute.attention 'cudnn' takes unpacked rows: set packed_rows=0")
+  needs = {"cudnn": ("gpu", "a GPU"), "splash": ("tpu", "a TPU")}.get(cfg.compute.attention)
+  if needs and (backend := jax.default_backend()) != needs[0]:
+    raise UserError(
+      f"compute.attention {cfg.compute.attention!r} needs {needs[1]} (this backend: {backend})"
+    )
+  if cfg.compute.attention == "cudnn" and cfg.packed_rows:
+    raise UserError("compute.attention 'cudnn' takes unpacked rows: set packed_rows=0")
 
 
 def _check_lora(model) -> None:

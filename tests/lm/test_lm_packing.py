@@ -77,7 +77,7 @@ def _model(arch, **compute):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("attention", ["full", "chunked", "dot_product"])
+@pytest.mark.parametrize("attention", ["full", "chunked", "dot_product", "splash"])
 def test_packed_log_probs_equal_the_padded_ones(arch, attention):
   model = _model(arch, attention=attention, attention_chunk=8)
   graphdef, params = nnx.split(model)

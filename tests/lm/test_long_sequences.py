@@ -23,6 +23,7 @@ ARCHS = {  # Qwen2-like and the byte-level model's (learned positions)
 COMPUTE = {
   "chunked attention": dict(attention="chunked", attention_chunk=8),
   "dot_product attention": dict(attention="dot_product"),
+  "splash attention": dict(attention="splash"),  # Pallas's interpret mode off TPU
   "remat full": dict(remat="full"),
   "remat dots": dict(remat="dots"),
   "chunked log-probs": dict(logits_chunk=7),
@@ -41,7 +42,7 @@ def _logprobs_and_grads(arch: dict, **compute):
   return np.asarray(jax.jit(f)(params)), grads
 
 
-DEFAULT_RUN = {"all together", "dot_product attention"}  # the single paths: make test-slow
+DEFAULT_RUN = {"all together", "dot_product attention", "splash attention"}  # the single paths: make test-slow
 CASES = [
   pytest.param(a, c, marks=() if c in DEFAULT_RUN else pytest.mark.slow, id=f"{a}-{c}")
   for a in ARCHS
@@ -87,8 +88,9 @@ def test_chunked_attention_memory_grows_linearly_not_quadratically_in_length():
     (["--config.compute.attention=flash"], "attention must be one of"),
     (["--config.micro_batches=3"], "must divide batch_size"),
     (["--config.compute.attention=cudnn"], "'cudnn' needs a GPU (this backend: cpu)"),
+    (["--config.compute.attention=splash"], "'splash' needs a TPU (this backend: cpu)"),
   ],
-  ids=["remat", "attention", "micro_batches", "cudnn on CPU"],
+  ids=["remat", "attention", "micro_batches", "cudnn on CPU", "splash on CPU"],
 )
 def test_bad_compute_settings_are_one_line_exit_2(tmp_path, args, needle):
   assert needle in lm_command_error(tmp_path / "work", *args)
