@@ -97,10 +97,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 def _compute_section() -> ml_collections.ConfigDict:
   """How the model computes (the same function, less memory for long sequences; lm/model.py):
   attention "full", "chunked" (queries attention_chunk at a time), "dot_product"
-  (jax.nn.dot_product_attention, implementation chosen by JAX: XLA's) or "cudnn" (its cuDNN
-  fused kernel; GPUs only); remat "none", "full" or "dots"
-  (recompute each block in the backward pass); logits_chunk: token log-probs that many
-  positions at a time."""
+  (jax.nn.dot_product_attention, implementation chosen by JAX: XLA's), "cudnn" (its cuDNN
+  fused kernel; GPUs only) or "splash" (Pallas's splash kernel; TPUs only); remat "none",
+  "full" or "dots" (recompute each block in the backward pass); logits_chunk: token log-probs
+  that many positions at a time."""
   return ml_collections.ConfigDict(
     {"attention": "full", "attention_chunk": 512, "remat": "none", "logits_chunk": 0}
   )
