@@ -5,7 +5,9 @@ attention with an online softmax: the scores are never materialised, so its memo
 and blocks above the diagonal are skipped. It runs compiled on TPUs; on other backends it runs
 in Pallas's interpret mode (correct, slow: for tests), which is how the CPU tests check it
 against the plain attention. Grouped-query attention without repeating K/V: each key/value head
-runs one multi-query kernel over its group of query heads.
+runs one multi-query kernel over its group of query heads. One device so far: under a sharded
+batch the kernel would need a shard_map over the mesh, which is not built (the settings refuse
+splash on more than one device).
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ def splash_attention(q, k, v, segments=None):
   length = -(-t // block) * block
   pad = [(0, 0), (0, 0), (0, length - t), (0, 0)]
   q, k, v = (jnp.pad(x, pad) for x in (q * np.asarray(d**-0.5, q.dtype), k, v))
-  if segments is None:
-    segments = jnp.zeros((b, t), jnp.int32)
-  ids = jnp.pad(segments.astype(jnp.int32), [(0, 0), (0, length - t)], constant_values=-1)
   kernel = _kernel(h // kv, length, block, jax.default_backend() != "tpu")
+  qg = q.reshape(b, kv, h // kv, length, d)
+  if segments is None:  # padded keys come after every real query: the causal mask hides them
+    out = jax.vmap(jax.vmap(kernel))(qg, k, v)
+  else:  # padding is a segment of its own (-1)
+    ids = jnp.pad(segments.astype(jnp.int32), [(0, 0), (0, length - t)], constant_values=-1)
 
-  def one(qg, kh, vh, seg):  # qg [G, L, D], kh/vh [L, D], seg [L]
-    return kernel(qg, kh, vh, segment_ids=kernels.SegmentIds(q=seg, kv=seg))
+    def one(qh, kh, vh, seg):  # qh [G, L, D], kh/vh [L, D], seg [L]
+      return kernel(qh, kh, vh, segment_ids=kernels.SegmentIds(q=seg, kv=seg))
 
-  per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over the key/value heads
-  out = jax.vmap(per_head)(q.reshape(b, kv, h // kv, length, d), k, v, ids)
+    out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qg, k, v, ids)
   return out.reshape(b, h, length, d)[:, :, :t].astype(v.dtype)

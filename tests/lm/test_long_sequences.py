@@ -97,3 +97,18 @@ def test_chunked_attention_memory_grows_linearly_not_quadratically_in_length():
 )
 def test_bad_compute_settings_are_one_line_exit_2(tmp_path, args, needle):
   assert needle in lm_command_error(tmp_path / "work", *args)
+
+
+def test_splash_attention_is_refused_on_more_than_one_device(monkeypatch):
+  from iwsft.errors import UserError
+  from iwsft.lm import settings
+  from iwsft.lm.config import get_config
+
+  monkeypatch.setattr(settings.jax, "default_backend", lambda: "tpu")
+  cfg = get_config("tiny")
+  cfg.compute.attention = "splash"
+  cfg.num_devices = 1
+  settings.check_settings(cfg)  # one TPU: accepted
+  cfg.num_devices = 2
+  with pytest.raises(UserError, match="'splash' runs on one device so far"):
+    settings.check_settings(cfg)
