@@ -42,10 +42,9 @@ def _logprobs_and_grads(arch: dict, **compute):
   return np.asarray(jax.jit(f)(params)), grads
 
 
-# in the default run; the single paths (and splash's second architecture) run in make test-slow
-DEFAULT_RUN = {("qwen2", "splash attention")} | {
-  (a, c) for a in ARCHS for c in ("all together", "dot_product attention")
-}
+# in the default run; the single paths (splash's too: test_lm_packing runs it by default) run
+# in make test-slow
+DEFAULT_RUN = {(a, c) for a in ARCHS for c in ("all together", "dot_product attention")}
 CASES = [
   pytest.param(a, c, marks=() if (a, c) in DEFAULT_RUN else pytest.mark.slow, id=f"{a}-{c}")
   for a in ARCHS
