@@ -5,9 +5,10 @@ attention with an online softmax: the scores are never materialised, so its memo
 and blocks above the diagonal are skipped. It runs compiled on TPUs; on other backends it runs
 in Pallas's interpret mode (correct, slow: for tests), which is how the CPU tests check it
 against the plain attention. Grouped-query attention without repeating K/V: each key/value head
-runs one multi-query kernel over its group of query heads. One device so far: under a sharded
-batch the kernel would need a shard_map over the mesh, which is not built (the settings refuse
-splash on more than one device).
+runs one multi-query kernel over its group of query heads. One device so far: the kernel is one
+opaque call to XLA's partitioner, so under a batch-sharded mesh XLA gathers its inputs onto
+every device (correct, measured on 8 forced CPU devices, but no saving); a shard_map over the
+mesh would split it, and is not built (the settings refuse splash on more than one device).
 """
 
 from __future__ import annotations
