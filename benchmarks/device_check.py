@@ -145,12 +145,12 @@ def main():
   names = args.cases.split(",")
   if unknown := [n for n in names if n not in CASES]:
     sys.exit(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
+  stem = "device_check-compile_only" if args.compile_only else "device_check"
   rows = []
   for name in names:  # saved after every case: a lease that ends early keeps what ran
     rows.append(run_case(name, args))
     print(json.dumps(rows[-1]), flush=True)
     payload = {"rows": rows, "peak_tflops": args.peak_tflops}
-    stem = "device_check-compile_only" if args.compile_only else "device_check"
     path = common.save(stem, payload, args.out or common.RESULTS)
   cols = ["case", "state_gib", "predicted_peak_gib", "peak_in_use_gib", "s_per_step", "mfu_percent"]
   print(common.table(rows, cols))

@@ -117,6 +117,7 @@ def check_settings(cfg) -> Settings:
   if cfg.steps_per_dispatch < 1:
     raise UserError(f"steps_per_dispatch must be >= 1, got {cfg.steps_per_dispatch}")
   _check_lm_objective(cfg)
+  _check_attention(cfg)
   if task.pretrains == bool(cfg.model.path):
     raise UserError(
       "task.kind 'columns' trains its own model (model.path empty); 'chat_sum' "
@@ -168,8 +169,7 @@ FINETUNE_ONLY = ("path", "train_layers", "lora_rank", "lora_alpha", "lora_target
 
 
 def _check_lm_objective(cfg) -> None:
-  """packed_rows within the fine-tuning (micro-)batch; a positive ref_temperature; cuDNN
-  attention on a GPU, splash attention on a TPU."""
+  """packed_rows within the fine-tuning (micro-)batch; a positive ref_temperature."""
   finetune_rows = cfg.finetune.batch_size // max(cfg.micro_batches, 1)
   if not 0 <= cfg.packed_rows <= finetune_rows:
     raise UserError(
@@ -178,6 +178,10 @@ def _check_lm_objective(cfg) -> None:
     )
   if not cfg.ref_temperature > 0:
     raise UserError(f"ref_temperature must be > 0, got {cfg.ref_temperature}")
+
+
+def _check_attention(cfg) -> None:
+  """The attention kernels' needs: cuDNN a GPU and unpacked rows, splash one TPU."""
   needs = {"cudnn": ("gpu", "a GPU"), "splash": ("tpu", "a TPU")}.get(cfg.compute.attention)
   if needs and (backend := jax.default_backend()) != needs[0]:
     raise UserError(
