@@ -359,7 +359,8 @@ def make_train_steps(
 
   Batches are sampled inside the graph from the device-resident pool `data` (put_pool: split over
   the devices) with the state's key, so there is no host round trip per step; metrics come
-  back stacked, each [num_steps].
+  back stacked, each [num_steps]. The steps are traced with `mesh` as JAX's context mesh
+  (jax.set_mesh), where a model's own partitioned kernels (lm.splash) read it.
   vmapped: the state carries a leading seed axis (state.stack_seeds); every seed samples its own
     batch from the shared data and takes its own step; metrics are [num_steps, S].
   seed_data: pool leaves that differ per seed (π_ref's "logp_ref" [N', T]), joined to that seed's
@@ -398,7 +399,8 @@ def make_train_steps(
   )
 
   def run(state, data, logits, seed_data=None):
-    new, metrics = jitted(state.replace(frozen=None), state.frozen, data, logits, seed_data or {})
+    with jax.set_mesh(mesh):  # the context mesh of a model that partitions its own kernels
+      new, metrics = jitted(state.replace(frozen=None), state.frozen, data, logits, seed_data or {})
     return new.replace(frozen=state.frozen), metrics
 
   return run

@@ -181,16 +181,11 @@ def _check_lm_objective(cfg) -> None:
 
 
 def _check_attention(cfg) -> None:
-  """The attention kernels' needs: cuDNN a GPU and unpacked rows, splash one TPU."""
+  """The attention kernels' needs: cuDNN a GPU and unpacked rows, splash a TPU."""
   needs = {"cudnn": ("gpu", "a GPU"), "splash": ("tpu", "a TPU")}.get(cfg.compute.attention)
   if needs and (backend := jax.default_backend()) != needs[0]:
     raise UserError(
       f"compute.attention {cfg.compute.attention!r} needs {needs[1]} (this backend: {backend})"
-    )
-  if cfg.compute.attention == "splash" and (cfg.num_devices or jax.device_count()) > 1:
-    raise UserError(
-      "compute.attention 'splash' runs on one device so far (its kernel is not yet partitioned"
-      " over a mesh): set num_devices=1 or use 'chunked'"
     )
   if cfg.compute.attention == "cudnn" and cfg.packed_rows:
     raise UserError("compute.attention 'cudnn' takes unpacked rows: set packed_rows=0")

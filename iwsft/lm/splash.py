@@ -5,10 +5,12 @@ attention with an online softmax: the scores are never materialised, so its memo
 and blocks above the diagonal are skipped. It runs compiled on TPUs; on other backends it runs
 in Pallas's interpret mode (correct, slow: for tests), which is how the CPU tests check it
 against the plain attention. Grouped-query attention without repeating K/V: each key/value head
-runs one multi-query kernel over its group of query heads. One device so far: the kernel is one
-opaque call to XLA's partitioner, so under a batch-sharded mesh XLA gathers its inputs onto
-every device (correct, measured on 8 forced CPU devices, but no saving); a shard_map over the
-mesh would split it, and is not built (the settings refuse splash on more than one device).
+runs one multi-query kernel over its group of query heads.
+
+Over a mesh: the kernel is one opaque call to XLA's partitioner, which would gather its inputs
+onto every device. So under a context mesh (jax.set_mesh; iwsft's train step sets its own) the
+kernel runs in a shard_map: each device attends over its own rows (split over the mesh's "data"
+and "fsdp" axes) and, where the "model" axis divides both head counts, its own heads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec as P
+
+from iwsft.core.sharding import DATA_AXIS, FSDP_AXIS, MODEL_AXIS
 
 LANE = 128  # the kernel's sequence blocks are multiples of this
 MAX_BLOCK = 512
@@ -45,11 +50,45 @@ def _kernel(group: int, length: int, block: int, interpret: bool):
     )
 
 
+def _partition(b: int, h: int, kv: int):
+  """The context mesh's split of [B, heads, ...] inputs: (mesh, batch axes, head axis), or None
+  where there is no mesh (or nothing of it divides the rows)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  free = [a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1]
+  rows = tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in free)
+  if rows and b % int(np.prod([mesh.shape[a] for a in rows])):
+    rows = ()
+  heads = MODEL_AXIS if MODEL_AXIS in free and h % mesh.shape[MODEL_AXIS] == 0 else None
+  if heads and kv % mesh.shape[MODEL_AXIS]:
+    heads = None
+  return (mesh, rows or None, heads) if rows or heads else None
+
+
 def splash_attention(q, k, v, segments=None):
   """q [B,H,T,D], k/v [B,K,T,D] (H = K · G), segments [B,T] int or None -> [B,H,T,D].
 
   Causal; with segments a token attends only to earlier tokens of its own segment. Query head h
-  attends with key/value head h // G, as the plain attention does."""
+  attends with key/value head h // G, as the plain attention does. Under a context mesh each
+  device runs the kernel on its own rows and heads (_partition)."""
+  split = _partition(q.shape[0], q.shape[1], k.shape[1])
+  if split is None:
+    return _splash(q, k, v, segments)
+  mesh, rows, heads = split
+  spec = P(rows, heads)
+  attend = jax.shard_map(
+    _splash,
+    mesh=mesh,
+    in_specs=(spec, spec, spec, None if segments is None else P(rows)),
+    out_specs=spec,
+    check_vma=False,  # the Pallas call carries no varying-axes annotations
+  )
+  return attend(q, k, v, segments)
+
+
+def _splash(q, k, v, segments):
+  """splash_attention on one device's rows and heads."""
   b, h, t, d = q.shape
   kv = k.shape[1]
   block = _block(t)

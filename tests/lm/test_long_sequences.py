@@ -3,7 +3,10 @@ the model's function and gradients, and their memory (XLA's own analysis of the 
 backward pass) grows linearly in the sequence length instead of quadratically."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -98,16 +101,20 @@ def test_bad_compute_settings_are_one_line_exit_2(tmp_path, args, needle):
   assert needle in lm_command_error(tmp_path / "work", *args)
 
 
-def test_splash_attention_is_refused_on_more_than_one_device(monkeypatch):
-  from iwsft.errors import UserError
-  from iwsft.lm import settings
-  from iwsft.lm.config import get_config
-
-  monkeypatch.setattr(settings.jax, "default_backend", lambda: "tpu")
-  cfg = get_config("tiny")
-  cfg.compute.attention = "splash"
-  cfg.num_devices = 1
-  settings.check_settings(cfg)  # one TPU: accepted
-  cfg.num_devices = 2
-  with pytest.raises(UserError, match="'splash' runs on one device so far"):
-    settings.check_settings(cfg)
+def test_splash_attention_over_a_mesh_splits_rows_and_heads_and_equals_one_device():
+  """8 forced devices, data × fsdp × model = 2 × 2 × 2: splash's kernel runs per device on its
+  rows and heads (no all-gather in the attention's compiled backward pass) with the plain
+  attention's value and gradients, and the LM update under splash equals one device's."""
+  script = os.path.join(ROOT, "tests", "helpers", "splash_mesh_script.py")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, script], capture_output=True, text=True, env=env, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["devices"] == 8
+  assert r["attention"]["all_gathers"] == 0
+  assert r["attention"]["value_diff"] < 1e-3 and r["attention"]["grad_diff"] < 1e-5
+  assert r["update_splits"] and all(s == [["data", "fsdp"], "model"] for s in r["update_splits"])
+  np.testing.assert_allclose(r["loss"], r["loss_one"], rtol=1e-5)
+  assert r["max_param_diff"] < 1e-5
