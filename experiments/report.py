@@ -3,6 +3,13 @@ interval method.
 
   python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
   python experiments/report.py --dir=docs/ablations-full-hopper/iw_sft --ablation
+  python experiments/report.py --dir=OUT --merge=runs/a,runs/b --write
+
+--merge joins sweeps of the same grid run on other seeds (another session's, another machine's)
+into --dir: their cells.csv (a (dataset, method, seed) in two of them is an error), the tables
+recomputed from those cells, the pairs of their paired.csv, their paired-by-problem counts
+(problems.csv: n, b and c add over seeds, and the test depends on them alone) and their weight
+diagnostics (weights.csv: means over seeds, weighted by each sweep's seeds).
 
 An ablation's ablations.csv (table.csv before 0.4.0) has each run's mean and std (exact) and its
 per-seed scores (rounded to 0.1 in tables written before 0.3.0): its paired differences are
@@ -29,9 +36,12 @@ flags.DEFINE_string("dir", None, "a sweep's output directory (its table.csv at l
 flags.DEFINE_bool("write", False, "rewrite table.md, table.csv and paired.csv in --dir")
 flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bootstrap")
 flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's ablations.csv")
+flags.DEFINE_list("merge", [], "sweep directories on other seeds to join into --dir first")
 flags.mark_flag_as_required("dir")
 
 PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
+PROBLEM_COLUMNS = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high"]
+PROBLEM_COLUMNS += ["p", "seeds"]
 
 
 def _rows(path: str) -> list[dict]:
@@ -77,9 +87,89 @@ def ablation_table(d: str) -> str:
   return report.format_table(head, body)
 
 
+def merge(dirs: list[str], out: str) -> None:
+  """Writes into `out` the union of the sweeps in `dirs` (see the module's docstring)."""
+  cells = [c for d in dirs for c in _rows(os.path.join(d, "cells.csv"))]
+  if not cells:
+    raise UserError(f"--merge: no cells.csv in {', '.join(dirs)}")
+  seen = {}
+  for c in cells:
+    key = (c["dataset"], c["method"], c["seed"])
+    if key in seen:
+      raise UserError(f"--merge: {key} is in two of the sweeps")
+    seen[key] = c
+  recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
+  pairs = {r["method"]: r["baseline"] for d in dirs for r in _rows(os.path.join(d, "paired.csv"))}
+  os.makedirs(out, exist_ok=True)
+  report.write_csv(os.path.join(out, "cells.csv"), cells, list(cells[0]))
+  report.write_csv(os.path.join(out, "table.csv"), report.summarise(recs), report.SUMMARY_COLUMNS)
+  if pairs:
+    paired = report.paired_differences(recs, pairs)
+    report.write_csv(os.path.join(out, "paired.csv"), paired, report.PAIRED_COLUMNS)
+  _merge_problems(dirs, out)
+  _merge_weights(dirs, out)
+
+
+def _merge_problems(dirs: list[str], out: str) -> None:
+  pooled: dict[tuple, dict] = {}
+  for r in (r for d in dirs for r in _rows(os.path.join(d, "problems.csv"))):
+    p = pooled.setdefault((r["method"], r["baseline"], r["mode"]), dict(n=0, b=0, c=0, seeds=[]))
+    p["n"] += int(r["problems"])
+    p["b"] += int(r["b"])
+    p["c"] += int(r["c"])
+    p["seeds"] += r["seeds"].split(";")
+  rows = [
+    {"method": m, "baseline": base, "mode": mode, "seeds": sorted(p["seeds"], key=int),
+     **report.problem_test(p["n"], p["b"], p["c"])}
+    for (m, base, mode), p in pooled.items()
+  ]  # fmt: skip
+  if rows:
+    report.write_csv(os.path.join(out, "problems.csv"), rows, PROBLEM_COLUMNS)
+
+
+def _merge_weights(dirs: list[str], out: str) -> None:
+  groups: dict[tuple, list[dict]] = {}
+  for r in (r for d in dirs for r in _rows(os.path.join(d, "weights.csv"))):
+    groups.setdefault((r["dataset"], r["method"]), []).append(r)
+  rows = []
+  for (dataset, method), rs in groups.items():
+    n = [int(r["n"]) for r in rs]
+    row = {"dataset": dataset, "method": method, "n": sum(n)}
+    for k in report.WEIGHT_DIAGNOSTICS:
+      have = [(float(r[k]), w) for r, w in zip(rs, n) if r.get(k, "") != ""]
+      row[k] = sum(x * w for x, w in have) / sum(w for _, w in have) if have else ""
+    row["seeds"] = [s for r in rs for s in r["seeds"].split(";")]
+    rows.append(row)
+  if rows:
+    fields = ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, "seeds"]
+    report.write_csv(os.path.join(out, "weights.csv"), rows, fields)
+
+
+def problems_text(d: str) -> str:
+  """The paired-by-problem section of a language sweep's problems.csv, or ''."""
+  rows = _rows(os.path.join(d, "problems.csv"))
+  if not rows:
+    return ""
+  body = [
+    [f"{r['method']} − {r['baseline']}", r["mode"], r["problems"], f"{r['b']} / {r['c']}",
+     f"{float(r['diff']):+.1f} [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]",
+     f"{float(r['p']):.3f}", r["seeds"].replace(";", ", ")]
+    for r in rows
+  ]  # fmt: skip
+  head = ["pair", "pass@1", "problems", "only method / only baseline right", "difference [95% CI]"]
+  return (
+    "\npaired by problem (every seed's held-out problems): pass@1 difference in points, 95% Wald"
+    " interval for paired proportions, McNemar's exact test\n\n"
+    + report.format_table([*head, "McNemar p", "seeds"], body)
+    + "\n"
+  )
+
+
 def main(argv):
   cli.no_arguments(argv)
   d = flags.FLAGS.dir
+  if flags.FLAGS.merge:
+    merge(flags.FLAGS.merge, d)
   if flags.FLAGS.ablation:
     print(ablation_table(d))
     return
@@ -98,9 +188,11 @@ def main(argv):
   if paired:
     text += "\npaired by seed: mean [95% Student-t CI]\n\n"
     text += report.paired_table(paired) + "\n"
+  problems = problems_text(d)
+  text += problems
   cells = _rows(os.path.join(d, "cells.csv"))
   iqm = poi = []
-  if cells:
+  if cells and not problems:  # a language sweep's "datasets" are two readings of one evaluation
     recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
     methods = list(dict.fromkeys(c["method"] for c in cells))
     iqm, poi = report.aggregate(recs, methods, PAIRS, seed=flags.FLAGS.bootstrap_seed)
@@ -127,7 +219,8 @@ def _write(d: str, text: str, table, paired, iqm, poi) -> None:
 
 
 def _floats(row: dict) -> dict:
-  return {k: float(v) if k in report.WEIGHT_DIAGNOSTICS and v != "" else v for k, v in row.items()}
+  diag = report.WEIGHT_DIAGNOSTICS
+  return {k: (float(v) if v != "" else None) if k in diag else v for k, v in row.items()}
 
 
 if __name__ == "__main__":

@@ -131,9 +131,6 @@ def problem_pairs(outcomes: dict, pairs: dict[str, str], level: float = 0.95) ->
   outcomes[(seed, model, mode)] = [0/1 per problem] (the same problems for every model of a
   seed). -> rows {method, baseline, mode, problems, b (method right, baseline wrong), c (the
   reverse), diff (pass@1 points), ci_low, ci_high (Wald, paired proportions), p (McNemar)}."""
-  from scipy import stats
-
-  z = float(stats.norm.ppf(0.5 + level / 2))
   keys = {(m, mode) for _, m, mode in outcomes}
   rows = []
   for method, base in pairs.items():
@@ -144,25 +141,30 @@ def problem_pairs(outcomes: dict, pairs: dict[str, str], level: float = 0.95) ->
         continue
       a = np.concatenate([outcomes[(s, method, mode)] for s in seeds]).astype(bool)
       r = np.concatenate([outcomes[(s, base, mode)] for s in seeds]).astype(bool)
-      n, b, c = a.size, int(np.sum(a & ~r)), int(np.sum(~a & r))
-      diff = (b - c) / n
-      se = np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
-      rows.append(
-        {
-          "method": method,
-          "baseline": base,
-          "mode": mode,
-          "seeds": seeds,
-          "problems": n,
-          "b": b,
-          "c": c,
-          "diff": 100 * diff,
-          "ci_low": 100 * (diff - z * se),
-          "ci_high": 100 * (diff + z * se),
-          "p": mcnemar(b, c),
-        }
-      )
+      b, c = int(np.sum(a & ~r)), int(np.sum(~a & r))
+      row = {"method": method, "baseline": base, "mode": mode, "seeds": seeds}
+      rows.append({**row, **problem_test(a.size, b, c, level)})
   return rows
+
+
+def problem_test(n: int, b: int, c: int, level: float = 0.95) -> dict:
+  """The paired-by-problem statistics of n pairs, b where only the method is right, c where only
+  the baseline is (they depend on n, b, c alone, so pools of seeds add): {problems, b, c, diff
+  (pass@1 points), ci_low, ci_high (Wald, paired proportions), p (McNemar's exact test)}."""
+  from scipy import stats
+
+  z = float(stats.norm.ppf(0.5 + level / 2))
+  diff = (b - c) / n
+  se = np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+  return {
+    "problems": n,
+    "b": b,
+    "c": c,
+    "diff": 100 * diff,
+    "ci_low": 100 * (diff - z * se),
+    "ci_high": 100 * (diff + z * se),
+    "p": mcnemar(b, c),
+  }
 
 
 def aggregate(

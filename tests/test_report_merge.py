@@ -1,0 +1,106 @@
+"""experiments/report.py --merge: sweeps of one grid on other seeds joined into one table."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+from scipy import stats
+
+from iwsft.io import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "report.py")
+RNG = np.random.default_rng(0)
+# per seed, per model, per pass@1 mode: 0/1 outcomes on 50 problems
+OUTCOMES = {
+  (s, m, mode): RNG.random(50) < p
+  for s in range(3)
+  for m, p in (("sft", 0.4), ("iw_sft", 0.45))
+  for mode in ("greedy", "sampled")
+}
+COLUMNS = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high", "p"]
+
+
+def _sweep(d, seeds, ess):
+  """What a language sweep on `seeds` writes: cells, paired, problems and weights CSVs."""
+  os.makedirs(d)
+  cells = [
+    {
+      "dataset": f"pass@1 ({mode})",
+      "method": m,
+      "seed": s,
+      "score": 100 * OUTCOMES[s, m, mode].mean(),
+    }
+    for s in seeds
+    for m in ("sft", "iw_sft")
+    for mode in ("greedy", "sampled")
+  ]
+  report.write_csv(os.path.join(d, "cells.csv"), cells, ["dataset", "method", "seed", "score"])
+  recs = [dict(c) for c in cells]
+  paired = report.paired_differences(recs, {"iw_sft": "sft"})
+  report.write_csv(os.path.join(d, "paired.csv"), paired, report.PAIRED_COLUMNS)
+  sub = {k: v for k, v in OUTCOMES.items() if k[0] in seeds}
+  problems = report.problem_pairs(sub, {"iw_sft": "sft"})
+  report.write_csv(os.path.join(d, "problems.csv"), problems, COLUMNS + ["seeds"])
+  weights = [
+    {"dataset": "chat", "method": "iw_sft", "n": len(seeds), "iw/ess_fraction": ess, "seeds": seeds}
+  ]
+  report.write_csv(
+    os.path.join(d, "weights.csv"), weights, ["dataset", "method", "n", "iw/ess_fraction", "seeds"]
+  )
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def _read(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_merged_sweeps_give_the_tables_of_all_their_seeds(tmp_path):
+  _sweep(tmp_path / "a", [0], ess=0.6)
+  _sweep(tmp_path / "b", [1, 2], ess=0.9)
+  out = tmp_path / "all"
+  r = _run(f"--dir={out}", f"--merge={tmp_path / 'a'},{tmp_path / 'b'}", "--write")
+  assert r.returncode == 0, r.stderr[-2000:]
+  # pass@1 per cell over the three seeds: mean and Student-t interval from numpy / scipy
+  table = {(row["dataset"], row["method"]): row for row in _read(out / "table.csv")}
+  x = [100 * OUTCOMES[s, "iw_sft", "greedy"].mean() for s in range(3)]
+  row = table["pass@1 (greedy)", "iw_sft"]
+  half = stats.t.ppf(0.975, 2) * np.std(x, ddof=1) / np.sqrt(3)
+  np.testing.assert_allclose(float(row["mean"]), np.mean(x), rtol=1e-12)
+  np.testing.assert_allclose(float(row["ci_high"]), np.mean(x) + half, rtol=1e-9)
+  # paired by seed over the three seeds
+  paired = {row["dataset"]: row for row in _read(out / "paired.csv")}
+  d = [
+    100 * (OUTCOMES[s, "iw_sft", "sampled"].mean() - OUTCOMES[s, "sft", "sampled"].mean())
+    for s in range(3)
+  ]
+  assert int(paired["pass@1 (sampled)"]["n"]) == 3
+  np.testing.assert_allclose(float(paired["pass@1 (sampled)"]["mean"]), np.mean(d), atol=1e-9)
+  # paired by problem: McNemar over the 150 stacked pairs, counted here directly
+  got = {row["mode"]: row for row in _read(out / "problems.csv")}["greedy"]
+  a = np.concatenate([OUTCOMES[s, "iw_sft", "greedy"] for s in range(3)])
+  base = np.concatenate([OUTCOMES[s, "sft", "greedy"] for s in range(3)])
+  b, c = int(np.sum(a & ~base)), int(np.sum(~a & base))
+  assert (int(got["problems"]), int(got["b"]), int(got["c"])) == (150, b, c)
+  assert got["seeds"] == "0;1;2"
+  np.testing.assert_allclose(float(got["p"]), stats.binomtest(b, b + c, 0.5).pvalue, rtol=1e-9)
+  np.testing.assert_allclose(float(got["diff"]), 100 * (a.mean() - base.mean()), atol=1e-9)
+  # weight diagnostics: the mean over the three seeds
+  w = _read(out / "weights.csv")[0]
+  np.testing.assert_allclose(float(w["iw/ess_fraction"]), (0.6 + 2 * 0.9) / 3)
+  assert "paired by problem" in (out / "table.md").read_text()
+
+
+def test_a_seed_in_two_merged_sweeps_is_one_line_exit_2(tmp_path):
+  _sweep(tmp_path / "a", [0, 1], ess=0.6)
+  _sweep(tmp_path / "b", [1], ess=0.9)
+  r = _run(f"--dir={tmp_path / 'all'}", f"--merge={tmp_path / 'a'},{tmp_path / 'b'}")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "is in two of the sweeps" in lines[0], r.stderr
+  assert not os.path.exists(tmp_path / "all")
