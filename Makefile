@@ -84,7 +84,7 @@ fixtures: install .venv-hf/.installed  ## regenerate tests/fixtures/hf from tran
 test: install  ## lint (ruff), the docs site (mkdocs --strict) and the default test suite (what CI runs)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 docs: install  ## the documentation site, served at http://127.0.0.1:8000
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

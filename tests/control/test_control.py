@@ -308,6 +308,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_workdir_alone(datasets, tmp_pat
   assert (work / "metrics.jsonl").read_text() == "keep me\n"
 
 
+@pytest.mark.slow  # the core test_micro_batches_give_the_update_of_the_whole_batch runs by default
 def test_micro_batches_train_the_policy_of_whole_batches(datasets, tmp_path):
   """The CLI's iw-SFT with every batch in 4 micro-batches ends in the policy and score of whole
   batches (the same updates, up to float32 summation order)."""
@@ -377,6 +378,7 @@ def _tiny_config(method="iw_sft"):
   return cfg
 
 
+@pytest.mark.slow  # the core test_vmapped_seeds_train_like_separate_runs runs by default
 def test_seeds_trained_together_match_seeds_run_one_by_one(datasets, tmp_path):
   """run_control_seeds vmaps two seeds through both stages; each must equal run_control of that
   seed."""

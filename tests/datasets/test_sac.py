@@ -77,6 +77,7 @@ def test_sac_trains_on_to_its_target_and_fails_clearly_below_it():
     SACConfig(total_steps=400, max_steps=100, target_return=1.0)
 
 
+@pytest.mark.slow  # test_an_interrupted_run_resumes_from_its_checkpoint_exactly runs by default
 def test_a_run_stopped_at_its_step_cap_goes_on_exactly_when_the_cap_is_raised(
   tmp_path, monkeypatch
 ):

@@ -6,6 +6,7 @@ import os
 import struct
 
 import numpy as np
+import pytest
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -89,6 +90,7 @@ def test_a_control_run_writes_its_metrics_to_tensorboard(datasets, tmp_path):
     np.testing.assert_allclose([v for _, v in scalars[tag]], values, rtol=1e-6, err_msg=tag)
 
 
+@pytest.mark.slow  # TensorBoard's test runs by default
 def test_wandb_logs_a_run_offline(datasets, tmp_path):
   """--config.log.wandb=true with the default offline mode: a W&B run directory under the workdir
   whose transaction log names the metrics and their values (no network is used)."""
