@@ -36,8 +36,10 @@ def _block(t: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(group: int, length: int, block: int, interpret: bool):
-  """The multi-query kernel for `group` query heads over a padded length (a multiple of block)."""
+def _kernel(group: int, length: int, block: int, interpret: bool, mesh):
+  """The multi-query kernel for `group` query heads over a padded length (a multiple of block).
+  Its block tables are arrays of the mesh context they were made in (inside a shard_map: its
+  manual axes), so each context (`mesh`, JAX's abstract mesh) gets its own kernel."""
   mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(group)])
   sizes = kernels.BlockSizes(
     block_q=block, block_kv=block, block_kv_compute=block,
@@ -95,7 +97,8 @@ def _splash(q, k, v, segments):
   length = -(-t // block) * block
   pad = [(0, 0), (0, 0), (0, length - t), (0, 0)]
   q, k, v = (jnp.pad(x, pad) for x in (q * np.asarray(d**-0.5, q.dtype), k, v))
-  kernel = _kernel(h // kv, length, block, jax.default_backend() != "tpu")
+  interpret = jax.default_backend() != "tpu"
+  kernel = _kernel(h // kv, length, block, interpret, jax.sharding.get_abstract_mesh())
   qg = q.reshape(b, kv, h // kv, length, d)
   if segments is None:  # padded keys come after every real query: the causal mask hides them
     out = jax.vmap(jax.vmap(kernel))(qg, k, v)

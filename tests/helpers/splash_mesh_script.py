@@ -60,10 +60,17 @@ def _attention(mesh) -> dict:
     value, grads = grad(*args)
     hlo = grad.lower(*args).compile().as_text()
   want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v, seg)
+  # the same kernel shape outside the context (as π_ref's log-probs are computed before training)
+  outside = jax.jit(fused)(q, k, v, seg)
+  one = lambda q, k, v, s: jnp.sum(w * splash._splash(q, k, v, s))  # no shard_map
+  with jax.set_mesh(mesh):
+    unpartitioned = jax.jit(jax.grad(one, argnums=(0, 1, 2))).lower(*args).compile().as_text()
   return {
     "value_diff": abs(float(value - want)),
     "grad_diff": max(float(jnp.abs(a - b).max()) for a, b in zip(grads, want_grads)),
+    "outside_diff": abs(float(outside - want)),
     "all_gathers": hlo.count("all-gather("),
+    "all_gathers_unpartitioned": unpartitioned.count("all-gather("),
   }
 
 
