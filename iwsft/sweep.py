@@ -8,7 +8,8 @@ figures.
 
 The grids are iwsft.control.grid.ControlGrid and iwsft.lm.grid.LMGrid (their layouts are there).
 A grid has: cfg, methods, datasets, seeds, pairs ({weighted method: unweighted}), controls ({curated
-method: the same training without curation}), score_label, and validate(), identity() (and
+method: the same training without curation}), score_label, across_datasets (whether its
+datasets are separate tasks that rliable's aggregates may pool), and validate(), identity() (and
 optionally defaults(): the identity of the default settings, so that a setting added after a sweep
 was recorded matches at its default), plan(workdir), describe(group), prepare(), run(group,
 workdir), records(workdir) (a CellRecord per finished cell, read by the pipeline from its own
@@ -200,6 +201,8 @@ def _write_tables(grid, recs, workdir: str, bootstrap_seed: int, header: str, sa
 def _write_aggregate(grid, rows, workdir: str, bootstrap_seed: int) -> tuple[str, list[str]]:
   """Across datasets (report.aggregate): each method's IQM and each weighted method's probability
   of improvement over its unweighted counterpart; a section of table.md and aggregate.csv."""
+  if not grid.across_datasets:
+    return "", []
   iqm, poi = report.aggregate(rows, grid.methods, grid.pairs, seed=bootstrap_seed)
   if not iqm:
     return "", []

@@ -210,6 +210,7 @@ class _RecordsOnly:
   cfg = type("Cfg", (), {"pipeline": "test", "log": type("Log", (), {"wandb_group": "g"})()})()
   methods, datasets, seeds = ["filtered_bc", "iw_sft"], ["d1", "d2"], [0, 1, 2]
   pairs, controls, score_label = {"iw_sft": "filtered_bc"}, {}, "score"
+  across_datasets = True
 
   def __init__(self, workdir):
     self.recs = [
@@ -510,6 +511,8 @@ def test_the_language_pipeline_runs_through_the_same_sweep(tmp_path):
   assert (work / "paired.png").stat().st_size > 10_000
   assert (work / "weights.png").stat().st_size > 10_000
   # paired by problem: the discordant counts from the saved per-problem outcomes, read with json
+  assert not (work / "aggregate.csv").exists()  # greedy and sampled are not two tasks to pool
+  assert "rliable" not in (work / "table.md").read_text()
   problems = {row["mode"]: row for row in csv.DictReader(open(work / "problems.csv"))}
   for mode in ("greedy", "sampled"):
     a = np.concatenate([res["models"]["iw_sft"][f"correct_{mode}"] for res in results])

@@ -59,6 +59,7 @@ class ControlGrid:
   config.CONTROLS pair them) or {name: Variant} (paired by their baselines)."""
 
   score_label = "normalised score ×100"
+  across_datasets = True
 
   def __init__(
     self,

@@ -28,6 +28,7 @@ class LMGrid:
   """Language cells: (metric, model, seed); groups: one seed (all its stages)."""
 
   score_label = "pass@1 ×100"
+  across_datasets = False  # its two "datasets" are two readings (greedy, sampled) of one run
 
   def __init__(self, cfg, methods: Sequence[str], seeds: Sequence[int]):
     self.pairs, self.controls = UNWEIGHTED, {}
