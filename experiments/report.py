@@ -40,8 +40,6 @@ flags.DEFINE_list("merge", [], "sweep directories on other seeds to join into --
 flags.mark_flag_as_required("dir")
 
 PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
-PROBLEM_COLUMNS = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high"]
-PROBLEM_COLUMNS += ["p", "seeds"]
 
 
 def _rows(path: str) -> list[dict]:
@@ -92,12 +90,12 @@ def merge(dirs: list[str], out: str) -> None:
   cells = [c for d in dirs for c in _rows(os.path.join(d, "cells.csv"))]
   if not cells:
     raise UserError(f"--merge: no cells.csv in {', '.join(dirs)}")
-  seen = {}
+  seen = set()
   for c in cells:
     key = (c["dataset"], c["method"], c["seed"])
     if key in seen:
       raise UserError(f"--merge: {key} is in two of the sweeps")
-    seen[key] = c
+    seen.add(key)
   recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
   pairs = {r["method"]: r["baseline"] for d in dirs for r in _rows(os.path.join(d, "paired.csv"))}
   os.makedirs(out, exist_ok=True)
@@ -124,7 +122,7 @@ def _merge_problems(dirs: list[str], out: str) -> None:
     for (m, base, mode), p in pooled.items()
   ]  # fmt: skip
   if rows:
-    report.write_csv(os.path.join(out, "problems.csv"), rows, PROBLEM_COLUMNS)
+    report.write_csv(os.path.join(out, "problems.csv"), rows, report.PROBLEM_COLUMNS)
 
 
 def _merge_weights(dirs: list[str], out: str) -> None:
@@ -143,26 +141,6 @@ def _merge_weights(dirs: list[str], out: str) -> None:
   if rows:
     fields = ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, "seeds"]
     report.write_csv(os.path.join(out, "weights.csv"), rows, fields)
-
-
-def problems_text(d: str) -> str:
-  """The paired-by-problem section of a language sweep's problems.csv, or ''."""
-  rows = _rows(os.path.join(d, "problems.csv"))
-  if not rows:
-    return ""
-  body = [
-    [f"{r['method']} − {r['baseline']}", r["mode"], r["problems"], f"{r['b']} / {r['c']}",
-     f"{float(r['diff']):+.1f} [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]",
-     f"{float(r['p']):.3f}", r["seeds"].replace(";", ", ")]
-    for r in rows
-  ]  # fmt: skip
-  head = ["pair", "pass@1", "problems", "only method / only baseline right", "difference [95% CI]"]
-  return (
-    "\npaired by problem (every seed's held-out problems): pass@1 difference in points, 95% Wald"
-    " interval for paired proportions, McNemar's exact test\n\n"
-    + report.format_table([*head, "McNemar p", "seeds"], body)
-    + "\n"
-  )
 
 
 def main(argv):
@@ -188,8 +166,8 @@ def main(argv):
   if paired:
     text += "\npaired by seed: mean [95% Student-t CI]\n\n"
     text += report.paired_table(paired) + "\n"
-  problems = problems_text(d)
-  text += problems
+  problems = _rows(os.path.join(d, "problems.csv"))
+  text += report.problem_pairs_text(problems) if problems else ""
   cells = _rows(os.path.join(d, "cells.csv"))
   iqm = poi = []
   if cells and not problems:  # a language sweep's "datasets" are two readings of one evaluation

@@ -20,7 +20,6 @@ OUTCOMES = {
   for m, p in (("sft", 0.4), ("iw_sft", 0.45))
   for mode in ("greedy", "sampled")
 }
-COLUMNS = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high", "p"]
 
 
 def _sweep(d, seeds, ess):
@@ -43,7 +42,7 @@ def _sweep(d, seeds, ess):
   report.write_csv(os.path.join(d, "paired.csv"), paired, report.PAIRED_COLUMNS)
   sub = {k: v for k, v in OUTCOMES.items() if k[0] in seeds}
   problems = report.problem_pairs(sub, {"iw_sft": "sft"})
-  report.write_csv(os.path.join(d, "problems.csv"), problems, COLUMNS + ["seeds"])
+  report.write_csv(os.path.join(d, "problems.csv"), problems, report.PROBLEM_COLUMNS)
   weights = [
     {"dataset": "chat", "method": "iw_sft", "n": len(seeds), "iw/ess_fraction": ess, "seeds": seeds}
   ]
@@ -94,7 +93,7 @@ def test_merged_sweeps_give_the_tables_of_all_their_seeds(tmp_path):
   # weight diagnostics: the mean over the three seeds
   w = _read(out / "weights.csv")[0]
   np.testing.assert_allclose(float(w["iw/ess_fraction"]), (0.6 + 2 * 0.9) / 3)
-  assert "paired by problem" in (out / "table.md").read_text()
+  assert "Paired by problem" in (out / "table.md").read_text()
 
 
 def test_a_seed_in_two_merged_sweeps_is_one_line_exit_2(tmp_path):

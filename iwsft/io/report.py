@@ -23,6 +23,8 @@ import numpy as np
 SUMMARY_COLUMNS = ["dataset", "method", "n", "mean", "std", "ci_low", "ci_high", "seeds"]
 PAIRED_COLUMNS = ["dataset", "method", "baseline", "n", "mean", "std", "ci_low", "ci_high"]
 PAIRED_COLUMNS += ["above", "below", "seeds", "per_seed"]
+PROBLEM_COLUMNS = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high"]
+PROBLEM_COLUMNS += ["p", "seeds"]
 AGGREGATE_COLUMNS = [
   "statistic",
   "method",
@@ -165,6 +167,27 @@ def problem_test(n: int, b: int, c: int, level: float = 0.95) -> dict:
     "ci_high": 100 * (diff + z * se),
     "p": mcnemar(b, c),
   }
+
+
+def problem_pairs_text(rows: Sequence[dict]) -> str:
+  """problem_pairs' rows (or problems.csv's) as a section of table.md."""
+  body = [
+    [
+      f"{r['method']} − {r['baseline']}",
+      r["mode"],
+      r["problems"],
+      f"{r['b']} / {r['c']}",
+      f"{float(r['diff']):+.1f} [{float(r['ci_low']):+.1f}, {float(r['ci_high']):+.1f}]",
+      f"{float(r['p']):.3f}",
+    ]
+    for r in rows
+  ]
+  head = ["pair", "pass@1", "problems", "only method / only baseline right", "difference [95% CI]"]
+  return (
+    "\nPaired by problem (every seed's held-out problems): pass@1 difference in points with a"
+    " 95% Wald interval for paired proportions, and McNemar's exact test\n\n"
+    f"{format_table([*head, 'McNemar p'], body)}\n"
+  )
 
 
 def aggregate(

@@ -131,32 +131,8 @@ class LMGrid:
     )
     if not rows:
       return "", []
-    fields = ["method", "baseline", "mode", "problems", "b", "c", "diff", "ci_low", "ci_high", "p"]
-    report.write_csv(os.path.join(workdir, "problems.csv"), rows, fields + ["seeds"])
-    body = [
-      [
-        f"{r['method']} − {r['baseline']}",
-        r["mode"],
-        r["problems"],
-        f"{r['b']} / {r['c']}",
-        f"{r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]",
-        f"{r['p']:.3f}",
-      ]
-      for r in rows
-    ]
-    head = [
-      "pair",
-      "pass@1",
-      "problems",
-      "only method / only baseline right",
-      "difference [95% CI]",
-    ]
-    text = (
-      "\nPaired by problem (every seed's held-out problems): pass@1 difference in points with a"
-      " 95% Wald interval for paired proportions, and McNemar's exact test\n\n"
-      f"{report.format_table([*head, 'McNemar p'], body)}\n"
-    )
-    return text, ["problems.csv"]
+    report.write_csv(os.path.join(workdir, "problems.csv"), rows, report.PROBLEM_COLUMNS)
+    return report.problem_pairs_text(rows), ["problems.csv"]
 
   def figures(self, recs: list[CellRecord], workdir: str) -> list[str]:
     """weights.png: the importance-weight diagnostics of each weighted method over fine-tuning."""

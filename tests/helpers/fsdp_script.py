@@ -10,6 +10,7 @@ import json
 import jax
 import numpy as np
 from flax import nnx
+from lm_records import random_records
 
 import iwsft
 from iwsft.core.config import StageConfig, make_optimizer
@@ -24,13 +25,8 @@ def main():
   update = iwsft.make_update(
     make_logprob_fn(graphdef), opt, ObjectiveConfig("sequence", temperature=1.0, q_decay=0.9)
   )
-  rng = np.random.default_rng(0)
   n = 40
-  data = {
-    "tokens": rng.integers(4, cfg.vocab_size, (n, cfg.max_len)).astype(np.int32),
-    "mask": (np.arange(cfg.max_len)[None] >= 4).astype(np.float32).repeat(n, 0),
-    "weight": np.ones(n, np.float32),
-  }
+  data = random_records(cfg, n)
   logits = np.zeros(n, np.float32)
   ref = jax.tree.map(lambda x: x * 0.99, params)
 

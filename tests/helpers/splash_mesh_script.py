@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from lm_records import random_records
 
 import iwsft
 from iwsft.core.objectives import ObjectiveConfig
@@ -80,13 +81,8 @@ def _update(mesh, attention: str) -> tuple:
   model = Transformer(dataclasses.replace(CFG, attention=attention), rngs=nnx.Rngs(0))
   graphdef = nnx.split(model)[0]
   opt = optax.sgd(0.5, momentum=0.9)
-  rng = np.random.default_rng(0)
   n = 32
-  data = {
-    "tokens": rng.integers(4, CFG.vocab_size, (n, CFG.max_len)).astype(np.int32),
-    "mask": (np.arange(CFG.max_len)[None] >= 4).astype(np.float32).repeat(n, 0),
-    "weight": np.ones(n, np.float32),
-  }
+  data = random_records(CFG, n)
   rows = []
   update = iwsft.make_update(
     make_logprob_fn(graphdef), opt, ObjectiveConfig("sequence", temperature=1.0, q_decay=0.9)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from lm_records import random_records
 
 import iwsft
 from iwsft.core.objectives import ObjectiveConfig
@@ -45,13 +46,8 @@ def main():
   # SGD: a parameter's difference from one device is the gradients' (Adam's normalisation would
   # magnify rounding in near-zero gradients into whole steps)
   opt = optax.sgd(0.5, momentum=0.9)
-  rng = np.random.default_rng(0)
   n = 40
-  data = {
-    "tokens": rng.integers(4, CFG.vocab_size, (n, CFG.max_len)).astype(np.int32),
-    "mask": (np.arange(CFG.max_len)[None] >= 4).astype(np.float32).repeat(n, 0),
-    "weight": np.ones(n, np.float32),
-  }
+  data = random_records(CFG, n)
   ref = jax.tree.map(lambda x: x * 0.99, params)
 
   def run(mesh, graphdef=graphdef, params=params):
