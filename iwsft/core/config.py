@@ -139,9 +139,10 @@ def check_micro_batches(micro_batches: int, stages) -> None:
       raise UserError(f"micro_batches {micro_batches} must divide batch_size {st.batch_size}")
 
 
-def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
+def make_optimizer(stage: StageConfig, matrices=None) -> optax.GradientTransformation:
   """Adam(W) with optional linear warm-up and cosine decay to 0 (the authors' fine-tuning
-  schedule)."""
+  schedule). matrices(params) -> a bool per leaf: the weight matrices that weight decay applies
+  to (default: leaves of 2 or more dimensions)."""
   if stage.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(
       0.0, stage.learning_rate, stage.warmup_steps, stage.steps, end_value=0.0
@@ -157,7 +158,7 @@ def make_optimizer(stage: StageConfig) -> optax.GradientTransformation:
   else:
     lr = stage.learning_rate
   if stage.weight_decay:  # decoupled decay of matrices only: not of norms, biases (or scalars)
-    decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    decay = matrices or (lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
     opt = optax.adamw(lr, b2=stage.adam_b2, weight_decay=stage.weight_decay, mask=decay)
   else:
     opt = optax.adam(lr, b2=stage.adam_b2)

@@ -530,5 +530,19 @@ def hold_lower_layers(tree, n_layers: int, train_layers: int, hold):
   return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
+def matrices(params):
+  """Weight decay's mask: True for one layer's weight matrices (2 or more dimensions, a stacked
+  leaf's layer axis not counted), False for norms, biases and scalars."""
+  ndim = lambda path, x: x.ndim - stacked(path_keys(path))
+  return jax.tree_util.tree_map_with_path(lambda path, x: ndim(path, x) >= 2, params)
+
+
+def top_layers(tree, n_layers: int, train_layers: int):
+  """tree with every stacked leaf [n_layers, ...] cut to its top train_layers layers."""
+  frozen = n_layers - train_layers
+  cut = lambda path, x: x[frozen:] if stacked(path_keys(path)) else x
+  return jax.tree_util.tree_map_with_path(cut, tree)
+
+
 def param_count(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))

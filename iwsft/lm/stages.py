@@ -26,7 +26,7 @@ from iwsft.core import curation
 from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.loop import Hooks, fit
 from iwsft.core.objectives import ObjectiveConfig
-from iwsft.core.sharding import batch_devices, shard_pool
+from iwsft.core.sharding import batch_devices, path_keys, shard_pool
 from iwsft.core.state import init_state
 from iwsft.core.step import Sampling, make_update, pool_logprobs, state_parts
 from iwsft.errors import UserError
@@ -39,11 +39,13 @@ from iwsft.lm import lora
 from iwsft.lm.answers import MathAnswers
 from iwsft.lm.checkpoints import save_hf
 from iwsft.lm.model import (
-  hold_lower_layers,
   make_logprob_fn,
   make_trunk_fn,
+  matrices,
   param_count,
+  stacked,
   tensor_parallel_dim,
+  top_layers,
   trainable,
 )
 from iwsft.lm.sampling import sample_grouped
@@ -120,8 +122,10 @@ def _tokens_per_s(rows: list[dict], tokens_per_step: int) -> float | None:
 
 
 def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
-  """The stage's optimiser; with train_layers, frozen parameters get no update and no state."""
-  optimizer = make_optimizer(stage)
+  """The stage's optimiser (weight decay on one layer's matrices); with train_layers, frozen
+  parameters get no update and no state (a scanned model's Adam moments cover only the top
+  train_layers layers of its stacked leaves)."""
+  optimizer = make_optimizer(stage, matrices)
   n = ctx.model.mcfg.n_layers
   if not 0 < train_layers < n:
     return optimizer
@@ -130,11 +134,24 @@ def _optimizer(ctx: Context, stage: StageConfig, train_layers: int):
     ctx.model.init_params,
   )
   optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
-  if not ctx.model.mcfg.scan_layers:
-    return optimizer
-  # a scanned model's stacked block leaves train whole; their lower layers' updates are zeroed
-  hold = optax.stateless(lambda u, _: hold_lower_layers(u, n, train_layers, jnp.zeros_like))
-  return optax.chain(optimizer, hold)
+  return _on_top_layers(optimizer, n, train_layers) if ctx.model.mcfg.scan_layers else optimizer
+
+
+def _on_top_layers(inner, n_layers: int, train_layers: int) -> optax.GradientTransformation:
+  """inner on the top train_layers layers of every stacked leaf (its state sized to them); the
+  lower layers' updates are zero."""
+  top = lambda tree: top_layers(tree, n_layers, train_layers)
+
+  def pad(path, g, u):
+    if not stacked(path_keys(path)):
+      return u
+    return jnp.concatenate([jnp.zeros_like(g[: n_layers - train_layers]), u.astype(g.dtype)])
+
+  def update(updates, state, params=None):
+    new, state = inner.update(top(updates), state, None if params is None else top(params))
+    return jax.tree_util.tree_map_with_path(pad, updates, new), state
+
+  return optax.GradientTransformation(lambda params: inner.init(top(params)), update)
 
 
 def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, objective):
@@ -151,7 +168,7 @@ def training(ctx: Context, name, params, ref_params, data, stage: StageConfig, o
     m = s.model
     mcfg = lora.with_lora(ctx.model.mcfg, m.lora_rank, m.lora_alpha, m.lora_targets)
     graphdef, adapters = lora.adapters(mcfg, s.seed)
-    optimizer = make_optimizer(stage)
+    optimizer = make_optimizer(stage, matrices)
     state = init_state(adapters, optimizer, s.seed, None, **parts, frozen=params, **where)
     logprob_fn = make_logprob_fn(graphdef, **pack)
   else:

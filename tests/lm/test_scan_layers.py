@@ -127,8 +127,7 @@ def test_lora_on_scanned_blocks_merges_per_layer_as_the_per_layer_model():
 
 def test_train_layers_holds_the_lower_layers_of_stacked_leaves():
   """Top 1 of 3 blocks trained: the gradient of a stacked leaf is the per-layer model's for its
-  top layer and zero below; Adam-with-weight-decay updates (the stage's optimiser) leave the lower
-  layers, the embedding and positions exactly as they were."""
+  top layer and zero below."""
   blocks, scanned = _models("learned")
   grads = {}
   for name, model in (("blocks", blocks), ("scanned", scanned)):
@@ -141,21 +140,46 @@ def test_train_layers_holds_the_lower_layers_of_stacked_leaves():
   assert not np.any(g[:2]) and np.any(g[2])
   want = grads["blocks"]["blocks"][2]["qkv"]["kernel"]
   np.testing.assert_allclose(g[2], want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))
-  params = nnx.state(scanned, nnx.Param)
-  ctx = types.SimpleNamespace(model=types.SimpleNamespace(mcfg=scanned.cfg, init_params=params))
+  assert stacked(("blocks", "qkv", "kernel")) and not stacked(("blocks", 0, "qkv", "kernel"))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "scanned"])
+def test_train_layers_optimiser_updates_the_top_layer_as_adamw_and_keeps_no_state_below(scan):
+  """Top 1 of 3 blocks trained by the stage's AdamW (lr 0.1, decay 0.1), one step on gradients
+  of ones, in either layout: the top layer moves by AdamW's closed-form first step, −lr·(1 +
+  decay·w) for its matrices and −lr for its norms and biases (a stacked norm [3, d] is not a
+  matrix); the lower layers, the embedding and positions stay exactly; Adam's moments hold the
+  top layer and the final norm only (two copies of their elements)."""
+  model = _models("learned")[scan]
+  params = nnx.state(model, nnx.Param)
+  ctx = types.SimpleNamespace(model=types.SimpleNamespace(mcfg=model.cfg, init_params=params))
   stage = StageConfig(steps=1, batch_size=1, learning_rate=0.1, weight_decay=0.1)
   opt = stages._optimizer(ctx, stage, train_layers=1)
-  noise = jax.tree.map(lambda x: jnp.ones_like(x), params)
-  updates, _ = opt.update(noise, opt.init(params), params)
+  state = opt.init(params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(opt.update)(ones, state, params)
   new = nnx.to_pure_dict(optax.apply_updates(params, updates))
   old = nnx.to_pure_dict(params)
-  for keys in (("blocks", "qkv", "kernel"), ("blocks", "norm1", "scale")):
-    a, b = new[keys[0]][keys[1]][keys[2]], old[keys[0]][keys[1]][keys[2]]
-    np.testing.assert_array_equal(a[:2], b[:2])
-    assert np.all(a[2] != b[2])
+  layer = (
+    (lambda t, i: t["blocks"][i])
+    if not scan
+    else (lambda t, i: jax.tree.map(lambda x: x[i], t["blocks"]))
+  )
+  for i in (0, 1):
+    for a, b in zip(jax.tree.leaves(layer(new, i)), jax.tree.leaves(layer(old, i)), strict=True):
+      np.testing.assert_array_equal(a, b)
+  top_new, top_old = layer(new, 2), layer(old, 2)
+  for keys in (("qkv", "kernel"), ("up", "kernel"), ("norm1", "scale")):
+    a, w = top_new[keys[0]][keys[1]], np.asarray(top_old[keys[0]][keys[1]])
+    want = w - 0.1 * (1 + 0.1 * w) if keys[1] == "kernel" else w - 0.1
+    np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(new["embed"]["embedding"], old["embed"]["embedding"])
   np.testing.assert_array_equal(new["pos"], old["pos"])
-  assert stacked(("blocks", "qkv", "kernel")) and not stacked(("blocks", 0, "qkv", "kernel"))
+  trained = sum(x.size for x in jax.tree.leaves(layer(old, 2))) + sum(
+    x.size for x in jax.tree.leaves(old["norm"])
+  )
+  moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+  assert moments == 2 * trained
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
