@@ -16,17 +16,18 @@ from iwsft.core.config import StageConfig, make_optimizer
 from iwsft.core.sharding import batch_sharded, replicated, state_sharding
 from iwsft.core.state import init_state
 from iwsft.core.step import make_update, state_parts
-from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, tensor_parallel_dim
+from iwsft.lm.model import LMConfig, Transformer, make_logprob_fn, matrices, tensor_parallel_dim
 
 PARTS = state_parts(recipes.LM, False, True)  # the lean state: no q, no π_ref copies
 
 
 def optimizer(moment_dtype: str = ""):
-  """The recipe's AdamW (0.95, clipping at 1.0, weight decay 1e-4, learning rate 1e-5)."""
+  """The recipe's AdamW (0.95, clipping at 1.0, weight decay 1e-4 on the weight matrices as the
+  language pipeline's, learning rate 1e-5)."""
   stage = StageConfig(
     steps=100, batch_size=8, learning_rate=1e-5, weight_decay=1e-4, moment_dtype=moment_dtype
   )
-  return make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0))
+  return make_optimizer(dataclasses.replace(stage, adam_b2=0.95, clip_norm=1.0), matrices)
 
 
 def _state(model, opt, lora: bool):

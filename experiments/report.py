@@ -9,7 +9,8 @@ interval method.
 into --dir: their cells.csv (a (dataset, method, seed) in two of them is an error), the tables
 recomputed from those cells, the pairs of their paired.csv, their paired-by-problem counts
 (problems.csv: n, b and c add over seeds, and the test depends on them alone) and their weight
-diagnostics (weights.csv: means over seeds, weighted by each sweep's seeds).
+diagnostics (weights.csv: means over seeds, weighted by each sweep's seeds; a diagnostic one of
+the sweeps did not record is the mean over the others' seeds, and its cell says over how many).
 
 An ablation's ablations.csv (table.csv before 0.4.0) has each run's mean and std (exact) and its
 per-seed scores (rounded to 0.1 in tables written before 0.3.0): its paired differences are
@@ -135,11 +136,14 @@ def _merge_weights(dirs: list[str], out: str) -> None:
     row = {"dataset": dataset, "method": method, "n": sum(n)}
     for k in report.WEIGHT_DIAGNOSTICS:
       have = [(float(r[k]), w) for r, w in zip(rs, n) if r.get(k, "") != ""]
-      row[k] = sum(x * w for x, w in have) / sum(w for _, w in have) if have else ""
+      seeds = sum(w for _, w in have)
+      row[k] = sum(x * w for x, w in have) / seeds if have else ""
+      row[report.seeds_of(k)] = seeds
     row["seeds"] = [s for r in rs for s in r["seeds"].split(";")]
     rows.append(row)
   if rows:
-    fields = ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, "seeds"]
+    counts = [report.seeds_of(k) for k in report.WEIGHT_DIAGNOSTICS]
+    fields = ["dataset", "method", "n", *report.WEIGHT_DIAGNOSTICS, *counts, "seeds"]
     report.write_csv(os.path.join(out, "weights.csv"), rows, fields)
 
 
@@ -198,7 +202,9 @@ def _write(d: str, text: str, table, paired, iqm, poi) -> None:
 
 def _floats(row: dict) -> dict:
   diag = report.WEIGHT_DIAGNOSTICS
-  return {k: (float(v) if v != "" else None) if k in diag else v for k, v in row.items()}
+  counts = {report.seeds_of(k) for k in diag}
+  number = lambda k, v: None if v == "" else float(v) if k in diag else int(v)
+  return {k: number(k, v) if k in diag or k in counts else v for k, v in row.items()}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ OUTCOMES = {
 }
 
 
-def _sweep(d, seeds, ess):
+def _sweep(d, seeds, ess, max_weight=None):
   """What a language sweep on `seeds` writes: cells, paired, problems and weights CSVs."""
   os.makedirs(d)
   cells = [
@@ -43,12 +43,11 @@ def _sweep(d, seeds, ess):
   sub = {k: v for k, v in OUTCOMES.items() if k[0] in seeds}
   problems = report.problem_pairs(sub, {"iw_sft": "sft"})
   report.write_csv(os.path.join(d, "problems.csv"), problems, report.PROBLEM_COLUMNS)
-  weights = [
-    {"dataset": "chat", "method": "iw_sft", "n": len(seeds), "iw/ess_fraction": ess, "seeds": seeds}
-  ]
-  report.write_csv(
-    os.path.join(d, "weights.csv"), weights, ["dataset", "method", "n", "iw/ess_fraction", "seeds"]
-  )
+  weights = {"dataset": "chat", "method": "iw_sft", "n": len(seeds), "iw/ess_fraction": ess}
+  if max_weight is not None:  # a diagnostic that only some sweeps record
+    weights["iw/max_weight"] = max_weight
+  weights["seeds"] = seeds
+  report.write_csv(os.path.join(d, "weights.csv"), [weights], list(weights))
 
 
 def _run(*args):
@@ -94,6 +93,20 @@ def test_merged_sweeps_give_the_tables_of_all_their_seeds(tmp_path):
   w = _read(out / "weights.csv")[0]
   np.testing.assert_allclose(float(w["iw/ess_fraction"]), (0.6 + 2 * 0.9) / 3)
   assert "Paired by problem" in (out / "table.md").read_text()
+
+
+def test_a_diagnostic_one_merged_sweep_lacks_is_averaged_and_labelled_over_the_others(tmp_path):
+  _sweep(tmp_path / "a", [0], ess=0.6)
+  _sweep(tmp_path / "b", [1, 2], ess=0.9, max_weight=3.0)
+  out = tmp_path / "all"
+  r = _run(f"--dir={out}", f"--merge={tmp_path / 'a'},{tmp_path / 'b'}", "--write")
+  assert r.returncode == 0, r.stderr[-2000:]
+  (w,) = _read(out / "weights.csv")
+  assert (w["n"], w["iw/ess_fraction seeds"], w["iw/max_weight seeds"]) == ("3", "3", "2")
+  np.testing.assert_allclose(float(w["iw/max_weight"]), 3.0)
+  (line,) = [x for x in (out / "table.md").read_text().splitlines() if x.startswith("| chat")]
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[3:5] == ["0.80", "3.0 (2 of 3 seeds)"], cells
 
 
 def test_a_seed_in_two_merged_sweeps_is_one_line_exit_2(tmp_path):

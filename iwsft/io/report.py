@@ -356,10 +356,24 @@ def mean_diagnostics(runs: Sequence[dict]) -> dict[str, float]:
   return out
 
 
+def seeds_of(diagnostic: str) -> str:
+  """The column of a merged weights.csv that counts the seeds one diagnostic is averaged over."""
+  return f"{diagnostic} seeds"
+
+
 def diagnostics_text(row: dict) -> list[str]:
-  """The DIAGNOSTICS_HEADER cells of a row holding WEIGHT_DIAGNOSTICS ("–" where one is missing)."""
+  """The DIAGNOSTICS_HEADER cells of a row holding WEIGHT_DIAGNOSTICS ("–" where one is missing;
+  "(k of n seeds)" after one averaged over fewer than the row's n seeds)."""
   formats = zip(WEIGHT_DIAGNOSTICS, ("{:.2f}", "{:.1f}", "{:.2f}", "{:.3f}", "{:+.2f}"))
-  return [f.format(row[k]) if row.get(k) is not None else "–" for k, f in formats]
+  cells = []
+  for k, f in formats:
+    if row.get(k) is None:
+      cells.append("–")
+      continue
+    k_seeds, n = row.get(seeds_of(k)), int(row.get("n", 0))
+    fewer = k_seeds is not None and k_seeds < n
+    cells.append(f.format(row[k]) + (f" ({k_seeds} of {n} seeds)" if fewer else ""))
+  return cells
 
 
 def _ordered(values, order):
