@@ -11,6 +11,8 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 
+from iwsft import envs as envs_lib
+
 
 def normalised_score(returns, ref_min: float | None, ref_max: float | None):
   """100 · (R − ref_min) / (ref_max − ref_min), or None without reference scores."""
@@ -26,7 +28,7 @@ def run_episodes(
   seed: int,
 ) -> np.ndarray:
   """Returns [num_episodes] undiscounted returns of `act(obs [N, O]) -> actions [N, A]`."""
-  envs = gym.make_vec(env_spec, num_envs=num_episodes, vectorization_mode="sync")
+  envs = envs_lib.make_vec(env_spec, num_episodes)
   try:
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(num_episodes)

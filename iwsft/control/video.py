@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import gymnasium as gym
 import numpy as np
+
+from iwsft import envs as envs_lib
 
 SIZE = 240  # pixels, square
 MAX_FRAMES = 150  # per episode: longer episodes are subsampled evenly
@@ -44,7 +45,7 @@ def _render_env(env_spec):
   body, as the locomotion models define it) where there is one."""
   import mujoco
 
-  env = gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE)
+  env = envs_lib.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE)
   model = getattr(env.unwrapped, "model", None)
   if model is None:  # not a MuJoCo environment
     return env
@@ -52,7 +53,9 @@ def _render_env(env_spec):
   if "track" not in names:
     return env
   env.close()
-  return gym.make(env_spec, render_mode="rgb_array", width=SIZE, height=SIZE, camera_name="track")
+  return envs_lib.make(
+    env_spec, render_mode="rgb_array", width=SIZE, height=SIZE, camera_name="track"
+  )
 
 
 def write_video(frames: list[np.ndarray], gif_path: str, strip_path: str, fps: int = 30) -> None:

@@ -15,6 +15,8 @@ import gymnasium as gym
 import numpy as np
 import threadpoolctl
 
+from iwsft import envs as envs_lib
+
 # A behaviour policy, batched: (observations [N, O], one numpy Generator per row) -> actions [N, A].
 # Row i may draw only from its own Generator, so an episode's data does not depend on its
 # neighbours.
@@ -57,7 +59,7 @@ class _Slot:
   """One of the side-by-side environments and the episode it is recording."""
 
   def __init__(self, env_id: str, kwargs: dict):
-    self.env, self.index = gym.make(env_id, **kwargs), None
+    self.env, self.index = envs_lib.make(env_id, **kwargs), None
 
   def start(self, index: int, seed: int) -> None:
     self.index, self.seed, self.rng = index, seed + index, np.random.default_rng([seed, index])
@@ -213,7 +215,7 @@ def write_episodes(
   import minari
   from minari.data_collector import EpisodeBuffer
 
-  env = gym.make(env_id, **(env_kwargs or {}))
+  env = envs_lib.make(env_id, **(env_kwargs or {}))
   buffers = []
   for i, e in enumerate(episodes):
     t = len(e.actions)

@@ -11,9 +11,9 @@ import shutil
 import sys
 import time
 
-import gymnasium as gym
 import numpy as np
 
+from iwsft import envs as envs_lib
 from iwsft.datasets import collect, shipped
 from iwsft.datasets.local import datasets_path
 from iwsft.errors import UserError
@@ -119,7 +119,7 @@ class _Pendulum:
   target = None
 
   def __init__(self, env_id, profile, seed):
-    self.space = gym.make(env_id).action_space
+    self.space = envs_lib.make(env_id).action_space
     self.profile = profile
     self.checks = PENDULUM_CHECKS.get(profile)
 
@@ -148,7 +148,7 @@ class _SACFamily:
     p = SAC_PROFILES[profile]
     self.target = p.get("targets", {}).get(env)
     self.checks = p.get("checks")
-    env = gym.make(env_id)
+    env = envs_lib.make(env_id)
     self.space, self.obs_dim = env.action_space, env.observation_space.shape[0]
     self.cache_path = cache_path
     self._trained = None

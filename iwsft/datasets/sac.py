@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from iwsft import envs as envs_lib
 from iwsft.datasets import sac_store
 from iwsft.datasets.collect import Episode
 from iwsft.datasets.sac_agent import (
@@ -286,8 +287,10 @@ def train_sac(
   interval), and resumed from (exactly, on the same machine) when it holds a run of this config.
   It is left in place (resuming from it ends where this run ends): the caller removes it."""
   env_kwargs = env_kwargs or {}
-  env = gym.make(env_id, **env_kwargs)
-  eval_env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **env_kwargs)] * cfg.eval_episodes)
+  env = envs_lib.make(env_id, **env_kwargs)
+  eval_env = gym.vector.SyncVectorEnv(
+    [lambda: envs_lib.make(env_id, **env_kwargs)] * cfg.eval_episodes
+  )
   obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
   low, high = env.action_space.low, env.action_space.high
   scale = lambda a: low + (np.asarray(a) + 1.0) * (high - low) / 2
