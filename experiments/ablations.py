@@ -28,8 +28,9 @@ so the ablation table gives the paired difference (variant − filtered BC, per 
 Student-t CI next to each score, and the weights' diagnostics averaged over fine-tuning (effective
 sample size as a fraction of the batch, largest weight, fraction clipped, mean log q/π_ref per
 step). Writes to --workdir: table.md (the ablation table first, then the sweep engine's tables),
-ablations.csv, ablations.png, the engine's table.csv, cells.csv and paired.csv, and the cells
-(iwsft/control/grid.py's layout).
+ablations.csv, ablations.png, length.png where a method ran at two lengths or more (score, paired
+difference and log θ/π_ref at the end against the length), the engine's table.csv, cells.csv and
+paired.csv, and the cells (iwsft/control/grid.py's layout).
 """
 
 import os
@@ -154,8 +155,9 @@ class AblationGrid(ControlGrid):
     report.write_csv(
       os.path.join(workdir, "ablations.csv"),
       rows,
-      ["run", "ablates", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline", "diff"]
-      + ["diff_low", "diff_high", "divergence", *report.WEIGHT_DIAGNOSTICS],
+      ["run", "ablates", "length", "mean", "std", "ci_low", "ci_high", "per_seed", "baseline"]
+      + ["diff", "diff_low", "diff_high", "divergence", "divergence_low", "divergence_high"]
+      + list(report.WEIGHT_DIAGNOSTICS),
     )
     plots.score_bars(
       rows,
@@ -170,7 +172,19 @@ class AblationGrid(ControlGrid):
       "\nThe ablations, each paired by seed with its baseline; weight diagnostics averaged over"
       f" fine-tuning\n\n{table(rows, bases.pop() if len(bases) == 1 else None)}\n"
     )
-    return text, ["ablations.csv", "ablations.png"]
+    outputs = ["ablations.csv", "ablations.png"]
+    panels = length_panels(self, rows)
+    if panels:
+      plots.band_panels(
+        panels,
+        os.path.join(workdir, "length.png"),
+        "fine-tuning updates (× the recipe's)",
+        {"score": "normalised score ×100", PAIRED: "score difference"},
+        f"{self.datasets[0]}: fine-tuning length\nmean over seeds, 95% Student-t CI",
+        log_x=True,
+      )
+      outputs.append("length.png")
+    return text, outputs
 
 
 def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]:
@@ -193,8 +207,39 @@ def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]
       row.update(report.mean_diagnostics([r.weights for r in mine]))
     moved = [r.divergence for r in mine if r.divergence is not None]
     row["divergence"] = float(np.mean(moved)) if moved else None
+    if len(moved) > 1:
+      row["divergence_low"], row["divergence_high"] = report.t_interval(moved)
+    if v.method != "bc":
+      steps = dict(v.overrides).get("finetune.steps", grid.cfg.finetune.steps)
+      row["length"] = steps / grid.cfg.finetune.steps
     rows.append(row)
   return rows
+
+
+LENGTH_FAMILY = ("baseline", "recipe", "fine-tuning length")  # the runs that differ in length only
+PAIRED = "weighted − unweighted, paired by seed"
+
+
+def length_panels(grid: ControlGrid, rows: list[dict]) -> dict:
+  """The dose-response against fine-tuning length, as plots.band_panels' panels: each method's
+  score, each weighted method minus its unweighted counterpart (paired by seed) and how far θ
+  moved from π_ref (log θ/π_ref at the end), against the length; {} when no method ran at two."""
+  runs = [r for r in rows if "length" in r and grid.variants[r["run"]].ablates in LENGTH_FAMILY]
+  method = lambda r: grid.variants[r["run"]].method
+  series = lambda rs, keys: tuple(np.array([r[k] for r in rs], float) for k in ("length", *keys))
+  panels = {"score": {}, PAIRED: {}, "log θ/π_ref at the end": {}}
+  for m in dict.fromkeys(method(r) for r in runs):
+    mine = sorted((r for r in runs if method(r) == m), key=lambda r: r["length"])
+    if len(mine) < 2:
+      continue
+    panels["score"][m] = series(mine, ("mean", "ci_low", "ci_high"))
+    if all("divergence_low" in r for r in mine):
+      keys = ("divergence", "divergence_low", "divergence_high")
+      panels["log θ/π_ref at the end"][m] = series(mine, keys)
+    if all("diff" in r for r in mine):
+      base = grid.variants[mine[0]["baseline"]].method
+      panels[PAIRED][f"{m} − {base}"] = series(mine, ("diff", "diff_low", "diff_high"))
+  return {k: v for k, v in panels.items() if v} if panels["score"] else {}
 
 
 def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import MIXED
+from scipy import stats
 from test_control import NO_PERCENTILES, ROOT, TINY
 
 
@@ -96,6 +97,9 @@ def test_ablations_table_is_the_runs_paired_against_filtered_bc(datasets, tmp_pa
   assert (work / "ablations.png").stat().st_size > 10_000
   assert "iw_sft T=1 − filtered_bc" in (work / "table.md").read_text()  # the engine's pairs too
   assert rows["filtered_bc"]["diff"] == ""  # baselines have no paired difference
+  lengths = {run: rows[run]["length"] for run in ("bc", "iw_sft T=1", "iw_sft x2")}
+  assert lengths == {"bc": "", "iw_sft T=1": "1.0", "iw_sft x2": "2.0"}
+  assert (work / "length.png").stat().st_size > 10_000  # iw_sft and filtered_bc at two lengths
 
 
 @pytest.mark.slow
@@ -204,4 +208,9 @@ def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, 
       json.loads(open(p).read())["final_log_ratio"]["mean_log_ratio"] for p in _cells(work, d)
     ]
     np.testing.assert_allclose(float(rows[run]["divergence"]), np.mean(moved), rtol=1e-9)
+    half = stats.t.ppf(0.975, len(moved) - 1) * np.std(moved, ddof=1) / np.sqrt(len(moved))
+    np.testing.assert_allclose(float(rows[run]["divergence_low"]), np.mean(moved) - half)
+    np.testing.assert_allclose(float(rows[run]["divergence_high"]), np.mean(moved) + half)
   assert rows["bc"]["divergence"] == ""  # π_ref has not moved from itself
+  assert [float(rows[r]["length"]) for r in ("sft_q", "iw_sft_q x2")] == [1.0, 2.0]
+  assert (work / "length.png").stat().st_size > 10_000

@@ -63,19 +63,31 @@ def _save(fig, path: str, title: str) -> None:
 
 
 def band_panels(
-  panels: dict[str, dict[str, tuple]], path: str, xlabel: str, ylabel: str, title: str
+  panels: dict[str, dict[str, tuple]],
+  path: str,
+  xlabel: str,
+  ylabel: str | dict[str, str],
+  title: str,
+  log_x: bool = False,
 ) -> None:
   """One panel per key of `panels` (e.g. a dataset), one line per series with a shaded band.
 
-  panels[name][series] = (steps [T], mean [T], low [T], high [T]), e.g. from aggregate.curve_band.
+  panels[name][series] = (steps [T], mean [T], low [T], high [T]), e.g. from aggregate.curve_band;
+  ylabel: one for all panels, or {name: its own}; log_x: x on a log scale, marked at the x values.
   """
   n = max(1, len(panels))
   fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
   for ax, (name, series) in zip(axes[0], panels.items()):
     for i, (label, (x, mean, lo, hi)) in enumerate(series.items()):
-      ax.plot(x, mean, label=label, color=f"C{i}")
+      ax.plot(x, mean, label=label, color=f"C{i}", marker="o" if log_x else None, ms=3)
       ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2)
-    ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+    if log_x:
+      ticks = sorted({v for x, *_ in series.values() for v in x})
+      ax.set_xscale("log")
+      ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+      ax.minorticks_off()
+    label = ylabel.get(name, "") if isinstance(ylabel, dict) else ylabel
+    ax.set(title=name, xlabel=xlabel, ylabel=label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   _save(fig, path, title)
