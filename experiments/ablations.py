@@ -19,7 +19,8 @@ the weighted methods at the recipe and π_ref trained on as long (bc_continued):
                    more episodes), the weighted ones paired with their unweighted counterpart
 --family=length asks whether weighting matters more as θ moves away from π_ref: iw-SFT against
 filtered BC and iw-SFT(Q) against SFT(Q) at --lengths times the recipe's fine-tuning steps, with
-each run's final mean log θ/π_ref over the curated episodes (how far it moved).
+each run's final mean log θ/π_ref over the curated episodes (how far it moved), and the trend: each
+seed's slope of the weights' gain on log10(length), averaged over seeds with a t-interval.
 The variants are the columns of a control grid run by the sweep engine (iwsft/sweep.py: settings
 validated before anything is written, finished cells skipped, unfinished ones resumed, --part /
 --parts to split it over processes). All runs share one π_ref per seed (trained once) and train
@@ -184,6 +185,13 @@ class AblationGrid(ControlGrid):
         log_x=True,
       )
       outputs.append("length.png")
+    trend = length_trend(self, rows)
+    if trend:
+      text += (
+        "\nDoes the weights' gain grow with fine-tuning length? Each seed's least-squares slope of"
+        " (weighted − unweighted) on log10 of the length, then their mean over seeds\n\n"
+        f"{trend_table(trend)}\n"
+      )
     return text, outputs
 
 
@@ -220,18 +228,26 @@ LENGTH_FAMILY = ("baseline", "recipe", "fine-tuning length")  # the runs that di
 PAIRED = "weighted − unweighted, paired by seed"
 
 
+def by_length(grid: ControlGrid, rows: list[dict]) -> dict[str, list[dict]]:
+  """{method: its ablation rows that differ in fine-tuning length only, shortest first}, for the
+  methods that ran at two lengths or more."""
+  runs = [r for r in rows if "length" in r and grid.variants[r["run"]].ablates in LENGTH_FAMILY]
+  method = lambda r: grid.variants[r["run"]].method
+  out = {}
+  for m in dict.fromkeys(method(r) for r in runs):
+    mine = sorted((r for r in runs if method(r) == m), key=lambda r: r["length"])
+    if len(mine) > 1:
+      out[m] = mine
+  return out
+
+
 def length_panels(grid: ControlGrid, rows: list[dict]) -> dict:
   """The dose-response against fine-tuning length, as plots.band_panels' panels: each method's
   score, each weighted method minus its unweighted counterpart (paired by seed) and how far θ
   moved from π_ref (log θ/π_ref at the end), against the length; {} when no method ran at two."""
-  runs = [r for r in rows if "length" in r and grid.variants[r["run"]].ablates in LENGTH_FAMILY]
-  method = lambda r: grid.variants[r["run"]].method
   series = lambda rs, keys: tuple(np.array([r[k] for r in rs], float) for k in ("length", *keys))
   panels = {"score": {}, PAIRED: {}, "log θ/π_ref at the end": {}}
-  for m in dict.fromkeys(method(r) for r in runs):
-    mine = sorted((r for r in runs if method(r) == m), key=lambda r: r["length"])
-    if len(mine) < 2:
-      continue
+  for m, mine in by_length(grid, rows).items():
     panels["score"][m] = series(mine, ("mean", "ci_low", "ci_high"))
     if all("divergence_low" in r for r in mine):
       keys = ("divergence", "divergence_low", "divergence_high")
@@ -240,6 +256,38 @@ def length_panels(grid: ControlGrid, rows: list[dict]) -> dict:
       base = grid.variants[mine[0]["baseline"]].method
       panels[PAIRED][f"{m} − {base}"] = series(mine, ("diff", "diff_low", "diff_high"))
   return {k: v for k, v in panels.items() if v} if panels["score"] else {}
+
+
+def length_trend(grid: ControlGrid, rows: list[dict]) -> list[dict]:
+  """Does weighting's gain grow with fine-tuning length? Per weighted method run at two lengths
+  or more: each seed's least-squares slope of (weighted − unweighted) on log10(length), i.e. the
+  gain per tenfold longer fine-tuning, and the slopes' mean with its 95% Student-t interval."""
+  named = {r["run"]: r for r in rows}
+  out = []
+  for m, mine in by_length(grid, rows).items():
+    if not all("diff" in r for r in mine):
+      continue
+    gains = [np.subtract(r["per_seed"], named[r["baseline"]]["per_seed"]) for r in mine]
+    lengths = [r["length"] for r in mine]
+    base = grid.variants[mine[0]["baseline"]].method
+    trend = report.paired_slopes(np.log10(lengths), gains)
+    out.append({"pair": f"{m} − {base}", "lengths": lengths, **trend})
+  return out
+
+
+def trend_table(trend: list[dict]) -> str:
+  """length_trend's rows as a Markdown table."""
+  body = [
+    [
+      t["pair"],
+      " / ".join(f"{k:g}×" for k in t["lengths"]),
+      f"{t['slope']:+.1f} [{t['ci_low']:+.1f}, {t['ci_high']:+.1f}]",
+      f"{t['up']}/{t['n']} up, {t['down']}/{t['n']} down",
+    ]
+    for t in trend
+  ]
+  head = ["pair", "lengths", "gain per 10× longer, paired by seed [95% t CI]", "seeds' slopes"]
+  return report.format_table(head, body)
 
 
 def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:

@@ -214,3 +214,8 @@ def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, 
   assert rows["bc"]["divergence"] == ""  # π_ref has not moved from itself
   assert [float(rows[r]["length"]) for r in ("sft_q", "iw_sft_q x2")] == [1.0, 2.0]
   assert (work / "length.png").stat().st_size > 10_000
+  trend = [x for x in (work / "table.md").read_text().splitlines() if x.startswith("| iw_sft")]
+  assert [x.split("|")[1:3] for x in trend[-2:]] == [
+    [" iw_sft − filtered_bc ", " 1× / 2× "],
+    [" iw_sft_q − sft_q ", " 1× / 2× "],
+  ]

@@ -14,6 +14,7 @@ import chex
 import numpy as np
 import pytest
 from conftest import EXPERT, LM_TINY, MIXED
+from scipy import stats
 
 from iwsft import sweep as sweep_lib
 from iwsft.io import report
@@ -57,6 +58,24 @@ def test_t_interval_covers_a_normal_mean_95_percent_of_the_time(n):
   x = np.random.default_rng(n).normal(3.0, 2.0, (10_000, n))
   covered = np.mean([lo <= 3.0 <= hi for lo, hi in map(report.t_interval, x)])
   assert abs(covered - 0.95) < 0.01, covered
+
+
+def test_paired_slopes_are_each_seeds_regression_slope_with_a_t_interval():
+  """Against scipy's linregress seed by seed and scipy's t quantile; a slope of exactly zero
+  counts as neither up nor down."""
+  x = np.log10([1.0, 2.0, 5.0, 10.0])
+  rng = np.random.default_rng(1)
+  y = 3.0 * x[:, None] + rng.normal(0, 1, (4, 6))  # 6 seeds
+  y[:, 5] = 7.0  # a flat seed
+  got = report.paired_slopes(x, y)
+  slopes = np.array([stats.linregress(x, y[:, s]).slope for s in range(6)])
+  half = stats.t.ppf(0.975, 5) * slopes.std(ddof=1) / np.sqrt(6)
+  np.testing.assert_allclose(got["per_seed"], slopes, atol=1e-9)
+  np.testing.assert_allclose(
+    [got["ci_low"], got["ci_high"]], [slopes.mean() - half, slopes.mean() + half]
+  )
+  up = int(np.sum(np.round(slopes, 1) > 0))
+  assert (got["n"], got["up"], got["down"]) == (6, up, 5 - up)
 
 
 def test_mcnemar_against_the_binomial_closed_form():

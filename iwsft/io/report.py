@@ -120,6 +120,24 @@ def paired_differences(
   return rows
 
 
+def paired_slopes(x: Sequence[float], y, level: float = 0.95) -> dict:
+  """A trend, seed by seed: y [L, S] (S seeds' values at L settings x [L]) -> each seed's
+  least-squares slope on x and the slopes' mean with its Student-t interval: {n, slope, ci_low,
+  ci_high, per_seed, up, down} (a slope that rounds to 0.0 is neither up nor down)."""
+  slopes = np.polyfit(np.asarray(x, np.float64), np.asarray(y, np.float64), 1)[0]
+  lo, hi = t_interval(slopes, level)
+  shown = np.round(slopes, 1)
+  return {
+    "n": len(slopes),
+    "slope": float(np.mean(slopes)),
+    "ci_low": lo,
+    "ci_high": hi,
+    "per_seed": [float(v) for v in slopes],
+    "up": int(np.sum(shown > 0)),
+    "down": int(np.sum(shown < 0)),
+  }
+
+
 def mcnemar(b: int, c: int) -> float:
   """Exact McNemar test of paired binary outcomes: b pairs where only the first is right, c where
   only the second is -> two-sided p-value (binomial, b of b + c at 1/2)."""
