@@ -48,6 +48,10 @@ ablations-full: install  ## the ablations on full Hopper medium-replay at the sw
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --workdir=runs/ablations-full-hopper-iw_sft
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --method=iw_sft_q --workdir=runs/ablations-full-hopper-iw_sft_q
 
+length-full-%: install  ## iw-SFT vs filtered BC and iw-SFT(Q) vs SFT(Q) at 1/2/5/10x the fine-tuning updates on one full family's medium-replay, seeds 10-19 (hours; resumable)
+	$(PY) experiments/ablations.py --family=length --dataset=iwsft/$*/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep \
+	  --seeds=10,11,12,13,14,15,16,17,18,19 --workdir=runs/length-$*-full
+
 offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on the small Hopper family x 5 seeds, beside the committed sweep (about 2 h on 2 cores); resumable
 	$(PY) experiments/offline_rl.py --workdir=runs/offline-rl --workers=2 --compare=docs/sweep-avx2/cells.csv
 
