@@ -211,6 +211,7 @@ def ablation_rows(grid: ControlGrid, recs: list[sweep.CellRecord]) -> list[dict]
     if name in paired:
       p = paired[name]
       row.update(baseline=v.baseline, diff=p["mean"], diff_low=p["ci_low"], diff_high=p["ci_high"])
+      row["diff_per_seed"] = p["per_seed"]  # paired by seed id (report.paired_differences)
     if v.method in config.WEIGHTED:
       row.update(report.mean_diagnostics([r.weights for r in mine]))
     moved = [r.divergence for r in mine if r.divergence is not None]
@@ -262,12 +263,11 @@ def length_trend(grid: ControlGrid, rows: list[dict]) -> list[dict]:
   """Does weighting's gain grow with fine-tuning length? Per weighted method run at two lengths
   or more: each seed's least-squares slope of (weighted − unweighted) on log10(length), i.e. the
   gain per tenfold longer fine-tuning, and the slopes' mean with its 95% Student-t interval."""
-  named = {r["run"]: r for r in rows}
   out = []
   for m, mine in by_length(grid, rows).items():
     if not all("diff" in r for r in mine):
       continue
-    gains = [np.subtract(r["per_seed"], named[r["baseline"]]["per_seed"]) for r in mine]
+    gains = [r["diff_per_seed"] for r in mine]  # [lengths][seeds]
     lengths = [r["length"] for r in mine]
     base = grid.variants[mine[0]["baseline"]].method
     trend = report.paired_slopes(np.log10(lengths), gains)
