@@ -9,6 +9,7 @@ them all.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 
 import gymnasium as gym
@@ -16,6 +17,7 @@ import numpy as np
 import threadpoolctl
 
 from iwsft import envs as envs_lib
+from iwsft.io import workdir
 
 # A behaviour policy, batched: (observations [N, O], one numpy Generator per row) -> actions [N, A].
 # Row i may draw only from its own Generator, so an episode's data does not depend on its
@@ -233,12 +235,16 @@ def write_episodes(
   meta = {}
   if ref_min_score is not None and ref_max_score is not None:
     meta = {"ref_min_score": float(ref_min_score), "ref_max_score": float(ref_max_score)}
-  return minari.create_dataset_from_buffers(
-    dataset_id,
-    buffers,
-    env=env.spec,
-    eval_env=eval_env or env.spec,  # minari warns when it is left to default to env
-    algorithm_name=algorithm_name,
-    description=description or None,
-    **meta,
-  )
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "`author_email` is set to None")  # a project has no inbox
+    return minari.create_dataset_from_buffers(
+      dataset_id,
+      buffers,
+      env=env.spec,
+      eval_env=eval_env or env.spec,  # minari warns when it is left to default to env
+      algorithm_name=algorithm_name,
+      description=description or f"{len(buffers)} episodes of {env_id} recorded by iwsft",
+      author="iwsft",
+      code_permalink=workdir.code_version(),
+      **meta,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from typing import Any
 
 from iwsft.errors import UserError
@@ -153,6 +154,24 @@ def remove_outputs(path: str, names) -> None:
       shutil.rmtree(p)
     elif os.path.exists(p):
       os.remove(p)
+
+
+def code_version() -> str:
+  """'iwsft <version>', with the git commit (and '-dirty' for uncommitted changes) when the package
+  runs from a git checkout: what a dataset or result records as the code that made it."""
+  import iwsft
+
+  here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if not os.path.exists(os.path.join(here, ".git")):  # an installed copy, not the checkout
+    return f"iwsft {iwsft.__version__}"
+  try:
+    commit = subprocess.run(
+      ["git", "describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"],
+      cwd=here, capture_output=True, text=True, timeout=10, check=True,
+    ).stdout.strip()  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    commit = ""
+  return f"iwsft {iwsft.__version__}" + (f" (git {commit})" if commit else "")
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -441,18 +441,13 @@ def test_a_corrupt_run_json_is_one_line_exit_2_and_nothing_is_overwritten(datase
   assert sorted(os.listdir(work)) == ["metrics.jsonl", "run.json"]
 
 
-def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, tmp_path):
-  """A dataset recorded in InvertedPendulum-v5 (1000 steps) that names a 37-step copy of it for
-  evaluation: the run's evaluation environment is that copy (recover_environment(eval_env=True))."""
+def _recorded(n: int) -> list:
+  """n of the expert dataset's episodes as write_episodes takes them."""
   from types import SimpleNamespace
 
-  import gymnasium as gym
   import minari
 
-  from iwsft.control.pipeline import prepare, validate
-  from iwsft.datasets.collect import write_episodes
-
-  episodes = [
+  return [
     SimpleNamespace(
       observations=e.observations,
       actions=e.actions,
@@ -461,11 +456,42 @@ def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, t
       truncated=e.truncations[-1],
       seed=i,
     )
-    for i, e in enumerate(minari.load_dataset(EXPERT).sample_episodes(4))
+    for i, e in enumerate(minari.load_dataset(EXPERT).sample_episodes(n))
   ]
+
+
+def test_a_written_dataset_names_the_commit_that_wrote_it_without_warnings(datasets):
+  """write_episodes gives Minari an author and the code's version with its git commit (checked
+  against git itself), so Minari has nothing to warn about and the dataset records its code."""
+  import minari
+
+  from iwsft.datasets.collect import write_episodes
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    write_episodes(
+      "iwsft/pendulum-test/provenance-v0", "InvertedPendulum-v5", _recorded(2), 5.0, 37.0
+    )
+  assert [str(w.message) for w in caught if "minari" in w.filename] == []
+  meta = minari.load_dataset("iwsft/pendulum-test/provenance-v0").storage.metadata
+  head = subprocess.run(
+    ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+  ).stdout.strip()
+  assert meta["author"] == {"iwsft"}
+  assert meta["code_permalink"].startswith("iwsft ") and f"(git {head}" in meta["code_permalink"]
+
+
+def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, tmp_path):
+  """A dataset recorded in InvertedPendulum-v5 (1000 steps) that names a 37-step copy of it for
+  evaluation: the run's evaluation environment is that copy (recover_environment(eval_env=True))."""
+  import gymnasium as gym
+
+  from iwsft.control.pipeline import prepare, validate
+  from iwsft.datasets.collect import write_episodes
+
   did = "iwsft/pendulum-test/eval-env-v0"
   short = gym.make("InvertedPendulum-v5", max_episode_steps=37).spec
-  write_episodes(did, "InvertedPendulum-v5", episodes, 5.0, 37.0, eval_env=short)
+  write_episodes(did, "InvertedPendulum-v5", _recorded(4), 5.0, 37.0, eval_env=short)
   cfg = _tiny_config("bc")
   cfg.update(dataset=did, num_devices=1)
   cfg.reference.batch_size = 4
