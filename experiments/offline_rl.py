@@ -28,10 +28,9 @@ import sys
 import time
 
 from absl import flags
-from tqdm import tqdm
 
 from iwsft.errors import UserError
-from iwsft.io import cli, report
+from iwsft.io import cli, progress, report
 from iwsft.sweep import CELL_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +181,7 @@ def main(argv):
   log = open(os.path.join(F.workdir, "log.txt"), "a")
   from concurrent.futures import ThreadPoolExecutor
 
-  with ThreadPoolExecutor(F.workers) as pool, tqdm(total=len(left), desc="offline RL") as bar:
+  with ThreadPoolExecutor(F.workers) as pool, progress.bar(len(left), "offline RL", "run") as bar:
     for r in pool.map(lambda run: do_run(F, ident, *run), left):
       line = (
         f"{r['dataset']} {r['method']} seed {r['seed']}: score {r['score']:.1f} "
@@ -190,7 +189,7 @@ def main(argv):
       )
       log.write(line + "\n")
       log.flush()
-      bar.write(line)
+      progress.say(bar, line)
       bar.update()
   log.close()
   for line in write_tables(F):

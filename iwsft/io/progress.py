@@ -30,3 +30,11 @@ def note(b: tqdm, text: str) -> None:
   where the bar's postfix shows the same."""
   if b.disable:
     print(text, file=sys.stderr, flush=True)
+
+
+def say(b: tqdm, text: str) -> None:
+  """A result line: above the bar on a terminal, one plain line on stderr in a log file."""
+  if b.disable:
+    print(text, file=sys.stderr, flush=True)
+  else:
+    b.write(text, file=sys.stderr)
