@@ -254,12 +254,13 @@ def write_tables(F) -> list[str]:
     "Normalised score ×100: mean ± std [95% Student-t CI] over seeds.",
     "",
     report.markdown_table(summary, methods, F.datasets),
-    "",
-    "Seed-paired differences (a seed shares its evaluation episodes), 95% Student-t CIs:",
   ]
-  for rs in paired.values():
-    if rs:
-      text += ["", report.paired_table(rs, F.datasets)]
+  if rows:
+    text += [
+      "",
+      "Seed-paired differences (a seed shares its evaluation episodes), 95% Student-t CIs:",
+    ]
+  text += ["\n" + report.paired_table(rs, F.datasets) for rs in paired.values() if rs]
   text += ["", "The peers' scores after each number of updates (mean [95% Student-t CI]):", ""]
   text += [snapshot_table(peers, F.datasets)]
   if iqm:
