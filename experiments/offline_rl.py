@@ -16,7 +16,8 @@ dataset's normalised score). A run is finished when its result.json exists: reru
 does what is left. --compare adds iwsft's per-seed scores (a sweep's cells.csv) to the tables:
 per-cell means with Student-t intervals, seed-paired differences (the seeds share evaluation
 episodes), rliable aggregates, and a score-against-updates figure.
-Writes to --workdir: cells.csv, table.md, table.csv, paired.csv, aggregate.csv, compute.png,
+Writes to --workdir: cells.csv, table.md, table.csv, paired.csv, aggregate.csv (two datasets or
+more), compute.png,
 log.txt (one line per finished run), and per run <dataset>/<algo>/seed_<s>/result.json.
 """
 
@@ -247,7 +248,8 @@ def write_tables(F) -> list[str]:
   report.write_csv(os.path.join(F.workdir, "paired.csv"), rows, report.PAIRED_COLUMNS)
   iqm, poi = report.aggregate(records, methods, pairs_against(methods, "iql"))
   poi += report.aggregate(records, methods, pairs_against(methods, "td3_bc"))[1]
-  report.write_aggregate(os.path.join(F.workdir, "aggregate.csv"), iqm, poi)
+  if iqm:  # across datasets: nothing to aggregate over one
+    report.write_aggregate(os.path.join(F.workdir, "aggregate.csv"), iqm, poi)
   text = [
     f"# Offline RL baselines (d3rlpy) beside iwsft, {F.steps} updates per peer run",
     "",
