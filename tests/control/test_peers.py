@@ -3,6 +3,7 @@ and their exported actor's forward pass against a hand computation."""
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,3 +93,101 @@ def test_d3rlpys_actor_is_reproduced_and_evaluated(tmp_path, algo):
   env_spec, _ = environment(dataset, SHIPPED)
   ev = evaluate(act, env_spec, 2, 0, *data_lib.reference_scores(dataset))
   assert ev["episodes"] == 2 and np.isfinite(ev["normalised_score"])
+
+
+def _finished_peer_run(workdir, dataset, method, algo, seed, score):
+  """A result.json as offline_rl.py's do_run writes it, with made-up scores."""
+  import json
+
+  out = os.path.join(workdir, dataset.replace("/", "__"), algo, f"seed_{seed}")
+  os.makedirs(out)
+  snaps = [
+    {"step": s, "wall_time_s": s / 100, "return_mean": score, "normalised_score": score * s / 10}
+    for s in (1, 10)
+  ]
+  rec = {
+    "snapshots": snaps, "dataset": dataset, "method": method, "seed": seed, "score": score,
+    "return_mean": score, "wall_time_s": 0.1, "seeds_trained_together": 1,
+    "cell": os.path.relpath(out, workdir),
+  }  # fmt: skip
+  with open(os.path.join(out, "result.json"), "w") as f:
+    json.dump(rec, f)
+
+
+@pytest.mark.parametrize("n_datasets", [1, 2])
+def test_offline_rl_tables_of_finished_runs_against_scipy(tmp_path, n_datasets):
+  """--tables_only over finished peer runs and a sweep's cells.csv: each iwsft method minus each
+  peer paired by seed, with the Student-t interval computed here by scipy; aggregate.csv only
+  with two datasets; no paired heading when there is nothing to pair."""
+  import csv
+  import json
+
+  from scipy import stats
+
+  rng = np.random.default_rng(0)
+  datasets = [f"iwsft/test/d{i}-v0" for i in range(n_datasets)]
+  seeds = [0, 1, 2, 3]
+  work = tmp_path / "peers"
+  work.mkdir()
+  (work / "settings.json").write_text(
+    json.dumps({"steps": 10, "snapshots": [1, 10], "eval_episodes": 20})
+  )
+  score = {}
+  for d in datasets:
+    for s in seeds:
+      for algo, method in (("iql", "iql"), ("td3_bc", "td3_bc")):
+        score[d, method, s] = float(rng.normal(30, 5))
+        _finished_peer_run(str(work), d, method, algo, s, score[d, method, s])
+      for method in ("bc", "iw_sft"):
+        score[d, method, s] = float(rng.normal(25, 5))
+  cells = tmp_path / "cells.csv"
+  with open(cells, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(
+      [
+        "dataset",
+        "method",
+        "seed",
+        "score",
+        "return_mean",
+        "wall_time_s",
+        "seeds_trained_together",
+        "cell",
+      ]
+    )
+    for (d, m, s), v in score.items():
+      if m in ("bc", "iw_sft"):
+        w.writerow([d, m, s, v, v, 1.0, len(seeds), f"{m}/seed_{s}"])
+
+  def tables(*extra):
+    args = [
+      "--tables_only",
+      f"--workdir={work}",
+      f"--datasets={','.join(datasets)}",
+      "--algos=iql,td3_bc",
+    ]
+    args += ["--seeds=0,1,2,3", "--steps=10", "--snapshots=1", *extra]
+    r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "offline_rl.py"), *args],
+      capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+  assert "Seed-paired" not in tables()  # the peers alone: nothing to pair
+  out = tables(f"--compare={cells}")
+  assert "Seed-paired" in out
+  with open(work / "paired.csv") as f:
+    rows = {(r["dataset"], r["method"], r["baseline"]): r for r in csv.DictReader(f)}
+  t = stats.t.ppf(0.975, len(seeds) - 1)
+  for d in datasets:
+    for m in ("bc", "iw_sft"):
+      for peer in ("iql", "td3_bc"):
+        x = np.array([score[d, m, s] - score[d, peer, s] for s in seeds])
+        half = t * x.std(ddof=1) / np.sqrt(len(x))
+        r = rows[d, m, peer]
+        np.testing.assert_allclose(float(r["mean"]), x.mean(), rtol=1e-9)
+        np.testing.assert_allclose(
+          [float(r["ci_low"]), float(r["ci_high"])], [x.mean() - half, x.mean() + half], rtol=1e-9
+        )
+  assert (work / "aggregate.csv").exists() == (n_datasets > 1)
