@@ -4,6 +4,7 @@ Every test process (and every subprocess it starts) sees MINARI_DATASETS_PATH po
 """
 
 import os
+import subprocess
 import tempfile
 
 import numpy as np
@@ -190,3 +191,17 @@ def lm_command_error(workdir, *flags, devices: int = 0) -> str:
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
   assert not os.path.exists(workdir)
   return lines[0]
+
+
+def code_of_checkout() -> str:
+  """What iwsft.io.workdir.code_version() should say here, from git itself: 'iwsft <version> (git
+  <commit>' in a git checkout (a '-dirty' suffix may follow), 'iwsft <version>' elsewhere."""
+  import iwsft
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(os.path.join(root, ".git")):
+    return f"iwsft {iwsft.__version__}"
+  head = subprocess.run(
+    ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True
+  ).stdout.strip()
+  return f"iwsft {iwsft.__version__} (git {head}"

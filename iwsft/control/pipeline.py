@@ -18,7 +18,8 @@ Writes to the workdir (per seed under seed_<s>/ when several train together):
   checkpoints/    periodic TrainState checkpoints of each stage (orbax), the last K and the best
   metrics.jsonl   train rows (loss, weight diagnostics, bound estimates) and eval rows
   result.json     method, dataset, seed, config, final normalised score and raw return, wall time,
-                  and for weighted methods how the final weights order the curated episodes
+                  the code (iwsft version and git commit), and for weighted methods how the final
+                  weights order the curated episodes
   curve.png       learning curve
   tensorboard/    the metrics rows as TensorBoard event files, one directory per stage
   policy/         the final policy: params and constants (observation/action normalisation), orbax,
@@ -230,6 +231,7 @@ def _result(ctx: Context, seed: int, final: dict, order: dict | None, wall: floa
     "seeds_trained_together": len(ctx.seeds),
     "devices": [str(x) for x in d.mesh.devices.flat],
     "config": config,
+    "code": workdir_lib.code_version(),
   }
 
 

@@ -415,6 +415,7 @@ def evaluate(ctx: Context) -> dict:
     "models": models,
     "parameters": param_count(ctx.model.init_params),
     "config": s.config,
+    "code": workdir_lib.code_version(),
   }
   if os.path.exists(ctx.path("sample_info.json")):
     result["sampling"] = json.load(open(ctx.path("sample_info.json")))

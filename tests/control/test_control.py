@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION
+from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION, code_of_checkout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "experiments", "control.py")
@@ -118,6 +118,7 @@ def test_cli_writes_a_valid_result(datasets, tmp_path):
     result["normalised_score"], 100 * (result["return_mean"] - 5) / (HORIZON - 5), rtol=1e-6
   )
   assert result["config"]["finetune"]["steps"] == 40 and result["wall_time_s"] > 0
+  assert result["code"].startswith(code_of_checkout())  # the commit that made it
   rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if r["kind"] == "train" and r["stage"] == "iw_sft"]
   assert [r["step"] for r in train_rows] == [20, 40]
@@ -474,11 +475,8 @@ def test_a_written_dataset_names_the_commit_that_wrote_it_without_warnings(datas
     )
   assert [str(w.message) for w in caught if "minari" in w.filename] == []
   meta = minari.load_dataset("iwsft/pendulum-test/provenance-v0").storage.metadata
-  head = subprocess.run(
-    ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
-  ).stdout.strip()
   assert meta["author"] == {"iwsft"}
-  assert meta["code_permalink"].startswith("iwsft ") and f"(git {head}" in meta["code_permalink"]
+  assert meta["code_permalink"].startswith(code_of_checkout())
 
 
 def test_evaluation_runs_in_the_environment_the_dataset_names_for_it(datasets, tmp_path):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LM_TINY, lm_command_error
+from conftest import LM_TINY, code_of_checkout, lm_command_error
 from flax import nnx
 
 from iwsft.core.objectives import ObjectiveConfig, iw_sft_loss
@@ -176,6 +176,7 @@ def test_tiny_run_of_all_stages(tmp_path):
   cfg.steps_per_dispatch = 20
   result = run_lm(cfg, str(tmp_path), quiet=True)
   assert set(result["models"]) == {"reference", "sft", "iw_sft", "sft_q"}
+  assert result["code"].startswith(code_of_checkout())  # the commit that made it
   for m in result["models"].values():
     assert 0.0 <= m["pass@1_greedy"] <= 1.0 and 0.0 <= m["score_sampled"] <= 1.0
   rows = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
