@@ -12,6 +12,8 @@ from conftest import EXPERT
 from iwsft.control import data as data_lib
 from iwsft.control import peers
 from iwsft.errors import UserError
+from iwsft.io import report
+from iwsft.sweep import CELL_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIPPED = "iwsft/hopper-small/medium-v1"
@@ -140,24 +142,13 @@ def test_offline_rl_tables_of_finished_runs_against_scipy(tmp_path, n_datasets):
         _finished_peer_run(str(work), d, method, algo, s, score[d, method, s])
       for method in ("bc", "iw_sft"):
         score[d, method, s] = float(rng.normal(25, 5))
-  cells = tmp_path / "cells.csv"
-  with open(cells, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(
-      [
-        "dataset",
-        "method",
-        "seed",
-        "score",
-        "return_mean",
-        "wall_time_s",
-        "seeds_trained_together",
-        "cell",
-      ]
-    )
-    for (d, m, s), v in score.items():
-      if m in ("bc", "iw_sft"):
-        w.writerow([d, m, s, v, v, 1.0, len(seeds), f"{m}/seed_{s}"])
+  cells = tmp_path / "cells.csv"  # as a sweep writes it
+  ours = [
+    {"dataset": d, "method": m, "seed": s, "score": v, "cell": f"{m}/seed_{s}"}
+    for (d, m, s), v in score.items()
+    if m in ("bc", "iw_sft")
+  ]
+  report.write_csv(str(cells), ours, CELL_COLUMNS)
 
   def tables(*extra):
     args = [
