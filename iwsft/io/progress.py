@@ -35,6 +35,6 @@ def note(b: tqdm, text: str) -> None:
 def say(b: tqdm, text: str) -> None:
   """A result line: above the bar on a terminal, one plain line on stderr in a log file."""
   if b.disable:
-    print(text, file=sys.stderr, flush=True)
+    note(b, text)
   else:
     b.write(text, file=sys.stderr)

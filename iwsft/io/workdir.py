@@ -6,6 +6,7 @@ settings is refused unless overwrite; a finished run (result.json) is reused, ne
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -156,9 +157,11 @@ def remove_outputs(path: str, names) -> None:
       os.remove(p)
 
 
+@functools.cache
 def code_version() -> str:
   """'iwsft <version>', with the git commit (and '-dirty' for uncommitted changes) when the package
-  runs from a git checkout: what a dataset or result records as the code that made it."""
+  runs from a git checkout: what a dataset or result records as the code that made it. Asked of
+  git once per process (the code a process runs is the code it imported)."""
   import iwsft
 
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
