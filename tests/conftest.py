@@ -46,6 +46,29 @@ LM_TINY = [
   "--config.finetune.warmup_steps=2",
   "--config.reference.warmup_steps=5",
 ]
+# A control run small enough for a test, as --config settings; control_flags changes some.
+CONTROL_TINY = {
+  "policy.hidden": "32,32",
+  "reference.steps": 60,
+  "reference.batch_size": 8,
+  "finetune.steps": 40,
+  "finetune.batch_size": 8,
+  "finetune.warmup_steps": 5,
+  "eval.every": 20,
+  "eval.episodes": 2,
+  "eval.final_episodes": 3,
+  "steps_per_dispatch": 10,
+  "checkpoint_every": 10,
+}
+
+
+def control_flags(**changes) -> list[str]:
+  """CONTROL_TINY as command-line flags, with changes (a key's dots written "__", None drops it):
+  control_flags(eval__every=0, checkpoint_every=None)."""
+  settings = {**CONTROL_TINY, **{k.replace("__", "."): v for k, v in changes.items()}}
+  return [f"--config.{k}={v}" for k, v in settings.items() if v is not None]
+
+
 NAN = "iwsft/pendulum-test/nan-v0"
 WRONG_ACTION = "iwsft/pendulum-test/wrong-action-v0"
 EMPTY = "iwsft/pendulum-test/empty-v0"

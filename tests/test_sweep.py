@@ -13,7 +13,7 @@ import time
 import chex
 import numpy as np
 import pytest
-from conftest import EXPERT, LM_TINY, MIXED
+from conftest import EXPERT, LM_TINY, MIXED, control_flags
 from scipy import stats
 
 from iwsft import sweep as sweep_lib
@@ -21,19 +21,7 @@ from iwsft.io import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "experiments", "sweep.py")
-TINY = [
-  "--config.policy.hidden=32,32",
-  "--config.reference.steps=60",
-  "--config.reference.batch_size=8",
-  "--config.finetune.steps=40",
-  "--config.finetune.batch_size=8",
-  "--config.finetune.warmup_steps=5",
-  "--config.eval.every=20",
-  "--config.eval.episodes=2",
-  "--config.eval.final_episodes=3",
-  "--config.steps_per_dispatch=10",
-  "--config.checkpoint_every=10",
-]
+TINY = control_flags()
 
 
 # Two-sided 95% Student-t quantiles t_{0.975, n-1}, from printed tables (not from scipy).

@@ -9,23 +9,29 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import DISCRETE, EMPTY, EXPERT, HORIZON, MIXED, NAN, WRONG_ACTION, code_of_checkout
+from conftest import (
+  DISCRETE,
+  EMPTY,
+  EXPERT,
+  HORIZON,
+  MIXED,
+  NAN,
+  WRONG_ACTION,
+  code_of_checkout,
+  control_flags,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "experiments", "control.py")
-TINY = [
-  "--config.policy.hidden=32,32",
-  "--config.reference.steps=200",
-  "--config.reference.batch_size=8",
-  "--config.finetune.steps=40",
-  "--config.finetune.batch_size=8",
-  "--config.finetune.warmup_steps=5",
-  "--config.eval.every=0",
-  "--config.eval.episodes=3",
-  "--config.eval.final_episodes=5",
-  "--config.steps_per_dispatch=20",
-]
-TINY.append("--config.policy.normalise_observations=true")  # the tests below check the statistics
+TINY = control_flags(
+  reference__steps=200,
+  eval__every=0,
+  eval__episodes=3,
+  eval__final_episodes=5,
+  steps_per_dispatch=20,
+  checkpoint_every=None,
+  policy__normalise_observations="true",  # the tests below check the statistics
+)
 DS = "--config.dataset="
 NO_PERCENTILES = "--config.curation.percentiles=()"
 

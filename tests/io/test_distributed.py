@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MIXED, save_tiny_pretrained, write_sum_records
+from conftest import MIXED, control_flags, save_tiny_pretrained, write_sum_records
 from test_resume import params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,18 +18,9 @@ CONTROL = [
   os.path.join(ROOT, "experiments", "control.py"),
   f"--config.dataset={MIXED}",
   "--config.method=iw_sft",
-  "--config.policy.hidden=32,32",
-  "--config.reference.steps=60",
-  "--config.reference.batch_size=8",
-  "--config.finetune.steps=40",
-  "--config.finetune.batch_size=8",
-  "--config.finetune.warmup_steps=5",
-  "--config.eval.every=20",
-  "--config.eval.episodes=2",
-  "--config.eval.final_episodes=2",
-  "--config.steps_per_dispatch=10",
-  "--config.checkpoint_every=20",
-  "--config.policy.normalise_observations=true",
+  *control_flags(
+    eval__final_episodes=2, checkpoint_every=20, policy__normalise_observations="true"
+  ),
 ]
 
 

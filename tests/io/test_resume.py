@@ -16,25 +16,20 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MIXED
+from conftest import MIXED, control_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "experiments", "control.py")
 RUN = [
   f"--config.dataset={MIXED}",
   "--config.method=iw_sft",
-  "--config.policy.hidden=32,32",
-  "--config.reference.steps=300",
-  "--config.reference.batch_size=8",
-  "--config.finetune.steps=300",
-  "--config.finetune.batch_size=8",
-  "--config.finetune.warmup_steps=5",
-  "--config.eval.every=100",
-  "--config.eval.episodes=2",
-  "--config.eval.final_episodes=3",
-  "--config.steps_per_dispatch=10",
-  "--config.checkpoint_every=20",
-  "--config.policy.normalise_observations=true",
+  *control_flags(
+    reference__steps=300,
+    finetune__steps=300,
+    eval__every=100,
+    checkpoint_every=20,
+    policy__normalise_observations="true",
+  ),
 ]
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
