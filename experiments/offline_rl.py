@@ -32,6 +32,7 @@ from absl import flags
 
 from iwsft.errors import UserError
 from iwsft.io import cli, progress, report
+from iwsft.io.workdir import code_version
 from iwsft.sweep import CELL_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +149,7 @@ def do_run(F, ident: dict, dataset: str, algo: str, seed: int) -> dict:
     run_time_s=time.time() - t0,
     seeds_trained_together=1,
     cell=os.path.relpath(out, F.workdir),
+    code=code_version(),
   )
   with open(os.path.join(out, "result.json.tmp"), "w") as f:
     json.dump(result, f, indent=1)
