@@ -1,5 +1,6 @@
 """Offline RL peers (d3rlpy): the transitions they train on, read back against Minari's episodes,
-and their exported actor's forward pass against a hand computation."""
+their exported actor's forward pass against a hand computation, and offline_rl.py's whole run with
+d3rlpy's side stood in for."""
 
 import os
 import subprocess
@@ -182,3 +183,75 @@ def test_offline_rl_tables_of_finished_runs_against_scipy(tmp_path, n_datasets):
           [float(r["ci_low"]), float(r["ci_high"])], [x.mean() - half, x.mean() + half], rtol=1e-9
         )
   assert (work / "aggregate.csv").exists() == (n_datasets > 1)
+
+
+FAKE_D3RLPY = """#!{python}
+import json, os, sys
+import numpy as np
+script, data, algo, seed, steps, snaps, out = sys.argv[1:8]
+with np.load(data) as f:
+  obs, actions = f["observations"], f["actions"]
+os.makedirs(out, exist_ok=True)
+np.save(os.path.join(out, "..", "argv.npy"), np.array(sys.argv[1:8]))
+b1 = np.full(actions.shape[1], {bias}, np.float32)
+for step in snaps.split(","):
+  np.savez(
+    os.path.join(out, f"actor_{{step}}.npz"), w0=np.zeros((obs.shape[1], 4), np.float32),
+    b0=np.zeros(4, np.float32), w1=np.zeros((4, actions.shape[1]), np.float32), b1=b1,
+    obs_mean=np.zeros(obs.shape[1], np.float32), obs_scale=np.ones(obs.shape[1], np.float32),
+    check_observations=obs[:8], check_actions=np.tile(np.tanh(b1), (8, 1)),
+  )
+walls = {{s: 0.5 for s in snaps.split(",")}}
+print(json.dumps({{"wall_time_s": walls, "d3rlpy": "fake", "torch": "none"}}))
+"""
+
+
+def test_a_peer_run_end_to_end_with_d3rlpy_stood_in_for(tmp_path):
+  """offline_rl.py's whole run, d3rlpy's side replaced by a script that exports a constant actor
+  (action tanh(0.1) everywhere): it is handed the dataset's transitions, its actor is evaluated
+  over the final-evaluation episodes (checked here by rolling them out in gymnasium directly), and
+  result.json records the score, the snapshots and the code that made it."""
+  import json
+
+  from iwsft.control.stages import FINAL_EVAL_SEED
+  from iwsft.io.workdir import code_version
+
+  fake = tmp_path / "python"
+  fake.write_text(FAKE_D3RLPY.format(python=sys.executable, bias=0.1))
+  fake.chmod(0o755)
+  work = tmp_path / "peers"
+  args = [f"--python={fake}", f"--workdir={work}", f"--datasets={SHIPPED}", "--algos=td3_bc"]
+  args += ["--seeds=3", "--steps=2", "--snapshots=1", "--eval_episodes=2"]
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "offline_rl.py"), *args],
+    capture_output=True, text=True, cwd=ROOT,
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr
+  run = work / SHIPPED.replace("/", "__") / "td3_bc" / "seed_3"
+  rec = json.loads((run / "result.json").read_text())
+  dataset = data_lib.load_dataset(SHIPPED)
+
+  handed = np.load(run.parent / "argv.npy")
+  assert handed[0] == os.path.join(ROOT, "experiments", "d3rlpy_offline.py")
+  assert list(handed[2:7]) == ["td3_bc", "3", "2", "1,2", str(run)]
+  with np.load(handed[1]) as f:
+    for k, v in peers.transitions(dataset).items():
+      np.testing.assert_array_equal(f[k], v)
+
+  env = dataset.recover_environment(eval_env=True)
+  returns = []
+  for i in range(2):
+    env.reset(seed=3 + FINAL_EVAL_SEED + i)
+    total, done = 0.0, False
+    while not done:
+      _, reward, terminated, truncated, _ = env.step(np.full(env.action_space.shape, np.tanh(0.1)))
+      total, done = total + reward, terminated or truncated
+    returns.append(total)
+  lo, hi = data_lib.reference_scores(dataset)
+  want = 100 * (np.mean(returns) - lo) / (hi - lo)
+  assert [s["step"] for s in rec["snapshots"]] == [1, 2]
+  np.testing.assert_allclose(rec["return_mean"], np.mean(returns), rtol=1e-5)
+  np.testing.assert_allclose(rec["score"], want, rtol=1e-5)
+  assert rec["method"] == "td3_bc" and rec["seed"] == 3 and rec["d3rlpy"] == "fake"
+  assert rec["code"] == code_version()
+  assert (work / "table.csv").exists()
