@@ -70,6 +70,7 @@ def claim_workdir(
   that run computed with.
   """
   path = prepare_workdir(path, overwrite, marker)
+  code_version()  # the commit the run starts from, before a later commit could be read instead
   identity = canonical(identity)
   previous = _read_identity(path)
   if previous is not None and defaults is not None:
@@ -161,7 +162,8 @@ def remove_outputs(path: str, names) -> None:
 def code_version() -> str:
   """'iwsft <version>', with the git commit (and '-dirty' for uncommitted changes) when the package
   runs from a git checkout: what a dataset or result records as the code that made it. Asked of
-  git once per process (the code a process runs is the code it imported)."""
+  git once per process, at its first call: claim_workdir calls it as a run starts, so a commit
+  made while a long run goes on is not recorded as its code."""
   import iwsft
 
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

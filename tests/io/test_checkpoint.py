@@ -292,6 +292,28 @@ def test_a_workdir_resumes_under_other_execution_settings_only(tmp_path, pipelin
   assert open(os.path.join(path, "run.json")).read() == recorded
 
 
+def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
+  """claim_workdir asks git for the commit as the run starts: what result.json records later is
+  that answer, whatever git says by then."""
+  import subprocess
+
+  from iwsft.io import workdir
+
+  head = {"commit": "aaaaaaaaaaaa"}
+  ask = lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=head["commit"] + "\n")
+  monkeypatch.setattr(workdir.subprocess, "run", ask)
+  exists = os.path.exists
+  checkout = lambda p: p.endswith(".git") or exists(p)  # a git checkout, wherever it is installed
+  monkeypatch.setattr(workdir.os.path, "exists", checkout)
+  workdir.code_version.cache_clear()
+  try:
+    workdir.claim_workdir(str(tmp_path / "run"), {"lr": 1}, overwrite=False)
+    head["commit"] = "bbbbbbbbbbbb"  # a commit while the run goes on
+    assert workdir.code_version().endswith("(git aaaaaaaaaaaa)")
+  finally:
+    workdir.code_version.cache_clear()
+
+
 def test_a_setting_newer_than_the_recorded_run_matches_only_at_its_default(tmp_path):
   import json
 
