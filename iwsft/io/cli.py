@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iwsft.errors import UserError
+from iwsft.io import workdir
 from iwsft.io.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_BAD_INPUT = 2
@@ -62,9 +63,11 @@ def use_one_xla_thread() -> None:
 
 
 def run(main) -> None:
-  """app.run(main) that turns UserError into a one-line error and exit status 2."""
+  """app.run(main) that turns UserError into a one-line error and exit status 2; what the script
+  records as its code (workdir.code_version) is the commit it started from."""
 
   def wrapped(argv):
+    workdir.code_version()
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     sys.stdout.reconfigure(line_buffering=True)  # a log file gets stdout lines in order with stderr
     try:

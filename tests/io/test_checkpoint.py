@@ -314,6 +314,35 @@ def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
     workdir.code_version.cache_clear()
 
 
+def test_a_script_records_the_commit_it_started_from(monkeypatch):
+  """cli.run asks git before the script's main runs (a dataset build or a peer run lasts hours
+  without claiming a workdir)."""
+  import subprocess
+  import sys
+
+  from iwsft.io import cli, workdir
+
+  head = {"commit": "aaaaaaaaaaaa"}
+  ask = lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=head["commit"] + "\n")
+  monkeypatch.setattr(workdir.subprocess, "run", ask)
+  exists = os.path.exists
+  monkeypatch.setattr(workdir.os.path, "exists", lambda p: p.endswith(".git") or exists(p))
+  monkeypatch.setattr(sys, "argv", ["script"])
+  seen = []
+
+  def main(argv):
+    head["commit"] = "bbbbbbbbbbbb"  # a commit while the script runs
+    seen.append(workdir.code_version())
+
+  workdir.code_version.cache_clear()
+  try:
+    with pytest.raises(SystemExit):
+      cli.run(main)
+  finally:
+    workdir.code_version.cache_clear()
+  assert seen == [f"{seen[0].split(' (')[0]} (git aaaaaaaaaaaa)"]
+
+
 def test_a_setting_newer_than_the_recorded_run_matches_only_at_its_default(tmp_path):
   import json
 
