@@ -162,8 +162,8 @@ def remove_outputs(path: str, names) -> None:
 def code_version() -> str:
   """'iwsft <version>', with the git commit (and '-dirty' for uncommitted changes) when the package
   runs from a git checkout: what a dataset or result records as the code that made it. Asked of
-  git once per process, at its first call: claim_workdir calls it as a run starts, so a commit
-  made while a long run goes on is not recorded as its code."""
+  git once per process, at its first call: cli.run and claim_workdir call it as a script or run
+  starts, so a commit made while a long run goes on is not recorded as its code."""
   import iwsft
 
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -292,9 +292,10 @@ def test_a_workdir_resumes_under_other_execution_settings_only(tmp_path, pipelin
   assert open(os.path.join(path, "run.json")).read() == recorded
 
 
-def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
-  """claim_workdir asks git for the commit as the run starts: what result.json records later is
-  that answer, whatever git says by then."""
+@pytest.fixture
+def git_head(monkeypatch):
+  """A stand-in for git in a checkout, whatever this copy is: {"commit": ...} is what `git
+  describe` answers; code_version's per-process answer is forgotten before and after."""
   import subprocess
 
   from iwsft.io import workdir
@@ -303,44 +304,41 @@ def test_a_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
   ask = lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=head["commit"] + "\n")
   monkeypatch.setattr(workdir.subprocess, "run", ask)
   exists = os.path.exists
-  checkout = lambda p: p.endswith(".git") or exists(p)  # a git checkout, wherever it is installed
-  monkeypatch.setattr(workdir.os.path, "exists", checkout)
+  monkeypatch.setattr(workdir.os.path, "exists", lambda p: p.endswith(".git") or exists(p))
   workdir.code_version.cache_clear()
-  try:
-    workdir.claim_workdir(str(tmp_path / "run"), {"lr": 1}, overwrite=False)
-    head["commit"] = "bbbbbbbbbbbb"  # a commit while the run goes on
-    assert workdir.code_version().endswith("(git aaaaaaaaaaaa)")
-  finally:
-    workdir.code_version.cache_clear()
+  yield head
+  workdir.code_version.cache_clear()
 
 
-def test_a_script_records_the_commit_it_started_from(monkeypatch):
+def test_a_run_records_the_commit_it_started_from(tmp_path, git_head):
+  """claim_workdir asks git for the commit as the run starts: what result.json records later is
+  that answer, whatever git says by then."""
+  import iwsft
+  from iwsft.io import workdir
+
+  workdir.claim_workdir(str(tmp_path / "run"), {"lr": 1}, overwrite=False)
+  git_head["commit"] = "bbbbbbbbbbbb"  # a commit while the run goes on
+  assert workdir.code_version() == f"iwsft {iwsft.__version__} (git aaaaaaaaaaaa)"
+
+
+def test_a_script_records_the_commit_it_started_from(monkeypatch, git_head):
   """cli.run asks git before the script's main runs (a dataset build or a peer run lasts hours
   without claiming a workdir)."""
-  import subprocess
   import sys
 
+  import iwsft
   from iwsft.io import cli, workdir
 
-  head = {"commit": "aaaaaaaaaaaa"}
-  ask = lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=head["commit"] + "\n")
-  monkeypatch.setattr(workdir.subprocess, "run", ask)
-  exists = os.path.exists
-  monkeypatch.setattr(workdir.os.path, "exists", lambda p: p.endswith(".git") or exists(p))
   monkeypatch.setattr(sys, "argv", ["script"])
   seen = []
 
   def main(argv):
-    head["commit"] = "bbbbbbbbbbbb"  # a commit while the script runs
+    git_head["commit"] = "bbbbbbbbbbbb"  # a commit while the script runs
     seen.append(workdir.code_version())
 
-  workdir.code_version.cache_clear()
-  try:
-    with pytest.raises(SystemExit):
-      cli.run(main)
-  finally:
-    workdir.code_version.cache_clear()
-  assert seen == [f"{seen[0].split(' (')[0]} (git aaaaaaaaaaaa)"]
+  with pytest.raises(SystemExit):
+    cli.run(main)
+  assert seen == [f"iwsft {iwsft.__version__} (git aaaaaaaaaaaa)"]
 
 
 def test_a_setting_newer_than_the_recorded_run_matches_only_at_its_default(tmp_path):
