@@ -4,6 +4,7 @@ interval method.
   python experiments/report.py --dir=docs/sweep-walker2d-full [--write]
   python experiments/report.py --dir=docs/ablations-full-hopper/iw_sft --ablation
   python experiments/report.py --dir=OUT --merge=runs/a,runs/b --write
+  python experiments/report.py --dir=OUT --ablation --merge=docs/length-hopper,runs/length-x10
 
 --merge joins sweeps of the same grid run on other seeds (another session's, another machine's)
 into --dir: their cells.csv (a (dataset, method, seed) in two of them is an error), the tables
@@ -11,6 +12,12 @@ recomputed from those cells, the pairs of their paired.csv, their paired-by-prob
 (problems.csv: n, b and c add over seeds, and the test depends on them alone) and their weight
 diagnostics (weights.csv: means over seeds, weighted by each sweep's seeds; a diagnostic one of
 the sweeps did not record is the mean over the others' seeds, and its cell says over how many).
+
+--ablation --merge joins pieces of one ablation instead: runs at other lengths, or of the other
+weighted method, run in workdirs of their own (in other sessions, or side by side), each with the
+same π_ref (a run in two pieces, π_ref's, must have the same score for every seed there, or it is
+an error). It writes into --dir the joined ablations.csv and cells.csv, table.md (the ablation
+table and the length trend, experiments/ablations.py's), ablations.png and length.png.
 
 An ablation's ablations.csv (table.csv before 0.4.0) has each run's mean and std (exact) and its
 per-seed scores (rounded to 0.1 in tables written before 0.3.0): its paired differences are
@@ -29,6 +36,8 @@ import os
 
 from absl import flags
 
+from iwsft import sweep
+from iwsft.control import ablation_tables
 from iwsft.control.config import UNWEIGHTED
 from iwsft.errors import UserError
 from iwsft.io import cli, report
@@ -36,8 +45,12 @@ from iwsft.io import cli, report
 flags.DEFINE_string("dir", None, "a sweep's output directory (its table.csv at least)")
 flags.DEFINE_bool("write", False, "rewrite table.md, table.csv and paired.csv in --dir")
 flags.DEFINE_integer("bootstrap_seed", 0, "seed of the aggregates' stratified bootstrap")
-flags.DEFINE_bool("ablation", False, "--dir holds experiments/ablations.py's ablations.csv")
-flags.DEFINE_list("merge", [], "sweep directories on other seeds to join into --dir first")
+flags.DEFINE_bool(
+  "ablation", False, "--dir holds experiments/ablations.py's ablations.csv (--merge: its pieces)"
+)
+flags.DEFINE_list(
+  "merge", [], "sweeps on other seeds (with --ablation: pieces of one ablation) to join into --dir"
+)
 flags.mark_flag_as_required("dir")
 
 PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
@@ -84,6 +97,21 @@ def ablation_table(d: str) -> str:
     body.append([r["run"], r["ablates"], cell, " / ".join(f"{v:.1f}" for v in x), diff])
   head = ["run", "ablates", "score: mean ± std [95% t CI]", "per seed", "paired [95% t CI]"]
   return report.format_table(head, body)
+
+
+def join_ablation(dirs: list[str], out: str) -> str:
+  """Writes into `out` the ablation whose pieces are `dirs` (ablation_tables.join); returns the
+  text of its table.md."""
+  rows, cells = ablation_tables.join(dirs)
+  os.makedirs(out, exist_ok=True)
+  dataset = cells[0]["dataset"]
+  text, _ = ablation_tables.write(rows, out, dataset)
+  text = f"{dataset}: an ablation joined from {', '.join(dirs)}\n{text}"
+  cells = [dict(c, cell=os.path.relpath(c["cell"], out)) for c in cells]
+  report.write_csv(os.path.join(out, "cells.csv"), cells, sweep.CELL_COLUMNS)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(text)
+  return text
 
 
 def merge(dirs: list[str], out: str) -> None:
@@ -150,11 +178,11 @@ def _merge_weights(dirs: list[str], out: str) -> None:
 def main(argv):
   cli.no_arguments(argv)
   d = flags.FLAGS.dir
+  if flags.FLAGS.ablation:
+    print(join_ablation(flags.FLAGS.merge, d) if flags.FLAGS.merge else ablation_table(d))
+    return
   if flags.FLAGS.merge:
     merge(flags.FLAGS.merge, d)
-  if flags.FLAGS.ablation:
-    print(ablation_table(d))
-    return
   table = [_with_t(r) for r in _rows(os.path.join(d, "table.csv"))]
   if not table:
     raise UserError(f"{d} has no table.csv")

@@ -219,3 +219,18 @@ def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, 
     [" iw_sft − filtered_bc ", " 1× / 2× "],
     [" iw_sft_q − sft_q ", " 1× / 2× "],
   ]
+  # a piece run on its own (one pair, one length) trains the same π_ref and the same cells, so
+  # joining it with the whole gives the whole's table, to the last digit
+  piece = tmp_path / "abl_l_x2"
+  run_ablations(piece, "--family=length", "--lengths=2", "--weighted=iw_sft", NO_PERCENTILES)
+  assert list(_ablation_rows(piece)) == ["bc", "filtered_bc x2", "iw_sft x2"]
+  joined = tmp_path / "joined"
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "report.py"), f"--dir={joined}"]
+    + ["--ablation", f"--merge={work},{piece}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (joined / "ablations.csv").read_text() == (work / "ablations.csv").read_text()

@@ -116,3 +116,83 @@ def test_a_seed_in_two_merged_sweeps_is_one_line_exit_2(tmp_path):
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and "is in two of the sweeps" in lines[0], r.stderr
   assert not os.path.exists(tmp_path / "all")
+
+
+LENGTHS = (1, 2, 5)
+ABLATION_SEEDS = (3, 4, 5, 6)
+LENGTH_RUNS = [("bc", "bc", "π_ref", "", None)] + [
+  (f"{m}{'' if k == 1 else f' x{k}'}", m, ablates, base, k)
+  for k in LENGTHS
+  for m, ablates, base in (("filtered_bc", "baseline", ""), ("iw_sft", "fine-tuning length", "x"))
+]
+# per run and seed: a score (the weighted runs drift up with length) and log θ/π_ref at the end
+ABLATION_SCORES = {
+  (run, s): (20 + (k or 0) * (m == "iw_sft") + RNG.normal(0, 2), RNG.random())
+  for run, m, _, _, k in LENGTH_RUNS
+  for s in ABLATION_SEEDS
+}
+
+
+def _ablation_piece(d, lengths, bc_shift=0.0):
+  """What experiments/ablations.py --family=length --weighted=iw_sft --lengths=... writes and
+  the join reads: ablations.csv (as written before it had a method column) and cells.csv."""
+  os.makedirs(d)
+  runs = [r for r in LENGTH_RUNS if r[4] is None or r[4] in lengths]
+  table, cells = [], []
+  for run, _, ablates, base, k in runs:
+    base = "" if not base else "filtered_bc" + ("" if k == 1 else f" x{k}")
+    table.append({"run": run, "ablates": ablates, "length": k or "", "baseline": base})
+    if base:
+      table[-1]["iw/ess_fraction"] = 0.5 + 0.01 * k
+    for s in ABLATION_SEEDS:
+      score, moved = ABLATION_SCORES[run, s]
+      cells.append(
+        {
+          "dataset": "hop",
+          "method": run,
+          "seed": s,
+          "score": score + bc_shift * (run == "bc"),
+          "cell": f"{run}/seed_{s}",
+          "divergence": "" if run == "bc" else moved,
+        }
+      )
+  report.write_csv(os.path.join(d, "ablations.csv"), table, list(table[-1]))
+  report.write_csv(os.path.join(d, "cells.csv"), cells, list(cells[0]))
+
+
+def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
+  _ablation_piece(tmp_path / "short", (1, 2))
+  _ablation_piece(tmp_path / "long", (5,))
+  out = tmp_path / "all"
+  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {row["run"]: row for row in _read(out / "ablations.csv")}
+  assert list(rows) == [run for run, *_ in LENGTH_RUNS]
+  score = lambda run: np.array([ABLATION_SCORES[run, s][0] for s in ABLATION_SEEDS])
+  gains = np.stack(
+    [score(f"iw_sft{t}") - score(f"filtered_bc{t}") for t in ("", " x2", " x5")]
+  )  # [lengths, seeds]
+  row = rows["iw_sft x5"]
+  half = stats.t.ppf(0.975, 3) * gains[2].std(ddof=1) / 2
+  np.testing.assert_allclose(float(row["diff"]), gains[2].mean(), atol=1e-9)
+  np.testing.assert_allclose(float(row["diff_high"]), gains[2].mean() + half, atol=1e-9)
+  assert (row["method"], row["length"], row["iw/ess_fraction"]) == ("iw_sft", "5.0", "0.55")
+  moved = [ABLATION_SCORES["filtered_bc x2", s][1] for s in ABLATION_SEEDS]
+  np.testing.assert_allclose(float(rows["filtered_bc x2"]["divergence"]), np.mean(moved))
+  # the trend: each seed's least-squares slope on log10(length), then their mean
+  slopes = [np.polyfit(np.log10(LENGTHS), gains[:, i], 1)[0] for i in range(len(ABLATION_SEEDS))]
+  (line,) = [x for x in (out / "table.md").read_text().splitlines() if " 1× / 2× / 5× " in x]
+  assert f"{np.mean(slopes):+.1f} [" in line
+  assert (out / "length.png").stat().st_size > 10_000
+  assert len(_read(out / "cells.csv")) == len(ABLATION_SEEDS) * len(LENGTH_RUNS)  # bc once
+
+
+def test_pieces_with_another_pi_ref_are_refused_in_one_line(tmp_path):
+  _ablation_piece(tmp_path / "short", (1, 2))
+  _ablation_piece(tmp_path / "long", (5,), bc_shift=0.5)
+  r = _run(
+    f"--dir={tmp_path / 'all'}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}"
+  )
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "do not share π_ref" in lines[0], r.stderr
+  assert not os.path.exists(tmp_path / "all")
