@@ -15,9 +15,10 @@ the sweeps did not record is the mean over the others' seeds, and its cell says 
 
 --ablation --merge joins pieces of one ablation instead: runs at other lengths, or of the other
 weighted method, run in workdirs of their own (in other sessions, or side by side), each with the
-same π_ref (a run in two pieces, π_ref's, must have the same score for every seed there, or it is
-an error). It writes into --dir the joined ablations.csv and cells.csv, table.md (the ablation
-table and the length trend, experiments/ablations.py's), ablations.png and length.png.
+same π_ref (a run in two pieces, π_ref's, must have the same return for every seed there, or it is
+an error; equal returns with other normalised scores are said in table.md's first line). It writes
+into --dir the joined ablations.csv and cells.csv, table.md (the ablation table and the length
+trend, experiments/ablations.py's), ablations.png and length.png.
 
 An ablation's ablations.csv (table.csv before 0.4.0) has each run's mean and std (exact) and its
 per-seed scores (rounded to 0.1 in tables written before 0.3.0): its paired differences are
@@ -102,11 +103,17 @@ def ablation_table(d: str) -> str:
 def join_ablation(dirs: list[str], out: str) -> str:
   """Writes into `out` the ablation whose pieces are `dirs` (ablation_tables.join); returns the
   text of its table.md."""
-  rows, cells = ablation_tables.join(dirs)
+  rows, cells, apart = ablation_tables.join(dirs)
   os.makedirs(out, exist_ok=True)
   dataset = cells[0]["dataset"]
   text, _ = ablation_tables.write(rows, out, dataset)
-  text = f"{dataset}: an ablation joined from {', '.join(dirs)}\n{text}"
+  shared = (
+    f"; the cells the pieces share have the same returns, their normalised scores differ by up"
+    f" to {apart:.1e} (the pieces' datasets carry other reference scores)"
+    if apart
+    else ""
+  )
+  text = f"{dataset}: an ablation joined from {', '.join(dirs)}{shared}\n{text}"
   cells = [dict(c, cell=os.path.relpath(c["cell"], out)) for c in cells]
   report.write_csv(os.path.join(out, "cells.csv"), cells, sweep.CELL_COLUMNS)
   with open(os.path.join(out, "table.md"), "w") as f:

@@ -133,9 +133,11 @@ ABLATION_SCORES = {
 }
 
 
-def _ablation_piece(d, lengths, bc_shift=0.0):
+def _ablation_piece(d, lengths, bc_shift=0.0, scale=1.0):
   """What experiments/ablations.py --family=length --weighted=iw_sft --lengths=... writes and
-  the join reads: ablations.csv (as written before it had a method column) and cells.csv."""
+  the join reads: ablations.csv (as written before it had a method column) and cells.csv.
+  bc_shift: another π_ref (its returns and scores move); scale: the same runs normalised by
+  other reference scores (the scores move, the returns do not)."""
   os.makedirs(d)
   runs = [r for r in LENGTH_RUNS if r[4] is None or r[4] in lengths]
   table, cells = [], []
@@ -151,7 +153,8 @@ def _ablation_piece(d, lengths, bc_shift=0.0):
           "dataset": "hop",
           "method": run,
           "seed": s,
-          "score": score + bc_shift * (run == "bc"),
+          "score": scale * (score + bc_shift * (run == "bc")),
+          "return_mean": 10 * (score + bc_shift * (run == "bc")),
           "cell": f"{run}/seed_{s}",
           "divergence": "" if run == "bc" else moved,
         }
@@ -185,6 +188,18 @@ def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
   assert f"{np.mean(slopes):+.1f} [" in line
   assert (out / "length.png").stat().st_size > 10_000
   assert len(_read(out / "cells.csv")) == len(ABLATION_SEEDS) * len(LENGTH_RUNS)  # bc once
+  assert "normalised scores differ" not in (out / "table.md").read_text()
+
+
+def test_pieces_normalised_by_other_reference_scores_join_and_say_how_far_apart(tmp_path):
+  _ablation_piece(tmp_path / "short", (1, 2))
+  _ablation_piece(tmp_path / "long", (5,), scale=1.001)
+  out = tmp_path / "all"
+  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  apart = max(0.001 * abs(ABLATION_SCORES["bc", s][0]) for s in ABLATION_SEEDS)
+  first = (out / "table.md").read_text().splitlines()[0]
+  assert f"normalised scores differ by up to {apart:.1e}" in first, first
 
 
 def test_pieces_with_another_pi_ref_are_refused_in_one_line(tmp_path):

@@ -58,12 +58,15 @@ def rows(cells: Sequence[dict], runs: dict[str, dict], weights: dict[str, dict])
   return out
 
 
-def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
-  """The rows and cells of one ablation run in pieces: each of `dirs` a finished piece's output
-  (its ablations.csv and cells.csv). A run in two pieces (π_ref, trained by each) must be the same
-  run there, seed for seed and score for score; otherwise the pieces did not share π_ref and
-  pairing across them would mislead. Runs keep the order they first appear in."""
-  runs, cells, seeds_of = {}, {}, {}
+def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict], float]:
+  """The rows and cells of one ablation run in pieces, and how far the normalised scores of the
+  cells the pieces share lie apart: each of `dirs` a finished piece's output (its ablations.csv
+  and cells.csv). A run in two pieces (π_ref, trained by each) must be the same run there, seed
+  for seed: the same raw return (the same score where no return is recorded); otherwise the
+  pieces did not share π_ref and pairing across them would mislead. Equal returns with other
+  normalised scores mean the pieces' datasets carry other reference scores (another recording of
+  the same expert): the third value says by how much. Runs keep the order they first appear in."""
+  runs, cells, seeds_of, apart = {}, {}, {}, 0.0
   for d in dirs:
     table, mine = _read(os.path.join(d, "ablations.csv")), _read(os.path.join(d, "cells.csv"))
     if not table or not mine:
@@ -71,11 +74,14 @@ def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
     for c in mine:
       c = dict(c, seed=int(c["seed"]), score=float(c["score"]), cell=os.path.join(d, c["cell"]))
       key = (c["dataset"], c["method"], c["seed"])
-      if key in cells and cells[key]["score"] != c["score"]:
-        raise UserError(
-          f"{c['method']} seed {c['seed']} scores {cells[key]['score']!r} in one piece and"
-          f" {c['score']!r} in {d}: the pieces do not share π_ref (another dataset build or CPU?)"
-        )
+      if key in cells:
+        raw = "return_mean" if cells[key].get("return_mean") and c.get("return_mean") else "score"
+        if float(cells[key][raw]) != float(c[raw]):
+          raise UserError(
+            f"{c['method']} seed {c['seed']}: {raw} {cells[key][raw]} in one piece and"
+            f" {c[raw]} in {d}: the pieces do not share π_ref (another dataset build or CPU?)"
+          )
+        apart = max(apart, abs(cells[key]["score"] - c["score"]))
       cells.setdefault(key, c)
     for r in table:
       here = sorted(c["seed"] for c in mine if c["method"] == r["run"])
@@ -97,7 +103,7 @@ def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict]]:
     name: {k: float(r[k]) for k in report.WEIGHT_DIAGNOSTICS if r.get(k)}
     for name, r in runs.items()
   }
-  return rows(list(cells.values()), meta, weights), list(cells.values())
+  return rows(list(cells.values()), meta, weights), list(cells.values()), apart
 
 
 def write(rows: list[dict], workdir: str, dataset: str) -> tuple[str, list[str]]:
