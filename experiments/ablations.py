@@ -60,11 +60,15 @@ flags.DEFINE_enum("family", "weighting", ["weighting", "curation", "length"], "w
 flags.DEFINE_list(
   "lengths", ["1", "2", "5", "10"], "length family: multiples of the recipe's steps"
 )
-flags.DEFINE_multi_enum(
+flags.DEFINE_list(
   "weighted",
   list(BASELINE),
-  list(BASELINE),
   "length family: the weighted methods, each beside its unweighted counterpart",
+)
+flags.register_validator(
+  "weighted",
+  lambda ms: bool(ms) and set(ms) <= set(BASELINE),
+  f"--weighted takes some of {', '.join(BASELINE)}",
 )
 flags.DEFINE_list("percentiles", ["95", "97.5", "99"], "curation family: filter thresholds")
 flags.DEFINE_list("betas", ["0.05", "0.03", "0.02"], "curation family: SFT(Q) temperatures")

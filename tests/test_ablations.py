@@ -234,3 +234,16 @@ def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, 
   )
   assert r.returncode == 0, r.stderr[-3000:]
   assert (joined / "ablations.csv").read_text() == (work / "ablations.csv").read_text()
+
+
+def test_a_weighted_method_the_length_family_lacks_is_one_line_exit_2(tmp_path):
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "ablations.py"), "--family=length"]
+    + ["--weighted=iw_sft,sft_q", f"--workdir={tmp_path / 'w'}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "iw_sft, iw_sft_q" in lines[0], r.stderr
+  assert not (tmp_path / "w").exists()
