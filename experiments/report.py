@@ -32,7 +32,6 @@ exact from the CSV files). --write also rewrites table.md, table.csv and paired.
 writes aggregate.csv when cells.csv allows it.
 """
 
-import csv
 import os
 
 from absl import flags
@@ -57,13 +56,6 @@ flags.mark_flag_as_required("dir")
 PAIRS = UNWEIGHTED  # the control grid's pairs: each weighted method and its unweighted twin
 
 
-def _rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
 def _with_t(row: dict) -> dict:
   """A CSV row with n, mean, std as numbers and its t-interval (report.t_interval_of)."""
   n, mean, std = int(row["n"]), float(row["mean"]), float(row["std"])
@@ -81,7 +73,9 @@ def _with_t(row: dict) -> dict:
 
 def ablation_table(d: str) -> str:
   """An ablation's runs with t-intervals of their scores and of their paired differences."""
-  rows = _rows(os.path.join(d, "ablations.csv")) or _rows(os.path.join(d, "table.csv"))
+  rows = report.read_csv(os.path.join(d, "ablations.csv")) or report.read_csv(
+    os.path.join(d, "table.csv")
+  )
   if not rows:  # table.csv: written by experiments/ablations.py before 0.4.0
     raise UserError(f"{d} has no ablations.csv (or table.csv of an older ablation)")
   seeds = {r["run"]: [float(x) for x in r["per_seed"].split(";")] for r in rows}
@@ -123,7 +117,7 @@ def join_ablation(dirs: list[str], out: str) -> str:
 
 def merge(dirs: list[str], out: str) -> None:
   """Writes into `out` the union of the sweeps in `dirs` (see the module's docstring)."""
-  cells = [c for d in dirs for c in _rows(os.path.join(d, "cells.csv"))]
+  cells = [c for d in dirs for c in report.read_csv(os.path.join(d, "cells.csv"))]
   if not cells:
     raise UserError(f"--merge: no cells.csv in {', '.join(dirs)}")
   seen = set()
@@ -133,7 +127,9 @@ def merge(dirs: list[str], out: str) -> None:
       raise UserError(f"--merge: {key} is in two of the sweeps")
     seen.add(key)
   recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
-  pairs = {r["method"]: r["baseline"] for d in dirs for r in _rows(os.path.join(d, "paired.csv"))}
+  pairs = {
+    r["method"]: r["baseline"] for d in dirs for r in report.read_csv(os.path.join(d, "paired.csv"))
+  }
   os.makedirs(out, exist_ok=True)
   report.write_csv(os.path.join(out, "cells.csv"), cells, list(cells[0]))
   report.write_csv(os.path.join(out, "table.csv"), report.summarise(recs), report.SUMMARY_COLUMNS)
@@ -146,7 +142,7 @@ def merge(dirs: list[str], out: str) -> None:
 
 def _merge_problems(dirs: list[str], out: str) -> None:
   pooled: dict[tuple, dict] = {}
-  for r in (r for d in dirs for r in _rows(os.path.join(d, "problems.csv"))):
+  for r in (r for d in dirs for r in report.read_csv(os.path.join(d, "problems.csv"))):
     p = pooled.setdefault((r["method"], r["baseline"], r["mode"]), dict(n=0, b=0, c=0, seeds=[]))
     p["n"] += int(r["problems"])
     p["b"] += int(r["b"])
@@ -163,7 +159,7 @@ def _merge_problems(dirs: list[str], out: str) -> None:
 
 def _merge_weights(dirs: list[str], out: str) -> None:
   groups: dict[tuple, list[dict]] = {}
-  for r in (r for d in dirs for r in _rows(os.path.join(d, "weights.csv"))):
+  for r in (r for d in dirs for r in report.read_csv(os.path.join(d, "weights.csv"))):
     groups.setdefault((r["dataset"], r["method"]), []).append(r)
   rows = []
   for (dataset, method), rs in groups.items():
@@ -190,14 +186,14 @@ def main(argv):
     return
   if flags.FLAGS.merge:
     merge(flags.FLAGS.merge, d)
-  table = [_with_t(r) for r in _rows(os.path.join(d, "table.csv"))]
+  table = [_with_t(r) for r in report.read_csv(os.path.join(d, "table.csv"))]
   if not table:
     raise UserError(f"{d} has no table.csv")
   text = (
     "score: mean ± std [95% Student-t CI of the mean]\n\n" + report.markdown_table(table) + "\n"
   )
   paired = []
-  for r in _rows(os.path.join(d, "paired.csv")):
+  for r in report.read_csv(os.path.join(d, "paired.csv")):
     p = _with_t(r)
     p["per_seed"] = [float(x) for x in r["per_seed"].split(";")]
     p["above"], p["below"] = int(r["above"]), int(r["below"])
@@ -205,9 +201,9 @@ def main(argv):
   if paired:
     text += "\npaired by seed: mean [95% Student-t CI]\n\n"
     text += report.paired_table(paired) + "\n"
-  problems = _rows(os.path.join(d, "problems.csv"))
+  problems = report.read_csv(os.path.join(d, "problems.csv"))
   text += report.problem_pairs_text(problems) if problems else ""
-  cells = _rows(os.path.join(d, "cells.csv"))
+  cells = report.read_csv(os.path.join(d, "cells.csv"))
   iqm = poi = []
   if cells and not problems:  # a language sweep's "datasets" are two readings of one evaluation
     recs = [dict(c, seed=int(c["seed"]), score=float(c["score"])) for c in cells]
@@ -225,7 +221,7 @@ def _write(d: str, text: str, table, paired, iqm, poi) -> None:
   weights = os.path.join(d, "weights.csv")
   if os.path.exists(weights):
     text += "\nthe importance weights, per seed over fine-tuning, then over seeds\n\n"
-    text += report.weights_table([_floats(r) for r in _rows(weights)]) + "\n"
+    text += report.weights_table([_floats(r) for r in report.read_csv(weights)]) + "\n"
   with open(os.path.join(d, "table.md"), "w") as f:
     f.write(text)
   report.write_csv(os.path.join(d, "table.csv"), table, report.SUMMARY_COLUMNS)

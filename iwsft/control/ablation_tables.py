@@ -11,7 +11,6 @@ the weights' diagnostics (report.WEIGHT_DIAGNOSTICS) for weighted runs.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 
@@ -68,7 +67,10 @@ def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict], float]:
   the same expert): the third value says by how much. Runs keep the order they first appear in."""
   runs, cells, seeds_of, apart = {}, {}, {}, 0.0
   for d in dirs:
-    table, mine = _read(os.path.join(d, "ablations.csv")), _read(os.path.join(d, "cells.csv"))
+    table, mine = (
+      report.read_csv(os.path.join(d, "ablations.csv")),
+      report.read_csv(os.path.join(d, "cells.csv")),
+    )
     if not table or not mine:
       raise UserError(f"{d} holds no finished ablation (its ablations.csv and cells.csv)")
     for c in mine:
@@ -238,10 +240,3 @@ def table(rows: list[dict], baseline: str | None = "filtered_bc") -> str:
     *report.DIAGNOSTICS_HEADER,
   ]
   return report.format_table(head, body)
-
-
-def _read(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return list(csv.DictReader(f))

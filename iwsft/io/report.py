@@ -15,6 +15,7 @@ is exact for normal data and is checked by simulation in the tests.
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -433,6 +434,14 @@ def cell_text(row: dict | None) -> str:
   if not np.isfinite(row["ci_low"]):
     return f"{row['mean']:.1f} (n = 1)"
   return f"{row['mean']:.1f} ± {row['std']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+
+
+def read_csv(path: str) -> list[dict]:
+  """The rows of a CSV file (write_csv's) as {column: text}; [] where the file does not exist."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return list(csv.DictReader(f))
 
 
 def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
