@@ -103,7 +103,7 @@ def variants(cfg, temperatures, q_decays, long: int, method: str = "iw_sft") -> 
   for q in q_decays:
     if q != base_q:
       out[f"{method} q={q:g}"] = Variant(method, {**warm, "objective.q_decay": q}, base, "q_decay")
-  out[f"{method} x{long}"] = Variant(method, longer, base_long, "fine-tuning length")
+  out[f"{method} x{long}"] = Variant(method, longer, base_long, ablation_tables.LONGER)
   return out
 
 
@@ -123,7 +123,9 @@ def length_variants(cfg, lengths, weighted=tuple(BASELINE)) -> dict:
     )
     for m in weighted:
       out[BASELINE[m] + tag] = Variant(BASELINE[m], longer, ablates="baseline")
-      out[m + tag] = Variant(m, longer, BASELINE[m] + tag, "fine-tuning length")
+      out[m + tag] = Variant(
+        m, longer, BASELINE[m] + tag, "recipe" if k == 1 else ablation_tables.LONGER
+      )
   return out
 
 

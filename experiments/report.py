@@ -72,26 +72,13 @@ def _with_t(row: dict) -> dict:
 
 
 def ablation_table(d: str) -> str:
-  """An ablation's runs with t-intervals of their scores and of their paired differences."""
+  """An ablation's tables (experiments/ablations.py's), reprinted from its CSV file."""
   rows = report.read_csv(os.path.join(d, "ablations.csv")) or report.read_csv(
     os.path.join(d, "table.csv")
   )
   if not rows:  # table.csv: written by experiments/ablations.py before 0.4.0
     raise UserError(f"{d} has no ablations.csv (or table.csv of an older ablation)")
-  seeds = {r["run"]: [float(x) for x in r["per_seed"].split(";")] for r in rows}
-  body = []
-  for r in rows:
-    x = seeds[r["run"]]
-    lo, hi = report.t_interval_of(float(r["mean"]), float(r["std"]), len(x))
-    cell = f"{float(r['mean']):.1f} ± {float(r['std']):.1f} [{lo:.1f}, {hi:.1f}]"
-    diff = "–"
-    if r["baseline"]:
-      delta = [a - b for a, b in zip(x, seeds[r["baseline"]], strict=True)]
-      dlo, dhi = report.t_interval(delta)
-      diff = f"{sum(delta) / len(delta):+.1f} [{dlo:+.1f}, {dhi:+.1f}] − {r['baseline']}"
-    body.append([r["run"], r["ablates"], cell, " / ".join(f"{v:.1f}" for v in x), diff])
-  head = ["run", "ablates", "score: mean ± std [95% t CI]", "per seed", "paired [95% t CI]"]
-  return report.format_table(head, body)
+  return ablation_tables.text(ablation_tables.from_csv(rows))
 
 
 def join_ablation(dirs: list[str], out: str) -> str:

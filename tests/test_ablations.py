@@ -201,6 +201,8 @@ def test_the_length_family_pairs_each_weighted_method_at_every_length(datasets, 
   ]
   assert rows["iw_sft x2"]["baseline"] == "filtered_bc x2"
   assert rows["iw_sft_q"]["baseline"] == "sft_q"
+  ablates = [rows[r]["ablates"] for r in ("filtered_bc", "iw_sft", "iw_sft_q", "iw_sft x2")]
+  assert ablates == ["baseline", "recipe", "recipe", "fine-tuning length"]
   steps = lambda d: json.loads(open(_cells(work, d)[0]).read())["config"]["finetune"]["steps"]
   assert (steps("iw_sft"), steps("sft_q_x2")) == (40, 80)
   for run, d in (("filtered_bc x2", "filtered_bc_x2"), ("iw_sft", "iw_sft")):

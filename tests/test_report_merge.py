@@ -211,3 +211,34 @@ def test_pieces_with_another_pi_ref_are_refused_in_one_line(tmp_path):
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and "do not share π_ref" in lines[0], r.stderr
   assert not os.path.exists(tmp_path / "all")
+
+
+def test_an_ablation_reprinted_from_its_csv_pairs_by_seed_id_with_t_intervals(tmp_path):
+  _ablation_piece(tmp_path / "short", (1, 2))
+  _ablation_piece(tmp_path / "long", (5,))
+  out = tmp_path / "all"
+  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  table = _read(out / "ablations.csv")
+  older = tmp_path / "older"  # a file before the seeds and method columns: seeds by position
+  os.makedirs(older)
+  plain = [{k: v for k, v in row.items() if k not in ("seeds", "method")} for row in table]
+  report.write_csv(older / "ablations.csv", plain, list(plain[0]))
+  for row in table:  # one run's seeds in another order: pairing must follow the seed ids
+    if row["run"] == "iw_sft x5":
+      row["seeds"] = ";".join(row["seeds"].split(";")[::-1])
+      row["per_seed"] = ";".join(row["per_seed"].split(";")[::-1])
+  report.write_csv(out / "ablations.csv", table, list(table[0]))
+  score = lambda run: np.array([ABLATION_SCORES[run, s][0] for s in ABLATION_SEEDS])
+  gain = score("iw_sft x5") - score("filtered_bc x5")
+  lo, hi = stats.t.interval(0.95, len(gain) - 1, gain.mean(), stats.sem(gain))
+  x = score("iw_sft x5")
+  x_lo, x_hi = stats.t.interval(0.95, len(x) - 1, x.mean(), stats.sem(x))
+  for d in (out, older):
+    r = _run(f"--dir={d}", "--ablation")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("| iw_sft x5 |")]
+    assert f"{gain.mean():+.1f} [{lo:+.1f}, {hi:+.1f}] − filtered_bc x5" in line, line
+    assert f"{x.mean():.1f} ± {x.std(ddof=1):.1f} [{x_lo:.1f}, {x_hi:.1f}]" in line, line
+    assert " 1× / 2× / 5× " in r.stdout  # the length trend, as the ablation printed it
+  assert not os.path.exists(older / "table.md")  # a reprint writes nothing

@@ -22,7 +22,8 @@ from iwsft.io import plots, report
 COLUMNS = ["run", "method", "ablates", "length", "mean", "std", "ci_low", "ci_high", "seeds"]
 COLUMNS += ["per_seed", "baseline", "diff", "diff_low", "diff_high"]
 COLUMNS += ["divergence", "divergence_low", "divergence_high", *report.WEIGHT_DIAGNOSTICS]
-LENGTH_FAMILY = ("baseline", "recipe", "fine-tuning length")  # the runs that differ in length only
+LONGER = "fine-tuning length"  # what a run ablates that is the recipe's method fine-tuned longer
+LENGTH_FAMILY = ("baseline", "recipe", LONGER)  # the runs that differ in length only
 PAIRED = "weighted − unweighted, paired by seed"
 
 
@@ -120,11 +121,6 @@ def write(rows: list[dict], workdir: str, dataset: str) -> tuple[str, list[str]]
     name="run",
     points=[r["per_seed"] for r in rows],
   )
-  bases = {r["baseline"] for r in rows if r.get("baseline")}
-  text = (
-    "\nThe ablations, each paired by seed with its baseline; weight diagnostics averaged over"
-    f" fine-tuning\n\n{table(rows, bases.pop() if len(bases) == 1 else None)}\n"
-  )
   outputs = ["ablations.csv", "ablations.png"]
   panels = length_panels(rows)
   if panels:
@@ -137,14 +133,59 @@ def write(rows: list[dict], workdir: str, dataset: str) -> tuple[str, list[str]]
       log_x=True,
     )
     outputs.append("length.png")
+  return text(rows), outputs
+
+
+def text(rows: list[dict]) -> str:
+  """The ablation table and, where a weighted method ran at two lengths, the length trend."""
+  bases = {r["baseline"] for r in rows if r.get("baseline")}
+  out = (
+    "\nThe ablations, each paired by seed with its baseline; weight diagnostics averaged over"
+    f" fine-tuning\n\n{table(rows, bases.pop() if len(bases) == 1 else None)}\n"
+  )
   trend = length_trend(rows)
   if trend:
-    text += (
+    out += (
       "\nDoes the weights' gain grow with fine-tuning length? Each seed's least-squares slope of"
       " (weighted − unweighted) on log10 of the length, then their mean over seeds\n\n"
       f"{trend_table(trend)}\n"
     )
-  return text, outputs
+  return out
+
+
+def from_csv(csv_rows: Sequence[dict]) -> list[dict]:
+  """An ablations.csv's rows (`write`'s; table.csv's before 0.4.0) as `rows` gives them, the
+  intervals recomputed: each run's from its mean, std and number of seeds, each paired difference
+  from the per-seed scores (by seed id; by position in files without a seeds column, whose runs
+  all share their seeds). Divergence and weight diagnostics as recorded."""
+  number = lambda v: None if v in (None, "") else float(v)
+  scores, seeds = {}, {}
+  for r in csv_rows:  # each run's seeds in one order (rows' order), so lengths align by seed
+    x = [float(v) for v in r["per_seed"].split(";")]
+    ids = [int(s) for s in r["seeds"].split(";")] if r.get("seeds") else list(range(len(x)))
+    seeds[r["run"]], scores[r["run"]] = map(list, zip(*sorted(zip(ids, x)), strict=True))
+  out = []
+  for r in csv_rows:
+    x, mean, std = scores[r["run"]], float(r["mean"]), float(r["std"])
+    lo, hi = report.t_interval_of(mean, std, len(x))
+    row = {"run": r["run"], "method": r.get("method") or r["run"].split()[0]}
+    row.update(ablates=r["ablates"], n=len(x), mean=mean, std=std, ci_low=lo, ci_high=hi)
+    row.update(seeds=seeds[r["run"]], per_seed=x)
+    if number(r.get("length")) is not None:
+      row["length"] = float(r["length"])
+    if r["baseline"]:
+      base = dict(zip(seeds[r["baseline"]], scores[r["baseline"]], strict=True))
+      delta = [a - base[s] for s, a in zip(seeds[r["run"]], x, strict=True)]
+      d_lo, d_hi = report.t_interval(delta)
+      row.update(baseline=r["baseline"], diff=float(np.mean(delta)), diff_low=d_lo)
+      row.update(diff_high=d_hi, diff_per_seed=delta)
+    row["divergence"] = number(r.get("divergence"))
+    if number(r.get("divergence_low")) is not None:
+      row["divergence_low"] = float(r["divergence_low"])
+      row["divergence_high"] = float(r["divergence_high"])
+    row.update({k: float(r[k]) for k in report.WEIGHT_DIAGNOSTICS if number(r.get(k)) is not None})
+    out.append(row)
+  return out
 
 
 def by_length(rows: list[dict]) -> dict[str, list[dict]]:
