@@ -48,22 +48,30 @@ ablations-full: install  ## the ablations on full Hopper medium-replay at the sw
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --workdir=runs/ablations-full-hopper-iw_sft
 	$(PY) experiments/ablations.py --dataset=iwsft/hopper/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep --method=iw_sft_q --workdir=runs/ablations-full-hopper-iw_sft_q
 
-length-full-%: install  ## iw-SFT vs filtered BC and iw-SFT(Q) vs SFT(Q) at 1/2/5/10x the fine-tuning updates on one full family's medium-replay, seeds 10-19 (hours; resumable)
-	$(PY) experiments/ablations.py --family=length --dataset=iwsft/$*/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep \
-	  --seeds=10,11,12,13,14,15,16,17,18,19 --workdir=runs/length-$*-full
+length-full-%: install  ## iw-SFT vs filtered BC and iw-SFT(Q) vs SFT(Q) at 1/2/5/10x the fine-tuning updates on one full family's medium-replay, seeds 10-19: the two pairs side by side, joined into runs/length-<env>-full (hours; resumable)
+	$(MAKE) -j2 length-full-$*-iw_sft length-full-$*-iw_sft_q
+	$(PY) experiments/report.py --ablation --dir=runs/length-$*-full \
+	  --merge=runs/length-$*-full-iw_sft,runs/length-$*-full-iw_sft_q
 
 length-x10-%: install  ## the length dose-response's 10x on one full family's medium-replay, iw-SFT's and iw-SFT(Q)'s pairs side by side, joined with docs/length-<env>/ into runs/length-<env>-joined (hours; resumable)
 	$(MAKE) -j2 length-x10-$*-iw_sft length-x10-$*-iw_sft_q
 	$(PY) experiments/report.py --ablation --dir=runs/length-$*-joined \
 	  --merge=docs/length-$*,runs/length-$*-x10-iw_sft,runs/length-$*-x10-iw_sft_q
 
-LENGTH_X10 = $(PY) experiments/ablations.py --family=length --lengths=10 --weighted=$(2) \
+# one pair of the length family (env, weighted method, lengths): runs/length-<env>-<lengths>-<method>
+LENGTHS_full = 1,2,5,10
+LENGTHS_x10 = 10
+LENGTH_PAIR = $(PY) experiments/ablations.py --family=length --lengths=$(LENGTHS_$(3)) --weighted=$(2) \
   --dataset=iwsft/$(1)/medium-replay-v1 --config=iwsft/control/config.py:cpu-sweep \
-  --seeds=10,11,12,13,14,15,16,17,18,19 --workdir=runs/length-$(1)-x10-$(2)
+  --seeds=10,11,12,13,14,15,16,17,18,19 --workdir=runs/length-$(1)-$(3)-$(2)
+length-full-%-iw_sft: install
+	$(call LENGTH_PAIR,$*,iw_sft,full)
+length-full-%-iw_sft_q: install
+	$(call LENGTH_PAIR,$*,iw_sft_q,full)
 length-x10-%-iw_sft: install
-	$(call LENGTH_X10,$*,iw_sft)
+	$(call LENGTH_PAIR,$*,iw_sft,x10)
 length-x10-%-iw_sft_q: install
-	$(call LENGTH_X10,$*,iw_sft_q)
+	$(call LENGTH_PAIR,$*,iw_sft_q,x10)
 
 offline-rl: install .venv-d3rlpy/.installed  ## d3rlpy's IQL, TD3+BC and BC on the small Hopper family x 5 seeds, beside the committed sweep (about 2 h on 2 cores); resumable
 	$(PY) experiments/offline_rl.py --workdir=runs/offline-rl --workers=2 --compare=docs/sweep-avx2/cells.csv
