@@ -160,7 +160,7 @@ def from_csv(csv_rows: Sequence[dict]) -> list[dict]:
   all share their seeds). Divergence and weight diagnostics as recorded."""
   number = lambda v: None if v in (None, "") else float(v)
   scores, seeds = {}, {}
-  for r in csv_rows:  # each run's seeds in one order (rows' order), so lengths align by seed
+  for r in csv_rows:  # seeds sorted, as `rows` has them: a pair and a trend align by seed
     x = [float(v) for v in r["per_seed"].split(";")]
     ids = [int(s) for s in r["seeds"].split(";")] if r.get("seeds") else list(range(len(x)))
     seeds[r["run"]], scores[r["run"]] = map(list, zip(*sorted(zip(ids, x)), strict=True))
