@@ -163,11 +163,18 @@ def _ablation_piece(d, lengths, bc_shift=0.0, scale=1.0):
   report.write_csv(os.path.join(d, "cells.csv"), cells, list(cells[0]))
 
 
-def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
+def _join_pieces(tmp_path, **long):
+  """Joins a 1×/2× piece and a 5× piece (`long`: _ablation_piece's options) into tmp_path/all."""
   _ablation_piece(tmp_path / "short", (1, 2))
-  _ablation_piece(tmp_path / "long", (5,))
+  _ablation_piece(tmp_path / "long", (5,), **long)
   out = tmp_path / "all"
-  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  return out, _run(
+    f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}"
+  )
+
+
+def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
+  out, r = _join_pieces(tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = {row["run"]: row for row in _read(out / "ablations.csv")}
   assert list(rows) == [run for run, *_ in LENGTH_RUNS]
@@ -192,10 +199,7 @@ def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
 
 
 def test_pieces_normalised_by_other_reference_scores_join_and_say_how_far_apart(tmp_path):
-  _ablation_piece(tmp_path / "short", (1, 2))
-  _ablation_piece(tmp_path / "long", (5,), scale=1.001)
-  out = tmp_path / "all"
-  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  out, r = _join_pieces(tmp_path, scale=1.001)
   assert r.returncode == 0, r.stderr[-2000:]
   apart = max(0.001 * abs(ABLATION_SCORES["bc", s][0]) for s in ABLATION_SEEDS)
   first = (out / "table.md").read_text().splitlines()[0]
@@ -203,21 +207,14 @@ def test_pieces_normalised_by_other_reference_scores_join_and_say_how_far_apart(
 
 
 def test_pieces_with_another_pi_ref_are_refused_in_one_line(tmp_path):
-  _ablation_piece(tmp_path / "short", (1, 2))
-  _ablation_piece(tmp_path / "long", (5,), bc_shift=0.5)
-  r = _run(
-    f"--dir={tmp_path / 'all'}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}"
-  )
+  out, r = _join_pieces(tmp_path, bc_shift=0.5)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and "do not share π_ref" in lines[0], r.stderr
-  assert not os.path.exists(tmp_path / "all")
+  assert not os.path.exists(out)
 
 
 def test_an_ablation_reprinted_from_its_csv_pairs_by_seed_id_with_t_intervals(tmp_path):
-  _ablation_piece(tmp_path / "short", (1, 2))
-  _ablation_piece(tmp_path / "long", (5,))
-  out = tmp_path / "all"
-  r = _run(f"--dir={out}", "--ablation", f"--merge={tmp_path / 'short'},{tmp_path / 'long'}")
+  out, r = _join_pieces(tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   table = _read(out / "ablations.csv")
   older = tmp_path / "older"  # a file before the seeds and method columns: seeds by position
