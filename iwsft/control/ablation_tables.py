@@ -1,6 +1,7 @@
 """An ablation's runs -> its tables and figures: each run paired by seed with its baseline, the
 length family's dose-response against the fine-tuning length and its trend, and the join of an
-ablation run in pieces (other lengths, in other sessions) from the CSV files each piece wrote.
+ablation run in pieces (other lengths, in other sessions) from the CSV files each piece wrote,
+and a finished ablation's rows read back from its ablations.csv (`from_csv`) to reprint them.
 
 A row (`rows`) is one run: run (its name), method, ablates, length (its fine-tuning steps over the
 recipe's; None for π_ref), the score's n, mean, std, ci_low, ci_high, seeds and per_seed [seeds];
