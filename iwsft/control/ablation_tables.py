@@ -94,20 +94,24 @@ def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict], float]:
       runs.setdefault(r["run"], r)
   if len({k[0] for k in cells}) > 1:
     raise UserError(f"the pieces are of different datasets: {sorted({k[0] for k in cells})}")
-  meta = {
-    name: {
-      "method": r.get("method") or name.split()[0],  # files before the column: "<method> <tag>"
-      "ablates": r["ablates"],
-      "baseline": r["baseline"],
-      "length": float(r["length"]) if r["length"] else None,
-    }
-    for name, r in runs.items()
-  }
-  weights = {
-    name: {k: float(r[k]) for k in report.WEIGHT_DIAGNOSTICS if r.get(k)}
-    for name, r in runs.items()
-  }
+  meta = {name: _csv_run(r) for name, r in runs.items()}
+  weights = {name: _csv_weights(r) for name, r in runs.items()}
   return rows(list(cells.values()), meta, weights), list(cells.values()), apart
+
+
+def _csv_run(r: dict) -> dict:
+  """An ablations.csv row's run as `rows` takes it: method, ablates, baseline, length."""
+  return {
+    "method": r.get("method") or r["run"].split()[0],  # files before the column: "<method> <tag>"
+    "ablates": r["ablates"],
+    "baseline": r["baseline"],
+    "length": float(r["length"]) if r.get("length") else None,
+  }
+
+
+def _csv_weights(r: dict) -> dict:
+  """An ablations.csv row's weight diagnostics, those it recorded."""
+  return {k: float(r[k]) for k in report.WEIGHT_DIAGNOSTICS if r.get(k)}
 
 
 def write(rows: list[dict], workdir: str, dataset: str) -> tuple[str, list[str]]:
@@ -167,13 +171,13 @@ def from_csv(csv_rows: Sequence[dict]) -> list[dict]:
     seeds[r["run"]], scores[r["run"]] = map(list, zip(*sorted(zip(ids, x)), strict=True))
   out = []
   for r in csv_rows:
-    x, mean, std = scores[r["run"]], float(r["mean"]), float(r["std"])
+    x, mean, std, run = scores[r["run"]], float(r["mean"]), float(r["std"]), _csv_run(r)
     lo, hi = report.t_interval_of(mean, std, len(x))
-    row = {"run": r["run"], "method": r.get("method") or r["run"].split()[0]}
-    row.update(ablates=r["ablates"], n=len(x), mean=mean, std=std, ci_low=lo, ci_high=hi)
+    row = {"run": r["run"], "method": run["method"], "ablates": run["ablates"]}
+    row.update(n=len(x), mean=mean, std=std, ci_low=lo, ci_high=hi)
     row.update(seeds=seeds[r["run"]], per_seed=x)
-    if number(r.get("length")) is not None:
-      row["length"] = float(r["length"])
+    if run["length"] is not None:
+      row["length"] = run["length"]
     if r["baseline"]:
       base = dict(zip(seeds[r["baseline"]], scores[r["baseline"]], strict=True))
       delta = [a - base[s] for s, a in zip(seeds[r["run"]], x, strict=True)]
@@ -184,7 +188,7 @@ def from_csv(csv_rows: Sequence[dict]) -> list[dict]:
     if number(r.get("divergence_low")) is not None:
       row["divergence_low"] = float(r["divergence_low"])
       row["divergence_high"] = float(r["divergence_high"])
-    row.update({k: float(r[k]) for k in report.WEIGHT_DIAGNOSTICS if number(r.get(k)) is not None})
+    row.update(_csv_weights(r))
     out.append(row)
   return out
 
