@@ -187,6 +187,8 @@ def test_pieces_of_a_length_ablation_join_into_its_table_and_trend(tmp_path):
   np.testing.assert_allclose(float(row["diff"]), gains[2].mean(), atol=1e-9)
   np.testing.assert_allclose(float(row["diff_high"]), gains[2].mean() + half, atol=1e-9)
   assert (row["method"], row["length"], row["iw/ess_fraction"]) == ("iw_sft", "5.0", "0.55")
+  # the pieces label every weighted run by its length, as older files did; 1× is the recipe
+  assert [rows[r]["ablates"] for r in ("iw_sft", "iw_sft x2")] == ["recipe", "fine-tuning length"]
   moved = [ABLATION_SCORES["filtered_bc x2", s][1] for s in ABLATION_SEEDS]
   np.testing.assert_allclose(float(rows["filtered_bc x2"]["divergence"]), np.mean(moved))
   # the trend: each seed's least-squares slope on log10(length), then their mean

@@ -101,11 +101,15 @@ def join(dirs: Sequence[str]) -> tuple[list[dict], list[dict], float]:
 
 def _csv_run(r: dict) -> dict:
   """An ablations.csv row's run as `rows` takes it: method, ablates, baseline, length."""
+  length = float(r["length"]) if r.get("length") else None
+  ablates = r["ablates"]
+  if ablates == LONGER and length == 1.0:  # how older files label the 1x runs of the family
+    ablates = "recipe"
   return {
     "method": r.get("method") or r["run"].split()[0],  # files before the column: "<method> <tag>"
-    "ablates": r["ablates"],
+    "ablates": ablates,
     "baseline": r["baseline"],
-    "length": float(r["length"]) if r.get("length") else None,
+    "length": length,
   }
 
 
