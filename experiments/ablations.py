@@ -123,9 +123,7 @@ def length_variants(cfg, lengths, weighted=tuple(BASELINE)) -> dict:
     )
     for m in weighted:
       out[BASELINE[m] + tag] = Variant(BASELINE[m], longer, ablates="baseline")
-      out[m + tag] = Variant(
-        m, longer, BASELINE[m] + tag, "recipe" if k == 1 else ablation_tables.LONGER
-      )
+      out[m + tag] = Variant(m, longer, BASELINE[m] + tag, ablation_tables.length_label(k))
   return out
 
 

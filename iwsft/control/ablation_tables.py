@@ -28,6 +28,11 @@ LENGTH_FAMILY = ("baseline", "recipe", LONGER)  # the runs that differ in length
 PAIRED = "weighted − unweighted, paired by seed"
 
 
+def length_label(length: float) -> str:
+  """What a weighted run of the length family ablates at `length` × the recipe's fine-tuning."""
+  return "recipe" if length == 1 else LONGER
+
+
 def rows(cells: Sequence[dict], runs: dict[str, dict], weights: dict[str, dict]) -> list[dict]:
   """The ablation's rows, in the order of `runs`, for the runs with finished cells.
 
@@ -103,8 +108,8 @@ def _csv_run(r: dict) -> dict:
   """An ablations.csv row's run as `rows` takes it: method, ablates, baseline, length."""
   length = float(r["length"]) if r.get("length") else None
   ablates = r["ablates"]
-  if ablates == LONGER and length == 1.0:  # how older files label the 1x runs of the family
-    ablates = "recipe"
+  if ablates == LONGER:  # older files label the family's 1x runs so too
+    ablates = length_label(length)
   return {
     "method": r.get("method") or r["run"].split()[0],  # files before the column: "<method> <tag>"
     "ablates": ablates,
