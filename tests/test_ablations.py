@@ -123,7 +123,10 @@ def test_ablations_of_iw_sft_q_pair_with_sft_q(datasets, tmp_path):
     for d in ("sft_q", "sft_q_x2", "iw_sft_q_q=0")
   }
   assert methods == {"sft_q": "sft_q", "sft_q_x2": "sft_q", "iw_sft_q_q=0": "iw_sft_q"}
-  assert "− sft_q, paired" in (work / "table.md").read_text()
+  lines = {x.split(" | ")[0]: x for x in (work / "table.md").read_text().splitlines()}
+  assert "− baseline, paired" in lines["| run"]  # two baselines: each row names its own
+  assert lines["| iw_sft_q q=0"].split(" | ")[4].endswith("− sft_q")
+  assert lines["| iw_sft_q x2"].split(" | ")[4].endswith("− sft_q x2")
   assert rows["sft_q"]["iw/ess_fraction"] == ""  # an unweighted method has no weight diagnostics
 
 
